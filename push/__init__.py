@@ -1,0 +1,1 @@
+"""pbx-relay push wake-up service (APNs, FCM)."""

@@ -1,0 +1,1 @@
+"""pbx-relay: the SIP/RTP edge relay."""

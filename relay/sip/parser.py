@@ -1,0 +1,206 @@
+"""Parse one SIP message from bytes (RFC 3261 §7, §18.3, §25), byte-exact."""
+
+from __future__ import annotations
+
+from relay.sip import limits
+from relay.sip.errors import SipParseError
+from relay.sip.headers import SINGLE_VALUED, TOKEN_CHARS, NameAddr, Via, split_commas
+from relay.sip.message import Header, Request, Response, SipMessage, to_str
+
+HEADER_END = b"\r\n\r\n"
+_WSP = (b" ", b"\t")
+_VERSION = "SIP/2.0"
+
+
+def split_head(data: bytes, datagram: bool = False) -> tuple[bytes, int]:
+    """(header section without the final CRLFCRLF, offset of the body)."""
+    end = data.find(HEADER_END)
+    if end < 0:
+        # A datagram that ends right after its last header line (no empty
+        # line, RFC 4475 baddn.dat) still carries a complete header section.
+        if datagram and data.endswith(b"\r\n"):
+            return data[:-2], len(data)
+        raise SipParseError("no end of header section")
+    return data[:end], end + 4
+
+
+def parse_message(data: bytes, *, datagram: bool = True) -> SipMessage:
+    """Parse a whole message.
+
+    ``datagram``: the bytes are one UDP datagram. RFC 3261 §18.3: without a
+    Content-Length the body runs to the end of the datagram; octets past
+    Content-Length are discarded (RFC 4475 dblreq.dat); a Content-Length
+    larger than what arrived is an error (clerr.dat). For a stream, the framer
+    hands over exactly head + Content-Length octets.
+    """
+    if len(data) > limits.MAX_MESSAGE_SIZE:
+        raise SipParseError("message too large", status=513)
+    head, body_at = split_head(data, datagram)
+    if body_at > limits.MAX_HEADER_SECTION:
+        raise SipParseError("header section too large", status=513)
+    lines = head.split(b"\r\n")
+    start = lines[0]
+    if len(start) > limits.MAX_LINE_LENGTH:
+        raise SipParseError("start line too long")
+    headers = _parse_headers(head, len(start) + 2)
+    msg = _start(start, headers)
+    try:
+        cl = _content_length(msg)
+        rest = data[body_at:]
+        if cl is None:
+            if not datagram:
+                raise SipParseError("Content-Length missing on a stream")
+            msg.body = rest
+        elif cl > len(rest):
+            raise SipParseError("Content-Length larger than the message")
+        else:
+            msg.body = rest[:cl]
+        _validate(msg)
+    except SipParseError as e:
+        e.message = msg if _answerable(msg) else None
+        raise
+    return msg
+
+
+def _parse_headers(head: bytes, offset: int) -> list[Header]:
+    headers: list[Header] = []
+    n = len(head)
+    pos = offset
+    if pos >= n + 2:
+        return headers
+    current_start = -1
+    while pos <= n:
+        eol = head.find(b"\r\n", pos)
+        if eol < 0:
+            eol = n
+        if eol - pos > limits.MAX_LINE_LENGTH:
+            raise SipParseError("header line too long")
+        if head[pos : pos + 1] in _WSP:
+            if current_start < 0:
+                raise SipParseError("continuation line before any header")
+        else:
+            if current_start >= 0:
+                headers.append(_header(head[current_start:pos]))
+                if len(headers) > limits.MAX_HEADERS:
+                    raise SipParseError("too many header fields", status=513)
+            current_start = pos
+        pos = eol + 2
+    if current_start >= 0:
+        headers.append(_header(head[current_start:n] + b"\r\n"))
+    if len(headers) > limits.MAX_HEADERS:
+        raise SipParseError("too many header fields", status=513)
+    return headers
+
+
+def _header(raw: bytes) -> Header:
+    """``raw`` is the full field including its trailing CRLF."""
+    colon = raw.find(b":")
+    if colon <= 0:
+        raise SipParseError("header line without a colon")
+    name = raw[:colon].rstrip(b" \t")
+    if not name or any(c not in TOKEN_CHARS for c in name):
+        raise SipParseError("bad header name")
+    # RFC 3261 §7.3.1: folding (CRLF followed by WSP) is equivalent to one SP.
+    value = raw[colon + 1 : -2]
+    if b"\r\n" in value:
+        value = b" ".join(part.strip(b" \t") for part in value.split(b"\r\n"))
+    return Header(name.decode("ascii"), to_str(value.strip(b" \t")), raw)
+
+
+def _start(line: bytes, headers: list[Header]) -> SipMessage:
+    text = to_str(line)
+    if text.startswith("SIP/"):
+        parts = text.split(" ", 2)
+        if len(parts) < 2 or parts[0] != _VERSION:
+            raise SipParseError("bad status line")
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+            raise SipParseError("bad status code")
+        reason = parts[2] if len(parts) == 3 else ""
+        return Response(int(code), reason, headers, start_line=line)
+    # RFC 3261 §25.1: Method SP Request-URI SP SIP-Version, single SPs, no LWS
+    # inside the URI (RFC 4475 lwsstart.dat, trws.dat, lwsruri.dat).
+    parts = text.split(" ")
+    if len(parts) != 3:
+        req = _answerable_stub(parts, headers, line)
+        raise SipParseError("malformed request line", message=req)
+    method, uri, version = parts
+    if not method or any(ord(c) > 127 or ord(c) not in TOKEN_CHARS for c in method):
+        raise SipParseError("bad method")
+    req = Request(method, uri, headers, start_line=line)
+    if version != _VERSION:
+        if version.startswith("SIP/"):
+            raise SipParseError("SIP version not supported", status=505, message=req)
+        raise SipParseError("bad SIP version", message=req)
+    if not uri or uri.startswith("<") or ":" not in uri:
+        raise SipParseError("bad Request-URI", message=req)
+    return req
+
+
+def _answerable_stub(parts: list[str], headers: list[Header], line: bytes) -> Request | None:
+    method = parts[0] if parts and parts[0] else None
+    if method is None or any(ord(c) > 127 or ord(c) not in TOKEN_CHARS for c in method):
+        return None
+    req = Request(method, "sip:invalid", headers, start_line=line)
+    return req if _answerable(req) else None
+
+
+def _content_length(msg: SipMessage) -> int | None:
+    values = [h.value for h in msg.headers if h.name == "content-length"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise SipParseError("more than one Content-Length")
+    v = values[0]
+    if not v.isdigit() or len(v) > 10:
+        raise SipParseError("bad Content-Length")
+    cl = int(v)
+    if cl > limits.MAX_MESSAGE_SIZE:
+        raise SipParseError("body too large", status=513)
+    return cl
+
+
+def _validate(msg: SipMessage) -> None:
+    """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
+    seen: set[str] = set()
+    for h in msg.headers:
+        if h.name in SINGLE_VALUED:
+            if h.name in seen:
+                raise SipParseError(f"more than one {h.name}")
+            seen.add(h.name)
+    for name in ("call-id", "cseq", "from", "to", "via"):
+        if name not in seen and not msg.has(name):
+            raise SipParseError(f"missing {name}")
+    cseq = (msg.get("cseq") or "").split()
+    if len(cseq) != 2 or not cseq[0].isdigit() or int(cseq[0]) > limits.MAX_CSEQ:
+        raise SipParseError("bad CSeq")
+    if isinstance(msg, Request):
+        if cseq[1] != msg.method:
+            raise SipParseError("CSeq method does not match the request line")
+        mf = msg.get("max-forwards")
+        if mf is not None and (not mf.isdigit() or int(mf) > limits.MAX_MAX_FORWARDS):
+            raise SipParseError("bad Max-Forwards")
+    for v in msg.get_all("via"):
+        Via.parse(v)
+    NameAddr.parse(msg.get("from") or "")
+    NameAddr.parse(msg.get("to") or "")
+    for v in msg.get_all("contact"):
+        if v != "*":
+            na = NameAddr.parse(v)
+            if na.display is None and "<" not in v and "?" in na.uri:
+                # RFC 3261 §20: an addr-spec with ',', ';' or '?' must be in <>
+                raise SipParseError("Contact URI with headers must be in <>")
+
+
+def _answerable(msg: SipMessage) -> bool:
+    """Enough is readable to build an error response (RFC 3261 §8.2.6)."""
+    try:
+        if not msg.get("cseq"):
+            return False
+        via = split_commas(msg.get("via") or "")
+        if not via:
+            return False
+        Via.parse(via[0])
+        return isinstance(msg, Request)
+    except SipParseError:
+        return False

@@ -1,0 +1,61 @@
+"""SIP URIs (RFC 3261 §19.1): just enough structure to route on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay.sip.errors import SipParseError
+from relay.sip.headers import format_host, parse_params, split_hostport
+
+SIP_SCHEMES = frozenset({"sip", "sips"})
+
+
+@dataclass(slots=True)
+class SipUri:
+    scheme: str  # lower-case
+    user: str | None  # as written (escapes kept)
+    host: str  # lower-case, IPv6 without brackets
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)
+    headers: str = ""  # the raw ?headers part, without '?'
+
+    @classmethod
+    def parse(cls, text: str) -> SipUri:
+        colon = text.find(":")
+        if colon <= 0:
+            raise SipParseError("URI without scheme")
+        scheme = text[:colon].lower()
+        if scheme not in SIP_SCHEMES:
+            raise SipParseError(f"not a SIP URI: {scheme}", status=416)
+        rest = text[colon + 1 :]
+        headers = ""
+        q = rest.find("?")
+        if q >= 0:
+            rest, headers = rest[:q], rest[q + 1 :]
+        at = rest.rfind("@")
+        user: str | None = None
+        if at >= 0:
+            user = rest[:at]
+            pw = user.find(":")
+            if pw >= 0:
+                user = user[:pw]
+            rest = rest[at + 1 :]
+        semi = rest.find(";")
+        hostport, ptext = (rest, "") if semi < 0 else (rest[:semi], rest[semi + 1 :])
+        host, port = split_hostport(hostport)
+        if any(c in text for c in " \t\r\n"):
+            raise SipParseError("whitespace in URI")
+        return cls(scheme, user, host.lower(), port, parse_params(ptext), headers)
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out += [self.user, "@"]
+        out.append(format_host(self.host))
+        if self.port:
+            out.append(f":{self.port}")
+        for k, v in self.params.items():
+            out.append(f";{k}" if v is None else f";{k}={v}")
+        if self.headers:
+            out.append("?" + self.headers)
+        return "".join(out)
