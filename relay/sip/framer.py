@@ -36,15 +36,31 @@ class StreamFramer:
     A message whose framing cannot be trusted (no or bad Content-Length,
     header section or body over the limits) raises FramingLost: RFC 3261 gives
     no way to resynchronise a stream, so the caller answers if it can and
-    closes the connection (RFC 4475 ncl.dat, mcl01.dat).
+    closes the connection (RFC 4475 ncl.dat, mcl01.dat). Messages framed
+    before the break in the same call are returned first and the loss is raised
+    by the next call (``feed(b"")`` will do); after a loss every call raises.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._lost: FramingLost | None = None
 
     def feed(self, data: bytes) -> list[StreamEvent]:
+        if self._lost is not None:
+            raise self._lost
         self._buf += data
         events: list[StreamEvent] = []
+        try:
+            self._frame(events)
+        except FramingLost as e:
+            self._lost = e
+            if not events:
+                raise
+            # The messages framed before the break are whole: hand them over
+            # now, and raise the loss on the next call.
+        return events
+
+    def _frame(self, events: list[StreamEvent]) -> None:
         buf = self._buf
         while buf:
             # Leading CRLFs between messages: CRLFCRLF is a ping; a lone CRLF is
@@ -78,7 +94,6 @@ class StreamFramer:
                 events.append(parse_message(raw, datagram=False))
             except SipParseError as e:
                 events.append(Invalid(e))
-        return events
 
     @property
     def buffered(self) -> int:
@@ -86,10 +101,19 @@ class StreamFramer:
 
 
 def _stream_content_length(head: bytes) -> int:
-    found: list[bytes] = []
+    # RFC 3261 §7.3.1: a field may be folded onto continuation lines (HCOLON
+    # ends in SWS), so "Content-Length:\r\n 5" is 5.
+    fields: list[bytes] = []
     for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1] += line
+            continue
+        fields.append(line)
+    found: list[bytes] = []
+    for line in fields:
         colon = line.find(b":")
-        if colon <= 0 or line[:1] in (b" ", b"\t"):
+        if colon <= 0:
             continue
         name = line[:colon].strip().lower()
         if name in (b"content-length", b"l"):

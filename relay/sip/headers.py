@@ -40,6 +40,15 @@ TOKEN_CHARS = frozenset(
 )
 
 
+def is_digits(text: str) -> bool:
+    """``1*DIGIT`` (RFC 5234: ASCII 0-9 only).
+
+    ``str.isdigit()`` alone also takes '²' (int() then raises ValueError) and
+    '٥' (int() reads it as 5): header values are decoded text, so both occur.
+    """
+    return text.isascii() and text.isdigit()
+
+
 def canonical_name(raw_name: str) -> str:
     """Lower-case full header name; compact forms expanded."""
     name = raw_name.lower()
@@ -180,7 +189,7 @@ def _check_host(host: str) -> str:
 
 def _port(text: str) -> int:
     text = text.strip()
-    if not text.isdigit() or len(text) > 5 or not 0 < int(text) < 65536:
+    if not is_digits(text) or len(text) > 5 or not 0 < int(text) < 65536:
         raise SipParseError("bad port")
     return int(text)
 

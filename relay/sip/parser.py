@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from relay.sip import limits
 from relay.sip.errors import SipParseError
-from relay.sip.headers import SINGLE_VALUED, TOKEN_CHARS, NameAddr, Via, split_commas
+from relay.sip.headers import (
+    SINGLE_VALUED,
+    TOKEN_CHARS,
+    NameAddr,
+    Via,
+    is_digits,
+    split_commas,
+)
 from relay.sip.message import Header, Request, Response, SipMessage, to_str
 
 HEADER_END = b"\r\n\r\n"
@@ -109,12 +116,13 @@ def _header(raw: bytes) -> Header:
 
 def _start(line: bytes, headers: list[Header]) -> SipMessage:
     text = to_str(line)
-    if text.startswith("SIP/"):
+    if text[:4].upper() == "SIP/":
         parts = text.split(" ", 2)
-        if len(parts) < 2 or parts[0] != _VERSION:
+        # RFC 3261 §7.1: "The SIP-Version string is case-insensitive".
+        if len(parts) < 2 or parts[0].upper() != _VERSION:
             raise SipParseError("bad status line")
         code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        if len(code) != 3 or not is_digits(code) or not 100 <= int(code) <= 699:
             raise SipParseError("bad status code")
         reason = parts[2] if len(parts) == 3 else ""
         return Response(int(code), reason, headers, start_line=line)
@@ -128,8 +136,8 @@ def _start(line: bytes, headers: list[Header]) -> SipMessage:
     if not method or any(ord(c) > 127 or ord(c) not in TOKEN_CHARS for c in method):
         raise SipParseError("bad method")
     req = Request(method, uri, headers, start_line=line)
-    if version != _VERSION:
-        if version.startswith("SIP/"):
+    if version.upper() != _VERSION:
+        if version.upper().startswith("SIP/"):
             raise SipParseError("SIP version not supported", status=505, message=req)
         raise SipParseError("bad SIP version", message=req)
     if not uri or uri.startswith("<") or ":" not in uri:
@@ -152,7 +160,7 @@ def _content_length(msg: SipMessage) -> int | None:
     if len(values) > 1:
         raise SipParseError("more than one Content-Length")
     v = values[0]
-    if not v.isdigit() or len(v) > 10:
+    if not is_digits(v) or len(v) > 10:
         raise SipParseError("bad Content-Length")
     cl = int(v)
     if cl > limits.MAX_MESSAGE_SIZE:
@@ -172,13 +180,13 @@ def _validate(msg: SipMessage) -> None:
         if name not in seen and not msg.has(name):
             raise SipParseError(f"missing {name}")
     cseq = (msg.get("cseq") or "").split()
-    if len(cseq) != 2 or not cseq[0].isdigit() or int(cseq[0]) > limits.MAX_CSEQ:
+    if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
     if isinstance(msg, Request):
         if cseq[1] != msg.method:
             raise SipParseError("CSeq method does not match the request line")
         mf = msg.get("max-forwards")
-        if mf is not None and (not mf.isdigit() or int(mf) > limits.MAX_MAX_FORWARDS):
+        if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
             raise SipParseError("bad Max-Forwards")
     for v in msg.get_all("via"):
         Via.parse(v)

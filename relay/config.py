@@ -1,0 +1,157 @@
+"""relay.toml: every key, its type and default; a bad file is one error naming the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.pbx.digest import ALGORITHMS
+
+
+class ConfigError(Exception):
+    pass
+
+
+# section → key → (type, default). config/relay.toml documents each one; a test
+# checks that the two agree.
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "relay": {
+        "domain": (str, "relay.localhost"),
+        "advertise": (str, ""),
+        "state_dir": (str, "./state"),
+        "log_level": (str, "info"),
+    },
+    "sip": {
+        "udp": (list, ["127.0.0.1:5060"]),
+        "tcp": (list, ["127.0.0.1:5060"]),
+        "tls": (list, ["127.0.0.1:5061"]),
+        "tls_cert": (str, ""),
+        "tls_key": (str, ""),
+        "digest_algorithms": (list, ["SHA-256", "MD5"]),
+        "flow_idle_timeout": (float, 300.0),
+        "partial_message_timeout": (float, 10.0),
+        "pbx_expires_default": (int, 3600),
+        "pbx_expires_min": (int, 60),
+        "pbx_expires_max": (int, 3600),
+    },
+    "admin": {
+        "listen": (str, "127.0.0.1:9090"),
+    },
+}
+
+
+@dataclass
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class RelayConfig:
+    source: str
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return self.values[section][key]
+
+    def listeners(self, transport: str) -> list[Listen]:
+        return [parse_listen(v, f"sip.{transport}", self.source) for v in self[f"sip.{transport}"]]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self["relay.state_dir"])
+
+    @property
+    def advertise(self) -> str:
+        if self["relay.advertise"]:
+            return str(self["relay.advertise"])
+        for t in ("udp", "tcp", "tls"):
+            for listen in self.listeners(t):
+                if listen.host not in ("0.0.0.0", "::"):
+                    return listen.host
+        return "127.0.0.1"
+
+
+def parse_listen(value: str, key: str, source: str) -> Listen:
+    host, sep, port = str(value).rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        p = int(port)
+        if not sep or not 0 <= p < 65536:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{source}: {key}: {value!r} is not IP:port") from None
+    return Listen(host, p)
+
+
+def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> RelayConfig:
+    """Defaults, then the file, then ``overrides`` ({"section.key": value})."""
+    source = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    values = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: {section} must be a table")
+        for key, value in body.items():
+            values[section][key] = _check(section, key, value, source)
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        values[section][key] = _check(section, key, value, source)
+    cfg = RelayConfig(source, values)
+    _validate(cfg)
+    return cfg
+
+
+def _check(section: str, key: str, value: Any, source: str) -> Any:
+    if key not in SCHEMA[section]:
+        raise ConfigError(f"{source}: unknown key {section}.{key}")
+    typ = SCHEMA[section][key][0]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {section}.{key} must be a {typ.__name__}, got {value!r}")
+    return value
+
+
+def _validate(cfg: RelayConfig) -> None:
+    src = cfg.source
+    for t in ("udp", "tcp", "tls"):
+        cfg.listeners(t)
+    for a in cfg["sip.digest_algorithms"]:
+        if a not in ALGORITHMS:
+            raise ConfigError(f"{src}: sip.digest_algorithms: unknown algorithm {a!r} (MD5, SHA-256)")
+    if not cfg["sip.digest_algorithms"]:
+        raise ConfigError(f"{src}: sip.digest_algorithms: needs at least one algorithm")
+    for k in ("flow_idle_timeout", "partial_message_timeout"):
+        if cfg[f"sip.{k}"] <= 0:
+            raise ConfigError(f"{src}: sip.{k} must be > 0")
+    lo, default, hi = (cfg[f"sip.pbx_expires_{x}"] for x in ("min", "default", "max"))
+    if not 0 < lo <= default <= hi:
+        raise ConfigError(f"{src}: sip.pbx_expires_*: need 0 < min <= default <= max")
+    domain = cfg["relay.domain"]
+    if not domain or " " in domain or domain.startswith("."):
+        raise ConfigError(f"{src}: relay.domain: {domain!r} is not a domain name")
+    if cfg["relay.log_level"] not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{src}: relay.log_level must be debug, info, warning or error")
+    if (cfg["sip.tls_cert"] == "") != (cfg["sip.tls_key"] == ""):
+        raise ConfigError(f"{src}: sip.tls_cert and sip.tls_key go together")
+    parse_listen(cfg["admin.listen"], "admin.listen", src)

@@ -1,0 +1,1 @@
+"""PBX phone-home: the PBX directory, digest authentication and the live registry."""

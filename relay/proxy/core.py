@@ -1,0 +1,599 @@
+"""Routing decisions of the edge proxy: a message and a flow in, messages to send out.
+
+Pure code over values (no sockets, no clock): ``now`` is an argument and the
+transport layer tells us which connection-oriented flows are alive. RFC 3261
+§16 is the frame; RFC 3327 (Path), RFC 3581 (rport), RFC 5626 (flows) and
+RFC 8760 (SHA-256 digest) fill it in.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import hmac
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from relay.pbx.digest import DigestAuth
+from relay.pbx.registry import PbxRegistry
+from relay.proxy.flow import Flow
+from relay.proxy.flowtoken import BadToken, FlowTokens
+from relay.proxy.transaction import (
+    LINGER,
+    T1,
+    TIMER_B,
+    TIMER_C,
+    InviteTransaction,
+    TransactionTable,
+    TxnKey,
+)
+from relay.sip import limits
+from relay.sip.errors import SipParseError
+from relay.sip.headers import NameAddr, Via, format_host, split_commas
+from relay.sip.message import Header, Request, Response, SipMessage, make_response
+from relay.sip.uri import SipUri
+
+MAGIC_COOKIE = "z9hG4bK"
+OUR_BRANCH = MAGIC_COOKIE + "-pr"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, PRACK, INFO, MESSAGE, SUBSCRIBE, NOTIFY, REFER"
+# Methods whose out-of-dialog request creates a dialog: the relay must stay on
+# its route (Record-Route, RFC 3261 §16.6 item 4).
+DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+# RFC 3261 §8.2.6.2: a response copies these from the request.
+_COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    flow: Flow
+    data: bytes
+
+
+@dataclass(slots=True)
+class ProxyConfig:
+    domain: str  # relay domain: PBXs register sip:<serial>@domain, phones use <serial>.domain
+    advertise: str  # host (name or IP) we put in Via / Record-Route / Path
+    ports: dict[str, int]  # transport → advertised port
+    local_names: frozenset[str] = frozenset()  # extra hosts meaning "us" (listen IPs)
+    pbx_expires_default: int = 3600
+    pbx_expires_min: int = 60  # RFC 3261 §10.3: 423 Interval Too Brief below this
+    pbx_expires_max: int = 3600
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters exposed as metrics (issue 5 turns them into Prometheus series)."""
+
+    c: Counter[str] = field(default_factory=Counter)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.c[name] += n
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        key: bytes,
+        directory: Callable[[str], dict[str, str] | None],
+        auth: DigestAuth,
+        flow_alive: Callable[[Flow], bool],
+    ):
+        self.cfg = config
+        self.tokens = FlowTokens(hashlib.sha256(b"flow" + key).digest())
+        self._branch_key = hashlib.sha256(b"branch" + key).digest()
+        self.directory = directory
+        self.auth = auth
+        self.flow_alive = flow_alive
+        self.registry = PbxRegistry()
+        self.txns = TransactionTable()
+        self.stats = Stats()
+        self._names = frozenset({config.domain.lower(), config.advertise.lower()}) | {
+            n.lower() for n in config.local_names
+        }
+        self._suffix = "." + config.domain.lower()
+        self._next_sweep = 0.0
+        self._heap: list[tuple[float, int, InviteTransaction]] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------------ entry
+    def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Send]:
+        if isinstance(msg, Request):
+            self.stats.inc(f"requests_in_total:{msg.method}")
+            return self._on_request(msg, source, now)
+        assert isinstance(msg, Response)
+        self.stats.inc("responses_in_total")
+        return self._on_response(msg, now)
+
+    def on_parse_error(self, err: SipParseError, source: Flow) -> list[Send]:
+        """A request we could read enough of gets its 400/505/513; the rest is dropped."""
+        self.stats.inc(f"parse_errors_total:{err.status}")
+        if err.message is not None and isinstance(err.message, Request) and err.message.method != "ACK":
+            return [self._reply(err.message, source, err.status, err.reason)]
+        self.stats.inc("dropped_total:unparseable")
+        return []
+
+    def on_flow_closed(self, flow: Flow) -> None:
+        if self.registry.flow_closed(flow) is not None:
+            self.stats.inc("pbx_unregistered_total:flow_closed")
+
+    # ----------------------------------------------------------------- requests
+    def _on_request(self, req: Request, source: Flow, now: float) -> list[Send]:
+        try:
+            via = req.top_via()
+        except (LookupError, SipParseError):
+            self.stats.inc("dropped_total:no_via")
+            return []
+        self._stamp_via(req, via, source)
+        if req.method == "CANCEL":
+            return self._on_cancel(req, source, now)
+        if req.method == "INVITE":
+            txn = self.txns.get(self._txn_key(req, via))
+            if txn is not None:
+                # A retransmission: answer with what we last sent, forward nothing.
+                self.stats.inc("retransmissions_absorbed_total")
+                return [Send(source, txn.last_response)] if txn.last_response else []
+        elif req.method == "ACK":
+            txn = self.txns.get(self._txn_key(req, via))
+            if txn is not None and txn.outbound is None:
+                return []  # ACK for a final response the relay generated itself
+        try:
+            return self._route(req, source, via, now)
+        except SipParseError as e:
+            return self._refuse(req, source, e.status, e.reason, now)
+
+    def _route(self, req: Request, source: Flow, via: Via, now: float) -> list[Send]:
+        # RFC 3261 §16.3 request validation.
+        try:
+            ruri = SipUri.parse(req.uri)
+        except SipParseError as e:
+            if e.status == 416:
+                return self._refuse(req, source, 416, "Unsupported URI Scheme", now)
+            raise
+        if ruri.headers:
+            # RFC 4475 §3.1.2.11: escaped headers in a Request-URI are never forwarded.
+            return self._refuse(req, source, 400, "Headers in Request-URI", now)
+        proxy_require = req.get_all("proxy-require")
+        if proxy_require:
+            return self._refuse(
+                req, source, 420, "Bad Extension", now,
+                extra=[("Unsupported", ", ".join(proxy_require))],
+            )
+        mf_value = req.get("max-forwards")
+        mf = int(mf_value) if mf_value is not None else limits.DEFAULT_MAX_FORWARDS
+
+        # Loose routing (§16.4): strip our own Route entries, keep the token.
+        token: str | None = None
+        while True:
+            top = req.get_all("route")
+            if not top:
+                break
+            try:
+                route_uri = SipUri.parse(NameAddr.parse(top[0]).uri)
+            except SipParseError:
+                break
+            if not self._is_us(route_uri):
+                break
+            req.pop_first_value("route")
+            if route_uri.user:
+                token = route_uri.user
+
+        if token is None and self._is_us(ruri) and not req.has("route"):
+            return self._for_us(req, ruri, source, via, mf, now)
+        if mf <= 0:
+            return self._refuse(req, source, 483, "Too Many Hops", now)
+
+        if token is not None:
+            try:
+                phone_flow, serial = self.tokens.verify(token)
+            except BadToken:
+                self.stats.inc("forbidden_total:bad_token")
+                return self._refuse(req, source, 403, "Forbidden", now)
+            pbx = self.registry.lookup(serial, now) if serial else None
+            if pbx is not None and pbx.flow == source:
+                # PBX → phone, along a Path or Record-Route we minted.
+                if phone_flow.reliable and not self.flow_alive(phone_flow):
+                    self.stats.inc("flow_failed_total")
+                    # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
+                    return self._refuse(req, source, 430, "Flow Failed", now)
+                return self._forward(req, source, phone_flow, serial, phone_flow, mf, now)
+            # phone → PBX inside a dialog
+            if pbx is None:
+                return self._refuse(req, source, 480, "Temporarily Unavailable", now)
+            return self._forward(req, source, pbx.flow, serial, phone_flow, mf, now)
+
+        serial = self._serial_of_host(ruri.host)
+        if serial is None:
+            self.stats.inc("forbidden_total:foreign_domain")
+            return self._refuse(req, source, 403, "Forbidden", now)
+        if self.directory(serial) is None:
+            return self._refuse(req, source, 404, "Not Found", now)
+        pbx = self.registry.lookup(serial, now)
+        if pbx is None:
+            return self._refuse(req, source, 480, "Temporarily Unavailable", now)
+        if pbx.flow == source:
+            # A PBX addressing its own domain through us would loop straight back.
+            return self._refuse(req, source, 482, "Loop Detected", now)
+        return self._forward(req, source, pbx.flow, serial, source, mf, now)
+
+    def _forward(
+        self, req: Request, source: Flow, target: Flow, serial: str, phone_flow: Flow,
+        mf: int, now: float,
+    ) -> list[Send]:
+        """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send."""
+        in_dialog = NameAddr.parse(req.get("to") or "").tag is not None
+        loop = self._loop_hash(req)
+        for v in req.vias()[1:]:
+            if (v.branch or "").endswith("." + loop) and (v.branch or "").startswith(OUR_BRANCH):
+                return self._refuse(req, source, 482, "Loop Detected", now)
+        if req.has("max-forwards"):
+            req.set("Max-Forwards", str(mf - 1))
+        else:
+            req.insert_before("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS - 1))
+        token = self.tokens.mint(phone_flow, serial)
+        if req.method == "REGISTER":
+            # RFC 3327: requests from the PBX to this phone come back through us,
+            # on this very flow (RFC 5626 §5.1).
+            req.insert_before("Path", f"<{self._uri(token, target)};lr>")
+        elif req.method in DIALOG_FORMING or in_dialog:
+            if req.method not in ("ACK", "CANCEL"):
+                # Double Record-Route when the two sides use different sockets
+                # (RFC 5658): each side must see the entry it can reach.
+                if (source.transport, source.local_port) != (target.transport, target.local_port):
+                    req.insert_before("Record-Route", f"<{self._uri(token, source)};lr>")
+                req.insert_before("Record-Route", f"<{self._uri(token, target)};lr>")
+        via = req.top_via()
+        branch = self._branch(req, via, loop)
+        if req.method == "INVITE":
+            # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
+            upstream = [h for h in req.headers if h.name in _COPIED]
+        req.insert_before("Via", self._our_via(target, branch, source))
+        data = req.serialise()
+        self.stats.inc("requests_forwarded_total")
+        if req.method != "INVITE":
+            return [Send(target, data)]
+        # INVITE: keep the transaction, answer 100 Trying at once (§16.7 step 2).
+        txn = InviteTransaction(
+            key=self._txn_key_from(req, via), inbound=source, created=now, outbound=target,
+            forwarded=data, call_id=req.call_id, give_up_at=now + TIMER_C,
+            upstream=upstream,
+        )
+        txn.cancel_template = {
+            "uri": req.uri, "via": self._our_via(target, branch, source),
+            "from": req.get("from") or "", "to": req.get("to") or "",
+            "call-id": req.call_id, "cseq": str(req.cseq[0]),
+            "route": ", ".join(req.get_all("route")),
+        }
+        if not target.reliable:
+            txn.retransmit_at = now + T1
+            txn.give_up_at = now + TIMER_B
+            self._schedule(txn, txn.retransmit_at)
+        self._schedule(txn, txn.give_up_at)
+        txn.last_response = self._upstream_response(txn, 100, "Trying")
+        self.txns.add(txn)
+        self.txns.link_branch(branch, txn)
+        return [Send(source, txn.last_response), Send(target, data)]
+
+    def _for_us(
+        self, req: Request, ruri: SipUri, source: Flow, via: Via, mf: int, now: float
+    ) -> list[Send]:
+        if req.method == "REGISTER":
+            return self._pbx_register(req, ruri, source, now)
+        if req.method == "OPTIONS":
+            return [self._reply(req, source, 200, "OK", extra=[("Allow", ALLOW)])]
+        if req.method == "ACK":
+            return []
+        return self._refuse(req, source, 404, "Not Found", now)
+
+    # ------------------------------------------------------------- PBX phone-home
+    def _pbx_register(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Send]:
+        to_uri = SipUri.parse(NameAddr.parse(req.get("to") or "").uri)
+        serial = to_uri.user or ruri.user
+        if not serial or (ruri.user and ruri.user != serial) or not self._is_us(to_uri):
+            return self._refuse(req, source, 404, "Not Found", now)
+        ha1s = self.directory(serial)
+        authorization = req.get("authorization")
+        verdict = "none"
+        if authorization:
+            verdict, username = self.auth.check(authorization, "REGISTER", ha1s, now)
+            if verdict == "ok" and username != serial:
+                verdict = "fail"
+        if verdict != "ok":
+            if verdict == "fail":
+                self.stats.inc("pbx_auth_failures_total")
+                if ha1s is None:
+                    return self._refuse(req, source, 403, "Forbidden", now)
+            # RFC 3261 §22.4: challenge (again); stale=true if only the nonce aged.
+            return [self._reply(
+                req, source, 401, "Unauthorized",
+                extra=[("WWW-Authenticate", c) for c in self.auth.challenges(now, verdict == "stale")],
+            )]
+        contacts = req.get_all("contact")
+        expires_hdr = req.get("expires")
+        if contacts == ["*"]:
+            if expires_hdr is None or expires_hdr.strip() != "0":
+                return self._refuse(req, source, 400, "Contact * needs Expires: 0", now)
+            self.registry.unbind(serial)
+            self.stats.inc("pbx_unregistered_total:request")
+            return [self._reply(req, source, 200, "OK")]
+        if not contacts:
+            # A query: tell the PBX whether it is bound.
+            reg = self.registry.lookup(serial, now)
+            extra = []
+            if reg is not None:
+                extra.append(("Contact", f"<sip:{serial}@{format_host(reg.flow.remote_ip)}:"
+                              f"{reg.flow.remote_port}>;expires={int(reg.expires_at - now)}"))
+            return [self._reply(req, source, 200, "OK", extra=extra)]
+        contact = NameAddr.parse(contacts[0])
+        raw_expires = contact.params.get("expires") or expires_hdr
+        try:
+            expires = int(raw_expires) if raw_expires is not None else self.cfg.pbx_expires_default
+        except ValueError:
+            return self._refuse(req, source, 400, "Bad Expires", now)
+        if expires == 0:
+            self.registry.unbind(serial)
+            self.stats.inc("pbx_unregistered_total:request")
+            return [self._reply(req, source, 200, "OK")]
+        if expires < self.cfg.pbx_expires_min:
+            return self._refuse(
+                req, source, 423, "Interval Too Brief", now,
+                extra=[("Min-Expires", str(self.cfg.pbx_expires_min))],
+            )
+        expires = min(expires, self.cfg.pbx_expires_max)
+        self.registry.bind(serial, source, now + expires)
+        self.stats.inc("pbx_registrations_total")
+        value = contacts[0]
+        if "expires=" in value.replace(" ", "").lower():
+            value = f"<{contact.uri}>;expires={expires}"
+        else:
+            value = f"{value};expires={expires}"
+        return [self._reply(req, source, 200, "OK", extra=[("Contact", value)])]
+
+    # ------------------------------------------------------------------ CANCEL
+    def _on_cancel(self, req: Request, source: Flow, now: float) -> list[Send]:
+        via = req.top_via()
+        txn = self.txns.get(self._txn_key_from(req, via, "INVITE"))
+        if txn is None:
+            # RFC 3261 §16.10 says forward statelessly; with no INVITE state we
+            # would not know where the INVITE went, so we answer instead.
+            return self._refuse(req, source, 481, "Call/Transaction Does Not Exist", now)
+        out = [self._reply(req, source, 200, "OK")]
+        if txn.final:
+            return out
+        out.extend(self._cancel_downstream(txn))
+        return out
+
+    def _cancel_downstream(self, txn: InviteTransaction) -> list[Send]:
+        """RFC 3261 §9.1: same Request-URI, Call-ID, From, To, CSeq number and top Via."""
+        if txn.outbound is None or txn.cancelled:
+            return []
+        txn.cancelled = True
+        t = txn.cancel_template
+        headers = [
+            Header("Via", t["via"]),
+            Header("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS)),
+        ]
+        if t["route"]:
+            headers.append(Header("Route", t["route"]))
+        headers += [
+            Header("From", t["from"]), Header("To", t["to"]), Header("Call-ID", t["call-id"]),
+            Header("CSeq", f"{t['cseq']} CANCEL"), Header("Content-Length", "0"),
+        ]
+        self.stats.inc("cancels_forwarded_total")
+        return [Send(txn.outbound, Request("CANCEL", t["uri"], headers).serialise())]
+
+    # --------------------------------------------------------------- responses
+    def _on_response(self, resp: Response, now: float) -> list[Send]:
+        try:
+            vias = resp.get_all("via")
+            via = Via.parse(vias[0]) if vias else None
+        except SipParseError:
+            via = None
+        if via is None or not (via.branch or "").startswith(OUR_BRANCH):
+            self.stats.inc("dropped_total:response_not_ours")
+            return []
+        flow_token = via.params.get("pf")
+        try:
+            back, _ = self.tokens.verify(flow_token or "")
+        except BadToken:
+            self.stats.inc("dropped_total:response_bad_token")
+            return []
+        resp.pop_first_value("via")
+        if not resp.has("via"):
+            return []  # the answer to a CANCEL we generated
+        txn = self.txns.by_our_branch(via.branch or "")
+        if txn is not None and resp.cseq[1] == "INVITE":
+            if resp.status == 100:
+                return []  # hop by hop: we sent our own 100 already (§16.7 step 3)
+            txn.retransmit_at = None
+            data = resp.serialise()
+            if txn.final and resp.status >= 300:
+                return []  # retransmitted non-2xx final: the UAC got it already
+            if resp.status >= 200:
+                self._finish(txn, now)
+            else:
+                txn.got_provisional = True
+            txn.last_response = data
+            back = txn.inbound
+        else:
+            data = resp.serialise()
+        if back.reliable and not self.flow_alive(back):
+            self.stats.inc("dropped_total:response_flow_gone")
+            return []
+        self.stats.inc("responses_forwarded_total")
+        return [Send(back, data)]
+
+    # ------------------------------------------------------------------ timers
+    def _schedule(self, txn: InviteTransaction, when: float) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, txn))
+
+    def _finish(self, txn: InviteTransaction, now: float) -> None:
+        txn.final = True
+        txn.retransmit_at = None
+        txn.expires_at = now + LINGER
+        self._schedule(txn, txn.expires_at)
+
+    def next_timer(self) -> float:
+        """When on_timer must run next (absolute, same clock as ``now``)."""
+        return min(self._heap[0][0], self._next_sweep) if self._heap else self._next_sweep
+
+    def on_timer(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        if now >= self._next_sweep:
+            for _ in self.registry.expire(now):
+                self.stats.inc("pbx_unregistered_total:expired")
+            self._next_sweep = now + 1.0
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, txn = heapq.heappop(heap)
+            if self.txns.get(txn.key) is not txn:
+                continue  # already gone; a stale heap entry
+            if txn.final:
+                if now >= txn.expires_at:
+                    self.txns.remove(txn)
+                continue
+            if now >= txn.give_up_at:
+                # Timer B (UDP, nothing heard) or C (rang too long): 408 upstream
+                # and, if the far end rang, CANCEL it (RFC 3261 §16.8).
+                if txn.got_provisional:
+                    out.extend(self._cancel_downstream(txn))
+                txn.last_response = self._upstream_response(txn, 408, "Request Timeout")
+                self._finish(txn, now)
+                self.stats.inc("invite_timeouts_total")
+                out.append(Send(txn.inbound, txn.last_response))
+                continue
+            if txn.retransmit_at is not None and now >= txn.retransmit_at and txn.outbound:
+                out.append(Send(txn.outbound, txn.forwarded))
+                self.stats.inc("invite_retransmissions_total")
+                txn.interval *= 2
+                txn.retransmit_at = now + txn.interval
+                self._schedule(txn, txn.retransmit_at)
+        return out
+
+    def _upstream_response(self, txn: InviteTransaction, status: int, reason: str) -> bytes:
+        req = Request("INVITE", "sip:invalid", list(txn.upstream))
+        return make_response(req, status, reason, to_tag=_tag() if status > 100 else None).serialise()
+
+    # ----------------------------------------------------------------- pieces
+    def _reply(
+        self, req: Request, source: Flow, status: int, reason: str,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> Send:
+        resp = make_response(req, status, reason, to_tag=_tag(), extra=extra)
+        return Send(source, resp.serialise())
+
+    def _refuse(
+        self, req: Request, source: Flow, status: int, reason: str, now: float,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> list[Send]:
+        self.stats.inc(f"responses_sent_total:{status}")
+        if req.method == "ACK":
+            return []  # ACK is never answered (RFC 3261 §17.1.1.3)
+        send = self._reply(req, source, status, reason, extra)
+        if req.method == "INVITE":
+            # Remember the answer: a retransmitted INVITE gets it again and the
+            # ACK that follows is absorbed here.
+            via = req.top_via()
+            txn = InviteTransaction(
+                key=self._txn_key_from(req, via), inbound=source, created=now,
+                last_response=send.data,
+            )
+            self.txns.add(txn)
+            self._finish(txn, now)
+        return [send]
+
+    def _stamp_via(self, req: Request, via: Via, source: Flow) -> None:
+        """RFC 3261 §18.2.1 received, RFC 3581 rport, on the top Via."""
+        needs_received = via.host != source.remote_ip
+        wants_rport = "rport" in via.params and not via.params.get("rport")
+        if not needs_received and not wants_rport:
+            return
+        for i, h in enumerate(req.headers):
+            if h.name == "via":
+                values = split_commas(h.value)
+                top = values[0]
+                if wants_rport:
+                    top = _set_param(top, "rport", str(source.remote_port))
+                if needs_received or wants_rport:
+                    top = _set_param(top, "received", source.remote_ip)
+                req.headers[i] = Header(h.raw_name, ", ".join([top, *values[1:]]))
+                return
+
+    def _our_via(self, target: Flow, branch: str, inbound: Flow) -> str:
+        port = self.cfg.ports.get(target.transport, 5060)
+        return (
+            f"SIP/2.0/{target.transport.upper()} {format_host(self.cfg.advertise)}:{port}"
+            f";branch={branch};pf={self.tokens.mint(inbound)}"
+        )
+
+    def _uri(self, token: str, facing: Flow) -> str:
+        port = self.cfg.ports.get(facing.transport, 5060)
+        tp = "" if facing.transport == "udp" else f";transport={facing.transport}"
+        return f"sip:{token}@{format_host(self.cfg.advertise)}:{port}{tp}"
+
+    def _is_us(self, uri: SipUri) -> bool:
+        if uri.host not in self._names:
+            return False
+        return uri.port is None or uri.port in self.cfg.ports.values()
+
+    def _serial_of_host(self, host: str) -> str | None:
+        if host.endswith(self._suffix):
+            label = host[: -len(self._suffix)]
+            if label and "." not in label:
+                return label
+        return None
+
+    def _txn_key(self, req: Request, via: Via) -> TxnKey:
+        return self._txn_key_from(req, via)
+
+    @staticmethod
+    def _txn_key_from(req: Request, via: Via, method: str | None = None) -> TxnKey:
+        """RFC 3261 §17.2.3 (branch + sent-by), or the RFC 2543 fallback."""
+        branch = via.branch or ""
+        if branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+            return (branch, via.sent_by(), method or req.method)
+        from_tag = NameAddr.parse(req.get("from") or "").tag or ""
+        return (
+            "2543", req.uri, from_tag, req.call_id, str(req.cseq[0]), via.sent_by(),
+            method or req.method,
+        )
+
+    def _branch(self, req: Request, via: Via, loop: str) -> str:
+        """Stateless-proxy branch (RFC 3261 §16.11): the same for a retransmission,
+        for the CANCEL and for the ACK of a non-2xx of the same INVITE."""
+        key = self._txn_key_from(req, via, "INVITE")
+        mac = hmac.new(self._branch_key, "|".join(key).encode(), hashlib.sha256).digest()[:9]
+        return f"{OUR_BRANCH}{base64.urlsafe_b64encode(mac).decode()}.{loop}"
+
+    def _loop_hash(self, req: Request) -> str:
+        """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop."""
+        from_tag = NameAddr.parse(req.get("from") or "").tag or ""
+        data = f"{req.uri}|{from_tag}|{req.call_id}|{req.cseq[0]}".encode()
+        return hashlib.sha256(data).hexdigest()[:8]
+
+
+def _tag() -> str:
+    return secrets.token_hex(6)
+
+
+def _set_param(value: str, name: str, param: str) -> str:
+    """Set ``;name=param`` on a Via value, replacing an empty or old one."""
+    head, _, rest = value.partition(";")
+    params = [p for p in rest.split(";") if p.strip()] if rest else []
+    out = []
+    done = False
+    for p in params:
+        if p.strip().split("=", 1)[0].strip().lower() == name:
+            out.append(f"{name}={param}")
+            done = True
+        else:
+            out.append(p.strip())
+    if not done:
+        out.append(f"{name}={param}")
+    return ";".join([head.rstrip(), *out])
+
+

@@ -1,0 +1,34 @@
+"""A flow: one transport-level path to a peer (RFC 5626 §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRANSPORTS = ("udp", "tcp", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """Where a message came from or goes to.
+
+    For UDP the flow is (our socket, the peer's address); for TCP/TLS it is the
+    connection, which the transport layer finds by the same four values.
+    """
+
+    transport: str  # "udp" | "tcp" | "tls"
+    remote_ip: str
+    remote_port: int
+    local_ip: str
+    local_port: int
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport != "udp"
+
+    @property
+    def remote(self) -> str:
+        host = f"[{self.remote_ip}]" if ":" in self.remote_ip else self.remote_ip
+        return f"{host}:{self.remote_port}"
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.remote}"

@@ -1,0 +1,214 @@
+"""The relay service: one trio task tree around the sans-I/O proxy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from relay.admin import as_json, serve_admin
+from relay.config import RelayConfig, parse_listen
+from relay.pbx.digest import DigestAuth
+from relay.pbx.directory import PbxDirectory
+from relay.proxy.core import Proxy, ProxyConfig, Send
+from relay.proxy.flow import Flow
+from relay.sip.errors import SipParseError
+from relay.sip.message import SipMessage
+from relay.transport.flows import StreamTimeouts, Transports
+from relay.transport.tlscert import ensure_self_signed, server_context
+
+log = logging.getLogger("relay")
+
+DIRECTORY_POLL = 2.0  # seconds between checks for PBXs added or removed by the CLI
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The relay's secret (flow tokens, nonces, branches), kept across restarts so
+    that dialogs and Path entries minted before a restart stay valid."""
+    path = state_dir / "relay.key"
+    if path.exists():
+        return path.read_bytes()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+class RelayService:
+    def __init__(self, cfg: RelayConfig):
+        self.cfg = cfg
+        state = cfg.state_dir
+        self.key = load_key(state)
+        self.directory = PbxDirectory(state / "pbx.sqlite")
+        self._ha1: dict[str, dict[str, str]] = {}
+        self._stamp = -1.0
+        ports = {}
+        for t in ("udp", "tcp", "tls"):
+            ls = cfg.listeners(t)
+            if ls:
+                ports[t] = ls[0].port
+        names = {listen.host for t in ("udp", "tcp", "tls") for listen in cfg.listeners(t)}
+        self.proxy_cfg = ProxyConfig(
+            domain=cfg["relay.domain"], advertise=cfg.advertise, ports=ports,
+            local_names=frozenset(names),
+            pbx_expires_default=cfg["sip.pbx_expires_default"],
+            pbx_expires_min=cfg["sip.pbx_expires_min"],
+            pbx_expires_max=cfg["sip.pbx_expires_max"],
+        )
+        self.transports = Transports(
+            self._on_message, self._on_error, self._on_closed, self._count,
+            StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
+        )
+        auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
+        self.proxy = Proxy(self.proxy_cfg, self.key, self._ha1.get, auth, self.transports.alive)
+        self._wake = trio.Event()
+        self._armed = float("inf")
+        self.bound: dict[str, list[str]] = {}
+
+    # --------------------------------------------------------- proxy plumbing
+    def _count(self, name: str) -> None:
+        self.proxy.stats.inc(name)
+
+    def _dispatch(self, out: list[Send]) -> None:
+        if out:
+            self.transports.send(out)
+        if self.proxy.next_timer() < self._armed:
+            self._wake.set()
+
+    def _on_message(self, msg: SipMessage, flow: Flow) -> None:
+        try:
+            out = self.proxy.on_message(msg, flow, trio.current_time())
+        except SipParseError as e:
+            out = self.proxy.on_parse_error(e, flow)
+        except Exception:
+            # A bug must cost one message, never the relay (and never its content
+            # in the log: only the call id and the flow).
+            self.proxy.stats.inc("internal_errors_total")
+            log.exception("event=internal_error call_id=%s flow=%s", msg.call_id, flow)
+            return
+        self._dispatch(out)
+
+    def _on_error(self, err: SipParseError, flow: Flow) -> None:
+        log.info("event=bad_message flow=%s status=%d reason=%r", flow, err.status, err.reason)
+        self._dispatch(self.proxy.on_parse_error(err, flow))
+
+    def _on_closed(self, flow: Flow) -> None:
+        self.proxy.on_flow_closed(flow)
+
+    # ------------------------------------------------------------------ tasks
+    async def _timers(self) -> None:
+        while True:
+            self._armed = self.proxy.next_timer()
+            with trio.move_on_at(self._armed):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self._armed = float("inf")
+            self.transports.send(self.proxy.on_timer(trio.current_time()))
+
+    async def _directory_refresh(self) -> None:
+        while True:
+            stamp = await trio.to_thread.run_sync(self.directory.stamp)
+            if stamp != self._stamp:
+                fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg["relay.domain"])
+                self._ha1.clear()
+                self._ha1.update(fresh)
+                for serial in [r.serial for r in self.proxy.registry.snapshot()]:
+                    if serial not in fresh:
+                        self.proxy.registry.unbind(serial)  # removed PBX: forget it now
+                self._stamp = stamp
+                log.info("event=directory_loaded pbx_count=%d", len(fresh))
+            await trio.sleep(DIRECTORY_POLL)
+
+    def registry_view(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [
+            {"serial": r.serial, "transport": r.flow.transport, "ip": r.flow.remote_ip,
+             "port": r.flow.remote_port, "expires_in": round(r.expires_at - now)}
+            for r in self.proxy.registry.snapshot() if r.expires_at > now
+        ]
+
+    def metrics_text(self) -> tuple[str, str]:
+        lines = []
+        counters = dict(self.proxy.stats.c)
+        counters["pbx_registered"] = len(self.proxy.registry)
+        counters["flows_open"] = len(self.transports.conns)
+        counters["invite_transactions"] = len(self.proxy.txns)
+        for key in sorted(counters):
+            name, _, label = key.partition(":")
+            lbl = f'{{kind="{label}"}}' if label else ""
+            lines.append(f"pbx_relay_{name}{lbl} {counters[key]}")
+        return "text/plain; version=0.0.4", "\n".join(lines) + "\n"
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        ctx = None
+        if cfg.listeners("tls"):
+            if cfg["sip.tls_cert"]:
+                cert, key = Path(cfg["sip.tls_cert"]), Path(cfg["sip.tls_key"])
+            else:
+                ips = [cfg.advertise] + [x.host for x in cfg.listeners("tls")]
+                cert, key = ensure_self_signed(cfg.state_dir / "tls", cfg["relay.domain"], ips)
+            self.tls_cert = cert
+            ctx = server_context(cert, key)
+        async with trio.open_nursery() as nursery:
+            for listen in cfg.listeners("udp"):
+                port = await nursery.start(self.transports.serve_udp, listen.host, listen.port)
+                self.bound.setdefault("udp", []).append(f"{listen.host}:{port}")
+            for t, c in (("tcp", None), ("tls", ctx)):
+                for listen in cfg.listeners(t):
+                    port = await nursery.start(self.transports.serve_stream, t, listen.host, listen.port, c)
+                    self.bound.setdefault(t, []).append(f"{listen.host}:{port}")
+            admin = parse_listen(cfg["admin.listen"], "admin.listen", cfg.source)
+            port = await nursery.start(serve_admin, admin.host, admin.port, {
+                "/metrics": self.metrics_text,
+                "/registry": lambda: as_json(self.registry_view()),
+                "/healthz": lambda: ("text/plain", "ok\n"),
+            })
+            self.bound["admin"] = [f"{admin.host}:{port}"]
+            await self._load_directory_once()
+            nursery.start_soon(self._timers)
+            nursery.start_soon(self._directory_refresh)
+            task_status.started(self.bound)
+
+    async def _load_directory_once(self) -> None:
+        self._stamp = await trio.to_thread.run_sync(self.directory.stamp)
+        self._ha1.update(await trio.to_thread.run_sync(self.directory.load, self.cfg["relay.domain"]))
+
+
+def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
+    domain = cfg["relay.domain"]
+    adv = cfg.advertise
+    lines = ["pbx-relay is running", ""]
+    for t in ("udp", "tcp", "tls"):
+        for b in bound.get(t, []):
+            lines.append(f"  SIP {t.upper():3}  {b}")
+    lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz")
+    lines.append(f"  state    {cfg.state_dir.resolve()}")
+    tls = bound.get("tls", [""])[0].rpartition(":")[2]
+    tcp = bound.get("tcp", [""])[0].rpartition(":")[2]
+    udp = bound.get("udp", [""])[0].rpartition(":")[2]
+    lines += [
+        "",
+        "Point a PBX at it:",
+        "  pbx-relay pbx add <serial>        (prints the PBX's secret, once)",
+        f"  PBX registers sip:<serial>@{domain}, user <serial>, that secret,",
+        f"  over TLS to {adv}:{tls} (or TCP {adv}:{tcp}).",
+        "Point a softphone at it:",
+        f"  SIP domain <serial>.{domain}, outbound proxy sip:{adv}:{udp} (UDP/TCP)",
+        f"  or sip:{adv}:{tls};transport=tls; user and password are the PBX's extension.",
+    ]
+    return "\n".join(lines)
+
+
+async def run(cfg: RelayConfig) -> None:
+    service = RelayService(cfg)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(service.serve)
+        print(banner(cfg, bound), flush=True, file=sys.stdout)

@@ -1,0 +1,1 @@
+"""UDP, TCP and TLS listeners and flows (trio)."""

@@ -1,0 +1,239 @@
+"""Listeners and flows: move bytes between sockets and the sans-I/O proxy."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from relay.proxy.core import Send
+from relay.proxy.flow import Flow
+from relay.sip.errors import SipParseError
+from relay.sip.framer import FramingLost, Invalid, Ping, StreamFramer
+from relay.sip.message import SipMessage
+from relay.sip.parser import parse_message
+from relay.transport import stun
+
+log = logging.getLogger("relay.transport")
+
+# Outbound messages queued per connection before we call the peer too slow and
+# close it: a phone on a bad link must not make the relay buffer without bound.
+SEND_QUEUE = 512
+READ_SIZE = 65_536
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class StreamTimeouts:
+    idle: float = 300.0  # no byte at all (not even a CRLF keepalive) for this long → dead
+    partial: float = 10.0  # half a message waiting for the rest this long → close
+
+
+class Connection:
+    def __init__(self, stream: trio.abc.Stream, flow: Flow):
+        self.stream = stream
+        self.flow = flow
+        self._send, self._recv = trio.open_memory_channel[bytes](SEND_QUEUE)
+        self.cancel_scope = trio.CancelScope()
+
+    def send(self, data: bytes) -> bool:
+        try:
+            self._send.send_nowait(data)
+            return True
+        except trio.WouldBlock:
+            log.warning("event=flow_overflow flow=%s", self.flow)
+            self.cancel_scope.cancel()
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    async def writer(self) -> None:
+        async for data in self._recv:
+            await self.stream.send_all(data)
+
+
+Handler = Callable[[SipMessage, Flow], None]
+ErrorHandler = Callable[[SipParseError, Flow], None]
+
+
+class Transports:
+    """Owns every socket. ``on_message``/``on_error`` are called synchronously
+    with each parsed message; they answer through ``send``."""
+
+    def __init__(
+        self, on_message: Handler, on_error: ErrorHandler, on_closed: Callable[[Flow], None],
+        counters: Callable[[str], None], timeouts: StreamTimeouts,
+    ):
+        self.on_message = on_message
+        self.on_error = on_error
+        self.on_closed = on_closed
+        self.count = counters
+        self.timeouts = timeouts
+        # stdlib sockets, non-blocking: a sendto never waits (UDP has no
+        # back-pressure worth waiting for; a full buffer drops and counts).
+        self.udp: dict[tuple[str, int], socket.socket] = {}
+        self.conns: dict[Flow, Connection] = {}
+
+    # ------------------------------------------------------------------ state
+    def alive(self, flow: Flow) -> bool:
+        if flow.transport == "udp":
+            return (flow.local_ip, flow.local_port) in self.udp
+        return flow in self.conns
+
+    def send(self, out: list[Send]) -> None:
+        for s in out:
+            f = s.flow
+            if f.transport == "udp":
+                sock = self.udp.get((f.local_ip, f.local_port))
+                if sock is None:
+                    self.count("dropped_total:no_udp_socket")
+                    continue
+                try:
+                    sock.sendto(s.data, (f.remote_ip, f.remote_port))
+                except (BlockingIOError, OSError) as e:
+                    self.count("send_errors_total:udp")
+                    log.debug("event=udp_send_error flow=%s err=%s", f, e)
+            else:
+                conn = self.conns.get(f)
+                if conn is None or not conn.send(s.data):
+                    self.count("dropped_total:flow_gone")
+
+    # -------------------------------------------------------------------- UDP
+    async def serve_udp(self, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_DGRAM)
+        raw.setblocking(False)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock = trio.socket.from_stdlib_socket(raw)
+        with sock:
+            await sock.bind((host, port))
+            bound_port = sock.getsockname()[1]
+            key = (host, bound_port)
+            self.udp[key] = raw
+            task_status.started(bound_port)
+            try:
+                while True:
+                    data, addr = await sock.recvfrom(READ_SIZE)
+                    flow = Flow("udp", addr[0], addr[1], host, bound_port)
+                    self._datagram(data, flow)
+            finally:
+                self.udp.pop(key, None)
+
+    def _datagram(self, data: bytes, flow: Flow) -> None:
+        if stun.is_stun(data):
+            answer = stun.binding_response(data, flow.remote_ip, flow.remote_port)
+            self.count("stun_requests_total")
+            if answer is not None:
+                self.send([Send(flow, answer)])
+            return
+        if not data.strip(b"\r\n\x00 "):
+            self.count("keepalives_total:udp")
+            return  # CRLF keepalive or padding
+        try:
+            msg = parse_message(data, datagram=True)
+        except SipParseError as e:
+            self.on_error(e, flow)
+            return
+        self.on_message(msg, flow)
+
+    # ---------------------------------------------------------------- TCP/TLS
+    async def serve_stream(
+        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None,
+        task_status=trio.TASK_STATUS_IGNORED,  # type: ignore[no-untyped-def]
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        bound_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound_port)
+            await trio.serve_listeners(
+                lambda s: self._serve_connection(s, transport, ssl_context),
+                listeners, handler_nursery=nursery,
+            )
+
+    async def _serve_connection(
+        self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        peer = tcp.socket.getpeername()
+        local = tcp.socket.getsockname()
+        flow = Flow(transport, peer[0], peer[1], local[0], local[1])
+        stream: trio.abc.Stream = tcp
+        if ssl_context is not None:
+            tls = trio.SSLStream(tcp, ssl_context, server_side=True)
+            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError) as e:
+                    self.count("tls_handshake_failures_total")
+                    log.info("event=tls_handshake_failed flow=%s err=%s", flow, type(e).__name__)
+                    await trio.aclose_forcefully(tcp)
+                    return
+            if scope.cancelled_caught:
+                self.count("tls_handshake_failures_total")
+                await trio.aclose_forcefully(tcp)
+                return
+            stream = tls
+        conn = Connection(stream, flow)
+        self.conns[flow] = conn
+        self.count("connections_total:" + transport)
+        log.debug("event=flow_open flow=%s", flow)
+        try:
+            with conn.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn, nursery.cancel_scope)
+                    await self._reader(conn)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.conns.pop(flow, None)
+            self.on_closed(flow)
+            await trio.aclose_forcefully(stream)
+            log.debug("event=flow_closed flow=%s", flow)
+
+    async def _writer(self, conn: Connection, scope: trio.CancelScope) -> None:
+        try:
+            await conn.writer()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass
+        scope.cancel()
+
+    async def _reader(self, conn: Connection) -> None:
+        framer = StreamFramer()
+        partial_since: float | None = None
+        while True:
+            timeout = self.timeouts.idle
+            if partial_since is not None:
+                timeout = min(timeout, partial_since + self.timeouts.partial - trio.current_time())
+            with trio.move_on_after(max(timeout, 0)) as scope:
+                try:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                    return
+            if scope.cancelled_caught:
+                reason = "partial_message" if partial_since is not None else "idle"
+                self.count(f"flows_closed_total:{reason}")
+                log.info("event=flow_timeout flow=%s reason=%s", conn.flow, reason)
+                return
+            if not data:
+                return
+            try:
+                events = framer.feed(data)
+            except FramingLost as e:
+                self.count("framing_lost_total")
+                self.on_error(e, conn.flow)
+                return
+            for ev in events:
+                if isinstance(ev, Ping):
+                    self.count("keepalives_total:" + conn.flow.transport)
+                    conn.send(b"\r\n")  # RFC 5626 §4.4.1 pong
+                elif isinstance(ev, Invalid):
+                    self.on_error(ev.error, conn.flow)
+                else:
+                    self.on_message(ev, conn.flow)
+            if framer.buffered:
+                if partial_since is None:
+                    partial_since = trio.current_time()
+            else:
+                partial_since = None
