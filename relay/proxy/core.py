@@ -224,7 +224,6 @@ class Proxy:
         mf: int, now: float,
     ) -> list[Send]:
         """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send."""
-        in_dialog = NameAddr.parse(req.get("to") or "").tag is not None
         loop = self._loop_hash(req)
         for v in req.vias()[1:]:
             if (v.branch or "").endswith("." + loop) and (v.branch or "").startswith(OUR_BRANCH):
@@ -238,13 +237,13 @@ class Proxy:
             # RFC 3327: requests from the PBX to this phone come back through us,
             # on this very flow (RFC 5626 §5.1).
             req.insert_before("Path", f"<{self._uri(token, target)};lr>")
-        elif req.method in DIALOG_FORMING or in_dialog:
-            if req.method not in ("ACK", "CANCEL"):
-                # Double Record-Route when the two sides use different sockets
-                # (RFC 5658): each side must see the entry it can reach.
-                if (source.transport, source.local_port) != (target.transport, target.local_port):
-                    req.insert_before("Record-Route", f"<{self._uri(token, source)};lr>")
-                req.insert_before("Record-Route", f"<{self._uri(token, target)};lr>")
+        elif req.method in DIALOG_FORMING:
+            # Double Record-Route when the two sides use different sockets
+            # (RFC 5658): each side must see the entry it can reach. Inside a
+            # dialog (re-INVITE) it is harmless and keeps target refreshes simple.
+            if (source.transport, source.local_port) != (target.transport, target.local_port):
+                req.insert_before("Record-Route", f"<{self._uri(token, source)};lr>")
+            req.insert_before("Record-Route", f"<{self._uri(token, target)};lr>")
         via = req.top_via()
         branch = self._branch(req, via, loop)
         if req.method == "INVITE":

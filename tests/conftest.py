@@ -1,0 +1,40 @@
+"""Fixtures shared by the tests that run real processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.realpeers import SIPP, RelayProc, free_port, start_relay, stop_relay
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[RelayProc] = []
+
+    def make(extra: str = "", serials: tuple[str, ...] = ("0123456789",)) -> RelayProc:
+        state = tmp_path / f"relay{len(started)}"
+        state.mkdir()
+        r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
+        from tests.realpeers import write_config
+
+        write_config(r, extra)
+        for s in serials:
+            r.add_pbx(s)
+        start_relay(r, extra)
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        stop_relay(r)
+
+
+@pytest.fixture
+def relay(relay_factory) -> RelayProc:  # type: ignore[no-untyped-def]
+    return relay_factory()  # type: ignore[no-any-return]
+
+
+needs_sipp = pytest.mark.skipif(SIPP is None, reason="sipp not installed (./dev.sh test installs it)")

@@ -1,0 +1,46 @@
+"""SIPp plays the PBX and the softphone; calls go through a real relay process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import sipp_scenarios as sc
+from tests.conftest import needs_sipp
+from tests.realpeers import DOMAIN, RelayProc, free_port, sipp
+
+pytestmark = [needs_sipp, pytest.mark.sipp]
+SERIAL = "0123456789"
+
+
+def _pbx(relay: RelayProc, tmp: Path, xml: str, name: str = "pbx"):  # type: ignore[no-untyped-def]
+    return sipp(tmp, name, xml, f"127.0.0.1:{relay.tcp}", transport="t1",
+                local_port=free_port(), variables={"serial": SERIAL, "domain": DOMAIN},
+                auth=(SERIAL, relay.secrets[SERIAL]))
+
+
+def _phone(relay: RelayProc, tmp: Path, xml: str, name: str = "phone"):  # type: ignore[no-untyped-def]
+    return sipp(tmp, name, xml, f"127.0.0.1:{relay.udp}", transport="u1",
+                local_port=free_port(), variables={"serial": SERIAL, "domain": DOMAIN})
+
+
+def _run_pair(relay: RelayProc, tmp: Path, pbx_xml: str, phone_xml: str) -> None:
+    pbx = _pbx(relay, tmp, pbx_xml)
+    reg = relay.wait_registered(SERIAL)
+    assert reg["transport"] == "tcp"
+    phone = _phone(relay, tmp, phone_xml)
+    rc_phone = phone.wait()
+    rc_pbx = pbx.wait()
+    assert (rc_phone, rc_pbx) == (0, 0), f"phone={rc_phone} pbx={rc_pbx}\n{phone.errors()}\n{pbx.errors()}"
+    assert relay.alive()
+
+
+def test_phone_calls_pbx_bye_from_phone(relay: RelayProc, tmp_path: Path) -> None:
+    _run_pair(relay, tmp_path, sc.pbx_answers_phone(), sc.phone_calls_pbx())
+    m = relay.metrics()
+    assert m['pbx_relay_requests_forwarded_total'] >= 4  # REGISTER, INVITE, ACK, BYE
+
+
+def test_pbx_calls_phone_bye_from_pbx(relay: RelayProc, tmp_path: Path) -> None:
+    _run_pair(relay, tmp_path, sc.pbx_calls_phone(), sc.phone_answers_pbx())
