@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,13 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
 
 
 async def run(cfg: RelayConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then cancel the whole task tree."""
     service = RelayService(cfg)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(service.serve)
-        print(banner(cfg, bound), flush=True, file=sys.stdout)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(service.serve)
+            print(banner(cfg, bound), flush=True, file=sys.stdout)
+            async for signum in signals:
+                log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -226,3 +226,58 @@ def pbx_calls_phone(**kw: bool) -> str:
 
 def phone_answers_pbx(**kw: bool) -> str:
     return scenario("phone answers", phone_register(), uas_answers("201", **kw))
+
+
+def pbx_rings_then_cancelled() -> str:
+    """Ring; on CANCEL answer 200 and end the INVITE with 487 (RFC 3261 §9.2)."""
+    return scenario("PBX cancelled", PBX_PHONE_HOME, pbx_accept_phone_register(), "\n".join([
+        # SIPp's [last_Via:] would give the CANCEL's single Via: keep both of the INVITE's.
+        recv("INVITE", extra="""
+      <ereg regexp=".*" search_in="hdr" header="Via:" occurrence="1" assign_to="via1"/>
+      <ereg regexp=".*" search_in="hdr" header="Via:" occurrence="2" assign_to="via2"/>"""),
+        _answer("180", "Ringing", "100"),
+        recv("CANCEL"),
+        _ok_plain(),
+        send("""
+SIP/2.0 487 Request Terminated
+Via: [$via1]
+Via: [$via2]
+[last_From:]
+[last_To:];tag=ans[pid]
+[last_Call-ID:]
+CSeq: 2 INVITE
+Content-Length: 0
+"""),
+        recv("ACK"),
+    ]))
+
+
+def phone_calls_then_cancels() -> str:
+    return scenario("phone cancels", phone_register(), "\n".join([
+        _uac_invite(PHONE_VIA, PHONE_URI, PBX_URI, PBX_URI, 2),
+        recv("100", optional=True),
+        recv("180"),
+        send(f"""
+CANCEL {PBX_URI} SIP/2.0
+[last_Via:]
+From: <{PHONE_URI}>;tag=inv[pid]
+To: <{PBX_URI}>
+Call-ID: [call_id]
+CSeq: 2 CANCEL
+Max-Forwards: 70
+Content-Length: 0
+""", retrans=True),
+        recv("200"),
+        recv("487"),
+        send(f"""
+ACK {PBX_URI} SIP/2.0
+[last_Via:]
+From: <{PHONE_URI}>;tag=inv[pid]
+[last_To:]
+Call-ID: [call_id]
+CSeq: 2 ACK
+Max-Forwards: 70
+Content-Length: 0
+"""),
+        pause(300),
+    ]))

@@ -8,7 +8,9 @@ import pytest
 
 from tests import sipp_scenarios as sc
 from tests.conftest import needs_sipp
-from tests.realpeers import DOMAIN, RelayProc, free_port, sipp
+import time
+
+from tests.realpeers import DOMAIN, RelayProc, TlsPipe, free_port, sipp
 
 pytestmark = [needs_sipp, pytest.mark.sipp]
 SERIAL = "0123456789"
@@ -44,3 +46,38 @@ def test_phone_calls_pbx_bye_from_phone(relay: RelayProc, tmp_path: Path) -> Non
 
 def test_pbx_calls_phone_bye_from_pbx(relay: RelayProc, tmp_path: Path) -> None:
     _run_pair(relay, tmp_path, sc.pbx_calls_phone(), sc.phone_answers_pbx())
+
+
+def test_reinvite_inside_the_dialog(relay: RelayProc, tmp_path: Path) -> None:
+    _run_pair(relay, tmp_path, sc.pbx_answers_phone(reinvite=True), sc.phone_calls_pbx(reinvite=True))
+    # The re-INVITE was forwarded like the first one, and every transaction ended.
+    assert relay.metric("pbx_relay_requests_in_total{kind=\"INVITE\"}") == 2
+
+
+def test_cancel_before_answer(relay: RelayProc, tmp_path: Path) -> None:
+    _run_pair(relay, tmp_path, sc.pbx_rings_then_cancelled(), sc.phone_calls_then_cancels())
+    assert relay.metric("pbx_relay_cancels_forwarded_total") == 1
+
+
+def test_pbx_over_tls_both_directions(relay: RelayProc, tmp_path: Path) -> None:
+    """SIPp has no TLS: a local pipe carries its TCP into a real TLS connection."""
+    for n, (pbx_xml, phone_xml) in enumerate([
+        (sc.pbx_answers_phone(), sc.phone_calls_pbx()),
+        (sc.pbx_calls_phone(), sc.phone_answers_pbx()),
+    ]):
+        pipe = TlsPipe(("127.0.0.1", relay.tls))
+        pbx = sipp(tmp_path, f"pbx{n}", pbx_xml, f"127.0.0.1:{pipe.port}", transport="t1",
+                   local_port=free_port(), variables={"serial": SERIAL, "domain": DOMAIN},
+                   auth=(SERIAL, relay.secrets[SERIAL]))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            regs = [r for r in relay.registry() if r["serial"] == SERIAL and r["transport"] == "tls"]
+            if regs:
+                break
+            time.sleep(0.05)
+        assert regs, "PBX did not register over TLS"
+        assert pipe.tls_version in ("TLSv1.2", "TLSv1.3")
+        phone = _phone(relay, tmp_path, phone_xml, name=f"phone{n}")
+        assert phone.wait() == 0, phone.errors()
+        assert pbx.wait() == 0, pbx.errors()
+        pipe.close()

@@ -137,7 +137,9 @@ class Proxy:
                 self.stats.inc("retransmissions_absorbed_total")
                 return [Send(source, txn.last_response)] if txn.last_response else []
         elif req.method == "ACK":
-            txn = self.txns.get(self._txn_key(req, via))
+            # The ACK of a non-2xx matches the INVITE's server transaction
+            # (RFC 3261 §17.2.3: same branch and sent-by, method INVITE).
+            txn = self.txns.get(self._txn_key_from(req, via, "INVITE"))
             if txn is not None and txn.outbound is None:
                 return []  # ACK for a final response the relay generated itself
         try:
