@@ -1,0 +1,68 @@
+"""The configuration reference, the code's defaults and bad files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from relay import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reference_file_matches_code_defaults() -> None:
+    with open(ROOT / "config" / "relay.toml", "rb") as f:
+        doc = tomllib.load(f)
+    code = {s: {k: d for k, (_, d) in keys.items()} for s, keys in config.SCHEMA.items()}
+    assert doc == code
+
+
+def test_reference_file_documents_every_key_with_a_comment() -> None:
+    lines = (ROOT / "config" / "relay.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#"):
+            j = i - 1
+            while j >= 0 and lines[j].startswith(("udp", "tcp", "tls", "pbx_expires")):
+                j -= 1  # grouped keys share one comment block
+            assert lines[j].startswith("#"), f"undocumented key: {line}"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("[sip]\nudpp = []\n", "unknown key sip.udpp"),
+        ("[relay]\ndomain = 5\n", "relay.domain must be a str"),
+        ("[sip]\nudp = [\"nowhere\"]\n", "sip.udp"),
+        ("[sip]\ndigest_algorithms = [\"SHA-512\"]\n", "sip.digest_algorithms"),
+        ("[sip]\npbx_expires_min = 4000\n", "sip.pbx_expires_*"),
+        ("[nonsense]\n", "unknown section [nonsense]"),
+        ("[relay\n", "not valid TOML"),
+        ("[sip]\nflow_idle_timeout = -1\n", "sip.flow_idle_timeout"),
+    ],
+)
+def test_bad_file_gives_one_error_naming_the_key_and_file(tmp_path: Path, body: str, needle: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(body)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert needle in str(e.value)
+    assert str(path) in str(e.value)
+    out = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "--config", str(path), "config", "check"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert out.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_config_check_accepts_the_reference(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "--config", str(ROOT / "config" / "relay.toml"),
+         "config", "check"], capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
