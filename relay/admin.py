@@ -15,7 +15,7 @@ MAX_REQUEST = 8192
 
 async def serve_admin(
     host: str, port: int, routes: dict[str, Callable[[], tuple[str, str]]],
-    task_status=trio.TASK_STATUS_IGNORED,  # type: ignore[no-untyped-def]
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A deliberately tiny HTTP/1.0-style server: GET only, one request per connection."""
 

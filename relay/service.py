@@ -147,7 +147,9 @@ class RelayService:
             lines.append(f"pbx_relay_{name}{lbl} {counters[key]}")
         return "text/plain; version=0.0.4", "\n".join(lines) + "\n"
 
-    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    async def serve(
+        self, task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         cfg = self.cfg
         ctx = None
         if cfg.listeners("tls"):

@@ -58,7 +58,8 @@ class DigestAuth:
         good = hmac.new(self.key, b"nonce" + stamp, hashlib.sha256).digest()[:12]
         if not hmac.compare_digest(mac, good):
             return None
-        return now - struct.unpack("!d", stamp)[0]
+        issued: float = struct.unpack("!d", stamp)[0]
+        return now - issued
 
     def challenges(self, now: float, stale: bool = False) -> list[str]:
         """One WWW-Authenticate value per algorithm, most preferred first (RFC 8760 §2.4)."""

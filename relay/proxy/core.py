@@ -39,6 +39,7 @@ from relay.sip.uri import SipUri
 MAGIC_COOKIE = "z9hG4bK"
 OUR_BRANCH = MAGIC_COOKIE + "-pr"
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, PRACK, INFO, MESSAGE, SUBSCRIBE, NOTIFY, REFER"
+COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 # Methods whose out-of-dialog request creates a dialog: the relay must stay on
 # its route (Record-Route, RFC 3261 §16.6 item 4).
 DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
@@ -102,7 +103,10 @@ class Proxy:
     # ------------------------------------------------------------------ entry
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Send]:
         if isinstance(msg, Request):
-            self.stats.inc(f"requests_in_total:{msg.method}")
+            # The method is the sender's choice: count unknown ones together so
+            # that a flood of invented methods cannot grow the counters forever.
+            method = msg.method if msg.method in COUNTED_METHODS else "other"
+            self.stats.inc(f"requests_in_total:{method}")
             return self._on_request(msg, source, now)
         assert isinstance(msg, Response)
         self.stats.inc("responses_in_total")
@@ -207,10 +211,11 @@ class Proxy:
                 return self._refuse(req, source, 480, "Temporarily Unavailable", now)
             return self._forward(req, source, pbx.flow, serial, phone_flow, mf, now)
 
-        serial = self._serial_of_host(ruri.host)
-        if serial is None:
+        target_serial = self._serial_of_host(ruri.host)
+        if target_serial is None:
             self.stats.inc("forbidden_total:foreign_domain")
             return self._refuse(req, source, 403, "Forbidden", now)
+        serial = target_serial
         if self.directory(serial) is None:
             return self._refuse(req, source, 404, "Not Found", now)
         pbx = self.registry.lookup(serial, now)
@@ -407,6 +412,16 @@ class Proxy:
             return []  # the answer to a CANCEL we generated
         txn = self.txns.by_our_branch(via.branch or "")
         if txn is not None and resp.cseq[1] == "INVITE":
+            if resp.status < 200 and not txn.final:
+                # Any provisional, 100 included, ends Timer A and Timer B (RFC 3261
+                # §17.1.1.2); from then on proxy Timer C applies, and one other
+                # than 100 restarts it (§16.7 step 2).
+                txn.retransmit_at = None
+                txn.got_provisional = True
+                give_up = now + TIMER_C if resp.status > 100 else txn.created + TIMER_C
+                if give_up > txn.give_up_at:
+                    txn.give_up_at = give_up
+                    self._schedule(txn, give_up)
             if resp.status == 100:
                 return []  # hop by hop: we sent our own 100 already (§16.7 step 3)
             txn.retransmit_at = None
@@ -415,9 +430,8 @@ class Proxy:
                 return []  # retransmitted non-2xx final: the UAC got it already
             if resp.status >= 200:
                 self._finish(txn, now)
-            else:
-                txn.got_provisional = True
-            txn.last_response = data
+            if not txn.final or resp.status >= 200:
+                txn.last_response = data  # a late provisional does not replace the final
             back = txn.inbound
         else:
             data = resp.serialise()

@@ -48,6 +48,10 @@ class FlowTokens:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError) as e:
             raise BadToken("undecodable") from e
+        # The decoder skips characters outside the alphabet and ignores the
+        # spare bits of the last one: accept only the spelling we minted.
+        if base64.urlsafe_b64encode(raw).rstrip(b"=") != token.encode("ascii", "replace"):
+            raise BadToken("not canonical")
         if len(raw) < MAC_SIZE + _HEAD.size + 8:
             raise BadToken("short")
         mac, body = raw[:MAC_SIZE], raw[MAC_SIZE:]
@@ -61,5 +65,14 @@ class FlowTokens:
         rip = ipaddress.ip_address(body[at : at + rlen])
         lip = ipaddress.ip_address(body[at + rlen : at + rlen + llen])
         serial = body[at + rlen + llen :].decode()
-        flow = Flow(TRANSPORTS[kind & 0x0F], str(rip), rport, str(lip), lport)
+        flow = Flow(TRANSPORTS[kind & 0x0F], _text(rip), rport, _text(lip), lport)
         return flow, serial
+
+
+def _text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as the socket layer writes it, so the flow compares equal to the
+    one the transport keeps: a dual-stack socket reports IPv4 peers as
+    ``::ffff:192.0.2.1``, which Python before 3.13 prints as ``::ffff:c000:201``."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)

@@ -45,7 +45,7 @@ class StreamFramer:
         self._buf = bytearray()
         self._lost: FramingLost | None = None
 
-    def feed(self, data: bytes) -> list[StreamEvent]:
+    def feed(self, data: bytes | bytearray) -> list[StreamEvent]:
         if self._lost is not None:
             raise self._lost
         self._buf += data

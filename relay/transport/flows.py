@@ -103,7 +103,9 @@ class Transports:
                     self.count("dropped_total:flow_gone")
 
     # -------------------------------------------------------------------- UDP
-    async def serve_udp(self, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    async def serve_udp(
+        self, host: str, port: int, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         raw = socket.socket(family, socket.SOCK_DGRAM)
         raw.setblocking(False)
@@ -143,14 +145,14 @@ class Transports:
     # ---------------------------------------------------------------- TCP/TLS
     async def serve_stream(
         self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None,
-        task_status=trio.TASK_STATUS_IGNORED,  # type: ignore[no-untyped-def]
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         bound_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             task_status.started(bound_port)
             await trio.serve_listeners(
-                lambda s: self._serve_connection(s, transport, ssl_context),
+                lambda s: self._serve_connection(s, transport, ssl_context),  # type: ignore[arg-type]
                 listeners, handler_nursery=nursery,
             )
 

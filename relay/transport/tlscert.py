@@ -28,7 +28,7 @@ def ensure_self_signed(directory: Path, domain: str, ips: list[str]) -> tuple[Pa
             alt.append(x509.IPAddress(ipaddress.ip_address(ip)))
         except ValueError:
             pass
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())
