@@ -98,7 +98,13 @@ class RelayService:
 
     def _on_error(self, err: SipParseError, flow: Flow) -> None:
         log.info("event=bad_message flow=%s status=%d reason=%r", flow, err.status, err.reason)
-        self._dispatch(self.proxy.on_parse_error(err, flow))
+        try:
+            out = self.proxy.on_parse_error(err, flow)
+        except Exception:
+            self.proxy.stats.inc("internal_errors_total")
+            log.exception("event=internal_error flow=%s", flow)
+            return
+        self._dispatch(out)
 
     def _on_closed(self, flow: Flow) -> None:
         self.proxy.on_flow_closed(flow)
@@ -111,7 +117,13 @@ class RelayService:
                 await self._wake.wait()
             self._wake = trio.Event()
             self._armed = float("inf")
-            self.transports.send(self.proxy.on_timer(trio.current_time()))
+            try:
+                out = self.proxy.on_timer(trio.current_time())
+            except Exception:
+                self.proxy.stats.inc("internal_errors_total")
+                log.exception("event=internal_error where=timers")
+                continue
+            self.transports.send(out)
 
     async def _directory_refresh(self) -> None:
         while True:

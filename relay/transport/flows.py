@@ -119,7 +119,12 @@ class Transports:
             task_status.started(bound_port)
             try:
                 while True:
-                    data, addr = await sock.recvfrom(READ_SIZE)
+                    try:
+                        data, addr = await sock.recvfrom(READ_SIZE)
+                    except OSError as e:  # e.g. ICMP errors reported on the socket
+                        self.count("receive_errors_total:udp")
+                        log.debug("event=udp_receive_error err=%s", e)
+                        continue
                     flow = Flow("udp", addr[0], addr[1], host, bound_port)
                     self._datagram(data, flow)
             finally:
@@ -159,7 +164,23 @@ class Transports:
     async def _serve_connection(
         self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
     ) -> None:
-        peer = tcp.socket.getpeername()
+        # One connection's failure (a reset before we looked at it, a bug) must
+        # never reach the listener's nursery: that would stop the relay.
+        try:
+            await self._connection(tcp, transport, ssl_context)
+        except Exception:
+            self.count("internal_errors_total")
+            log.exception("event=connection_error transport=%s", transport)
+            await trio.aclose_forcefully(tcp)
+
+    async def _connection(
+        self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        try:
+            peer = tcp.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(tcp)
+            return
         local = tcp.socket.getsockname()
         flow = Flow(transport, peer[0], peer[1], local[0], local[1])
         stream: trio.abc.Stream = tcp
