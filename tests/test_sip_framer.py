@@ -13,8 +13,8 @@ from relay.sip import (
     SipMessage,
     SipParseError,
     StreamFramer,
+    limits,
 )
-from relay.sip import limits
 from relay.sip.framer import StreamEvent
 
 CRLF = b"\r\n"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.sip import Request, Response, SipParseError, SipUri, parse_message
-from relay.sip import limits
+from relay.sip import Request, Response, SipParseError, SipUri, limits, parse_message
 from relay.sip.headers import COMPACT_FORMS
 
 CRLF = b"\r\n"
