@@ -27,9 +27,13 @@ PBX_DOMAIN = f"{SERIAL}.{DOMAIN}"
 # Our sockets and the peers' NATed addresses (documentation ranges only).
 PBX_TCP = Flow("tcp", "203.0.113.7", 41000, ADVERTISE, 5060)
 PBX_TCP2 = Flow("tcp", "203.0.113.8", 42000, ADVERTISE, 5060)
+# A second connection of the PBX at PBX_TCP's address (new source port: a
+# second flow, or the same PBX after its NAT rebound the mapping).
+PBX_TCP_B = Flow("tcp", "203.0.113.7", 41002, ADVERTISE, 5060)
 PBX_UDP = Flow("udp", "203.0.113.7", 41001, ADVERTISE, 5060)
 PHONE_UDP = Flow("udp", "192.0.2.20", 40001, ADVERTISE, 5060)
 PHONE_TCP = Flow("tcp", "192.0.2.21", 50001, ADVERTISE, 5060)
+PHONE_MOVED = Flow("udp", "192.0.2.120", 40120, ADVERTISE, 5060)  # PHONE_UDP on another network
 STRANGER = Flow("udp", "192.0.2.99", 5060, ADVERTISE, 5060)
 
 CRLF = "\r\n"

@@ -8,6 +8,7 @@ import pytest
 
 from relay.pbx.digest import NONCE_LIFETIME, DigestAuth, ha1
 from relay.proxy.core import Proxy
+from relay.proxy.flow import Flow
 from relay.sip.headers import NameAddr
 from tests.proxyharness import (
     DOMAIN,
@@ -16,9 +17,12 @@ from tests.proxyharness import (
     PBX_DOMAIN,
     PBX_TCP,
     PBX_TCP2,
+    PBX_TCP_B,
+    PBX_UDP,
     PHONE_UDP,
     SECRET,
     SERIAL,
+    Out,
     authorization,
     challenge_params,
     challenges,
@@ -36,13 +40,15 @@ def proxy() -> Proxy:
     return make_proxy()[0]
 
 
-def challenge_for(proxy: Proxy, algorithm: str, now: float = 0.0, serial: str = SERIAL) -> str:
-    first = one(feed(proxy, pbx_register(serial), PBX_TCP, now))
+def challenge_for(
+    proxy: Proxy, algorithm: str, now: float = 0.0, serial: str = SERIAL, flow: Flow = PBX_TCP,
+) -> str:
+    first = one(feed(proxy, pbx_register(serial, flow=flow), flow, now))
     assert first.status == 401
     return next(c for c in challenges(first.msg) if f"algorithm={algorithm}" in c)
 
 
-def invite_from_phone(proxy: Proxy, now: float = 1.0) -> list:
+def invite_from_phone(proxy: Proxy, now: float = 1.0) -> list[Out]:
     data = request("INVITE", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, via_host="192.168.1.20")
     return feed(proxy, data, PHONE_UDP, now)
 
@@ -103,31 +109,106 @@ def test_digest_without_qop_rfc2069_is_accepted() -> None:
     assert auth.check(value, "INVITE", ha1s, 1.0)[0] == "fail"  # method is in HA2
 
 
-def test_wrong_password_is_challenged_again_and_counted(proxy: Proxy) -> None:
-    auth = authorization(challenge_for(proxy, "MD5"), secret="not-the-secret")
-    resp = one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0))
-    assert resp.status == 401
-    assert [challenge_params(c)["algorithm"] for c in challenges(resp.msg)] == ["SHA-256", "MD5"]
-    assert all("stale" not in challenge_params(c) for c in challenges(resp.msg))
-    assert proxy.stats.c["pbx_auth_failures_total"] == 1
+def assert_forbidden(resp: Out, proxy: Proxy, failures: int = 1) -> None:
+    """403, no challenge to retry with, counted as an authentication failure."""
+    assert (resp.flow, resp.status) == (PBX_TCP, 403)
+    assert resp.resp.reason == "Forbidden"
+    assert challenges(resp.msg) == []
+    assert proxy.stats.c["pbx_auth_failures_total"] == failures
     assert len(proxy.registry) == 0
 
 
-def test_credentials_of_another_pbx_are_refused(proxy: Proxy) -> None:
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
+def test_wrong_password_is_forbidden_and_counted(proxy: Proxy, algorithm: str) -> None:
+    auth = authorization(challenge_for(proxy, algorithm), secret="not-the-secret")
+    resp = one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0))
+    assert_forbidden(resp, proxy)
+
+
+def test_credentials_of_another_pbx_are_forbidden(proxy: Proxy) -> None:
     # OTHER_SERIAL's valid credentials used for SERIAL's address of record
     auth = authorization(challenge_for(proxy, "MD5"), username=OTHER_SERIAL, secret="other")
     resp = one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0))
-    assert resp.status == 401
-    assert proxy.stats.c["pbx_auth_failures_total"] == 1
-    assert len(proxy.registry) == 0
+    assert_forbidden(resp, proxy)
 
 
-def test_nonce_from_another_key_fails(proxy: Proxy) -> None:
+def test_wrong_secret_and_unknown_serial_get_the_same_answer(proxy: Proxy) -> None:
+    # No serial enumeration: a known serial with a wrong secret and an unknown
+    # serial are told the same thing.
+    wrong = authorization(challenge_for(proxy, "MD5"), secret="guess")
+    a = one(feed(proxy, pbx_register(auth=wrong, cseq=2), PBX_TCP, 1.0))
+    unknown = authorization(challenge_for(proxy, "MD5", serial="5555555555"), username="5555555555",
+                            secret="guess")
+    b = one(feed(proxy, pbx_register("5555555555", auth=unknown, cseq=2), PBX_TCP, 1.0))
+    assert (a.status, a.resp.reason) == (b.status, b.resp.reason) == (403, "Forbidden")
+    strip = {"to", "via", "from", "call-id", "cseq"}
+    assert [h.name for h in a.msg.headers if h.name not in strip] == [
+        h.name for h in b.msg.headers if h.name not in strip
+    ]
+    assert proxy.stats.c["pbx_auth_failures_total"] == 2
+
+
+def test_nonce_from_another_key_is_challenged_afresh_not_counted(proxy: Proxy) -> None:
     foreign = DigestAuth(b"x" * 32, DOMAIN, ("MD5",)).challenges(0.0)[0]
     resp = one(feed(proxy, pbx_register(auth=authorization(foreign), cseq=2), PBX_TCP, 1.0))
     assert resp.status == 401
     assert all("stale" not in challenge_params(c) for c in challenges(resp.msg))
+    assert proxy.stats.c["pbx_auth_failures_total"] == 0
     assert len(proxy.registry) == 0
+    # the fresh challenge works
+    fresh = next(c for c in challenges(resp.msg) if "algorithm=MD5" in c)
+    ok = one(feed(proxy, pbx_register(auth=authorization(fresh), cseq=3), PBX_TCP, 2.0))
+    assert ok.status == 200
+
+
+def test_nonce_is_bound_to_the_client_it_was_issued_to() -> None:
+    auth = DigestAuth(KEY, DOMAIN, ("MD5",))
+    nonce = auth.nonce(10.0, "tcp:203.0.113.7")
+    assert auth.nonce_age(nonce, 12.0, "tcp:203.0.113.7") == pytest.approx(2.0)
+    assert auth.nonce_age(nonce, 12.0, "tcp:203.0.113.8") is None
+    assert auth.nonce_age(nonce, 12.0, "udp:203.0.113.7") is None
+    assert auth.nonce_age(nonce, 12.0) is None
+
+
+@pytest.mark.parametrize("other", [PBX_TCP2, PBX_UDP], ids=["other-ip", "other-transport"])
+def test_register_replayed_from_another_client_is_challenged(proxy: Proxy, other: Flow) -> None:
+    # A REGISTER captured on the way (Authorization and all) is worth nothing
+    # from another address: its nonce was issued to PBX_TCP.
+    auth = authorization(challenge_for(proxy, "MD5"))
+    assert one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0)).status == 200
+    resp = one(feed(proxy, pbx_register(flow=other, auth=auth, cseq=2), other, 2.0))
+    assert (resp.flow, resp.status) == (other, 401)
+    params = [challenge_params(c) for c in challenges(resp.msg)]
+    assert params and all("stale" not in p for p in params)
+    assert challenge_params(auth)["nonce"] not in [p["nonce"] for p in params]
+    # not counted (it is a fresh challenge, not a wrong secret), binding unchanged
+    assert proxy.stats.c["pbx_auth_failures_total"] == 0
+    assert proxy.stats.c["pbx_registrations_total"] == 1
+    reg = proxy.registry.lookup(SERIAL, 2.0)
+    assert reg is not None and reg.flow == PBX_TCP
+    assert [o.flow for o in invite_from_phone(proxy, 3.0)] == [PHONE_UDP, PBX_TCP]
+
+
+def test_register_from_the_same_ip_on_a_new_port_works(proxy: Proxy) -> None:
+    # NAT rebinding: the PBX's public port changed, its address did not.
+    auth = authorization(challenge_for(proxy, "MD5"))
+    assert one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0)).status == 200
+    again = one(feed(proxy, pbx_register(auth=auth, cseq=3), PBX_TCP_B, 2.0))
+    assert (again.flow, again.status) == (PBX_TCP_B, 200)
+    reg = proxy.registry.lookup(SERIAL, 2.0)
+    assert reg is not None and reg.flow == PBX_TCP_B
+    assert [o.flow for o in invite_from_phone(proxy, 3.0)] == [PHONE_UDP, PBX_TCP_B]
+
+
+def test_nonce_issued_to_another_client_then_the_fresh_one_works(proxy: Proxy) -> None:
+    challenge = challenge_for(proxy, "SHA-256", flow=PBX_TCP)
+    resp = one(feed(proxy, pbx_register(flow=PBX_TCP2, auth=authorization(challenge), cseq=2), PBX_TCP2, 1.0))
+    assert resp.status == 401
+    fresh = next(c for c in challenges(resp.msg) if "algorithm=SHA-256" in c)
+    ok = one(feed(proxy, pbx_register(flow=PBX_TCP2, auth=authorization(fresh), cseq=3), PBX_TCP2, 1.5))
+    assert ok.status == 200
+    reg = proxy.registry.lookup(SERIAL, 2.0)
+    assert reg is not None and reg.flow == PBX_TCP2
 
 
 def test_unknown_serial_with_digest_is_forbidden(proxy: Proxy) -> None:
@@ -156,11 +237,10 @@ def test_old_nonce_with_good_response_is_stale(proxy: Proxy) -> None:
     assert ok.status == 200
 
 
-def test_old_nonce_with_wrong_response_is_not_stale(proxy: Proxy) -> None:
+def test_old_nonce_with_wrong_response_is_forbidden_not_stale(proxy: Proxy) -> None:
     auth = authorization(challenge_for(proxy, "MD5", now=0.0), secret="wrong")
     resp = one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, NONCE_LIFETIME + 1))
-    assert resp.status == 401
-    assert all("stale" not in challenge_params(c) for c in challenges(resp.msg))
+    assert_forbidden(resp, proxy)
 
 
 # --------------------------------------------------------------- binding life
@@ -219,6 +299,38 @@ def test_expiry_below_minimum_is_interval_too_brief(proxy: Proxy, where: str) ->
     assert resp.status == 423
     assert resp.msg.get("min-expires") == "60"
     assert len(proxy.registry) == 0
+
+
+INSTANCE = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-00aabbccddee>"'
+PBX_URI = f"sip:{SERIAL}@10.1.1.1:5060;transport=tcp"
+
+
+@pytest.mark.parametrize("contact,expires_hdr,granted", [
+    # expires as a Contact parameter: replaced, the other parameters kept
+    (f"<{PBX_URI}>;{INSTANCE};reg-id=1;expires=600", None, 600),
+    (f"<{PBX_URI}>;expires=600;{INSTANCE};reg-id=1", 3600, 600),
+    (f"<{PBX_URI}>;{INSTANCE};reg-id=1;expires=86400", None, 3600),
+    # expires from the header
+    (f"<{PBX_URI}>;{INSTANCE};reg-id=1", 900, 900),
+    (f'"Office PBX" <{PBX_URI}>;{INSTANCE};reg-id=1', None, 3600),
+])
+def test_200_echoes_the_contact_with_its_parameters_and_the_granted_expiry(
+    proxy: Proxy, contact: str, expires_hdr: int | None, granted: int,
+) -> None:
+    auth = authorization(challenge_for(proxy, "MD5"))
+    data = pbx_register(expires=expires_hdr, contact=contact, auth=auth, cseq=2)
+    resp = one(feed(proxy, data, PBX_TCP, 1.0))
+    assert resp.status == 200
+    # RFC 3261 §10.3 step 8; RFC 5626 §6: +sip.instance and reg-id come back
+    assert resp.msg.get_all("contact") == [f"<{PBX_URI}>;{INSTANCE};reg-id=1;expires={granted}"]
+    reg = proxy.registry.lookup(SERIAL, 1.0)
+    assert reg is not None and reg.expires_at == pytest.approx(1.0 + granted)
+
+
+def test_200_echoes_a_bare_contact_with_expires(proxy: Proxy) -> None:
+    auth = authorization(challenge_for(proxy, "MD5"))
+    resp = one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0))
+    assert resp.msg.get_all("contact") == [f"<{PBX_URI}>;expires=3600"]
 
 
 def test_expiry_above_maximum_is_capped(proxy: Proxy) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.proxy.core import OUR_BRANCH
+from relay.proxy import core
+from relay.proxy.core import OUR_BRANCH, TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH
 from relay.proxy.flow import Flow
 from relay.proxy.transaction import LINGER, T1, TIMER_B, TIMER_C
 from relay.sip import Request, SipParseError, parse_message
@@ -17,7 +18,10 @@ from tests.proxyharness import (
     OTHER_SERIAL,
     PBX_DOMAIN,
     PBX_TCP,
+    PBX_TCP2,
+    PBX_TCP_B,
     PBX_UDP,
+    PHONE_MOVED,
     PHONE_TCP,
     PHONE_UDP,
     SERIAL,
@@ -104,13 +108,15 @@ def test_invite_is_trying_at_once_and_forwarded_to_the_pbx(world: World) -> None
     assert theirs.params["rport"] == "40001"
     assert req.get("max-forwards") == "69"
     assert not req.has("route")
-    # double Record-Route: UDP on the phone's side, TCP on the PBX's side (RFC 5658)
+    # double Record-Route: UDP on the phone's side, TCP on the PBX's side (RFC 5658),
+    # each with the From tag of the request that made the route (ftag)
     rr = req.get_all("record-route")
     assert len(rr) == 2
-    assert rr[0].endswith(f"@{ADVERTISE}:5060;transport=tcp;lr>")
-    assert rr[1].endswith(f"@{ADVERTISE}:5060;lr>")
-    for value in rr:
-        assert world.proxy.tokens.verify(route_user(value)) == (PHONE_UDP, SERIAL)
+    assert rr[0].endswith(f"@{ADVERTISE}:5060;transport=tcp;lr;ftag=ftag1>")
+    assert rr[1].endswith(f"@{ADVERTISE}:5060;lr;ftag=ftag1>")
+    assert route_user(rr[0]) == route_user(rr[1])
+    # the phone sent it: kind "c", and the serial of the PBX
+    assert world.proxy.tokens.verify(route_user(rr[0])) == (PHONE_UDP, f"{TOKEN_FROM_PHONE}.{SERIAL}")
     # what the proxy does not touch goes on byte for byte
     assert req.body == SDP.encode()
     assert PHONE_CONTACT.encode() + b"\r\n" in fwd.data
@@ -131,7 +137,7 @@ def test_single_record_route_when_both_sides_share_the_socket() -> None:
     assert fwd.flow == PBX_UDP
     rr = fwd.req.get_all("record-route")
     assert len(rr) == 1
-    assert rr[0] == f"<sip:{route_user(rr[0])}@{ADVERTISE}:5060;lr>"
+    assert rr[0] == f"<sip:{route_user(rr[0])}@{ADVERTISE}:5060;lr;ftag=ftag1>"
     assert fwd.req.top_via().transport == "UDP"
 
 
@@ -171,11 +177,28 @@ def test_responses_go_back_to_the_phone_without_our_via(world: World) -> None:
     assert one(world.feed(phone_invite(), PHONE_UDP, 1.9)).status == 200
 
 
-def test_retransmitted_non2xx_final_is_absorbed(world: World) -> None:
+def phone_ack(to_tag: str = "uas1", branch: str = "z9hG4bKphone1", call_id: str = "call-1") -> bytes:
+    """The phone's ACK for a non-2xx final to phone_invite() (same branch, RFC 3261 §17.1.1.3)."""
+    return request(
+        "ACK", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, via_host="192.168.1.20", via_port=5062,
+        branch=branch, call_id=call_id, to_tag=to_tag, headers=[OUTBOUND],
+    )
+
+
+def test_retransmitted_non2xx_final_is_forwarded_and_reacked_end_to_end(world: World) -> None:
     _, fwd = world.feed(phone_invite(), PHONE_UDP)
     busy = response_to(fwd.data, 486, "Busy Here")
-    assert one(world.feed(busy, PBX_TCP, 1.1)).status == 486
-    assert world.feed(busy, PBX_TCP, 1.6) == []
+    first = one(world.feed(busy, PBX_TCP, 1.1))
+    assert (first.flow, first.status) == (PHONE_UDP, 486)
+    ack = one(world.feed(phone_ack(), PHONE_UDP, 1.2))
+    assert (ack.flow, ack.req.method) == (PBX_TCP, "ACK")
+    assert ack.req.top_via().branch == fwd.req.top_via().branch
+    # the ACK got lost: the PBX retransmits its 486, the phone sees it and ACKs again
+    again = one(world.feed(busy, PBX_TCP, 1.6))
+    assert (again.flow, again.data) == (PHONE_UDP, first.data)
+    assert one(world.feed(phone_ack(), PHONE_UDP, 1.7)).flow == PBX_TCP
+    # a retransmitted INVITE gets the 486 again, nothing goes to the PBX
+    assert one(world.feed(phone_invite(), PHONE_UDP, 1.8)).data == first.data
 
 
 def test_response_for_a_gone_transaction_is_forwarded_statelessly(world: World) -> None:
@@ -288,8 +311,9 @@ def test_phone_register_is_forwarded_with_path(world: World) -> None:
     assert req.uri == f"sip:{PBX_DOMAIN}"
     path = req.get_all("path")
     assert len(path) == 1
+    # no ftag on a Path: requests along it always go to the phone
     assert path[0].startswith("<sip:") and path[0].endswith(f"@{ADVERTISE}:5060;transport=tcp;lr>")
-    assert world.proxy.tokens.verify(route_user(path[0])) == (PHONE_UDP, SERIAL)
+    assert world.proxy.tokens.verify(route_user(path[0])) == (PHONE_UDP, f"{TOKEN_PATH}.{SERIAL}")
     assert not req.has("record-route")
     assert not req.has("route")
     assert req.top_via().branch.startswith(OUR_BRANCH)  # type: ignore[union-attr]
@@ -300,11 +324,17 @@ def test_phone_register_is_forwarded_with_path(world: World) -> None:
     assert len(ok.msg.vias()) == 1
 
 
-def pbx_invite(path: str, branch: str = "z9hG4bKpbx1", call_id: str = "call-in") -> bytes:
+PBX_TAG = "pbxtag1"  # the PBX's From tag on the calls it makes
+
+
+def pbx_invite(
+    path: str, branch: str = "z9hG4bKpbx1", call_id: str = "call-in", flow: Flow = PBX_TCP,
+) -> bytes:
     return request(
-        "INVITE", "sip:201@192.168.1.20:5062", flow=PBX_TCP, via_host="10.1.1.1", branch=branch,
-        from_uri=f"sip:100@{PBX_DOMAIN}", to_uri=f"sip:201@{PBX_DOMAIN}", call_id=call_id,
-        headers=[f"Route: {path}", PBX_CONTACT, "Content-Type: application/sdp"], body=SDP,
+        "INVITE", "sip:201@192.168.1.20:5062", flow=flow, via_host="10.1.1.1", branch=branch,
+        from_uri=f"sip:100@{PBX_DOMAIN}", from_tag=PBX_TAG, to_uri=f"sip:201@{PBX_DOMAIN}",
+        call_id=call_id, headers=[f"Route: {path}", PBX_CONTACT, "Content-Type: application/sdp"],
+        body=SDP,
     )
 
 
@@ -321,9 +351,10 @@ def test_pbx_invite_along_path_reaches_the_phone_flow(world: World) -> None:
     assert world.proxy.tokens.verify(ours.params["pf"] or "") == (PBX_TCP, "")
     rr = req.get_all("record-route")
     assert len(rr) == 2
-    assert rr[0].endswith(f"@{ADVERTISE}:5060;lr>")  # facing the phone (UDP)
-    assert rr[1].endswith(";transport=tcp;lr>")  # facing the PBX (TCP)
-    assert world.proxy.tokens.verify(route_user(rr[0])) == (PHONE_UDP, SERIAL)
+    assert rr[0].endswith(f"@{ADVERTISE}:5060;lr;ftag={PBX_TAG}>")  # facing the phone (UDP)
+    assert rr[1].endswith(f";transport=tcp;lr;ftag={PBX_TAG}>")  # facing the PBX (TCP)
+    # the PBX sent it: kind "s"; the phone's flow is still the one the token names
+    assert world.proxy.tokens.verify(route_user(rr[0])) == (PHONE_UDP, f"{TOKEN_FROM_PBX}.{SERIAL}")
     assert req.get("max-forwards") == "69"
 
     ringing = one(world.feed(response_to(fwd.data, 180, "Ringing"), PHONE_UDP, 2.1))
@@ -355,33 +386,62 @@ def test_dead_udp_phone_flow_cannot_be_known_and_is_tried(world: World) -> None:
 
 # ------------------------------------------------------------------ in-dialog
 
+PBX_TARGET = "sip:201@10.1.1.1:5060;transport=tcp"  # PBX_CONTACT's URI
+PHONE_TARGET = "sip:200@192.168.1.20:5062"  # PHONE_CONTACT's URI
 
-def dialog_request(method: str, route_set: list[str], *, flow: Flow, uri: str, cseq: int = 2,
-                   call_id: str = "call-1", branch: str | None = None) -> bytes:
+
+def dialog_request(
+    method: str, route_set: list[str], *, flow: Flow, uri: str, from_tag: str, to_tag: str,
+    cseq: int = 2, call_id: str = "call-1", branch: str | None = None,
+) -> bytes:
+    """A request inside a dialog: From carries the sender's own tag, To the peer's."""
     return request(
-        method, uri, flow=flow, via_host="10.1.1.1" if flow == PBX_TCP else "192.168.1.20",
-        branch=branch, from_tag="ftag1", to_tag="uas1", call_id=call_id, cseq=cseq,
+        method, uri, flow=flow, via_host="10.1.1.1" if flow.remote_ip.startswith("203.") else "192.168.1.20",
+        branch=branch, from_tag=from_tag, to_tag=to_tag, call_id=call_id, cseq=cseq,
         headers=[f"Route: {', '.join(route_set)}"] if route_set else [],
     )
 
 
-def test_in_dialog_requests_follow_the_record_route(world: World) -> None:
-    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
-    ok = one(world.feed(response_to(fwd.data, 200, "OK", headers=[PBX_CONTACT]), PBX_TCP, 1.1))
-    rr = ok.msg.get_all("record-route")
-    phone_routes = list(reversed(rr))  # UAC: reversed (RFC 3261 §12.1.2)
-    pbx_routes = rr  # UAS: as is (§12.1.1)
-    pbx_target = "sip:201@10.1.1.1:5060;transport=tcp"
+def phone_call(world: World, invite: bytes | None = None) -> tuple[list[str], list[str]]:
+    """The phone calls (From tag ftag1), the PBX answers (To tag uas1).
 
-    ack = one(world.feed(dialog_request("ACK", phone_routes, flow=PHONE_UDP, uri=pbx_target, cseq=1),
-                         PHONE_UDP, 1.2))
+    Returns the route sets of the phone (UAC: Record-Route reversed, RFC 3261
+    §12.1.2) and of the PBX (UAS: as is, §12.1.1).
+    """
+    _, fwd = world.feed(invite or phone_invite(), PHONE_UDP, 1.0)
+    ok = one(world.feed(response_to(fwd.data, 200, "OK", headers=[PBX_CONTACT]), world.pbx_flow, 1.1))
+    assert (ok.flow, ok.status) == (PHONE_UDP, 200)
+    rr = ok.msg.get_all("record-route")
+    return list(reversed(rr)), rr
+
+
+def pbx_call(world: World, phone_tag: str = "ph-tag") -> tuple[list[str], list[str]]:
+    """The PBX calls the registered phone along its Path; the phone answers.
+
+    Returns the route sets of the PBX (UAC) and of the phone (UAS).
+    """
+    path = register_phone(world)
+    _, fwd = world.feed(pbx_invite(path, call_id="call-in"), PBX_TCP, 2.0)
+    assert fwd.flow == PHONE_UDP
+    ok = one(world.feed(response_to(fwd.data, 200, "OK", to_tag=phone_tag, headers=[PHONE_CONTACT]),
+                        PHONE_UDP, 2.1))
+    assert (ok.flow, ok.status) == (PBX_TCP, 200)
+    rr = ok.msg.get_all("record-route")
+    return list(reversed(rr)), rr
+
+
+def test_in_dialog_requests_follow_the_record_route(world: World) -> None:
+    phone_routes, pbx_routes = phone_call(world)
+
+    ack = one(world.feed(dialog_request("ACK", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET, cseq=1,
+                                        from_tag="ftag1", to_tag="uas1"), PHONE_UDP, 1.2))
     assert ack.flow == PBX_TCP
-    assert ack.req.uri == pbx_target
+    assert ack.req.uri == PBX_TARGET
     assert not ack.req.has("route")
     assert ack.req.top_via().branch.startswith(OUR_BRANCH)  # type: ignore[union-attr]
 
-    bye = one(world.feed(dialog_request("BYE", pbx_routes, flow=PBX_TCP, uri="sip:200@192.168.1.20:5062"),
-                         PBX_TCP, 5.0))
+    bye = one(world.feed(dialog_request("BYE", pbx_routes, flow=PBX_TCP, uri=PHONE_TARGET,
+                                        from_tag="uas1", to_tag="ftag1"), PBX_TCP, 5.0))
     assert bye.flow == PHONE_UDP
     assert bye.req.method == "BYE"
     assert not bye.req.has("route")
@@ -389,20 +449,97 @@ def test_in_dialog_requests_follow_the_record_route(world: World) -> None:
     bye_ok = one(world.feed(response_to(bye.data, 200, "OK"), PHONE_UDP, 5.1))
     assert (bye_ok.flow, bye_ok.status) == (PBX_TCP, 200)
 
-    bye2 = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=pbx_target, cseq=3),
-                          PHONE_UDP, 6.0))
+    bye2 = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET, cseq=3,
+                                         from_tag="ftag1", to_tag="uas1"), PHONE_UDP, 6.0))
     assert bye2.flow == PBX_TCP
     assert not bye2.req.has("route")
     bye2_ok = one(world.feed(response_to(bye2.data, 200, "OK"), PBX_TCP, 6.1))
     assert (bye2_ok.flow, bye2_ok.status) == (PHONE_UDP, 200)
 
 
+@pytest.mark.parametrize("pbx_flow", [PBX_TCP_B, PBX_TCP2], ids=["same-ip-new-port", "other-ip"])
+def test_bye_from_the_pbx_on_another_connection_reaches_the_phone(world: World, pbx_flow: Flow) -> None:
+    # Direction comes from ftag, not from the source flow: the PBX's BYE carries
+    # its own From tag (uas1), not the dialog creator's (ftag1).
+    _, pbx_routes = phone_call(world)
+    bye = one(world.feed(dialog_request("BYE", pbx_routes, flow=pbx_flow, uri=PHONE_TARGET,
+                                        from_tag="uas1", to_tag="ftag1"), pbx_flow, 5.0))
+    assert (bye.flow, bye.req.method) == (PHONE_UDP, "BYE")
+    assert not bye.req.has("route")
+    # the 200 goes back on the connection the BYE came in on
+    bye_ok = one(world.feed(response_to(bye.data, 200, "OK"), PHONE_UDP, 5.1))
+    assert (bye_ok.flow, bye_ok.status) == (pbx_flow, 200)
+
+
+def test_bye_from_the_phone_on_a_new_network_reaches_the_pbx(world: World) -> None:
+    phone_routes, _ = phone_call(world)
+    bye = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_MOVED, uri=PBX_TARGET,
+                                        from_tag="ftag1", to_tag="uas1"), PHONE_MOVED, 5.0))
+    assert (bye.flow, bye.req.method) == (PBX_TCP, "BYE")
+    bye_ok = one(world.feed(response_to(bye.data, 200, "OK"), PBX_TCP, 5.1))
+    assert (bye_ok.flow, bye_ok.status) == (PHONE_MOVED, 200)
+
+
+def test_pbx_created_dialog_bye_from_the_phone_reaches_the_pbx(world: World) -> None:
+    _, phone_routes = pbx_call(world)
+    bye = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET,
+                                        from_tag="ph-tag", to_tag=PBX_TAG, call_id="call-in"),
+                         PHONE_UDP, 5.0))
+    assert (bye.flow, bye.req.method) == (PBX_TCP, "BYE")
+    assert not bye.req.has("route")
+    bye_ok = one(world.feed(response_to(bye.data, 200, "OK"), PBX_TCP, 5.1))
+    assert (bye_ok.flow, bye_ok.status) == (PHONE_UDP, 200)
+
+
+@pytest.mark.parametrize("pbx_flow", [PBX_TCP, PBX_TCP_B], ids=["registered-flow", "second-flow"])
+def test_pbx_created_dialog_bye_from_the_pbx_reaches_the_phone(world: World, pbx_flow: Flow) -> None:
+    pbx_routes, _ = pbx_call(world)
+    bye = one(world.feed(dialog_request("BYE", pbx_routes, flow=pbx_flow, uri=PHONE_TARGET,
+                                        from_tag=PBX_TAG, to_tag="ph-tag", call_id="call-in"),
+                         pbx_flow, 5.0))
+    assert (bye.flow, bye.req.method) == (PHONE_UDP, "BYE")
+    assert not bye.req.has("route")
+    bye_ok = one(world.feed(response_to(bye.data, 200, "OK"), PHONE_UDP, 5.1))
+    assert (bye_ok.flow, bye_ok.status) == (pbx_flow, 200)
+
+
+def test_pbx_created_dialog_bye_from_the_phone_on_a_new_network_reaches_the_pbx(world: World) -> None:
+    _, phone_routes = pbx_call(world)
+    bye = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_MOVED, uri=PBX_TARGET,
+                                        from_tag="ph-tag", to_tag=PBX_TAG, call_id="call-in"),
+                         PHONE_MOVED, 5.0))
+    assert bye.flow == PBX_TCP
+
+
+def test_route_without_ftag_falls_back_to_the_source_flow(world: World) -> None:
+    # An RFC 2543 phone sends no From tag: the Record-Route has no ftag, and the
+    # direction is "from the PBX's registered flow → phone, else → PBX".
+    invite = phone_invite().replace(b";tag=ftag1", b"")
+    phone_routes, pbx_routes = phone_call(world, invite)
+    assert all(r.endswith(";lr>") and "ftag" not in r for r in pbx_routes)
+    bye = one(world.feed(dialog_request("BYE", pbx_routes, flow=PBX_TCP, uri=PHONE_TARGET,
+                                        from_tag="uas1", to_tag="x"), PBX_TCP, 5.0))
+    assert bye.flow == PHONE_UDP
+    bye2 = one(world.feed(dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET,
+                                         from_tag="x", to_tag="uas1", cseq=3), PHONE_UDP, 6.0))
+    assert bye2.flow == PBX_TCP
+
+
+def test_path_token_back_to_its_own_source_is_a_loop(world: World) -> None:
+    path = register_phone(world)
+    data = request("MESSAGE", "sip:201@192.168.1.20", flow=PHONE_UDP, via_host="192.168.1.20",
+                   headers=[f"Route: {path}"])
+    assert refusal(world, data).status == 482
+    # an INVITE too, and it leaves no transaction behind
+    assert refusal(world, pbx_invite(path, flow=PHONE_UDP)).status == 482
+    assert len(world.proxy.txns) == 0
+
+
 def test_in_dialog_from_phone_while_pbx_offline_is_480(world: World) -> None:
-    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
-    ok = one(world.feed(response_to(fwd.data, 200, "OK"), PBX_TCP, 1.1))
+    phone_routes, _ = phone_call(world)
     world.proxy.on_flow_closed(PBX_TCP)
-    bye = dialog_request("BYE", list(reversed(ok.msg.get_all("record-route"))), flow=PHONE_UDP,
-                         uri="sip:201@10.1.1.1")
+    bye = dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET, from_tag="ftag1",
+                         to_tag="uas1")
     assert refusal(world, bye).status == 480
 
 
@@ -449,12 +586,26 @@ def test_altered_token_is_403(world: World) -> None:
     assert resp.status == 403
 
 
-def test_stolen_path_token_leads_only_to_the_pbx(world: World) -> None:
-    # A stranger reusing a phone's Path token reaches only the PBX, never the phone.
+def test_path_token_is_refused_to_anyone_but_the_pbx(world: World) -> None:
+    # A Path token leads to the flow signed into it, and only the PBX (from its
+    # registered address, on any of its connections) may use it.
     path = register_phone(world)
-    data = request("MESSAGE", "sip:201@192.168.1.20", flow=STRANGER, headers=[f"Route: {path}"])
-    out = one(world.feed(data, STRANGER))
-    assert out.flow == PBX_TCP
+    data = request("MESSAGE", "sip:201@192.0.2.250", flow=STRANGER, headers=[f"Route: {path}"])
+    assert refusal(world, data, STRANGER).status == 403
+    data = request("MESSAGE", "sip:201@192.0.2.250", flow=PBX_TCP, headers=[f"Route: {path}"])
+    out = one(world.feed(data, PBX_TCP))
+    assert out.flow == PHONE_UDP
+    assert out.req.uri == "sip:201@192.0.2.250"  # the Request-URI does not pick the target
+
+
+def test_record_route_token_never_leads_to_a_third_flow(world: World) -> None:
+    # Whatever From tag a stranger puts in, a dialog token leads to the phone it
+    # names or to the PBX of its serial.
+    _, pbx_routes = phone_call(world)
+    for from_tag in ("ftag1", "uas1", "other"):
+        data = dialog_request("MESSAGE", pbx_routes, flow=STRANGER, uri="sip:x@192.0.2.250",
+                              from_tag=from_tag, to_tag="t")
+        assert one(world.feed(data, STRANGER)).flow in (PHONE_UDP, PBX_TCP)
 
 
 def test_max_forwards_zero_is_483(world: World) -> None:
@@ -493,24 +644,60 @@ def test_invite_to_us_is_404(world: World) -> None:
     assert refusal(world, phone_invite("sip:relay.test")).status == 404
 
 
-def test_refused_invite_retransmission_gets_the_same_answer(world: World) -> None:
-    data = phone_invite("sip:x@example.com")
+@pytest.mark.parametrize("uri,status", [
+    ("sip:x@example.com", 403),
+    ("sip:201@5555555555.relay.test", 404),
+    (f"sip:201@{OTHER_SERIAL}.relay.test", 480),
+    ("tel:+15551234567", 416),
+])
+def test_refused_invite_is_stateless_and_a_retransmission_is_refused_again(
+    world: World, uri: str, status: int,
+) -> None:
+    data = phone_invite(uri)
     first = refusal(world, data)
+    assert first.status == status
+    assert len(world.proxy.txns) == 0
     again = refusal(world, data)
-    assert again.data == first.data
+    assert (again.status, again.msg.top_via().branch) == (status, "z9hG4bKphone1")
+    assert len(world.proxy.txns) == 0
+    assert world.proxy.stats.c["retransmissions_absorbed_total"] == 0
+    assert world.proxy.stats.c[f"responses_sent_total:{status}"] == 2
 
 
-def test_ack_for_our_own_refusal_is_absorbed(world: World) -> None:
-    # 480 while OTHER_SERIAL is offline …
-    assert refusal(world, phone_invite(f"sip:201@{OTHER_SERIAL}.relay.test")).status == 480
-    # … then it phones home before the phone's ACK arrives: the ACK belongs to
-    # our 480 (RFC 3261 §17.2.1) and must not go to the PBX.
+def test_ack_to_a_refusal_with_nowhere_to_go_is_dropped(world: World) -> None:
+    for uri in ("sip:x@example.com", "sip:201@5555555555.relay.test", f"sip:201@{OTHER_SERIAL}.relay.test"):
+        data = phone_invite(uri)
+        refused = refusal(world, data)
+        to_tag = refused.msg.to().tag
+        assert to_tag
+        ack = request(
+            "ACK", uri, flow=PHONE_UDP, via_host="192.168.1.20", via_port=5062,
+            branch="z9hG4bKphone1", call_id="call-1", to_tag=to_tag, headers=[OUTBOUND],
+        )
+        assert world.feed(ack, PHONE_UDP, 1.5) == []
+
+
+def test_ack_to_a_refusal_is_routed_like_any_ack(world: World) -> None:
+    # 480 while OTHER_SERIAL is offline; it phones home before the phone's ACK
+    # arrives. No state was kept, so the ACK is routed like any other: on to the
+    # PBX, which drops an ACK that matches nothing (RFC 3261 §17.2.3). It is
+    # never answered.
+    refused = refusal(world, phone_invite(f"sip:201@{OTHER_SERIAL}.relay.test"))
+    assert refused.status == 480
     register_pbx(world.proxy, PBX_UDP, now=1.0, serial=OTHER_SERIAL, secret="other")
     ack = request(
         "ACK", f"sip:201@{OTHER_SERIAL}.relay.test", flow=PHONE_UDP, via_host="192.168.1.20",
-        via_port=5062, branch="z9hG4bKphone1", call_id="call-1", to_tag="x", headers=[OUTBOUND],
+        via_port=5062, branch="z9hG4bKphone1", call_id="call-1", to_tag=refused.msg.to().tag,
+        headers=[OUTBOUND],
     )
-    assert world.feed(ack, PHONE_UDP, 1.5) == []
+    fwd = one(world.feed(ack, PHONE_UDP, 1.5))
+    assert (fwd.flow, fwd.req.method) == (PBX_UDP, "ACK")
+    assert len(world.proxy.txns) == 0
+
+
+def test_cancel_of_a_refused_invite_is_481(world: World) -> None:
+    refusal(world, phone_invite("sip:201@5555555555.relay.test"))
+    assert refusal(world, phone_cancel()).status == 481
 
 
 @pytest.mark.parametrize("uri,headers", [
@@ -668,18 +855,110 @@ def test_invite_to_tcp_pbx_is_not_retransmitted_and_timer_c_cancels(world: World
     assert [(o.flow, o.msg.cseq[1]) for o in out] == [(PBX_TCP, "CANCEL"), (PHONE_UDP, "INVITE")]
     assert out[0].req.top_via().branch == fwd.req.top_via().branch
     assert out[1].status == 408
-    # the PBX's 487 after our CANCEL is not passed on: the phone has its 408
-    assert world.feed(response_to(fwd.data, 487, "Request Terminated"), PBX_TCP, TIMER_C + 2.1) == []
+    # the PBX's 487 after our CANCEL is not passed on (the phone has its 408):
+    # the relay ACKs it itself (RFC 3261 §17.1.1.3)
+    terminated = response_to(fwd.data, 487, "Request Terminated")
+    ack = one(world.feed(terminated, PBX_TCP, TIMER_C + 2.1))
+    assert_relay_ack(ack, fwd)
+    # a retransmitted 487 is ACKed again, still not passed on
+    assert one(world.feed(terminated, PBX_TCP, TIMER_C + 2.5)).data == ack.data
+    # the phone's ACK for our 408 is absorbed, not forwarded
+    assert world.feed(phone_ack(to_tag=out[1].msg.to().tag or ""), PHONE_UDP, TIMER_C + 2.6) == []
+    assert proxy.stats.c["invite_timeouts_total"] == 1
     proxy.on_timer(2.0 + TIMER_C + LINGER)
     assert len(proxy.txns) == 0
 
 
-def test_refused_invites_linger_then_go(world: World) -> None:
-    refusal(world, phone_invite("sip:x@example.com", branch="z9hG4bKa"))
-    refusal(world, phone_invite("tel:+1555", branch="z9hG4bKb"))
-    assert len(world.proxy.txns) == 2
-    world.proxy.on_timer(1.0 + LINGER)
+def assert_relay_ack(ack: Out, fwd: Out, to_tag: str = "uas1") -> None:
+    """The relay's own ACK for a non-2xx to the INVITE it forwarded (``fwd``):
+    same Request-URI, top Via (branch), From, Call-ID and CSeq number; the To of
+    the response, with the callee's tag; CSeq method ACK (RFC 3261 §17.1.1.3)."""
+    assert ack.flow == fwd.flow
+    a, inv = ack.req, fwd.req
+    assert (a.method, a.uri) == ("ACK", inv.uri)
+    assert [h.value for h in a.iter_headers("via")] == [next(inv.iter_headers("via")).value]
+    for name in ("from", "call-id"):
+        assert a.get(name) == inv.get(name)
+    assert a.to().tag == to_tag
+    assert a.to().uri == inv.to().uri
+    assert a.cseq == (inv.cseq[0], "ACK")
+    assert f"CSeq: {inv.cseq[0]} ACK\r\n".encode() in ack.data
+    assert not a.has("record-route")
+    assert a.body == b""
+
+
+def test_after_timer_b_408_a_late_final_is_acked_by_the_relay() -> None:
+    world = World(PBX_UDP)
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 0.0)
+    proxy = world.proxy
+    timeout = [o for o in outs(proxy.on_timer(TIMER_B)) if o.flow == PHONE_UDP]
+    assert one(timeout).status == 408
+    busy = response_to(fwd.data, 486, "Busy Here")
+    ack = one(world.feed(busy, PBX_UDP, TIMER_B + 1))
+    assert_relay_ack(ack, fwd)
+    # a late provisional is not passed on either
+    assert world.feed(response_to(fwd.data, 180, "Ringing"), PBX_UDP, TIMER_B + 1.5) == []
+    assert world.feed(phone_ack(to_tag=timeout[0].msg.to().tag or ""), PHONE_UDP, TIMER_B + 2) == []
+    assert proxy.stats.c["responses_forwarded_total"] == 0
+
+
+def test_ack_for_a_forwarded_final_is_not_absorbed_like_the_ack_for_our_408(world: World) -> None:
+    # only local_final absorbs the ACK: an ACK for the PBX's own 486 goes through
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
+    world.feed(response_to(fwd.data, 486, "Busy Here"), PBX_TCP, 1.1)
+    ack = one(world.feed(phone_ack(), PHONE_UDP, 1.2))
+    assert (ack.flow, ack.req.method, ack.req.to().tag) == (PBX_TCP, "ACK", "uas1")
+
+
+def test_refused_invites_keep_no_state(world: World) -> None:
+    for i in range(20):
+        refusal(world, phone_invite("sip:x@example.com", branch=f"z9hG4bKa{i}", call_id=f"c{i}"))
+        refusal(world, phone_invite("tel:+1555", branch=f"z9hG4bKb{i}", call_id=f"d{i}"))
     assert len(world.proxy.txns) == 0
+    world.proxy.on_timer(2.0)
+    assert world.proxy.next_timer() == pytest.approx(3.0)  # only the registry sweep
+
+
+# -------------------------------------------------------------------- overload
+
+
+def test_too_many_invite_transactions_is_503_with_retry_after(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(core, "MAX_TRANSACTIONS", 2)
+    forwarded = []
+    for i in range(2):
+        trying, fwd = world.feed(phone_invite(branch=f"z9hG4bKov{i}", call_id=f"ov{i}"), PHONE_UDP, 1.0)
+        assert (trying.status, fwd.flow) == (100, PBX_TCP)
+        forwarded.append(fwd)
+    assert len(world.proxy.txns) == 2
+
+    busy = refusal(world, phone_invite(branch="z9hG4bKov2", call_id="ov2"))
+    assert busy.status == 503
+    assert busy.msg.get("retry-after") == "5"
+    assert busy.msg.top_via().branch == "z9hG4bKov2"
+    assert len(world.proxy.txns) == 2
+    assert world.proxy.stats.c["overload_total"] == 1
+    # the INVITEs in flight go on: a retransmission is still absorbed
+    assert one(world.feed(phone_invite(branch="z9hG4bKov0", call_id="ov0"), PHONE_UDP, 1.5)).status == 100
+    # requests other than INVITE are stateless and still forwarded
+    msg = one(world.feed(request("MESSAGE", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP), PHONE_UDP))
+    assert msg.flow == PBX_TCP
+    # once the transactions end and linger out, INVITEs are taken again
+    for fwd in forwarded:
+        world.feed(response_to(fwd.data, 486, "Busy Here"), PBX_TCP, 2.0)
+    world.proxy.on_timer(2.0 + LINGER)
+    assert len(world.proxy.txns) == 0
+    trying, fwd = world.feed(phone_invite(branch="z9hG4bKov3", call_id="ov3"), PHONE_UDP, 40.0)
+    assert (trying.status, fwd.flow) == (100, PBX_TCP)
+
+
+def test_overload_refusal_of_a_pbx_invite_along_path(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = register_phone(world)
+    monkeypatch.setattr(core, "MAX_TRANSACTIONS", 0)
+    resp = refusal(world, pbx_invite(path), PBX_TCP)
+    assert resp.status == 503
+    assert resp.msg.get("retry-after")
 
 
 def test_next_timer_is_bounded_by_the_registry_sweep(world: World) -> None:
@@ -708,3 +987,48 @@ def test_invented_methods_share_one_counter(world: World) -> None:
 def test_unknown_method_is_forwarded_to_the_pbx(world: World) -> None:
     fwd = one(world.feed(request("FOO", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP), PHONE_UDP))
     assert (fwd.flow, fwd.req.method) == (PBX_TCP, "FOO")
+
+
+def test_cseq_method_is_case_sensitive(world: World) -> None:
+    # RFC 3261 §7.1: method names are case-sensitive; "invite" is an extension
+    # method, not INVITE, and so is a CSeq that says "invite".
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
+    lower = response_to(fwd.data, 486, "Busy Here").replace(b"CSeq: 1 INVITE", b"CSeq: 1 invite")
+    assert parse_message(lower).cseq == (1, "invite")
+    out = one(world.feed(lower, PBX_TCP, 1.1))  # relayed statelessly along the Via …
+    assert out.flow == PHONE_UDP
+    # … but not taken as the INVITE's final: the transaction still waits
+    assert one(world.feed(phone_invite(), PHONE_UDP, 1.2)).status == 100
+
+    ext = request("invite", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, headers=[OUTBOUND])
+    fwd_ext = one(world.feed(ext, PHONE_UDP, 2.0))  # no 100, no transaction, no Record-Route
+    assert (fwd_ext.flow, fwd_ext.req.method, fwd_ext.req.cseq) == (PBX_TCP, "invite", (1, "invite"))
+    assert not fwd_ext.req.has("record-route")
+    assert len(world.proxy.txns) == 1
+
+
+# ------------------------------------- bugs found by these tests, now fixed
+
+
+def test_2xx_after_our_408_is_still_forwarded_to_the_caller(world: World) -> None:
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 0.0)
+    world.feed(response_to(fwd.data, 180, "Ringing"), PBX_TCP, 1.0)
+    out = outs(world.proxy.on_timer(1.0 + TIMER_C))
+    assert [o.status for o in out if o.flow == PHONE_UDP] == [408]
+    ok_data = response_to(fwd.data, 200, "OK", headers=[PBX_CONTACT])
+    ok = one(world.feed(ok_data, PBX_TCP, 1.0 + TIMER_C + 0.1))
+    assert (ok.flow, ok.status) == (PHONE_UDP, 200)
+
+
+def test_request_routed_back_to_the_pbx_flow_it_came_from_is_a_loop(world: World) -> None:
+    _, pbx_routes = phone_call(world)
+    data = dialog_request("BYE", pbx_routes, flow=PBX_TCP, uri=PHONE_TARGET,
+                          from_tag="ftag1", to_tag="uas1")  # the phone's From tag
+    assert refusal(world, data, PBX_TCP).status == 482
+
+
+def test_stateless_refusal_repeats_its_to_tag(world: World) -> None:
+    data = phone_invite("sip:x@example.com")
+    first = refusal(world, data)
+    again = refusal(world, data)
+    assert again.data == first.data

@@ -41,12 +41,14 @@ class DigestAuth:
         self.realm = realm
         self.algorithms = algorithms
 
-    def nonce(self, now: float) -> str:
+    def nonce(self, now: float, bind: str = "") -> str:
+        """``bind`` ties the nonce to the client (its transport and IP): a
+        REGISTER captured on the way cannot be replayed from elsewhere."""
         stamp = struct.pack("!d", now)
-        mac = hmac.new(self.key, b"nonce" + stamp, hashlib.sha256).digest()[:12]
+        mac = hmac.new(self.key, b"nonce" + stamp + bind.encode(), hashlib.sha256).digest()[:12]
         return base64.urlsafe_b64encode(stamp + mac).decode("ascii").rstrip("=")
 
-    def nonce_age(self, nonce: str, now: float) -> float | None:
+    def nonce_age(self, nonce: str, now: float, bind: str = "") -> float | None:
         """Seconds since we issued ``nonce``; None if we did not issue it."""
         try:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
@@ -55,15 +57,15 @@ class DigestAuth:
         if len(raw) != 20:
             return None
         stamp, mac = raw[:8], raw[8:]
-        good = hmac.new(self.key, b"nonce" + stamp, hashlib.sha256).digest()[:12]
+        good = hmac.new(self.key, b"nonce" + stamp + bind.encode(), hashlib.sha256).digest()[:12]
         if not hmac.compare_digest(mac, good):
             return None
         issued: float = struct.unpack("!d", stamp)[0]
         return now - issued
 
-    def challenges(self, now: float, stale: bool = False) -> list[str]:
+    def challenges(self, now: float, stale: bool = False, bind: str = "") -> list[str]:
         """One WWW-Authenticate value per algorithm, most preferred first (RFC 8760 §2.4)."""
-        nonce = self.nonce(now)
+        nonce = self.nonce(now, bind)
         extra = ", stale=true" if stale else ""
         return [
             f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={a}, qop="auth"{extra}'
@@ -72,11 +74,14 @@ class DigestAuth:
 
     def check(
         self, authorization: str, method: str, ha1s: dict[str, str] | None, now: float,
+        bind: str = "",
     ) -> tuple[str, str | None]:
         """Verify one Authorization value.
 
         Returns (verdict, username) with verdict "ok", "stale" (good response,
-        old nonce: challenge again with stale=true), or "fail".
+        old nonce: challenge again with stale=true), "unknown_nonce" (not one
+        of ours for this client: challenge afresh) or "fail" (wrong response,
+        unknown user or unusable credentials).
         """
         if not authorization[:7].lower() == "digest ":
             return "fail", None
@@ -90,9 +95,9 @@ class DigestAuth:
             or p.get("realm") != self.realm or not p.get("nonce") or not p.get("response")
         ):
             return "fail", username
-        age = self.nonce_age(p["nonce"] or "", now)
+        age = self.nonce_age(p["nonce"] or "", now, bind)
         if age is None or age < -5:
-            return "fail", username
+            return "unknown_nonce", username
         if ha1s is None or algorithm not in ha1s:
             # unknown PBX: same answer as a wrong secret, nothing to enumerate
             return "fail", username

@@ -43,6 +43,13 @@ COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 # Methods whose out-of-dialog request creates a dialog: the relay must stay on
 # its route (Record-Route, RFC 3261 §16.6 item 4).
 DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+# What a flow token's payload ("<kind>.<serial>") says about the route it is in.
+TOKEN_PATH = "p"  # Path of a phone's REGISTER: requests on it go to the phone
+TOKEN_FROM_PHONE = "c"  # Record-Route of a request the phone sent (ftag = its From tag)
+TOKEN_FROM_PBX = "s"  # Record-Route of a request the PBX sent
+# INVITE transactions in flight at most (each ~2 KB). Beyond, new INVITEs get
+# 503 + Retry-After (RFC 3261 §21.5.4) instead of the relay growing without bound.
+MAX_TRANSACTIONS = 100_000
 # RFC 3261 §8.2.6.2: a response copies these from the request.
 _COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
 
@@ -144,8 +151,8 @@ class Proxy:
             # The ACK of a non-2xx matches the INVITE's server transaction
             # (RFC 3261 §17.2.3: same branch and sent-by, method INVITE).
             txn = self.txns.get(self._txn_key_from(req, via, "INVITE"))
-            if txn is not None and txn.outbound is None:
-                return []  # ACK for a final response the relay generated itself
+            if txn is not None and txn.local_final:
+                return []  # ACK for the 408 the relay generated itself
         try:
             return self._route(req, source, via, now)
         except SipParseError as e:
@@ -173,6 +180,7 @@ class Proxy:
 
         # Loose routing (§16.4): strip our own Route entries, keep the token.
         token: str | None = None
+        ftag: str | None = None
         while True:
             top = req.get_all("route")
             if not top:
@@ -186,6 +194,7 @@ class Proxy:
             req.pop_first_value("route")
             if route_uri.user:
                 token = route_uri.user
+                ftag = route_uri.params.get("ftag")
 
         if token is None and self._is_us(ruri) and not req.has("route"):
             return self._for_us(req, ruri, source, via, mf, now)
@@ -194,22 +203,30 @@ class Proxy:
 
         if token is not None:
             try:
-                phone_flow, serial = self.tokens.verify(token)
+                phone_flow, payload = self.tokens.verify(token)
             except BadToken:
                 self.stats.inc("forbidden_total:bad_token")
                 return self._refuse(req, source, 403, "Forbidden", now)
+            kind, _, serial = payload.partition(".")
             pbx = self.registry.lookup(serial, now) if serial else None
-            if pbx is not None and pbx.flow == source:
-                # PBX → phone, along a Path or Record-Route we minted.
+            if self._towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
+                if source == phone_flow:
+                    return self._refuse(req, source, 482, "Loop Detected", now)
+                if kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
+                    # Only the registrar the phone registered with may use its
+                    # Path: from the PBX's address (any port or connection).
+                    self.stats.inc("forbidden_total:path_not_from_pbx")
+                    return self._refuse(req, source, 403, "Forbidden", now)
                 if phone_flow.reliable and not self.flow_alive(phone_flow):
                     self.stats.inc("flow_failed_total")
                     # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
                     return self._refuse(req, source, 430, "Flow Failed", now)
-                return self._forward(req, source, phone_flow, serial, phone_flow, mf, now)
-            # phone → PBX inside a dialog
+                return self._forward(req, source, phone_flow, serial, phone_flow, mf, now, True)
             if pbx is None:
                 return self._refuse(req, source, 480, "Temporarily Unavailable", now)
-            return self._forward(req, source, pbx.flow, serial, phone_flow, mf, now)
+            if pbx.flow == source:
+                return self._refuse(req, source, 482, "Loop Detected", now)
+            return self._forward(req, source, pbx.flow, serial, phone_flow, mf, now, False)
 
         target_serial = self._serial_of_host(ruri.host)
         if target_serial is None:
@@ -224,13 +241,38 @@ class Proxy:
         if pbx.flow == source:
             # A PBX addressing its own domain through us would loop straight back.
             return self._refuse(req, source, 482, "Loop Detected", now)
-        return self._forward(req, source, pbx.flow, serial, source, mf, now)
+        return self._forward(req, source, pbx.flow, serial, source, mf, now, False)
+
+    @staticmethod
+    def _towards_phone(
+        req: Request, source: Flow, kind: str, ftag: str | None, pbx_flow: Flow | None,
+    ) -> bool:
+        """Which end of the dialog a token-routed request is for.
+
+        A Path token is only ever used by the registrar, the PBX. For a
+        Record-Route token, ``ftag`` is the From tag of the request that made
+        the route and ``kind`` says who sent it (TOKEN_FROM_PHONE/PBX): a
+        request carrying that From tag comes from the same party (Kamailio's
+        rr ``ftag`` rule). This holds when the PBX uses another connection or
+        the phone another network; the source flow decides only when the
+        route carries no ftag.
+        """
+        if kind == TOKEN_PATH:
+            return True
+        if ftag is not None and kind in (TOKEN_FROM_PHONE, TOKEN_FROM_PBX):
+            from_creator = (NameAddr.parse(req.get("from") or "").tag or "") == ftag
+            return from_creator == (kind == TOKEN_FROM_PBX)
+        return pbx_flow is not None and pbx_flow == source
 
     def _forward(
         self, req: Request, source: Flow, target: Flow, serial: str, phone_flow: Flow,
-        mf: int, now: float,
+        mf: int, now: float, to_phone: bool,
     ) -> list[Send]:
         """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send."""
+        if req.method == "INVITE" and len(self.txns) >= MAX_TRANSACTIONS:
+            self.stats.inc("overload_total")
+            return self._refuse(req, source, 503, "Service Unavailable", now,
+                                extra=[("Retry-After", "5")])
         loop = self._loop_hash(req)
         for v in req.vias()[1:]:
             if (v.branch or "").endswith("." + loop) and (v.branch or "").startswith(OUR_BRANCH):
@@ -239,18 +281,22 @@ class Proxy:
             req.set("Max-Forwards", str(mf - 1))
         else:
             req.insert_before("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS - 1))
-        token = self.tokens.mint(phone_flow, serial)
         if req.method == "REGISTER":
             # RFC 3327: requests from the PBX to this phone come back through us,
             # on this very flow (RFC 5626 §5.1).
+            token = self.tokens.mint(phone_flow, f"{TOKEN_PATH}.{serial}")
             req.insert_before("Path", f"<{self._uri(token, target)};lr>")
         elif req.method in DIALOG_FORMING:
+            kind = TOKEN_FROM_PBX if to_phone else TOKEN_FROM_PHONE
+            token = self.tokens.mint(phone_flow, f"{kind}.{serial}")
+            ftag = NameAddr.parse(req.get("from") or "").tag
+            rr = f";lr;ftag={ftag}>" if ftag else ";lr>"
             # Double Record-Route when the two sides use different sockets
             # (RFC 5658): each side must see the entry it can reach. Inside a
             # dialog (re-INVITE) it is harmless and keeps target refreshes simple.
             if (source.transport, source.local_port) != (target.transport, target.local_port):
-                req.insert_before("Record-Route", f"<{self._uri(token, source)};lr>")
-            req.insert_before("Record-Route", f"<{self._uri(token, target)};lr>")
+                req.insert_before("Record-Route", f"<{self._uri(token, source)}{rr}")
+            req.insert_before("Record-Route", f"<{self._uri(token, target)}{rr}")
         via = req.top_via()
         branch = self._branch(req, via, loop)
         if req.method == "INVITE":
@@ -302,20 +348,23 @@ class Proxy:
             return self._refuse(req, source, 404, "Not Found", now)
         ha1s = self.directory(serial)
         authorization = req.get("authorization")
+        bind = f"{source.transport}:{source.remote_ip}"
         verdict = "none"
         if authorization:
-            verdict, username = self.auth.check(authorization, "REGISTER", ha1s, now)
+            verdict, username = self.auth.check(authorization, "REGISTER", ha1s, now, bind)
             if verdict == "ok" and username != serial:
                 verdict = "fail"
+        if verdict == "fail":
+            # Wrong secret and unknown serial get the same answer: nobody can
+            # use the relay to find out which serials exist.
+            self.stats.inc("pbx_auth_failures_total")
+            return self._refuse(req, source, 403, "Forbidden", now)
         if verdict != "ok":
-            if verdict == "fail":
-                self.stats.inc("pbx_auth_failures_total")
-                if ha1s is None:
-                    return self._refuse(req, source, 403, "Forbidden", now)
-            # RFC 3261 §22.4: challenge (again); stale=true if only the nonce aged.
+            # RFC 3261 §22.4: challenge; stale=true when only the nonce aged.
             return [self._reply(
                 req, source, 401, "Unauthorized",
-                extra=[("WWW-Authenticate", c) for c in self.auth.challenges(now, verdict == "stale")],
+                extra=[("WWW-Authenticate", c)
+                       for c in self.auth.challenges(now, verdict == "stale", bind)],
             )]
         contacts = req.get_all("contact")
         expires_hdr = req.get("expires")
@@ -351,11 +400,11 @@ class Proxy:
         expires = min(expires, self.cfg.pbx_expires_max)
         self.registry.bind(serial, source, now + expires)
         self.stats.inc("pbx_registrations_total")
-        value = contacts[0]
-        if "expires=" in value.replace(" ", "").lower():
-            value = f"<{contact.uri}>;expires={expires}"
-        else:
-            value = f"{value};expires={expires}"
+        # RFC 3261 §10.3 step 8: the binding as granted, its other parameters kept.
+        params = "".join(
+            f";{k}" if v is None else f";{k}={v}" for k, v in contact.params.items() if k != "expires"
+        )
+        value = f"<{contact.uri}>{params};expires={expires}"
         return [self._reply(req, source, 200, "OK", extra=[("Contact", value)])]
 
     # ------------------------------------------------------------------ CANCEL
@@ -373,10 +422,17 @@ class Proxy:
         return out
 
     def _cancel_downstream(self, txn: InviteTransaction) -> list[Send]:
-        """RFC 3261 §9.1: same Request-URI, Call-ID, From, To, CSeq number and top Via."""
         if txn.outbound is None or txn.cancelled:
             return []
         txn.cancelled = True
+        self.stats.inc("cancels_forwarded_total")
+        return self._downstream_request(txn, "CANCEL", txn.cancel_template["to"])
+
+    def _downstream_request(self, txn: InviteTransaction, method: str, to: str) -> list[Send]:
+        """CANCEL, or ACK for a non-2xx: the forwarded INVITE's Request-URI, Route
+        set, From, Call-ID, CSeq number and top Via (RFC 3261 §9.1, §17.1.1.3)."""
+        if txn.outbound is None:
+            return []
         t = txn.cancel_template
         headers = [
             Header("Via", t["via"]),
@@ -385,11 +441,10 @@ class Proxy:
         if t["route"]:
             headers.append(Header("Route", t["route"]))
         headers += [
-            Header("From", t["from"]), Header("To", t["to"]), Header("Call-ID", t["call-id"]),
-            Header("CSeq", f"{t['cseq']} CANCEL"), Header("Content-Length", "0"),
+            Header("From", t["from"]), Header("To", to), Header("Call-ID", t["call-id"]),
+            Header("CSeq", f"{t['cseq']} {method}"), Header("Content-Length", "0"),
         ]
-        self.stats.inc("cancels_forwarded_total")
-        return [Send(txn.outbound, Request("CANCEL", t["uri"], headers).serialise())]
+        return [Send(txn.outbound, Request(method, t["uri"], headers).serialise())]
 
     # --------------------------------------------------------------- responses
     def _on_response(self, resp: Response, now: float) -> list[Send]:
@@ -426,9 +481,15 @@ class Proxy:
                 return []  # hop by hop: we sent our own 100 already (§16.7 step 3)
             txn.retransmit_at = None
             data = resp.serialise()
-            if txn.final and resp.status >= 300:
-                return []  # retransmitted non-2xx final: the UAC got it already
-            if resp.status >= 200:
+            if txn.local_final:
+                # The caller already has our 408: end the callee's transaction
+                # ourselves (RFC 3261 §17.1.1.3, ACK for a non-2xx). A 2xx still
+                # goes to the caller (§16.7 step 5): the callee answered.
+                if resp.status >= 300:
+                    return self._downstream_request(txn, "ACK", resp.get("to") or "")
+                if resp.status < 200:
+                    return []
+            if resp.status >= 200 and not txn.final:
                 self._finish(txn, now)
             if not txn.final or resp.status >= 200:
                 txn.last_response = data  # a late provisional does not replace the final
@@ -477,6 +538,7 @@ class Proxy:
                 if txn.got_provisional:
                     out.extend(self._cancel_downstream(txn))
                 txn.last_response = self._upstream_response(txn, 408, "Request Timeout")
+                txn.local_final = True
                 self._finish(txn, now)
                 self.stats.inc("invite_timeouts_total")
                 out.append(Send(txn.inbound, txn.last_response))
@@ -498,7 +560,7 @@ class Proxy:
         self, req: Request, source: Flow, status: int, reason: str,
         extra: list[tuple[str, str]] | None = None,
     ) -> Send:
-        resp = make_response(req, status, reason, to_tag=_tag(), extra=extra)
+        resp = make_response(req, status, reason, to_tag=self._stateless_tag(req), extra=extra)
         return Send(source, resp.serialise())
 
     def _refuse(
@@ -508,17 +570,9 @@ class Proxy:
         self.stats.inc(f"responses_sent_total:{status}")
         if req.method == "ACK":
             return []  # ACK is never answered (RFC 3261 §17.1.1.3)
+        # Stateless, like Kamailio's sl_send_reply: a retransmission is refused
+        # again, and a flood of INVITEs costs no memory.
         send = self._reply(req, source, status, reason, extra)
-        if req.method == "INVITE":
-            # Remember the answer: a retransmitted INVITE gets it again and the
-            # ACK that follows is absorbed here.
-            via = req.top_via()
-            txn = InviteTransaction(
-                key=self._txn_key_from(req, via), inbound=source, created=now,
-                last_response=send.data,
-            )
-            self.txns.add(txn)
-            self._finish(txn, now)
         return [send]
 
     def _stamp_via(self, req: Request, via: Via, source: Flow) -> None:
@@ -583,6 +637,15 @@ class Proxy:
         key = self._txn_key_from(req, via, "INVITE")
         mac = hmac.new(self._branch_key, "|".join(key).encode(), hashlib.sha256).digest()[:9]
         return f"{OUR_BRANCH}{base64.urlsafe_b64encode(mac).decode()}.{loop}"
+
+    def _stateless_tag(self, req: Request) -> str:
+        """RFC 3261 §8.2.7: a stateless answer to a retransmission carries the same
+        To tag, so it is derived from the request, not drawn at random."""
+        try:
+            key = self._txn_key_from(req, req.top_via())
+        except (LookupError, SipParseError):
+            key = (req.call_id, str(req.cseq[0]))
+        return hmac.new(self._branch_key, b"tag|" + "|".join(key).encode(), hashlib.sha256).hexdigest()[:12]
 
     def _loop_hash(self, req: Request) -> str:
         """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop."""

@@ -44,6 +44,9 @@ class StreamFramer:
     def __init__(self) -> None:
         self._buf = bytearray()
         self._lost: FramingLost | None = None
+        # How far the buffer has been searched for CRLFCRLF without finding it,
+        # so a header that trickles in byte by byte is not rescanned each time.
+        self._scanned = 0
 
     def feed(self, data: bytes | bytearray) -> list[StreamEvent]:
         if self._lost is not None:
@@ -77,19 +80,26 @@ class StreamFramer:
                     break  # maybe the start of a ping
                 del buf[:1]
                 continue
-            end = buf.find(HEADER_END)
+            end = buf.find(HEADER_END, max(0, self._scanned - 3))
             if end < 0:
                 if len(buf) > limits.MAX_HEADER_SECTION:
                     raise FramingLost("header section too large", status=513)
+                self._scanned = len(buf)
                 break
             body_at = end + 4
-            cl = _stream_content_length(bytes(buf[:end]))
-            if body_at + cl > limits.MAX_MESSAGE_SIZE:
-                raise FramingLost("message too large", status=513)
+            try:
+                cl = _stream_content_length(bytes(buf[:end]))
+                if body_at + cl > limits.MAX_MESSAGE_SIZE:
+                    raise FramingLost("message too large", status=513)
+            except FramingLost as e:
+                # Enough to answer 400/513 before closing (RFC 4475 ncl, mcl01).
+                e.message = _readable(bytes(buf[:end]))
+                raise
             if len(buf) < body_at + cl:
                 break
             raw = bytes(buf[: body_at + cl])
             del buf[: body_at + cl]
+            self._scanned = 0
             try:
                 events.append(parse_message(raw, datagram=False))
             except SipParseError as e:
@@ -124,3 +134,10 @@ def _stream_content_length(head: bytes) -> int:
     if not v.isdigit() or len(v) > 10:
         raise FramingLost("bad Content-Length")
     return int(v)
+
+
+def _readable(head: bytes) -> SipMessage | None:
+    try:
+        return parse_message(head + HEADER_END, datagram=True)
+    except SipParseError as e:
+        return e.message

@@ -79,7 +79,7 @@ class SipMessage:
     @property
     def cseq(self) -> tuple[int, str]:
         num, method = (self.get("cseq") or "0 ?").split(None, 1)
-        return int(num), method.strip().upper()
+        return int(num), method.strip()  # methods are case-sensitive (RFC 3261 §7.1)
 
     def vias(self) -> list[Via]:
         return [Via.parse(v) for v in self.get_all("via")]

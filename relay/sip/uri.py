@@ -29,10 +29,11 @@ class SipUri:
             raise SipParseError(f"not a SIP URI: {scheme}", status=416)
         rest = text[colon + 1 :]
         headers = ""
-        q = rest.find("?")
-        if q >= 0:
-            rest, headers = rest[:q], rest[q + 1 :]
-        at = rest.rfind("@")
+        # '@' appears only as the end of userinfo: user parts may hold '?' and
+        # ';' (RFC 3261 §25.1 user-unreserved, RFC 4475 intmeth.dat) but no bare
+        # '@', and neither may parameters or headers. '?' starts the headers
+        # only after the hostport.
+        at = rest.find("@")
         user: str | None = None
         if at >= 0:
             user = rest[:at]
@@ -40,6 +41,9 @@ class SipUri:
             if pw >= 0:
                 user = user[:pw]
             rest = rest[at + 1 :]
+        q = rest.find("?")
+        if q >= 0:
+            rest, headers = rest[:q], rest[q + 1 :]
         semi = rest.find(";")
         hostport, ptext = (rest, "") if semi < 0 else (rest[:semi], rest[semi + 1 :])
         host, port = split_hostport(hostport)

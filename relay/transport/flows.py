@@ -25,6 +25,9 @@ log = logging.getLogger("relay.transport")
 SEND_QUEUE = 512
 READ_SIZE = 65_536
 TLS_HANDSHAKE_TIMEOUT = 10.0
+# How long a connection being closed for lost framing may take to deliver its
+# last answer (400/513) before it is dropped anyway.
+FLUSH_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -39,6 +42,11 @@ class Connection:
         self.flow = flow
         self._send, self._recv = trio.open_memory_channel[bytes](SEND_QUEUE)
         self.cancel_scope = trio.CancelScope()
+        self.flushed = trio.Event()  # the writer sent everything and stopped
+
+    def finish(self) -> None:
+        """No more sends: the writer drains what is queued, then stops."""
+        self._send.close()
 
     def send(self, data: bytes) -> bool:
         try:
@@ -54,6 +62,7 @@ class Connection:
     async def writer(self) -> None:
         async for data in self._recv:
             await self.stream.send_all(data)
+        self.flushed.set()
 
 
 Handler = Callable[[SipMessage, Flow], None]
@@ -245,7 +254,10 @@ class Transports:
                 events = framer.feed(data)
             except FramingLost as e:
                 self.count("framing_lost_total")
-                self.on_error(e, conn.flow)
+                self.on_error(e, conn.flow)  # may queue a 400/513
+                conn.finish()
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await conn.flushed.wait()
                 return
             for ev in events:
                 if isinstance(ev, Ping):
