@@ -14,10 +14,13 @@ from tests.realpeers import SIPP, RelayProc, free_port, start_relay, stop_relay
 def relay_factory(tmp_path: Path) -> Iterator[object]:
     started: list[RelayProc] = []
 
-    def make(extra: str = "", serials: tuple[str, ...] = ("0123456789",)) -> RelayProc:
+    def make(
+        extra: str = "", serials: tuple[str, ...] = ("0123456789",), log_level: str = "info",
+    ) -> RelayProc:
         state = tmp_path / f"relay{len(started)}"
         state.mkdir()
-        r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
+        r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port(),
+                      log_level=log_level)
         from tests.realpeers import write_config
 
         write_config(r, extra)

@@ -48,6 +48,7 @@ class RelayProc:
     config_path: Path | None = None
     netns: str | None = None
     log_path: Path | None = None
+    log_level: str = "info"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "relay.cli", "--config", str(self.config_path), *args]
@@ -109,7 +110,7 @@ def write_config(r: RelayProc, extra: str = "") -> Path:
 domain = "{DOMAIN}"
 state_dir = "{r.state_dir}"
 advertise = "{r.host}"
-log_level = "info"
+log_level = "{r.log_level}"
 
 [sip]
 udp = ["{r.host}:{r.udp}"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from tests import sipp_scenarios as sc
 from tests.conftest import needs_sipp
-import time
-
 from tests.realpeers import DOMAIN, RelayProc, TlsPipe, free_port, sipp
 
 pytestmark = [needs_sipp, pytest.mark.sipp]
