@@ -38,6 +38,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "pbx_expires_min": (int, 60),
         "pbx_expires_max": (int, 3600),
     },
+    "media": {
+        "enabled": (bool, True),
+        "address": (str, ""),
+        "port_min": (int, 10000),
+        "port_max": (int, 20000),
+        "no_media_timeout": (float, 60.0),
+    },
     "admin": {
         "listen": (str, "127.0.0.1:9090"),
     },
@@ -78,6 +85,18 @@ class RelayConfig:
                 if listen.host not in ("0.0.0.0", "::"):
                     return listen.host
         return "127.0.0.1"
+
+    @property
+    def media_address(self) -> str:
+        """The IP media sockets bind to and SDP names: media.address, else the
+        advertised address when it is an IP, else 127.0.0.1."""
+        if self["media.address"]:
+            return str(self["media.address"])
+        try:
+            ipaddress.ip_address(self.advertise)
+            return self.advertise
+        except ValueError:
+            return "127.0.0.1"
 
 
 def parse_listen(value: str, key: str, source: str) -> Listen:
@@ -127,7 +146,7 @@ def _check(section: str, key: str, value: Any, source: str) -> Any:
     typ = SCHEMA[section][key][0]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, typ) or isinstance(value, bool):
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise ConfigError(f"{source}: {section}.{key} must be a {typ.__name__}, got {value!r}")
     return value
 
@@ -155,3 +174,15 @@ def _validate(cfg: RelayConfig) -> None:
     if (cfg["sip.tls_cert"] == "") != (cfg["sip.tls_key"] == ""):
         raise ConfigError(f"{src}: sip.tls_cert and sip.tls_key go together")
     parse_listen(cfg["admin.listen"], "admin.listen", src)
+    lo, hi = cfg["media.port_min"], cfg["media.port_max"]
+    if not 1024 <= lo < hi <= 65535 or hi - lo < 4:
+        raise ConfigError(
+            f"{src}: media.port_min/port_max: need 1024 <= min < max <= 65535, room for 2 pairs")
+    if cfg["media.no_media_timeout"] <= 0:
+        raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
+    if cfg["media.address"]:
+        try:
+            ipaddress.ip_address(cfg["media.address"])
+        except ValueError:
+            raise ConfigError(
+                f"{src}: media.address: {cfg['media.address']!r} is not an IP address") from None

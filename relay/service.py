@@ -14,6 +14,9 @@ import trio
 
 from relay.admin import as_json, serve_admin
 from relay.config import RelayConfig, parse_listen
+from relay.media.forwarder import UdpForwarder
+from relay.media.ports import PortAllocator
+from relay.media.session import MediaController
 from relay.pbx.digest import DigestAuth
 from relay.pbx.directory import PbxDirectory
 from relay.proxy.core import Proxy, ProxyConfig, Send
@@ -68,7 +71,17 @@ class RelayService:
             StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
         )
         auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
-        self.proxy = Proxy(self.proxy_cfg, self.key, self._ha1.get, auth, self.transports.alive)
+        self.forwarder: UdpForwarder | None = None
+        media: MediaController | None = None
+        if cfg["media.enabled"]:
+            self.forwarder = UdpForwarder(cfg.media_address, self._count_n)
+            media = MediaController(
+                self.forwarder, cfg.media_address,
+                PortAllocator(cfg["media.port_min"], cfg["media.port_max"]),
+                cfg["media.no_media_timeout"],
+            )
+        self.media = media
+        self.proxy = Proxy(self.proxy_cfg, self.key, self._ha1.get, auth, self.transports.alive, media)
         self._wake = trio.Event()
         self._armed = float("inf")
         self.bound: dict[str, list[str]] = {}
@@ -76,6 +89,9 @@ class RelayService:
     # --------------------------------------------------------- proxy plumbing
     def _count(self, name: str) -> None:
         self.proxy.stats.inc(name)
+
+    def _count_n(self, name: str, n: int) -> None:
+        self.proxy.stats.inc(name, n)
 
     def _dispatch(self, out: list[Send]) -> None:
         if out:
@@ -153,6 +169,14 @@ class RelayService:
         counters["pbx_registered"] = len(self.proxy.registry)
         counters["flows_open"] = len(self.transports.conns)
         counters["invite_transactions"] = len(self.proxy.txns)
+        if self.media is not None:
+            legs = [leg for s in self.media.sessions.values() for leg in s.legs()]
+            counters["media_sessions"] = len(self.media.sessions)
+            counters["media_ports_in_use"] = self.media.ports.in_use * 2
+            counters["media_sessions_ended_total"] = self.media.ended_total
+            # packets/bytes of live legs; ended legs are added when they close
+            counters["media_packets_total"] = self.media.packets_total + sum(x.packets for x in legs)
+            counters["media_bytes_total"] = self.media.octets_total + sum(x.octets for x in legs)
         for key in sorted(counters):
             name, _, label = key.partition(":")
             lbl = f'{{kind="{label}"}}' if label else ""
@@ -173,6 +197,8 @@ class RelayService:
             self.tls_cert = cert
             ctx = server_context(cert, key)
         async with trio.open_nursery() as nursery:
+            if self.forwarder is not None:
+                self.forwarder.attach(nursery)
             for listen in cfg.listeners("udp"):
                 port = await nursery.start(self.transports.serve_udp, listen.host, listen.port)
                 self.bound.setdefault("udp", []).append(f"{listen.host}:{port}")
@@ -204,6 +230,8 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     for t in ("udp", "tcp", "tls"):
         for b in bound.get(t, []):
             lines.append(f"  SIP {t.upper():3}  {b}")
+    if cfg["media.enabled"]:
+        lines.append(f"  RTP      {cfg.media_address} ports {cfg['media.port_min']}-{cfg['media.port_max']}")
     lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz")
     lines.append(f"  state    {cfg.state_dir.resolve()}")
     tls = bound.get("tls", [""])[0].rpartition(":")[2]

@@ -26,7 +26,7 @@ def test_reference_file_documents_every_key_with_a_comment() -> None:
     for i, line in enumerate(lines):
         if "=" in line and not line.startswith("#"):
             j = i - 1
-            while j >= 0 and lines[j].startswith(("udp", "tcp", "tls", "pbx_expires")):
+            while j >= 0 and lines[j].startswith(("udp", "tcp", "tls", "pbx_expires", "port_m")):
                 j -= 1  # grouped keys share one comment block
             assert lines[j].startswith("#"), f"undocumented key: {line}"
 

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from relay.media.session import PBX, PHONE, MediaController, MediaError
 from relay.pbx.digest import DigestAuth
 from relay.pbx.registry import PbxRegistry
 from relay.proxy.flow import Flow
@@ -89,6 +90,7 @@ class Proxy:
         directory: Callable[[str], dict[str, str] | None],
         auth: DigestAuth,
         flow_alive: Callable[[Flow], bool],
+        media: MediaController | None = None,
     ):
         self.cfg = config
         self.tokens = FlowTokens(hashlib.sha256(b"flow" + key).digest())
@@ -96,6 +98,7 @@ class Proxy:
         self.directory = directory
         self.auth = auth
         self.flow_alive = flow_alive
+        self.media = media
         self.registry = PbxRegistry()
         self.txns = TransactionTable()
         self.stats = Stats()
@@ -117,7 +120,7 @@ class Proxy:
             return self._on_request(msg, source, now)
         assert isinstance(msg, Response)
         self.stats.inc("responses_in_total")
-        return self._on_response(msg, now)
+        return self._on_response(msg, source, now)
 
     def on_parse_error(self, err: SipParseError, source: Flow) -> list[Send]:
         """A request we could read enough of gets its 400/505/513; the rest is dropped."""
@@ -297,6 +300,10 @@ class Proxy:
             if (source.transport, source.local_port) != (target.transport, target.local_port):
                 req.insert_before("Record-Route", f"<{self._uri(token, source)}{rr}")
             req.insert_before("Record-Route", f"<{self._uri(token, target)}{rr}")
+        if self.media is not None:
+            refused = self._anchor_media(req, source, to_phone, now)
+            if refused is not None:
+                return refused
         via = req.top_via()
         branch = self._branch(req, via, loop)
         if req.method == "INVITE":
@@ -311,7 +318,7 @@ class Proxy:
         txn = InviteTransaction(
             key=self._txn_key_from(req, via), inbound=source, created=now, outbound=target,
             forwarded=data, call_id=req.call_id, give_up_at=now + TIMER_C,
-            upstream=upstream,
+            upstream=upstream, to_phone=to_phone,
         )
         txn.cancel_template = {
             "uri": req.uri, "via": self._our_via(target, branch, source),
@@ -418,8 +425,47 @@ class Proxy:
         out = [self._reply(req, source, 200, "OK")]
         if txn.final:
             return out
+        if self.media is not None:
+            self.media.end(txn.call_id)
         out.extend(self._cancel_downstream(txn))
         return out
+
+    # ------------------------------------------------------------------- media
+    def _anchor_media(self, req: Request, source: Flow, to_phone: bool, now: float) -> list[Send] | None:
+        """Every SDP offer/answer in a request goes through the media relay
+        (DESIGN §2 media row); BYE ends the call's media."""
+        assert self.media is not None
+        if req.method == "BYE":
+            self.media.end(req.call_id)
+            return None
+        if req.method not in SDP_METHODS or not _has_sdp(req):
+            return None
+        try:
+            req.set_body(self.media.on_sdp(req.call_id, PBX if to_phone else PHONE, req.body,
+                                           source.remote_ip, now))
+        except MediaError as e:
+            self.stats.inc("media_refused_total")
+            if req.method == "ACK":
+                return []  # an ACK cannot be refused; without media it goes nowhere
+            if "port" in str(e):
+                return self._refuse(req, source, 503, "Service Unavailable", now,
+                                    extra=[("Retry-After", "5")])
+            return self._refuse(req, source, 488, "Not Acceptable Here", now)
+        return None
+
+    def _anchor_media_response(self, resp: Response, from_side: str, source_ip: str, now: float) -> bool:
+        """Rewrite an answer (or late offer) in a response; False: drop it."""
+        assert self.media is not None
+        if not _has_sdp(resp):
+            return True
+        try:
+            resp.set_body(self.media.on_sdp(resp.call_id, from_side, resp.body, source_ip, now))
+        except MediaError:
+            # Passing the SDP on untouched would send media around the relay,
+            # which fails behind NAT: the caller sees no answer rather than a broken call.
+            self.stats.inc("media_refused_total")
+            return False
+        return True
 
     def _cancel_downstream(self, txn: InviteTransaction) -> list[Send]:
         if txn.outbound is None or txn.cancelled:
@@ -447,7 +493,7 @@ class Proxy:
         return [Send(txn.outbound, Request(method, t["uri"], headers).serialise())]
 
     # --------------------------------------------------------------- responses
-    def _on_response(self, resp: Response, now: float) -> list[Send]:
+    def _on_response(self, resp: Response, source: Flow, now: float) -> list[Send]:
         try:
             vias = resp.get_all("via")
             via = Via.parse(vias[0]) if vias else None
@@ -479,6 +525,15 @@ class Proxy:
                     self._schedule(txn, give_up)
             if resp.status == 100:
                 return []  # hop by hop: we sent our own 100 already (§16.7 step 3)
+            if self.media is not None and not txn.local_final:
+                if resp.status >= 300:
+                    self.media.failed(txn.call_id)
+                elif not self._anchor_media_response(
+                    resp, PHONE if txn.to_phone else PBX, source.remote_ip, now,
+                ):
+                    return []
+                elif resp.status >= 200:
+                    self.media.established(txn.call_id)
             txn.retransmit_at = None
             data = resp.serialise()
             if txn.local_final:
@@ -495,6 +550,13 @@ class Proxy:
                 txn.last_response = data  # a late provisional does not replace the final
             back = txn.inbound
         else:
+            if self.media is not None and resp.cseq[1] in SDP_METHODS and _has_sdp(resp):
+                # UPDATE/PRACK answers: from the side the response is not going to
+                to_pbx = self.registry.serial_of(back) is not None
+                if not self._anchor_media_response(
+                    resp, PHONE if to_pbx else PBX, source.remote_ip, now,
+                ):
+                    return []
             data = resp.serialise()
         if back.reliable and not self.flow_alive(back):
             self.stats.inc("dropped_total:response_flow_gone")
@@ -522,6 +584,9 @@ class Proxy:
         if now >= self._next_sweep:
             for _ in self.registry.expire(now):
                 self.stats.inc("pbx_unregistered_total:expired")
+            if self.media is not None:
+                for _ in self.media.expire(now):
+                    self.stats.inc("media_sessions_ended_total:no_media")
             self._next_sweep = now + 1.0
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -652,6 +717,16 @@ class Proxy:
         from_tag = NameAddr.parse(req.get("from") or "").tag or ""
         data = f"{req.uri}|{from_tag}|{req.call_id}|{req.cseq[0]}".encode()
         return hashlib.sha256(data).hexdigest()[:8]
+
+
+SDP_METHODS = frozenset({"INVITE", "ACK", "PRACK", "UPDATE"})
+
+
+def _has_sdp(msg: SipMessage) -> bool:
+    if not msg.body:
+        return False
+    ctype = (msg.get("content-type") or "").split(";")[0].strip().lower()
+    return ctype == "application/sdp"
 
 
 def _tag() -> str:

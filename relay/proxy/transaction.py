@@ -43,6 +43,7 @@ class InviteTransaction:
     expires_at: float = 0.0
     call_id: str = ""
     cancelled: bool = False
+    to_phone: bool = False  # the INVITE went PBX → phone
     local_final: bool = False  # the relay answered the caller itself (408)
     our_branch: str = ""
     upstream: list[Header] = field(default_factory=list)  # Via/From/To/Call-ID/CSeq as received

@@ -1,0 +1,1 @@
+"""Media anchoring: SDP rewrite, port allocation, RTP/RTCP forwarding."""

@@ -1,0 +1,219 @@
+"""Media sessions: one per dialog, two legs per stream, latching rules (sans-I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.media.ports import PortAllocator, PortsExhausted
+from relay.media.sdp import MediaStream, SdpError, parse_sdp, rewrite_sdp
+
+PHONE = "phone"
+PBX = "pbx"
+OTHER = {PHONE: PBX, PBX: PHONE}
+Addr = tuple[str, int]
+
+# Attempts at binding a pair before giving up on a call: a pair another program
+# holds is retired and the next one tried.
+BIND_ATTEMPTS = 16
+_UNSPECIFIED = ("0.0.0.0", "::")
+
+
+class Latch:
+    """Symmetric RTP (RFC 4961): learn a side's real address from its first packet.
+
+    Before latching only a source whose IP is the side's SIP flow IP or the IP its
+    SDP names is accepted — a stranger who guesses the port cannot take the
+    stream over ("RTP bleed"); afterwards only the latched address. A new SDP
+    address from that side (re-INVITE after a network change) reopens it.
+    """
+
+    __slots__ = ("expected", "allowed_ips", "latched")
+
+    def __init__(self) -> None:
+        self.expected: Addr | None = None
+        self.allowed_ips: frozenset[str] = frozenset()
+        self.latched: Addr | None = None
+
+    def reopen(self, expected: Addr | None, signal_ip: str) -> None:
+        self.expected = expected
+        ips = {signal_ip}
+        if expected is not None:
+            ips.add(expected[0])
+        self.allowed_ips = frozenset(ips)
+        self.latched = None
+
+    def accept(self, src: Addr) -> bool:
+        latched = self.latched
+        if latched is not None:
+            return src == latched
+        if src[0] in self.allowed_ips:
+            self.latched = src
+            return True
+        return False
+
+    def destination(self) -> Addr | None:
+        return self.latched or self.expected
+
+
+@dataclass(eq=False)
+class Leg:
+    """One side of one stream: the relay's port pair that side sends to."""
+
+    side: str
+    port: int  # RTP; RTCP is port + 1
+    rtp: Latch = field(default_factory=Latch)
+    rtcp: Latch = field(default_factory=Latch)
+    peer: Leg | None = None
+    sdp_addr: Addr | None = None  # what the side's last SDP said, to see it change
+    packets: int = 0
+    octets: int = 0
+    dropped: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass(eq=False)
+class Stream:
+    index: int
+    legs: dict[str, Leg]
+
+
+@dataclass(eq=False)
+class MediaSession:
+    call_id: str
+    created: float
+    streams: dict[int, Stream] = field(default_factory=dict)
+    established: bool = False
+
+    def legs(self) -> list[Leg]:
+        return [leg for s in self.streams.values() for leg in s.legs.values()]
+
+    def last_activity(self) -> float:
+        return max([self.created, *(leg.last_seen for leg in self.legs())])
+
+
+class MediaBackend(Protocol):
+    """What moves the packets. The userspace forwarder (trio) is one; a kernel
+    forwarder (nftables, DESIGN §9) would be another."""
+
+    def open(self, leg: Leg) -> None:
+        """Bind leg.port and leg.port + 1 and start forwarding to leg.peer; OSError if taken."""
+
+    def close(self, leg: Leg) -> None: ...
+
+
+class MediaError(Exception):
+    """No media session could be made (no ports left, unusable SDP)."""
+
+
+class MediaController:
+    def __init__(self, backend: MediaBackend, address: str, ports: PortAllocator,
+                 no_media_timeout: float = 60.0):
+        self.backend = backend
+        self.address = address
+        self.ports = ports
+        self.no_media_timeout = no_media_timeout
+        self.sessions: dict[str, MediaSession] = {}
+        self.ended_total = 0
+        self.packets_total = 0  # of ended sessions; live legs count their own
+        self.octets_total = 0
+
+    # ------------------------------------------------------------- signalling
+    def on_sdp(self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float) -> bytes:
+        """An offer or answer from ``from_side``: remember where that side wants
+        media, and return the SDP the other side must see (relay address, the
+        ports of the other side's legs). Raises MediaError."""
+        try:
+            sdp = parse_sdp(body)
+        except SdpError as e:
+            raise MediaError(f"unusable SDP: {e}") from e
+        session = self.sessions.get(call_id)
+        if session is None:
+            session = self.sessions[call_id] = MediaSession(call_id, now)
+        ports: list[tuple[int, int | None]] = []
+        try:
+            for m in sdp.media:
+                if m.port == 0:
+                    ports.append((0, None))  # rejected/disabled stream (RFC 3264 §6)
+                    continue
+                stream = session.streams.get(m.index) or self._new_stream(session, m.index)
+                leg = stream.legs[from_side]
+                self._learn(leg, m, signal_ip)
+                other = stream.legs[OTHER[from_side]]
+                ports.append((other.port, other.port + 1))
+        except PortsExhausted as e:
+            if not session.streams:
+                self.end(call_id)
+            raise MediaError(str(e)) from e
+        return rewrite_sdp(body, self.address, ports)
+
+    @staticmethod
+    def _learn(leg: Leg, m: MediaStream, signal_ip: str) -> None:
+        conn = m.conn
+        rtp: Addr | None = None if conn is None or conn in _UNSPECIFIED else (conn, m.port)
+        if rtp == leg.sdp_addr and leg.rtp.allowed_ips:
+            return  # same address as before: keep what was latched
+        leg.sdp_addr = rtp
+        leg.rtp.reopen(rtp, signal_ip)
+        rtcp: Addr | None = None
+        if rtp is not None:
+            if m.rtcp_mux:
+                rtcp = rtp
+            else:
+                rtcp = (m.rtcp_addr or rtp[0], m.rtcp_port or rtp[1] + 1)
+        leg.rtcp.reopen(rtcp, signal_ip)
+
+    def _new_stream(self, session: MediaSession, index: int) -> Stream:
+        a = self._open_leg(PHONE)
+        try:
+            b = self._open_leg(PBX)
+        except PortsExhausted:
+            self.backend.close(a)
+            self.ports.give_back(a.port)
+            raise
+        a.peer, b.peer = b, a
+        stream = Stream(index, {PHONE: a, PBX: b})
+        session.streams[index] = stream
+        return stream
+
+    def _open_leg(self, side: str) -> Leg:
+        for _ in range(BIND_ATTEMPTS):
+            leg = Leg(side, self.ports.take())
+            try:
+                self.backend.open(leg)
+                return leg
+            except OSError:
+                self.ports.retire(leg.port)  # another program holds it
+        raise PortsExhausted("no bindable media port pair")
+
+    def established(self, call_id: str) -> None:
+        session = self.sessions.get(call_id)
+        if session is not None:
+            session.established = True
+
+    def failed(self, call_id: str) -> None:
+        """A final error to an INVITE: only a dialog that never came up loses its media."""
+        session = self.sessions.get(call_id)
+        if session is not None and not session.established:
+            self.end(call_id)
+
+    def end(self, call_id: str) -> bool:
+        session = self.sessions.pop(call_id, None)
+        if session is None:
+            return False
+        for leg in session.legs():
+            self.backend.close(leg)
+            self.ports.give_back(leg.port)
+            self.packets_total += leg.packets
+            self.octets_total += leg.octets
+        self.ended_total += 1
+        return True
+
+    # ------------------------------------------------------------------ time
+    def expire(self, now: float) -> list[str]:
+        """Sessions with no packet, RTP or RTCP, in either direction for the timeout."""
+        gone = [cid for cid, s in self.sessions.items()
+                if now - s.last_activity() >= self.no_media_timeout]
+        for cid in gone:
+            self.end(cid)
+        return gone
