@@ -103,7 +103,8 @@ class RelayProc:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
 
-def write_config(r: RelayProc, extra: str = "") -> Path:
+def write_config(r: RelayProc, extra: str = "", media: str = "") -> Path:
+    """``extra``: lines for the [sip] table; ``media``: lines for the [media] table."""
     path = r.state_dir / "relay.toml"
     path.write_text(f"""
 [relay]
@@ -120,6 +121,9 @@ tls = ["{r.host}:{r.tls}"]
 digest_algorithms = ["MD5", "SHA-256"]
 {extra}
 
+[media]
+{media}
+
 [admin]
 listen = "{r.host}:{r.admin}"
 """)
@@ -127,8 +131,8 @@ listen = "{r.host}:{r.admin}"
     return path
 
 
-def start_relay(r: RelayProc, extra: str = "") -> RelayProc:
-    write_config(r, extra)
+def start_relay(r: RelayProc, extra: str = "", media: str = "") -> RelayProc:
+    write_config(r, extra, media)
     r.log_path = r.state_dir / "relay.log"
     cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run"]
     if r.netns:
