@@ -1,0 +1,131 @@
+"""MediaController and Latch without sockets: ports, latching, teardown, timeouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.media.ports import PortAllocator
+from relay.media.sdp import parse_sdp
+from relay.media.session import PBX, PHONE, Latch, Leg, MediaController, MediaError
+
+RELAY = "198.51.100.10"
+
+
+class FakeBackend:
+    def __init__(self, taken: set[int] | None = None) -> None:
+        self.open_ports: set[int] = set()
+        self.taken = taken or set()
+
+    def open(self, leg: Leg) -> None:
+        if leg.port in self.taken:
+            raise OSError("in use")
+        self.open_ports |= {leg.port, leg.port + 1}
+
+    def close(self, leg: Leg) -> None:
+        self.open_ports -= {leg.port, leg.port + 1}
+
+
+def sdp(ip: str = "10.77.1.2", port: int = 4000, extra: str = "", video: bool = False) -> bytes:
+    text = (f"v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\n{extra}")
+    if video:
+        text += f"m=video {port + 2} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n"
+    return text.encode()
+
+
+def controller(**kw: object) -> tuple[MediaController, FakeBackend]:
+    backend = FakeBackend(**kw)  # type: ignore[arg-type]
+    return MediaController(backend, RELAY, PortAllocator(10000, 10020), 60.0), backend
+
+
+def test_offer_and_answer_each_see_the_other_sides_relay_ports() -> None:
+    mc, backend = controller()
+    to_pbx = parse_sdp(mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0))
+    to_phone = parse_sdp(mc.on_sdp("c1", PBX, sdp("10.77.2.2", 5000), "203.0.113.130", 0.1))
+    assert to_pbx.media[0].conn == RELAY and to_phone.media[0].conn == RELAY
+    legs = mc.sessions["c1"].streams[0].legs
+    assert to_pbx.media[0].port == legs[PBX].port
+    assert to_phone.media[0].port == legs[PHONE].port
+    assert legs[PHONE].port != legs[PBX].port
+    assert backend.open_ports == {10000, 10001, 10002, 10003}
+    # before any packet the relay would send to what each SDP said
+    assert legs[PHONE].rtp.destination() == ("10.77.1.2", 4000)
+    assert legs[PHONE].rtcp.destination() == ("10.77.1.2", 4001)
+
+
+def test_latching_accepts_the_signalling_ip_then_only_the_latched_source() -> None:
+    latch = Latch()
+    latch.reopen(("10.77.1.2", 4000), "203.0.113.2")
+    assert not latch.accept(("192.0.2.66", 4000))  # a stranger before latching: no bleed
+    assert latch.accept(("203.0.113.2", 40123))  # the phone's NAT address
+    assert latch.destination() == ("203.0.113.2", 40123)
+    assert not latch.accept(("203.0.113.2", 40999))  # same IP, other port: not after latching
+    assert latch.accept(("203.0.113.2", 40123))
+
+
+def test_reinvite_with_a_new_address_reopens_latching_only_for_that_side() -> None:
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    mc.on_sdp("c1", PBX, sdp("10.77.2.2", 5000), "203.0.113.130", 0.1)
+    legs = mc.sessions["c1"].streams[0].legs
+    assert legs[PHONE].rtp.accept(("203.0.113.2", 40000))
+    assert legs[PBX].rtp.accept(("203.0.113.130", 50000))
+    # same SDP again (a session refresh): latching kept
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 5.0)
+    assert legs[PHONE].rtp.latched == ("203.0.113.2", 40000)
+    # the phone moved to LTE: new address in its SDP and a new signalling IP
+    mc.on_sdp("c1", PHONE, sdp("100.64.7.9", 6000), "198.18.0.7", 6.0)
+    assert legs[PHONE].rtp.latched is None
+    assert not legs[PHONE].rtp.accept(("203.0.113.2", 40000))  # the old source is refused
+    assert legs[PHONE].rtp.accept(("198.18.0.7", 33333))
+    assert legs[PBX].rtp.latched == ("203.0.113.130", 50000)  # the other side untouched
+
+
+def test_disabled_stream_gets_no_ports_and_end_frees_everything() -> None:
+    mc, backend = controller()
+    body = sdp(video=True).replace(b"m=video 4002", b"m=video 0")
+    out = parse_sdp(mc.on_sdp("c1", PHONE, body, "203.0.113.2", 0.0))
+    assert out.media[1].port == 0
+    assert backend.open_ports == {10000, 10001, 10002, 10003}
+    assert mc.end("c1") and not backend.open_ports and mc.ports.in_use == 0
+    assert not mc.end("c1")
+
+
+def test_failed_invite_ends_media_but_failed_reinvite_does_not() -> None:
+    mc, backend = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    mc.failed("c1")
+    assert "c1" not in mc.sessions and not backend.open_ports
+    mc.on_sdp("c2", PHONE, sdp(), "203.0.113.2", 0.0)
+    mc.established("c2")
+    mc.failed("c2")  # e.g. 491 to a re-INVITE
+    assert "c2" in mc.sessions
+
+
+def test_no_media_timeout_counts_rtcp_as_life() -> None:
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    legs = mc.sessions["c1"].streams[0].legs
+    legs[PBX].last_seen = 50.0  # e.g. RTCP only, on hold
+    assert mc.expire(100.0) == []
+    assert mc.expire(110.0) == ["c1"]
+
+
+def test_ports_taken_by_another_program_are_skipped_and_exhaustion_is_an_error() -> None:
+    mc, backend = controller(taken={10000})
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    assert 10000 not in backend.open_ports and mc.ports.in_use == 2
+    with pytest.raises(MediaError):
+        for n in range(10):
+            mc.on_sdp(f"x{n}", PHONE, sdp(), "203.0.113.2", 0.0)
+    # the call that found no second pair gave its first one back: nothing leaks
+    assert mc.ports.available == 1
+    assert mc.ports.in_use * 2 == len(backend.open_ports)
+    assert all(s.streams for s in mc.sessions.values())
+
+
+def test_unusable_sdp_is_a_media_error() -> None:
+    mc, backend = controller()
+    with pytest.raises(MediaError):
+        mc.on_sdp("c1", PHONE, b"this is not sdp", "203.0.113.2", 0.0)
+    assert not backend.open_ports
