@@ -48,9 +48,27 @@ def test_offer_and_answer_each_see_the_other_sides_relay_ports() -> None:
     assert to_phone.media[0].port == legs[PHONE].port
     assert legs[PHONE].port != legs[PBX].port
     assert backend.open_ports == {10000, 10001, 10002, 10003}
-    # before any packet the relay would send to what each SDP said
-    assert legs[PHONE].rtp.destination() == ("10.77.1.2", 4000)
-    assert legs[PHONE].rtcp.destination() == ("10.77.1.2", 4001)
+    # before any packet: the SDP's port at the address the SIP came from — never
+    # the private address the SDP names (the phone is behind NAT)
+    assert legs[PHONE].rtp.destination() == ("203.0.113.2", 4000)
+    assert legs[PHONE].rtcp.destination() == ("203.0.113.2", 4001)
+
+
+def test_first_packets_of_the_callee_are_accepted_before_its_answer() -> None:
+    # The PBX's RTP can overtake its 200 OK (TCP): its leg already accepts the
+    # PBX's SIP address when the offer is forwarded.
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0, peer_ip="203.0.113.130")
+    pbx_leg = mc.sessions["c1"].streams[0].legs[PBX]
+    assert not pbx_leg.rtp.accept(("192.0.2.66", 5000))
+    assert pbx_leg.rtp.accept(("203.0.113.130", 5000))
+
+
+def test_layered_port_count_streams_are_rejected_not_half_served() -> None:
+    mc, backend = controller()
+    out = parse_sdp(mc.on_sdp("c1", PHONE, sdp().replace(b"m=audio 4000 ", b"m=audio 4000/2 "),
+                              "203.0.113.2", 0.0))
+    assert out.media[0].port == 0 and not backend.open_ports
 
 
 def test_latching_accepts_the_signalling_ip_then_only_the_latched_source() -> None:

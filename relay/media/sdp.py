@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -61,18 +62,18 @@ MAX_PORT_COUNT: Final = 4
 NO_PORTS: Final[tuple[int, None]] = (0, None)
 
 # ICE attributes (RFC 8839 §5: candidate, remote-candidates, ice-lite,
-# ice-mismatch, ice-ufrag, ice-pwd, ice-options, ice-pacing; RFC 8840 §9:
-# end-of-candidates). Candidates name the peer's own addresses, which must not
-# reach the far end (it would try them around the relay, RFC 8445 §6.1.2) and the
-# credentials belong to connectivity checks the relay does not run. With them
-# removed both ends fall back to the c=/m= address (RFC 8839 §4.2: an answer
-# without ICE attributes means the peer does not do ICE).
+# ice-mismatch, ice-ufrag, ice-pwd, ice-pacing, ice-options; RFC 8840:
+# end-of-candidates). Candidates name the peer's own addresses (host, server
+# reflexive, relayed), which must not reach the far end: it would run ICE checks
+# (RFC 8445) to them and send media around the relay. The ufrag/pwd belong to
+# checks the relay does not answer. With all of them gone each end sees a peer
+# that does not do ICE and sends to the c=/m= address, which is the relay.
 ICE_ATTRIBUTES: Final = frozenset({
     b"candidate", b"remote-candidates", b"end-of-candidates", b"ice-ufrag", b"ice-pwd",
     b"ice-options", b"ice-lite", b"ice-mismatch", b"ice-pacing",
 })
 
-# RFC 3264 §6.1 / RFC 8866 §6.7: a stream's direction, media level over session
+# RFC 8866 §6.7, RFC 3264 §5.1: a stream's direction, media level over session
 # level, sendrecv when neither says.
 DIRECTIONS: Final = frozenset({"sendrecv", "sendonly", "recvonly", "inactive"})
 
@@ -104,7 +105,7 @@ class MediaStream:
     family: str | None       # "IP4" or "IP6", of that c=
     rtcp_port: int | None    # a=rtcp (RFC 3605), None when absent
     rtcp_addr: str | None    # the address in a=rtcp, when it gives one
-    rtcp_mux: bool           # a=rtcp-mux (RFC 5761 §5.1.3)
+    rtcp_mux: bool           # a=rtcp-mux (RFC 5761 §5.1.1)
     direction: Direction
     held: bool               # sendonly/inactive, or c= 0.0.0.0 / :: (RFC 3264 §8.4)
     crypto: bool             # a=crypto (SDES, RFC 4568), informational
@@ -416,7 +417,7 @@ def _relay_family(address: str) -> bytes:
     return b"IP4" if ip.version == 4 else b"IP6"
 
 
-def _check_ports(sdp: Sdp, ports: list[tuple[int, int | None]]) -> None:
+def _check_ports(sdp: Sdp, ports: Sequence[tuple[int, int | None]]) -> None:
     if len(ports) != len(sdp.media):
         raise ValueError(f"{len(ports)} port allocations for {len(sdp.media)} m= lines")
     for stream, (rtp, rtcp) in zip(sdp.media, ports, strict=True):
@@ -433,7 +434,7 @@ def _check_ports(sdp: Sdp, ports: list[tuple[int, int | None]]) -> None:
                 raise ValueError(f"m= line {stream.index}: port {p} out of range")
 
 
-def rewrite_sdp(body: bytes, address: str, ports: list[tuple[int, int | None]]) -> bytes:
+def rewrite_sdp(body: bytes, address: str, ports: Sequence[tuple[int, int | None]]) -> bytes:
     """The body with the relay's ``address`` and ``ports`` in place of the peer's.
 
     ``ports[i]`` is ``(rtp_port, rtcp_port)`` for the i-th m= line, ``rtcp_port``
@@ -496,8 +497,7 @@ def rewrite_sdp(body: bytes, address: str, ports: list[tuple[int, int | None]]) 
         # role == "drop": ICE, or a session-level a=rtcp
     out.extend(inserts.get(len(layout.lines), ()))
 
-    if not out:
-        return b""
+    # out is never empty: the v= line is always kept.
     # A line we added after the body's last line, or a last line we dropped, must
     # not change whether the body ends with a line ending.
     last_eol = layout.lines[-1][1]

@@ -35,13 +35,24 @@ class Latch:
         self.allowed_ips: frozenset[str] = frozenset()
         self.latched: Addr | None = None
 
-    def reopen(self, expected: Addr | None, signal_ip: str) -> None:
-        self.expected = expected
-        ips = {signal_ip}
-        if expected is not None:
-            ips.add(expected[0])
+    def reopen(self, sdp_addr: Addr | None, signal_ip: str) -> None:
+        """``sdp_addr``: where the side's SDP asks for media; ``signal_ip``: the
+        address its SIP came from. Until the first packet, media for the side
+        goes to the signalling IP at the SDP's port — behind NAT the SDP names
+        a private address the relay must never send to (rtpengine's default,
+        without trust-address; Kamailio's fix_nated_sdp does the same)."""
+        self.expected = None if sdp_addr is None else (signal_ip or sdp_addr[0], sdp_addr[1])
+        ips = {signal_ip} if signal_ip else set()
+        if sdp_addr is not None:
+            ips.add(sdp_addr[0])
         self.allowed_ips = frozenset(ips)
         self.latched = None
+
+    def expect_from(self, ip: str) -> None:
+        """Before the side's own SDP arrives (its 200 may be overtaken by its first
+        RTP), accept its packets from the address its SIP flow has."""
+        if not self.allowed_ips and ip:
+            self.allowed_ips = frozenset({ip})
 
     def accept(self, src: Addr) -> bool:
         latched = self.latched
@@ -119,10 +130,15 @@ class MediaController:
         self.octets_total = 0
 
     # ------------------------------------------------------------- signalling
-    def on_sdp(self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float) -> bytes:
-        """An offer or answer from ``from_side``: remember where that side wants
-        media, and return the SDP the other side must see (relay address, the
-        ports of the other side's legs). Raises MediaError."""
+    def on_sdp(
+        self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float,
+        peer_ip: str = "",
+    ) -> bytes:
+        """An offer or answer from ``from_side`` (whose SIP came from ``signal_ip``):
+        remember where that side wants media, and return the SDP the other side
+        must see (relay address, the ports of the other side's legs). ``peer_ip``
+        is the other side's SIP address, to accept its first packets before its
+        own SDP. Raises MediaError."""
         try:
             sdp = parse_sdp(body)
         except SdpError as e:
@@ -133,18 +149,24 @@ class MediaController:
         ports: list[tuple[int, int | None]] = []
         try:
             for m in sdp.media:
-                if m.port == 0:
-                    ports.append((0, None))  # rejected/disabled stream (RFC 3264 §6)
+                if m.port == 0 or m.port_count > 1:
+                    # disabled (RFC 3264 §6), or layered over several ports (RFC 8866
+                    # §5.14), which no SIP phone uses: rejected rather than half served
+                    ports.append((0, None))
                     continue
                 stream = session.streams.get(m.index) or self._new_stream(session, m.index)
                 leg = stream.legs[from_side]
                 self._learn(leg, m, signal_ip)
                 other = stream.legs[OTHER[from_side]]
+                other.rtp.expect_from(peer_ip)
+                other.rtcp.expect_from(peer_ip)
                 ports.append((other.port, other.port + 1))
         except PortsExhausted as e:
             if not session.streams:
                 self.end(call_id)
             raise MediaError(str(e)) from e
+        if not session.streams:
+            self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
         return rewrite_sdp(body, self.address, ports)
 
     @staticmethod

@@ -301,7 +301,7 @@ class Proxy:
                 req.insert_before("Record-Route", f"<{self._uri(token, source)}{rr}")
             req.insert_before("Record-Route", f"<{self._uri(token, target)}{rr}")
         if self.media is not None:
-            refused = self._anchor_media(req, source, to_phone, now)
+            refused = self._anchor_media(req, source, target, to_phone, now)
             if refused is not None:
                 return refused
         via = req.top_via()
@@ -431,7 +431,9 @@ class Proxy:
         return out
 
     # ------------------------------------------------------------------- media
-    def _anchor_media(self, req: Request, source: Flow, to_phone: bool, now: float) -> list[Send] | None:
+    def _anchor_media(
+        self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float,
+    ) -> list[Send] | None:
         """Every SDP offer/answer in a request goes through the media relay
         (DESIGN §2 media row); BYE ends the call's media."""
         assert self.media is not None
@@ -442,7 +444,7 @@ class Proxy:
             return None
         try:
             req.set_body(self.media.on_sdp(req.call_id, PBX if to_phone else PHONE, req.body,
-                                           source.remote_ip, now))
+                                           source.remote_ip, now, target.remote_ip))
         except MediaError as e:
             self.stats.inc("media_refused_total")
             if req.method == "ACK":
