@@ -123,6 +123,7 @@ def test_failed_invite_ends_media_but_failed_reinvite_does_not() -> None:
 def test_no_media_timeout_counts_rtcp_as_life() -> None:
     mc, _ = controller()
     mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    mc.established("c1")
     legs = mc.sessions["c1"].streams[0].legs
     legs[PBX].last_seen = 50.0  # e.g. RTCP only, on hold
     assert mc.expire(100.0) == []
@@ -147,3 +148,29 @@ def test_unusable_sdp_is_a_media_error() -> None:
     with pytest.raises(MediaError):
         mc.on_sdp("c1", PHONE, b"this is not sdp", "203.0.113.2", 0.0)
     assert not backend.open_ports
+
+
+def test_a_ringing_call_is_not_judged_by_its_media() -> None:
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    assert mc.expire(200.0) == []  # rings long, no early media: still there
+    assert mc.expire(241.0) == ["c1"]  # past Timer C and the safety margin
+
+
+def test_an_offer_in_an_established_call_waits_for_its_2xx() -> None:
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    mc.on_sdp("c1", PBX, sdp("10.77.2.2", 5000), "203.0.113.130", 0.1)
+    mc.established("c1")
+    phone = mc.sessions["c1"].streams[0].legs[PHONE]
+    assert phone.rtp.accept(("203.0.113.2", 40000))
+    # re-INVITE offering a new port, rejected (488): nothing changes
+    mc.on_sdp("c1", PHONE, sdp(port=4100), "203.0.113.2", 5.0, offer=True)
+    assert phone.rtp.latched == ("203.0.113.2", 40000)
+    mc.failed("c1")
+    assert "c1" in mc.sessions and phone.pending is None
+    assert phone.rtp.latched == ("203.0.113.2", 40000)
+    # the same offer accepted (2xx): latching reopens for the new address
+    mc.on_sdp("c1", PHONE, sdp(port=4100), "203.0.113.2", 6.0, offer=True)
+    mc.established("c1")
+    assert phone.rtp.latched is None and phone.rtp.destination() == ("203.0.113.2", 4100)

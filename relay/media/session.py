@@ -17,6 +17,16 @@ Addr = tuple[str, int]
 # holds is retired and the next one tried.
 BIND_ATTEMPTS = 16
 _UNSPECIFIED = ("0.0.0.0", "::")
+# A session never answered is dropped after this long whatever happens: past
+# proxy Timer C (180 s, RFC 3261 §16.6 item 11) plus margin.
+SETUP_LIMIT = 240.0
+
+
+def _apply(leg: Leg, rtp: Addr | None, rtcp: Addr | None, signal_ip: str) -> None:
+    leg.sdp_addr = rtp
+    leg.pending = None
+    leg.rtp.reopen(rtp, signal_ip)
+    leg.rtcp.reopen(rtcp, signal_ip)
 
 
 class Latch:
@@ -77,6 +87,9 @@ class Leg:
     rtcp: Latch = field(default_factory=Latch)
     peer: Leg | None = None
     sdp_addr: Addr | None = None  # what the side's last SDP said, to see it change
+    # An offer inside an established call takes effect only when it is accepted
+    # (RFC 3264 §8: a rejected offer changes nothing): (sdp rtp, sdp rtcp, signal ip).
+    pending: tuple[Addr | None, Addr | None, str] | None = None
     packets: int = 0
     octets: int = 0
     dropped: int = 0
@@ -132,13 +145,15 @@ class MediaController:
     # ------------------------------------------------------------- signalling
     def on_sdp(
         self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float,
-        peer_ip: str = "",
+        peer_ip: str = "", offer: bool = False,
     ) -> bytes:
         """An offer or answer from ``from_side`` (whose SIP came from ``signal_ip``):
         remember where that side wants media, and return the SDP the other side
         must see (relay address, the ports of the other side's legs). ``peer_ip``
         is the other side's SIP address, to accept its first packets before its
-        own SDP. Raises MediaError."""
+        own SDP. ``offer``: an offer in a request (re-INVITE, UPDATE) whose new
+        address waits for its 2xx when the call is already up (commit/rollback).
+        Raises MediaError."""
         try:
             sdp = parse_sdp(body)
         except SdpError as e:
@@ -156,7 +171,7 @@ class MediaController:
                     continue
                 stream = session.streams.get(m.index) or self._new_stream(session, m.index)
                 leg = stream.legs[from_side]
-                self._learn(leg, m, signal_ip)
+                self._learn(leg, m, signal_ip, defer=offer and session.established)
                 other = stream.legs[OTHER[from_side]]
                 other.rtp.expect_from(peer_ip)
                 other.rtcp.expect_from(peer_ip)
@@ -170,20 +185,22 @@ class MediaController:
         return rewrite_sdp(body, self.address, ports)
 
     @staticmethod
-    def _learn(leg: Leg, m: MediaStream, signal_ip: str) -> None:
+    def _learn(leg: Leg, m: MediaStream, signal_ip: str, defer: bool) -> None:
         conn = m.conn
         rtp: Addr | None = None if conn is None or conn in _UNSPECIFIED else (conn, m.port)
         if rtp == leg.sdp_addr and leg.rtp.allowed_ips:
+            leg.pending = None
             return  # same address as before: keep what was latched
-        leg.sdp_addr = rtp
-        leg.rtp.reopen(rtp, signal_ip)
         rtcp: Addr | None = None
         if rtp is not None:
             if m.rtcp_mux:
                 rtcp = rtp
             else:
                 rtcp = (m.rtcp_addr or rtp[0], m.rtcp_port or rtp[1] + 1)
-        leg.rtcp.reopen(rtcp, signal_ip)
+        if defer:
+            leg.pending = (rtp, rtcp, signal_ip)
+        else:
+            _apply(leg, rtp, rtcp, signal_ip)
 
     def _new_stream(self, session: MediaSession, index: int) -> Stream:
         a = self._open_leg(PHONE)
@@ -209,15 +226,25 @@ class MediaController:
         raise PortsExhausted("no bindable media port pair")
 
     def established(self, call_id: str) -> None:
+        """A 2xx to an INVITE or UPDATE: the call is up, a pending offer holds."""
         session = self.sessions.get(call_id)
         if session is not None:
             session.established = True
+            for leg in session.legs():
+                if leg.pending is not None:
+                    _apply(leg, *leg.pending)
 
     def failed(self, call_id: str) -> None:
-        """A final error to an INVITE: only a dialog that never came up loses its media."""
+        """A final error to an INVITE or UPDATE (or a CANCEL): a call that never came
+        up loses its media; an established one forgets the rejected offer."""
         session = self.sessions.get(call_id)
-        if session is not None and not session.established:
+        if session is None:
+            return
+        if not session.established:
             self.end(call_id)
+            return
+        for leg in session.legs():
+            leg.pending = None
 
     def end(self, call_id: str) -> bool:
         session = self.sessions.pop(call_id, None)
@@ -233,9 +260,12 @@ class MediaController:
 
     # ------------------------------------------------------------------ time
     def expire(self, now: float) -> list[str]:
-        """Sessions with no packet, RTP or RTCP, in either direction for the timeout."""
+        """Established calls with no packet, RTP or RTCP, either way for the timeout.
+        A call still ringing is not judged by its media (early media is optional):
+        Timer C, CANCEL and final errors end it; SETUP_LIMIT is the safety net."""
         gone = [cid for cid, s in self.sessions.items()
-                if now - s.last_activity() >= self.no_media_timeout]
+                if (now - s.last_activity() >= self.no_media_timeout if s.established
+                    else now - s.created >= SETUP_LIMIT)]
         for cid in gone:
             self.end(cid)
         return gone

@@ -426,7 +426,7 @@ class Proxy:
         if txn.final:
             return out
         if self.media is not None:
-            self.media.end(txn.call_id)
+            self.media.failed(txn.call_id)  # a CANCELled re-INVITE keeps the call's media
         out.extend(self._cancel_downstream(txn))
         return out
 
@@ -444,7 +444,8 @@ class Proxy:
             return None
         try:
             req.set_body(self.media.on_sdp(req.call_id, PBX if to_phone else PHONE, req.body,
-                                           source.remote_ip, now, target.remote_ip))
+                                           source.remote_ip, now, target.remote_ip,
+                                           offer=req.method in ("INVITE", "UPDATE")))
         except MediaError as e:
             self.stats.inc("media_refused_total")
             if req.method == "ACK":
@@ -552,13 +553,18 @@ class Proxy:
                 txn.last_response = data  # a late provisional does not replace the final
             back = txn.inbound
         else:
-            if self.media is not None and resp.cseq[1] in SDP_METHODS and _has_sdp(resp):
+            if self.media is not None and resp.cseq[1] in SDP_METHODS and resp.status >= 200:
                 # UPDATE/PRACK answers: from the side the response is not going to
                 to_pbx = self.registry.serial_of(back) is not None
-                if not self._anchor_media_response(
+                if _has_sdp(resp) and not self._anchor_media_response(
                     resp, PHONE if to_pbx else PBX, source.remote_ip, now,
                 ):
                     return []
+                if resp.cseq[1] == "UPDATE":
+                    if resp.status < 300:
+                        self.media.established(resp.call_id)
+                    else:
+                        self.media.failed(resp.call_id)
             data = resp.serialise()
         if back.reliable and not self.flow_alive(back):
             self.stats.inc("dropped_total:response_flow_gone")
@@ -606,6 +612,8 @@ class Proxy:
                     out.extend(self._cancel_downstream(txn))
                 txn.last_response = self._upstream_response(txn, 408, "Request Timeout")
                 txn.local_final = True
+                if self.media is not None:
+                    self.media.failed(txn.call_id)
                 self._finish(txn, now)
                 self.stats.inc("invite_timeouts_total")
                 out.append(Send(txn.inbound, txn.last_response))
