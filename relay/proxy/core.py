@@ -224,12 +224,12 @@ class Proxy:
                     self.stats.inc("flow_failed_total")
                     # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
                     return self._refuse(req, source, 430, "Flow Failed", now)
-                return self._forward(req, source, phone_flow, serial, phone_flow, mf, now, True)
+                return self._forward(req, source, via, phone_flow, serial, phone_flow, mf, now, True)
             if pbx is None:
                 return self._refuse(req, source, 480, "Temporarily Unavailable", now)
             if pbx.flow == source:
                 return self._refuse(req, source, 482, "Loop Detected", now)
-            return self._forward(req, source, pbx.flow, serial, phone_flow, mf, now, False)
+            return self._forward(req, source, via, pbx.flow, serial, phone_flow, mf, now, False)
 
         target_serial = self._serial_of_host(ruri.host)
         if target_serial is None:
@@ -244,7 +244,7 @@ class Proxy:
         if pbx.flow == source:
             # A PBX addressing its own domain through us would loop straight back.
             return self._refuse(req, source, 482, "Loop Detected", now)
-        return self._forward(req, source, pbx.flow, serial, source, mf, now, False)
+        return self._forward(req, source, via, pbx.flow, serial, source, mf, now, False)
 
     @staticmethod
     def _towards_phone(
@@ -263,12 +263,12 @@ class Proxy:
         if kind == TOKEN_PATH:
             return True
         if ftag is not None and kind in (TOKEN_FROM_PHONE, TOKEN_FROM_PBX):
-            from_creator = (NameAddr.parse(req.get("from") or "").tag or "") == ftag
+            from_creator = (req.from_tag or "") == ftag
             return from_creator == (kind == TOKEN_FROM_PBX)
         return pbx_flow is not None and pbx_flow == source
 
     def _forward(
-        self, req: Request, source: Flow, target: Flow, serial: str, phone_flow: Flow,
+        self, req: Request, source: Flow, via: Via, target: Flow, serial: str, phone_flow: Flow,
         mf: int, now: float, to_phone: bool,
     ) -> list[Send]:
         """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send."""
@@ -277,9 +277,11 @@ class Proxy:
             return self._refuse(req, source, 503, "Service Unavailable", now,
                                 extra=[("Retry-After", "5")])
         loop = self._loop_hash(req)
-        for v in req.vias()[1:]:
-            if (v.branch or "").endswith("." + loop) and (v.branch or "").startswith(OUR_BRANCH):
-                return self._refuse(req, source, 482, "Loop Detected", now)
+        for value in req.get_all("via")[1:]:
+            if OUR_BRANCH in value:  # only our own Vias can tell a loop
+                branch = Via.parse(value).branch or ""
+                if branch.startswith(OUR_BRANCH) and branch.endswith("." + loop):
+                    return self._refuse(req, source, 482, "Loop Detected", now)
         if req.has("max-forwards"):
             req.set("Max-Forwards", str(mf - 1))
         else:
@@ -292,7 +294,7 @@ class Proxy:
         elif req.method in DIALOG_FORMING:
             kind = TOKEN_FROM_PBX if to_phone else TOKEN_FROM_PHONE
             token = self.tokens.mint(phone_flow, f"{kind}.{serial}")
-            ftag = NameAddr.parse(req.get("from") or "").tag
+            ftag = req.from_tag
             rr = f";lr;ftag={ftag}>" if ftag else ";lr>"
             # Double Record-Route when the two sides use different sockets
             # (RFC 5658): each side must see the entry it can reach. Inside a
@@ -304,7 +306,6 @@ class Proxy:
             refused = self._anchor_media(req, source, target, to_phone, now)
             if refused is not None:
                 return refused
-        via = req.top_via()
         branch = self._branch(req, via, loop)
         if req.method == "INVITE":
             # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
@@ -700,7 +701,7 @@ class Proxy:
         branch = via.branch or ""
         if branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
             return (branch, via.sent_by(), method or req.method)
-        from_tag = NameAddr.parse(req.get("from") or "").tag or ""
+        from_tag = req.from_tag or ""
         return (
             "2543", req.uri, from_tag, req.call_id, str(req.cseq[0]), via.sent_by(),
             method or req.method,
@@ -724,7 +725,7 @@ class Proxy:
 
     def _loop_hash(self, req: Request) -> str:
         """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop."""
-        from_tag = NameAddr.parse(req.get("from") or "").tag or ""
+        from_tag = req.from_tag or ""
         data = f"{req.uri}|{from_tag}|{req.call_id}|{req.cseq[0]}".encode()
         return hashlib.sha256(data).hexdigest()[:8]
 

@@ -10,9 +10,8 @@ registered PBX — it is never an open relay.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import ipaddress
+import socket
 import struct
 
 from relay.proxy.flow import TRANSPORTS, Flow
@@ -27,23 +26,48 @@ class BadToken(Exception):
     """The token was not minted by this relay (or its key changed)."""
 
 
+# Tokens minted and verified recently, so that the messages of a call (each one
+# carries the same tokens) cost a dict lookup, not an HMAC. Only good tokens are
+# remembered; the caches are emptied when full, so they cannot grow without bound.
+CACHE_SIZE = 4096
+
+
 class FlowTokens:
     def __init__(self, key: bytes):
         if len(key) < 16:
             raise ValueError("flow token key must be at least 16 bytes")
         self._key = key
+        self._minted: dict[tuple[Flow, str], str] = {}
+        self._verified: dict[str, tuple[Flow, str]] = {}
 
     def mint(self, flow: Flow, serial: str = "") -> str:
-        rip = ipaddress.ip_address(flow.remote_ip).packed
-        lip = ipaddress.ip_address(flow.local_ip).packed
+        token = self._minted.get((flow, serial))
+        if token is not None:
+            return token
+        rip = _pack(flow.remote_ip)
+        lip = _pack(flow.local_ip)
         kind = TRANSPORTS.index(flow.transport) | (0x10 if len(rip) == 16 else 0)
         kind |= 0x20 if len(lip) == 16 else 0
         body = _HEAD.pack(kind, flow.remote_port, flow.local_port) + rip + lip + serial.encode()
-        mac = hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_SIZE]
-        return base64.urlsafe_b64encode(mac + body).rstrip(b"=").decode("ascii")
+        mac = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
+        token = base64.urlsafe_b64encode(mac + body).rstrip(b"=").decode("ascii")
+        if len(self._minted) >= CACHE_SIZE:
+            self._minted.clear()
+        self._minted[(flow, serial)] = token
+        return token
 
     def verify(self, token: str) -> tuple[Flow, str]:
         """(flow, serial) of a token we minted, else BadToken."""
+        known = self._verified.get(token)
+        if known is not None:
+            return known
+        result = self._verify(token)
+        if len(self._verified) >= CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = result
+        return result
+
+    def _verify(self, token: str) -> tuple[Flow, str]:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError) as e:
@@ -55,24 +79,36 @@ class FlowTokens:
         if len(raw) < MAC_SIZE + _HEAD.size + 8:
             raise BadToken("short")
         mac, body = raw[:MAC_SIZE], raw[MAC_SIZE:]
-        good = hmac.new(self._key, body, hashlib.sha256).digest()[:MAC_SIZE]
+        good = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
         if not hmac.compare_digest(mac, good):
             raise BadToken("bad signature")
         kind, rport, lport = _HEAD.unpack_from(body)
         at = _HEAD.size
         rlen = 16 if kind & 0x10 else 4
         llen = 16 if kind & 0x20 else 4
-        rip = ipaddress.ip_address(body[at : at + rlen])
-        lip = ipaddress.ip_address(body[at + rlen : at + rlen + llen])
-        serial = body[at + rlen + llen :].decode()
-        flow = Flow(TRANSPORTS[kind & 0x0F], _text(rip), rport, _text(lip), lport)
-        return flow, serial
+        rip = body[at : at + rlen]
+        lip = body[at + rlen : at + rlen + llen]
+        try:
+            serial = body[at + rlen + llen :].decode()
+            transport = TRANSPORTS[kind & 0x0F]
+        except (UnicodeDecodeError, IndexError) as e:
+            raise BadToken("bad payload") from e
+        return Flow(transport, _text(rip), rport, _text(lip), lport), serial
 
 
-def _text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """The address as the socket layer writes it, so the flow compares equal to the
-    one the transport keeps: a dual-stack socket reports IPv4 peers as
-    ``::ffff:192.0.2.1``, which Python before 3.13 prints as ``::ffff:c000:201``."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return f"::ffff:{ip.ipv4_mapped}"
-    return str(ip)
+def _pack(ip: str) -> bytes:
+    try:
+        return socket.inet_pton(socket.AF_INET, ip)
+    except OSError:
+        try:
+            return socket.inet_pton(socket.AF_INET6, ip)
+        except OSError:
+            raise ValueError(f"not an IP address: {ip!r}") from None
+
+
+def _text(packed: bytes) -> str:
+    """The address as the socket layer writes it (inet_ntop), so the flow compares
+    equal to the one the transport keeps: a dual-stack socket reports IPv4 peers
+    as ``::ffff:192.0.2.1``, which Python's ipaddress before 3.13 prints as
+    ``::ffff:c000:201``."""
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from relay.sip.errors import SipParseError
@@ -49,25 +50,45 @@ def is_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+_CANONICAL: dict[str, str] = {}
+_CANONICAL_MAX = 1024  # header names are chosen by peers: bounded, emptied when full
+
+
 def canonical_name(raw_name: str) -> str:
     """Lower-case full header name; compact forms expanded."""
-    name = raw_name.lower()
-    return COMPACT_FORMS.get(name, name)
+    name = _CANONICAL.get(raw_name)
+    if name is None:
+        lower = raw_name.lower()
+        name = COMPACT_FORMS.get(lower, lower)
+        if len(_CANONICAL) >= _CANONICAL_MAX:
+            _CANONICAL.clear()
+        _CANONICAL[raw_name] = name
+    return name
+
+
+_COMMA_SPECIAL = re.compile(r'[",<>\\]')
 
 
 def split_commas(value: str) -> list[str]:
     """Split a header value at commas outside quotes and <...> (RFC 3261 §7.3.1)."""
+    if '"' not in value and "<" not in value:
+        # Via, Allow, Supported, Require…: nothing can hide a comma (the hot path:
+        # every message has Vias).
+        return [p for p in (x.strip() for x in value.split(",")) if p]
     parts: list[str] = []
     depth = 0
     quoted = False
+    escaped_at = -1
     start = 0
-    i = 0
-    n = len(value)
-    while i < n:
+    # Only the few special characters are visited, not every character.
+    for m in _COMMA_SPECIAL.finditer(value):
+        i = m.start()
         ch = value[i]
         if quoted:
+            if i == escaped_at:
+                continue
             if ch == "\\":
-                i += 1
+                escaped_at = i + 1  # quoted-pair: the next character is literal
             elif ch == '"':
                 quoted = False
         elif ch == '"':
@@ -79,7 +100,6 @@ def split_commas(value: str) -> list[str]:
         elif ch == "," and depth == 0:
             parts.append(value[start:i].strip())
             start = i + 1
-        i += 1
     if quoted:
         raise SipParseError("unterminated quoted string")
     parts.append(value[start:].strip())
@@ -102,6 +122,8 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    if '"' not in text:
+        return text.split(sep)
     out: list[str] = []
     quoted = False
     start = 0

@@ -46,12 +46,25 @@ class Header:
 class SipMessage:
     """Common part of requests and responses."""
 
-    __slots__ = ("start_line", "headers", "body")
+    __slots__ = ("start_line", "headers", "body", "_from_tag")
 
     def __init__(self, start_line: bytes, headers: list[Header], body: bytes = b""):
         self.start_line = start_line
         self.headers = headers
         self.body = body
+        self._from_tag: str | None | bool = False  # False: not read yet
+
+    @property
+    def from_tag(self) -> str | None:
+        """The From tag, read once (routing asks for it several times per message)."""
+        tag = self._from_tag
+        if tag is False:
+            tag = self._from_tag = NameAddr.parse(self.get("from") or "").tag
+        return tag  # type: ignore[return-value]
+
+    @from_tag.setter
+    def from_tag(self, tag: str | None) -> None:
+        self._from_tag = tag
 
     # -- reading ---------------------------------------------------------
     def get(self, name: str) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from relay.sip import limits
 from relay.sip.errors import SipParseError
 from relay.sip.headers import (
@@ -15,6 +17,7 @@ from relay.sip.headers import (
 from relay.sip.message import Header, Request, Response, SipMessage, to_str
 
 HEADER_END = b"\r\n\r\n"
+_TOKEN = re.compile(rb"[A-Za-z0-9\-.!%*_+`'~]+")  # RFC 3261 §25.1 token
 _WSP = (b" ", b"\t")
 _VERSION = "SIP/2.0"
 
@@ -105,7 +108,7 @@ def _header(raw: bytes) -> Header:
     if colon <= 0:
         raise SipParseError("header line without a colon")
     name = raw[:colon].rstrip(b" \t")
-    if not name or any(c not in TOKEN_CHARS for c in name):
+    if not _TOKEN.fullmatch(name):
         raise SipParseError("bad header name")
     # RFC 3261 §7.3.1: folding (CRLF followed by WSP) is equivalent to one SP.
     value = raw[colon + 1 : -2]
@@ -170,28 +173,30 @@ def _content_length(msg: SipMessage) -> int | None:
 
 def _validate(msg: SipMessage) -> None:
     """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
-    seen: set[str] = set()
+    found: dict[str, str] = {}
     for h in msg.headers:
-        if h.name in SINGLE_VALUED:
-            if h.name in seen:
-                raise SipParseError(f"more than one {h.name}")
-            seen.add(h.name)
+        name = h.name
+        if name in SINGLE_VALUED and name in found:
+            raise SipParseError(f"more than one {name}")
+        if name not in found:
+            found[name] = h.value
     for name in ("call-id", "cseq", "from", "to", "via"):
-        if name not in seen and not msg.has(name):
+        if name not in found:
             raise SipParseError(f"missing {name}")
-    cseq = (msg.get("cseq") or "").split()
+    cseq = found["cseq"].split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
-    if isinstance(msg, Request):
-        if cseq[1] != msg.method:
-            raise SipParseError("CSeq method does not match the request line")
-        mf = msg.get("max-forwards")
-        if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
-            raise SipParseError("bad Max-Forwards")
     for v in msg.get_all("via"):
         Via.parse(v)
-    NameAddr.parse(msg.get("from") or "")
-    NameAddr.parse(msg.get("to") or "")
+    if not isinstance(msg, Request):
+        return  # a response is forwarded as it is: Via and CSeq are all we route on
+    if cseq[1] != msg.method:
+        raise SipParseError("CSeq method does not match the request line")
+    mf = found.get("max-forwards")
+    if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
+        raise SipParseError("bad Max-Forwards")
+    msg.from_tag = NameAddr.parse(found["from"]).tag
+    NameAddr.parse(found["to"])
     for v in msg.get_all("contact"):
         if v != "*":
             na = NameAddr.parse(v)
