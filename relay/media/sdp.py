@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -456,7 +456,20 @@ def rewrite_sdp(body: bytes, address: str, ports: Sequence[tuple[int, int | None
     - every other line, its order and its line ending stay byte for byte; so does
       the ending (or its absence) of the body's last line.
     """
+    return _rewrite(_scan(body), address, ports)
+
+
+def anchor_sdp(
+    body: bytes, address: str, choose_ports: Callable[[Sdp], Sequence[tuple[int, int | None]]],
+) -> bytes:
+    """``parse_sdp`` and ``rewrite_sdp`` with one reading of the body: ``choose_ports``
+    gets what was parsed and returns the ports for ``rewrite_sdp`` (the relay's
+    per-call path; an SDP is scanned once, not twice). Raises SdpError."""
     layout = _scan(body)
+    return _rewrite(layout, address, choose_ports(layout.sdp))
+
+
+def _rewrite(layout: _Layout, address: str, ports: Sequence[tuple[int, int | None]]) -> bytes:
     family = _relay_family(address)
     _check_ports(layout.sdp, ports)
     relay_conn = b"IN " + family + b" " + address.encode("ascii")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.media.ports import PortAllocator, PortsExhausted
-from relay.media.sdp import MediaStream, SdpError, parse_sdp, rewrite_sdp
+from relay.media.sdp import MediaStream, Sdp, SdpError, anchor_sdp
 
 PHONE = "phone"
 PBX = "pbx"
@@ -154,15 +154,13 @@ class MediaController:
         own SDP. ``offer``: an offer in a request (re-INVITE, UPDATE) whose new
         address waits for its 2xx when the call is already up (commit/rollback).
         Raises MediaError."""
-        try:
-            sdp = parse_sdp(body)
-        except SdpError as e:
-            raise MediaError(f"unusable SDP: {e}") from e
         session = self.sessions.get(call_id)
         if session is None:
             session = self.sessions[call_id] = MediaSession(call_id, now)
-        ports: list[tuple[int, int | None]] = []
-        try:
+        defer = offer and session.established
+
+        def allocate(sdp: Sdp) -> list[tuple[int, int | None]]:
+            ports: list[tuple[int, int | None]] = []
             for m in sdp.media:
                 if m.port == 0 or m.port_count > 1:
                     # disabled (RFC 3264 §6), or layered over several ports (RFC 8866
@@ -170,19 +168,22 @@ class MediaController:
                     ports.append((0, None))
                     continue
                 stream = session.streams.get(m.index) or self._new_stream(session, m.index)
-                leg = stream.legs[from_side]
-                self._learn(leg, m, signal_ip, defer=offer and session.established)
+                self._learn(stream.legs[from_side], m, signal_ip, defer)
                 other = stream.legs[OTHER[from_side]]
                 other.rtp.expect_from(peer_ip)
                 other.rtcp.expect_from(peer_ip)
                 ports.append((other.port, other.port + 1))
+            return ports
+
+        try:
+            return anchor_sdp(body, self.address, allocate)
+        except SdpError as e:
+            raise MediaError(f"unusable SDP: {e}") from e
         except PortsExhausted as e:
-            if not session.streams:
-                self.end(call_id)
             raise MediaError(str(e)) from e
-        if not session.streams:
-            self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
-        return rewrite_sdp(body, self.address, ports)
+        finally:
+            if not session.streams:
+                self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
 
     @staticmethod
     def _learn(leg: Leg, m: MediaStream, signal_ip: str, defer: bool) -> None:
