@@ -298,6 +298,10 @@ tcp = ["{HOST}:{r.tcp}"]
 tls = ["{HOST}:{r.tls}"]
 digest_algorithms = ["MD5", "SHA-256"]
 
+[media]
+# BENCH_MEDIA=false: signalling only (SDP untouched), to split what media anchoring costs
+enabled = {os.environ.get("BENCH_MEDIA", "true").lower()}
+
 [admin]
 listen = "{HOST}:{r.admin}"
 """)
