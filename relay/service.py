@@ -194,7 +194,6 @@ class RelayService:
             else:
                 ips = [cfg.advertise] + [x.host for x in cfg.listeners("tls")]
                 cert, key = ensure_self_signed(cfg.state_dir / "tls", cfg["relay.domain"], ips)
-            self.tls_cert = cert
             ctx = server_context(cert, key)
         async with trio.open_nursery() as nursery:
             if self.forwarder is not None:

@@ -145,7 +145,7 @@ class Proxy:
         if req.method == "CANCEL":
             return self._on_cancel(req, source, now)
         if req.method == "INVITE":
-            txn = self.txns.get(self._txn_key(req, via))
+            txn = self.txns.get(self._txn_key_from(req, via))
             if txn is not None:
                 # A retransmission: answer with what we last sent, forward nothing.
                 self.stats.inc("retransmissions_absorbed_total")
@@ -321,7 +321,7 @@ class Proxy:
             forwarded=data, call_id=req.call_id, give_up_at=now + TIMER_C,
             upstream=upstream, to_phone=to_phone,
         )
-        txn.cancel_template = {
+        txn.downstream = {
             "uri": req.uri, "via": self._our_via(target, branch, source),
             "from": req.get("from") or "", "to": req.get("to") or "",
             "call-id": req.call_id, "cseq": str(req.cseq[0]),
@@ -476,14 +476,14 @@ class Proxy:
             return []
         txn.cancelled = True
         self.stats.inc("cancels_forwarded_total")
-        return self._downstream_request(txn, "CANCEL", txn.cancel_template["to"])
+        return self._downstream_request(txn, "CANCEL", txn.downstream["to"])
 
     def _downstream_request(self, txn: InviteTransaction, method: str, to: str) -> list[Send]:
         """CANCEL, or ACK for a non-2xx: the forwarded INVITE's Request-URI, Route
         set, From, Call-ID, CSeq number and top Via (RFC 3261 §9.1, §17.1.1.3)."""
         if txn.outbound is None:
             return []
-        t = txn.cancel_template
+        t = txn.downstream
         headers = [
             Header("Via", t["via"]),
             Header("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS)),
@@ -691,9 +691,6 @@ class Proxy:
             if label and "." not in label:
                 return label
         return None
-
-    def _txn_key(self, req: Request, via: Via) -> TxnKey:
-        return self._txn_key_from(req, via)
 
     @staticmethod
     def _txn_key_from(req: Request, via: Via, method: str | None = None) -> TxnKey:

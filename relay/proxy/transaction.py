@@ -33,7 +33,7 @@ class InviteTransaction:
     created: float
     outbound: Flow | None = None
     forwarded: bytes = b""  # the INVITE as sent downstream (for Timer A)
-    cancel_template: dict[str, str] = field(default_factory=dict)
+    downstream: dict[str, str] = field(default_factory=dict)  # the forwarded INVITE: for CANCEL and ACK
     last_response: bytes | None = None
     final: bool = False
     got_provisional: bool = False

@@ -301,7 +301,7 @@ class Transports:
                 else:
                     self.on_message(ev, conn.flow)
             # An idle flow (5,000 PBXs) must not keep its last message alive.
-            data = events = None  # type: ignore[assignment]
+            data = events = ev = None  # type: ignore[assignment]
             if framer.buffered:
                 if partial_since is None:
                     partial_since = trio.current_time()
