@@ -1,0 +1,570 @@
+"""Media benchmark (issue 3, "Benchmark"): RTP through our relay vs rtpengine, same run.
+
+N concurrent G.711 "calls": each call is two UDP endpoints (phone side, PBX side);
+every endpoint sends 172-byte RTP packets (12-byte header + 160 bytes, PT 0,
+seq/ts incrementing) at 50 packets/s to the relay port its SDP named, and counts
+what arrives. Our relay's ports come from real SIP (phone INVITE over UDP with SDP,
+the PBX phoned home over TCP with digest REGISTER answers 200 with SDP: the
+relay rewrites both); rtpengine's from its ng protocol (bencode over UDP: offer,
+answer). Same endpoints, same generator, same pinning (relay/rtpengine on the last
+CPU, generator + this script on the others).
+
+The generator: the endpoint sockets are bound in this process, then two forked
+children share them, one sending (paced loop of ``sendto``, one slice of the
+streams every 2 ms), one receiving (epoll + ``recv_into``, counting per socket).
+
+    .venv/bin/python bench/run_media.py   # = --loads 50,100,200,400,600 --seconds 10 --profile 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    BENCH,
+    CLK_TCK,
+    HOST,
+    PIN,
+    VENV_BIN,
+    CpuMeter,
+    MachineMeter,
+    Procs,
+    cpu_stat,
+    free_port,
+    make_relay,
+    pin,
+    raise_nofile,
+    show,
+    start_relay,
+    wait_quiet,
+)
+from tests.media_peers import PbxUa, Phone, sdp_media_address  # noqa: E402
+
+SERIAL = "0123456789"
+RATE = 50  # packets/s per direction per call (20 ms G.711)
+PAYLOAD = bytes(range(160))
+SLICES = 10  # the streams are sent in 10 slices per 20 ms (one every 2 ms)
+
+
+# -------------------------------------------------------------------- endpoints
+class Endpoint:
+    """One side of a call's audio: a UDP socket that sends and receives (symmetric RTP)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+        self.sock.bind((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.ssrc = random.getrandbits(32)
+        self.dest: tuple[str, int] | None = None
+
+    def sdp(self) -> bytes:
+        lines = [
+            "v=0",
+            f"o=- {self.ssrc} 1 IN IP4 {HOST}",
+            "s=-",
+            f"c=IN IP4 {HOST}",
+            "t=0 0",
+            f"m=audio {self.port} RTP/AVP 0 101",
+            "a=rtpmap:0 PCMU/8000",
+            "a=rtpmap:101 telephone-event/8000",
+            "a=fmtp:101 0-16",
+            "a=ptime:20",
+            "a=sendrecv",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+    def learn(self, body: bytes) -> None:
+        self.dest = sdp_media_address(body)[0]
+
+
+class RelayView:
+    """What tests.media_peers needs of a relay: ports, secrets, a log."""
+
+    def __init__(self, r, secret: str, log: Path):  # type: ignore[no-untyped-def]
+        self.udp, self.tcp = r.udp, r.tcp
+        self.secrets = {SERIAL: secret}
+        self._log = log
+
+    def log(self) -> str:
+        return self._log.read_text(errors="replace")
+
+
+def relay_calls(phone: Phone, pbx: PbxUa, n: int) -> list[tuple[Endpoint, Endpoint]]:
+    """n calls phone → relay → PBX, each answered 200 with SDP and ACKed."""
+    out = []
+    for _ in range(n):
+        a, b = Endpoint(), Endpoint()
+        pc = phone.invite(a.sdp())
+        bc = pbx.answer(b.sdp(), ring=False)
+        b.learn(bc.offer.body)
+        resp = pc.final()
+        assert resp.status == 200, resp.raw
+        a.learn(resp.body)
+        bc.ack()
+        out.append((a, b))
+    return out
+
+
+# -------------------------------------------------------------- rtpengine (ng)
+def benc(x: object) -> bytes:
+    if isinstance(x, bytes):
+        return str(len(x)).encode() + b":" + x
+    if isinstance(x, str):
+        return benc(x.encode())
+    if isinstance(x, int):
+        return b"i%de" % x
+    if isinstance(x, list):
+        return b"l" + b"".join(benc(v) for v in x) + b"e"
+    if isinstance(x, dict):
+        return b"d" + b"".join(benc(k) + benc(v) for k, v in sorted(x.items())) + b"e"
+    raise TypeError(x)
+
+
+def bdec(s: bytes, i: int = 0) -> tuple[object, int]:
+    c = s[i : i + 1]
+    if c == b"i":
+        j = s.index(b"e", i)
+        return int(s[i + 1 : j]), j + 1
+    if c in (b"l", b"d"):
+        i += 1
+        items = []
+        while s[i : i + 1] != b"e":
+            v, i = bdec(s, i)
+            items.append(v)
+        if c == b"l":
+            return items, i + 1
+        return {items[k].decode(): items[k + 1] for k in range(0, len(items), 2)}, i + 1  # type: ignore[union-attr]
+    j = s.index(b":", i)
+    n = int(s[i:j])
+    return s[j + 1 : j + 1 + n], j + 1 + n
+
+
+class Ng:
+    def __init__(self, port: int):
+        self.addr = (HOST, port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(2)
+
+    def __call__(self, **cmd: object) -> dict:  # type: ignore[type-arg]
+        cookie = os.urandom(6).hex().encode()
+        for _ in range(5):
+            self.sock.sendto(cookie + b" " + benc(cmd), self.addr)
+            try:
+                while True:
+                    data = self.sock.recv(65536)
+                    if data.startswith(cookie + b" "):
+                        out, _ = bdec(data, len(cookie) + 1)
+                        assert isinstance(out, dict) and out.get("result") in (b"ok", b"pong"), out
+                        return out
+            except TimeoutError:
+                continue
+        raise RuntimeError("rtpengine: no answer on ng")
+
+
+def rtpengine_calls(ng: Ng, n: int) -> list[tuple[Endpoint, Endpoint]]:
+    out = []
+    for _ in range(n):
+        a, b = Endpoint(), Endpoint()
+        cid, ft, tt = os.urandom(8).hex(), os.urandom(4).hex(), os.urandom(4).hex()
+        off = ng(command="offer", **{"call-id": cid, "from-tag": ft, "sdp": a.sdp(), "ICE": "remove"})
+        b.learn(off["sdp"])
+        ans = ng(
+            command="answer",
+            **{"call-id": cid, "from-tag": ft, "to-tag": tt, "sdp": b.sdp(), "ICE": "remove"},
+        )
+        a.learn(ans["sdp"])
+        out.append((a, b))
+    return out
+
+
+def start_rtpengine(procs: Procs, out: Path) -> tuple[subprocess.Popen[bytes], int, list[str]]:
+    port = free_port()
+    cmd = [
+        "rtpengine",
+        "--config-file=none",
+        "-f",
+        "-E",
+        "--table=-1",
+        "--interface=127.0.0.1",
+        f"--listen-ng=127.0.0.1:{port}",
+        "--port-min=30000",
+        "--port-max=39999",
+        "--log-level=5",
+        "--timeout=120",
+        "--num-threads=2",
+    ]
+    p = procs.start("rtpengine", cmd, log=out / "rtpengine.log", cpus=PIN["relay"])
+    ng = Ng(port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ng(command="ping")
+            return p, port, cmd
+        except (RuntimeError, ConnectionRefusedError, AssertionError):
+            if time.monotonic() > deadline or p.poll() is not None:
+                tail = (out / "rtpengine.log").read_text()[-2000:]
+                raise RuntimeError("rtpengine did not start: " + tail) from None
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- generator
+def sender(socks: list[socket.socket], dests: list[tuple[str, int]], seconds: float, wfd: int) -> None:
+    n = len(socks)
+    buf = bytearray(12 + 160)
+    buf[0], buf[1] = 0x80, 0
+    buf[12:] = PAYLOAD
+    ssrcs = [random.getrandbits(32) for _ in range(n)]
+    seqs = [0] * n
+    sent = [0] * n
+    fails = 0
+    pack = struct.pack_into
+    slices = [list(range(k, n, SLICES)) for k in range(SLICES)]
+    tick = 1.0 / RATE / SLICES
+    start = time.monotonic() + 0.05
+    end = start + seconds
+    k = 0
+    max_lag = 0.0
+    late_ticks = 0
+    while True:
+        due = start + k * tick
+        if due >= end:
+            break
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            lag = now - due
+            max_lag = max(max_lag, lag)
+            if lag > 0.02:
+                late_ticks += 1
+        for i in slices[k % SLICES]:
+            s = seqs[i]
+            pack("!HII", buf, 2, s & 0xFFFF, (s * 160) & 0xFFFFFFFF, ssrcs[i])
+            try:
+                socks[i].sendto(buf, dests[i])
+                sent[i] += 1
+                seqs[i] = s + 1
+            except OSError:
+                fails += 1
+        k += 1
+    wall = time.monotonic() - start
+    os.write(
+        wfd,
+        json.dumps(
+            {
+                "sent": sent,
+                "fails": fails,
+                "wall": wall,
+                "max_lag_ms": round(max_lag * 1e3, 1),
+                "late_ticks": late_ticks,
+                "ticks": k,
+            }
+        ).encode(),
+    )
+    os.close(wfd)
+
+
+def receiver(socks: list[socket.socket], stop_fd: int, wfd: int) -> None:
+    ep = select.epoll()
+    fds = {}
+    for i, s in enumerate(socks):
+        s.setblocking(False)
+        ep.register(s.fileno(), select.EPOLLIN)
+        fds[s.fileno()] = i
+    ep.register(stop_fd, select.EPOLLIN)
+    got = [0] * len(socks)
+    buf = bytearray(2048)
+    done = False
+    while not done:
+        for fd, _ in ep.poll(1.0):
+            if fd == stop_fd:
+                done = True
+                continue
+            i = fds[fd]
+            s = socks[i]
+            while True:
+                try:
+                    s.recv_into(buf)
+                except BlockingIOError:
+                    break
+                got[i] += 1
+    os.write(wfd, json.dumps({"got": got}).encode())
+    os.close(wfd)
+
+
+def read_all(fd: int) -> dict:  # type: ignore[type-arg]
+    chunks = []
+    while c := os.read(fd, 1 << 20):
+        chunks.append(c)
+    os.close(fd)
+    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+
+
+def run_load(
+    calls: list[tuple[Endpoint, Endpoint]], seconds: float, pid: int, extra_pids: dict[str, int]
+) -> dict:  # type: ignore[type-arg]
+    """Every call's two endpoints send at 50 pps for ``seconds``; CPU of ``pid`` over it."""
+    eps = [e for ab in calls for e in ab]
+    socks = [e.sock for e in eps]
+    dests = [e.dest for e in eps]
+    # a warm-up packet each way latches every leg before the measured window
+    for e in eps:
+        e.sock.sendto(b"\x80\x00" + bytes(170), e.dest)
+    time.sleep(0.3)
+    for e in eps:
+        e.sock.setblocking(False)
+        try:
+            while e.sock.recv(2048):
+                pass
+        except BlockingIOError:
+            pass
+    r_rd, r_wr = os.pipe()
+    stop_rd, stop_wr = os.pipe()
+    rpid = os.fork()
+    if rpid == 0:
+        os.close(r_rd)
+        os.close(stop_wr)
+        try:
+            receiver(socks, stop_rd, r_wr)
+        finally:
+            os._exit(0)
+    os.close(r_wr)
+    os.close(stop_rd)
+    s_rd, s_wr = os.pipe()
+    meter = CpuMeter({"target": pid, **extra_pids, "receiver": rpid})
+    mm = MachineMeter()
+    st0 = cpu_stat()
+    spid = os.fork()
+    if spid == 0:
+        os.close(s_rd)
+        try:
+            sender(socks, dests, seconds, s_wr)
+        finally:
+            os._exit(0)
+    os.close(s_wr)
+    meter.pids["sender"] = spid
+    meter.start["sender"] = 0
+    meter.start_split["sender"] = (0, 0)
+    snd = read_all(s_rd)  # returns when the sender is done
+    cpu = meter.stop()
+    machine = mm.stop()
+    st1 = cpu_stat()
+    for c in machine:  # softirq apart: loopback delivery of what a CPU sends is not in its process's stime
+        machine[c]["softirq_pct"] = round(
+            100 * (st1[c][6] - st0[c][6]) / CLK_TCK / cpu["target"]["wall_s"], 1
+        )
+    os.waitpid(spid, 0)
+    time.sleep(0.5)  # packets still in flight
+    os.write(stop_wr, b"x")
+    rcv = read_all(r_rd)
+    os.waitpid(rpid, 0)
+    os.close(stop_wr)
+    # endpoint 2c sends to 2c+1 and vice versa
+    sent, got = snd["sent"], rcv["got"]
+    exp = [sent[i ^ 1] for i in range(len(sent))]
+    tot_sent, tot_got = sum(sent), sum(got)
+    wall = snd["wall"]
+    worst = max((1 - got[i] / exp[i]) if exp[i] else 0 for i in range(len(got)))
+    return {
+        "calls": len(calls),
+        "target_pps": len(eps) * RATE,
+        "sent_pps": round(tot_sent / wall),
+        "forwarded_pps": round(tot_got / wall),
+        "loss_pct": round(100 * (tot_sent - tot_got) / tot_sent, 4) if tot_sent else None,
+        "worst_stream_loss_pct": round(100 * worst, 3),
+        "send_fails": snd["fails"],
+        "gen_max_lag_ms": snd["max_lag_ms"],
+        "gen_late_ticks": snd["late_ticks"],
+        "gen_kept_up": snd["late_ticks"] <= snd["ticks"] * 0.01
+        and tot_sent >= 0.99 * len(eps) * RATE * seconds,
+        "cpu": cpu,
+        "machine": machine,
+        "target_pct_core": cpu.get("target", {}).get("pct_core"),
+        "target_pct_core_per_10k_pps": round(cpu["target"]["pct_core"] / (tot_got / wall / 1e4), 2)
+        if tot_got
+        else None,
+    }
+
+
+def pyspy(pid: int, seconds: int, out: Path) -> dict:  # type: ignore[type-arg]
+    raw = out / "pyspy.raw"
+    cmd = [
+        str(VENV_BIN / "py-spy"),
+        "record",
+        "-f",
+        "raw",
+        "-d",
+        str(seconds),
+        "-r",
+        "200",
+        "-p",
+        str(pid),
+        "-o",
+        str(raw),
+        "--nonblocking",
+    ]
+    return {
+        "cmd": cmd,
+        "proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(out / "pyspy.log", "wb")),
+    }
+
+
+def pyspy_summary(raw: Path, top: int = 20) -> dict:  # type: ignore[type-arg]
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(n)
+        total += c
+        frames = stack.split(";")
+        self_t[re.sub(r":\d+\)", ")", frames[-1])] += c
+        for f in {re.sub(r":\d+\)", ")", f) for f in frames}:
+            incl[f] += c
+    return {
+        "samples": total,
+        "self": [(f, round(100 * c / total, 1)) for f, c in self_t.most_common(top)],
+        "inclusive": [(f, round(100 * c / total, 1)) for f, c in incl.most_common(top)],
+    }
+
+
+# --------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--loads", default="50,100,200,400,600")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--profile", type=int, default=200, help="calls during the py-spy run (0: none)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument(
+        "--relay-commit",
+        help="benchmark the relay of this commit (git archive into the output dir), not the working tree",
+    )
+    args = ap.parse_args()
+    out = args.out or BENCH / "out" / ("media-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    raise_nofile()
+    placement = pin(not args.no_pin)
+    loads = [int(x) for x in args.loads.split(",")]
+    if args.relay_commit:  # as run_sip.py --relay-commit
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", args.relay_commit], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        src = (out / f"src-{rev}").resolve()
+        if not src.exists():
+            src.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", rev], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        os.environ["BENCH_RELAY_SRC"] = str(src)
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(src) + (os.pathsep + old if old else "")
+    procs = Procs()
+    results: dict = {"cmd": show([sys.executable, *sys.argv]), "placement": placement, "steps": []}  # type: ignore[type-arg]
+    try:
+        r = make_relay(out, log_level="warning")
+        secret = r.add_pbx(SERIAL)  # before start: the relay reads its directory at start-up
+        start_relay(procs, r, out)
+        view = RelayView(r, secret, out / "relay.log")
+        phone, pbx = Phone(view), PbxUa(view)  # type: ignore[arg-type]
+        eng, _, eng_cmd = start_rtpengine(procs, out)
+        results["rtpengine_cmd"] = show(eng_cmd)
+        ng = Ng(_)
+        ours: list = []  # type: ignore[type-arg]
+        theirs: list = []  # type: ignore[type-arg]
+        stopped = {"relay": None, "rtpengine": None}
+        for n in loads:
+            for name in ("relay", "rtpengine"):
+                if stopped[name]:
+                    continue
+                calls = ours if name == "relay" else theirs
+                t0 = time.monotonic()
+                if len(calls) < n:
+                    calls += (
+                        relay_calls(phone, pbx, n - len(calls))
+                        if name == "relay"
+                        else rtpengine_calls(ng, n - len(calls))
+                    )
+                setup_s = time.monotonic() - t0
+                q = wait_quiet(max_wait=15, threshold_pct=30)
+                m0 = r.metrics() if name == "relay" else {}
+                res = run_load(calls[:n], args.seconds, r.pid if name == "relay" else eng.pid, {})
+                if name == "relay":
+                    m1 = r.metrics()
+                    res["relay_metrics_delta"] = {
+                        k: m1[k] - m0.get(k, 0)
+                        for k in m1
+                        if k.startswith("pbx_relay_media") and m1[k] != m0.get(k, 0)
+                    }
+                res.update(target=name, setup_s=round(setup_s, 2), quiet=q)
+                results["steps"].append(res)
+                print(
+                    f"{name:9s} calls={n:4d} sent={res['sent_pps']:6d}/s fwd={res['forwarded_pps']:6d}/s "
+                    f"loss={res['loss_pct']}% worst={res['worst_stream_loss_pct']}% "
+                    f"cpu={res['target_pct_core']}% per10k={res['target_pct_core_per_10k_pps']}% "
+                    f"gen_ok={res['gen_kept_up']} lag={res['gen_max_lag_ms']}ms "
+                    f"gen_cpu(s/r)={res['cpu'].get('sender', {}).get('pct_core')}/"
+                    f"{res['cpu'].get('receiver', {}).get('pct_core')} "
+                    f"cpu0/1 busy={res['machine']['cpu0']['busy_pct']}/{res['machine']['cpu1']['busy_pct']} "
+                    f"softirq={res['machine']['cpu0']['softirq_pct']}/{res['machine']['cpu1']['softirq_pct']}",
+                    flush=True,
+                )
+                if (res["loss_pct"] or 0) > 0.1:
+                    stopped[name] = f"loss {res['loss_pct']}% at {n} calls"
+                elif not res["gen_kept_up"]:
+                    stopped[name] = f"generator could not keep up at {n} calls"
+        results["stopped"] = stopped
+        # idle: every call still set up, no packet; what the process costs by itself
+        for name, pid in (("relay", r.pid), ("rtpengine", eng.pid)):
+            m = CpuMeter({name: pid})
+            time.sleep(5)
+            results.setdefault("idle", {})[name] = {
+                "calls": len(ours if name == "relay" else theirs),
+                **m.stop()[name],
+            }
+        print("idle:", results["idle"], flush=True)
+        if args.profile:
+            n = args.profile
+            if len(ours) < n:
+                ours += relay_calls(phone, pbx, n - len(ours))
+            wait_quiet(max_wait=15, threshold_pct=30)
+            spy = pyspy(r.pid, int(args.seconds) - 2, out)
+            res = run_load(ours[:n], args.seconds, r.pid, {})
+            spy["proc"].wait(timeout=30)
+            res["target"] = "relay+py-spy"
+            results["steps"].append(res)
+            results["pyspy"] = {"cmd": show(spy["cmd"]), **pyspy_summary(out / "pyspy.raw")}
+            print(f"py-spy at {n} calls (loss {res['loss_pct']}%, cpu {res['target_pct_core']}%):")
+            for f, pct in results["pyspy"]["self"][:15]:
+                print(f"  self {pct:5.1f}%  {f}")
+            for f, pct in results["pyspy"]["inclusive"][:15]:
+                print(f"  incl {pct:5.1f}%  {f}")
+        results["relay_log_tail"] = (out / "relay.log").read_text(errors="replace")[-3000:]
+    finally:
+        procs.stop_all()
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    main()
