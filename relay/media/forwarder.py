@@ -69,6 +69,11 @@ class UdpForwarder:
         clock = trio.current_time
         try:
             while True:
+                # The leg may have been closed before this task first ran (INVITE
+                # and BYE in one read): a closed socket object says fileno() -1,
+                # even when its old descriptor number already belongs to a new one.
+                if sock.fileno() < 0:
+                    return
                 await trio.lowlevel.wait_readable(sock)
                 for _ in range(BATCH):
                     try:
@@ -97,9 +102,9 @@ class UdpForwarder:
                         continue
                     try:
                         out.sendto(data, dest)
-                    except OSError:
+                    except (OSError, OverflowError, ValueError):
                         self.count("media_dropped_total:send_error", 1)
                 else:
                     await trio.lowlevel.checkpoint()
-        except trio.ClosedResourceError:
-            return
+        except (trio.ClosedResourceError, trio.BusyResourceError, ValueError):
+            return  # closed while waiting: the leg is gone

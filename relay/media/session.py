@@ -196,7 +196,7 @@ class MediaController:
         if rtp is not None:
             if m.rtcp_mux:
                 rtcp = rtp
-            else:
+            elif m.rtcp_port or rtp[1] < 65535:  # RTP on 65535 has no implied RTCP port
                 rtcp = (m.rtcp_addr or rtp[0], m.rtcp_port or rtp[1] + 1)
         if defer:
             leg.pending = (rtp, rtcp, signal_ip)

@@ -443,6 +443,11 @@ class Proxy:
             return None
         if req.method not in SDP_METHODS or not _has_sdp(req):
             return None
+        if req.method == "ACK" and req.call_id not in self.media.sessions:
+            # An ACK answers an offer the relay anchored; one that answers nothing
+            # must not make the relay bind ports it would hold for minutes.
+            self.stats.inc("dropped_total:ack_sdp_without_session")
+            return []
         try:
             req.set_body(self.media.on_sdp(req.call_id, PBX if to_phone else PHONE, req.body,
                                            source.remote_ip, now, target.remote_ip,
@@ -524,7 +529,8 @@ class Proxy:
                 txn.retransmit_at = None
                 txn.got_provisional = True
                 give_up = now + TIMER_C if resp.status > 100 else txn.created + TIMER_C
-                if give_up > txn.give_up_at:
+                # One heap entry per second at most, however fast 180s come in.
+                if give_up > txn.give_up_at + 1.0 or txn.give_up_at < txn.created + TIMER_C:
                     txn.give_up_at = give_up
                     self._schedule(txn, give_up)
             if resp.status == 100:
