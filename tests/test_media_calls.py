@@ -523,6 +523,7 @@ def test_cancelled_reinvite_keeps_the_call_audio(relay: RelayProc, peers: Peers)
     assert a.wait_for(10) == 10 and b.wait_for(10) == 10
     call.phone.reinvite(a.sdp(version=2))
     inv = peers.pbx.request("INVITE")
+    peers.pbx.reply(inv, 100, "Trying")  # the relay holds a CANCEL until a 1xx (RFC 3261 §9.1)
     assert call.phone.cancel().status == 200
     cancel = peers.pbx.request("CANCEL")
     peers.pbx.reply(cancel, 200, "OK")

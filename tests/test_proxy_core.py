@@ -262,10 +262,25 @@ def test_cancel_is_answered_and_forwarded_with_the_invite_branch(world: World) -
 
 
 def test_second_cancel_is_answered_not_forwarded_again(world: World) -> None:
-    world.feed(phone_invite(), PHONE_UDP, 1.0)
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
+    world.feed(response_to(fwd.data, 180, "Ringing"), PBX_TCP, 1.1)
     assert len(world.feed(phone_cancel(), PHONE_UDP, 2.0)) == 2
     again = one(world.feed(phone_cancel(), PHONE_UDP, 2.5))
     assert again.status == 200
+
+
+def test_cancel_before_any_provisional_waits_for_one(world: World) -> None:
+    # RFC 3261 §9.1: the CANCEL goes downstream only once the callee answered 1xx.
+    _, fwd = world.feed(phone_invite(), PHONE_UDP, 1.0)
+    ok = one(world.feed(phone_cancel(), PHONE_UDP, 1.5))
+    assert (ok.flow, ok.status) == (PHONE_UDP, 200)
+    cancel = one(world.feed(response_to(fwd.data, 100, "Trying"), PBX_TCP, 1.6))
+    assert (cancel.flow, cancel.req.method) == (PBX_TCP, "CANCEL")
+    assert cancel.req.top_via().branch == fwd.req.top_via().branch
+    assert world.feed(response_to(fwd.data, 180, "Ringing"), PBX_TCP, 1.7) != []  # the 180 goes up
+    again = world.feed(response_to(fwd.data, 180, "Ringing"), PBX_TCP, 1.8)
+    assert [o.flow for o in again] == [PHONE_UDP]  # no second CANCEL
+
 
 
 def test_cancel_after_final_is_answered_only(world: World) -> None:

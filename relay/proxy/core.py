@@ -428,6 +428,11 @@ class Proxy:
             return out
         if self.media is not None:
             self.media.failed(txn.call_id)  # a CANCELled re-INVITE keeps the call's media
+        if not txn.got_provisional:
+            # RFC 3261 §9.1: "a CANCEL ... SHOULD NOT be sent" before a provisional
+            # response: the callee could not match it yet. Sent on the first one.
+            txn.cancel_pending = True
+            return out
         out.extend(self._cancel_downstream(txn))
         return out
 
@@ -533,46 +538,60 @@ class Proxy:
                 if give_up > txn.give_up_at + 1.0 or txn.give_up_at < txn.created + TIMER_C:
                     txn.give_up_at = give_up
                     self._schedule(txn, give_up)
+                if txn.cancel_pending:
+                    # RFC 3261 §9.1: a CANCEL waits for a provisional response.
+                    txn.cancel_pending = False
+                    cancel = self._cancel_downstream(txn)
+                    if resp.status == 100:
+                        return cancel
+                    return [*cancel, *self._on_response_forward(resp, txn, source, now)]
             if resp.status == 100:
                 return []  # hop by hop: we sent our own 100 already (§16.7 step 3)
-            if self.media is not None and not txn.local_final:
-                if resp.status >= 300:
-                    self.media.failed(txn.call_id)
-                elif not self._anchor_media_response(
-                    resp, PHONE if txn.to_phone else PBX, source.remote_ip, now,
-                ):
-                    return []
-                elif resp.status >= 200:
-                    self.media.established(txn.call_id)
-            txn.retransmit_at = None
-            data = resp.serialise()
-            if txn.local_final:
-                # The caller already has our 408: end the callee's transaction
-                # ourselves (RFC 3261 §17.1.1.3, ACK for a non-2xx). A 2xx still
-                # goes to the caller (§16.7 step 5): the callee answered.
-                if resp.status >= 300:
-                    return self._downstream_request(txn, "ACK", resp.get("to") or "")
-                if resp.status < 200:
-                    return []
-            if resp.status >= 200 and not txn.final:
-                self._finish(txn, now)
-            if not txn.final or resp.status >= 200:
-                txn.last_response = data  # a late provisional does not replace the final
-            back = txn.inbound
-        else:
-            if self.media is not None and resp.cseq[1] in SDP_METHODS and resp.status >= 200:
-                # UPDATE/PRACK answers: from the side the response is not going to
-                to_pbx = self.registry.serial_of(back) is not None
-                if _has_sdp(resp) and not self._anchor_media_response(
-                    resp, PHONE if to_pbx else PBX, source.remote_ip, now,
-                ):
-                    return []
-                if resp.cseq[1] == "UPDATE":
-                    if resp.status < 300:
-                        self.media.established(resp.call_id)
-                    else:
-                        self.media.failed(resp.call_id)
-            data = resp.serialise()
+            return self._on_response_forward(resp, txn, source, now)
+        if self.media is not None and resp.cseq[1] in SDP_METHODS and resp.status >= 200:
+            # UPDATE/PRACK answers: from the side the response is not going to
+            to_pbx = self.registry.serial_of(back) is not None
+            if _has_sdp(resp) and not self._anchor_media_response(
+                resp, PHONE if to_pbx else PBX, source.remote_ip, now,
+            ):
+                return []
+            if resp.cseq[1] == "UPDATE":
+                if resp.status < 300:
+                    self.media.established(resp.call_id)
+                else:
+                    self.media.failed(resp.call_id)
+        return self._send_response(resp.serialise(), back)
+
+    def _on_response_forward(
+        self, resp: Response, txn: InviteTransaction, source: Flow, now: float,
+    ) -> list[Send]:
+        """A response (not 100) to an INVITE the relay keeps a transaction for."""
+        if self.media is not None and not txn.local_final:
+            if resp.status >= 300:
+                self.media.failed(txn.call_id)
+            elif not self._anchor_media_response(
+                resp, PHONE if txn.to_phone else PBX, source.remote_ip, now,
+            ):
+                return []
+            elif resp.status >= 200:
+                self.media.established(txn.call_id)
+        txn.retransmit_at = None
+        data = resp.serialise()
+        if txn.local_final:
+            # The caller already has our 408: end the callee's transaction
+            # ourselves (RFC 3261 §17.1.1.3, ACK for a non-2xx). A 2xx still
+            # goes to the caller (§16.7 step 5): the callee answered.
+            if resp.status >= 300:
+                return self._downstream_request(txn, "ACK", resp.get("to") or "")
+            if resp.status < 200:
+                return []
+        if resp.status >= 200 and not txn.final:
+            self._finish(txn, now)
+        if not txn.final or resp.status >= 200:
+            txn.last_response = data  # a late provisional does not replace the final
+        return self._send_response(data, txn.inbound)
+
+    def _send_response(self, data: bytes, back: Flow) -> list[Send]:
         if back.reliable and not self.flow_alive(back):
             self.stats.inc("dropped_total:response_flow_gone")
             return []

@@ -43,6 +43,7 @@ class InviteTransaction:
     expires_at: float = 0.0
     call_id: str = ""
     cancelled: bool = False
+    cancel_pending: bool = False  # CANCELled before any provisional: sent on the first one
     to_phone: bool = False  # the INVITE went PBX → phone
     local_final: bool = False  # the relay answered the caller itself (408)
     our_branch: str = ""
