@@ -74,7 +74,7 @@ class RelayService:
         self.forwarder: UdpForwarder | None = None
         media: MediaController | None = None
         if cfg["media.enabled"]:
-            self.forwarder = UdpForwarder(cfg.media_address, self._count_n)
+            self.forwarder = UdpForwarder(cfg.media_address, self._count)
             media = MediaController(
                 self.forwarder, cfg.media_address,
                 PortAllocator(cfg["media.port_min"], cfg["media.port_max"]),
@@ -87,10 +87,7 @@ class RelayService:
         self.bound: dict[str, list[str]] = {}
 
     # --------------------------------------------------------- proxy plumbing
-    def _count(self, name: str) -> None:
-        self.proxy.stats.inc(name)
-
-    def _count_n(self, name: str, n: int) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         self.proxy.stats.inc(name, n)
 
     def _dispatch(self, out: list[Send]) -> None:

@@ -58,10 +58,6 @@ class UdpForwarder:
                 trio.lowlevel.notify_closing(s)  # wakes its reader with ClosedResourceError
                 s.close()
 
-    @property
-    def open_ports(self) -> int:
-        return len(self._socks)
-
     # ---------------------------------------------------------------- hot path
     async def _forward(self, sock: socket.socket, leg: Leg, rtcp: bool) -> None:
         latch = leg.rtcp if rtcp else leg.rtp

@@ -74,6 +74,3 @@ class TransactionTable:
     def remove(self, txn: InviteTransaction) -> None:
         self._txns.pop(txn.key, None)
         self._by_branch.pop(txn.our_branch, None)
-
-    def all(self) -> list[InviteTransaction]:
-        return list(self._txns.values())

@@ -120,10 +120,7 @@ class SipMessage:
             if h.name == canonical:
                 self.headers.insert(i, Header(name, value))
                 return
-        self.insert_after_start(name, value)
-
-    def insert_after_start(self, name: str, value: str) -> None:
-        self.headers.insert(0, Header(name, value))
+        self.insert(name, value)
 
     def append(self, name: str, value: str) -> None:
         self.headers.append(Header(name, value))
