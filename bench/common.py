@@ -304,6 +304,9 @@ enabled = {os.environ.get("BENCH_MEDIA", "true").lower()}
 
 [admin]
 listen = "{HOST}:{r.admin}"
+
+[push]
+mode = "{os.environ.get("BENCH_PUSH_MODE", "off")}"
 """)
     return r
 

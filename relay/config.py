@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,19 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "admin": {
         "listen": (str, "127.0.0.1:9090"),
     },
+    "push": {
+        "mode": (str, "embedded"),
+        "config": (str, ""),
+        "url": (str, ""),
+        "token": (str, ""),
+        "ca_file": (str, ""),
+        "ring_timeout": (float, 30.0),
+    },
 }
+PUSH_MODES = ("embedded", "remote", "off")
+ENV_PREFIX = "PBX_RELAY_"
+# Not a configuration key: the variable naming the configuration file itself.
+ENV_NOT_KEYS = frozenset({"PBX_RELAY_CONFIG"})
 
 
 @dataclass
@@ -112,8 +125,38 @@ def parse_listen(value: str, key: str, source: str) -> Listen:
     return Listen(host, p)
 
 
-def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> RelayConfig:
-    """Defaults, then the file, then ``overrides`` ({"section.key": value})."""
+def env_overrides(
+    environ: Mapping[str, str], prefix: str, schema: dict[str, dict[str, tuple[type, Any]]],
+    skip: frozenset[str] = frozenset(),
+) -> dict[str, tuple[str, Any]]:
+    """``<PREFIX><SECTION>_<KEY>`` variables → {"section.key": (variable, value)}.
+
+    Values are read as TOML literals when they are one (``5``, ``true``,
+    ``["a", "b"]``), else as plain strings — secrets stay out of files this way."""
+    out: dict[str, tuple[str, Any]] = {}
+    for var, raw in environ.items():
+        if not var.startswith(prefix) or var in skip:
+            continue
+        rest = var[len(prefix):].lower()
+        section = next((s for s in schema if rest.startswith(s + "_")), None)
+        if section is None or rest[len(section) + 1:] not in schema[section]:
+            raise ConfigError(f"${var}: no such configuration key")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if schema[section][rest[len(section) + 1:]][0] is str:
+            value = raw
+        out[f"{section}.{rest[len(section) + 1:]}"] = (var, value)
+    return out
+
+
+def load(
+    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RelayConfig:
+    """Defaults, then the file, then ``PBX_RELAY_<SECTION>_<KEY>`` environment
+    variables, then ``overrides`` ({"section.key": value})."""
     source = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path:
@@ -132,6 +175,10 @@ def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None =
             raise ConfigError(f"{source}: {section} must be a table")
         for key, value in body.items():
             values[section][key] = _check(section, key, value, source)
+    env = os.environ if environ is None else environ
+    for dotted, (var, value) in env_overrides(env, ENV_PREFIX, SCHEMA, ENV_NOT_KEYS).items():
+        section, key = dotted.split(".")
+        values[section][key] = _check(section, key, value, f"${var}")
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".")
         values[section][key] = _check(section, key, value, source)
@@ -178,6 +225,12 @@ def _validate(cfg: RelayConfig) -> None:
     if not 1024 <= lo < hi <= 65535 or hi - lo < 4:
         raise ConfigError(
             f"{src}: media.port_min/port_max: need 1024 <= min < max <= 65535, room for 2 pairs")
+    if cfg["push.mode"] not in PUSH_MODES:
+        raise ConfigError(f"{src}: push.mode must be embedded, remote or off")
+    if cfg["push.mode"] == "remote" and not (cfg["push.url"] and cfg["push.token"]):
+        raise ConfigError(f"{src}: push.url and push.token are needed with push.mode = \"remote\"")
+    if not 1.0 <= cfg["push.ring_timeout"] <= 120.0:
+        raise ConfigError(f"{src}: push.ring_timeout must be between 1 and 120 seconds")
     if cfg["media.no_media_timeout"] <= 0:
         raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
     if cfg["media.address"]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from push.service import DeviceUpdate
 from relay.admin import as_json, serve_admin
 from relay.config import RelayConfig, parse_listen
 from relay.media.forwarder import UdpForwarder
@@ -21,6 +22,8 @@ from relay.pbx.digest import DigestAuth
 from relay.pbx.directory import PbxDirectory
 from relay.proxy.core import Proxy, ProxyConfig, Send
 from relay.proxy.flow import Flow
+from relay.proxy.wake import DeviceGone, DeviceSeen, PushEvent, WakeDevice
+from relay.pushclient import DELIVERED, HttpPush, InProcessPush, PushClient
 from relay.sip.errors import SipParseError
 from relay.sip.message import SipMessage
 from relay.transport.flows import StreamTimeouts, Transports
@@ -29,6 +32,7 @@ from relay.transport.tlscert import ensure_self_signed, server_context
 log = logging.getLogger("relay")
 
 DIRECTORY_POLL = 2.0  # seconds between checks for PBXs added or removed by the CLI
+PUSH_QUEUE = 10_000  # push events waiting for the push service at most; beyond, dropped and counted
 
 
 def load_key(state_dir: Path) -> bytes:
@@ -65,6 +69,8 @@ class RelayService:
             pbx_expires_default=cfg["sip.pbx_expires_default"],
             pbx_expires_min=cfg["sip.pbx_expires_min"],
             pbx_expires_max=cfg["sip.pbx_expires_max"],
+            push=cfg["push.mode"] != "off",
+            ring_timeout=cfg["push.ring_timeout"],
         )
         self.transports = Transports(
             self._on_message, self._on_error, self._on_closed, self._count,
@@ -85,6 +91,8 @@ class RelayService:
         self._wake = trio.Event()
         self._armed = float("inf")
         self.bound: dict[str, list[str]] = {}
+        self.push: PushClient | None = None
+        self._push_in, self._push_queue = trio.open_memory_channel[PushEvent](PUSH_QUEUE)
 
     # --------------------------------------------------------- proxy plumbing
     def _count(self, name: str, n: int = 1) -> None:
@@ -93,6 +101,8 @@ class RelayService:
     def _dispatch(self, out: list[Send]) -> None:
         if out:
             self.transports.send(out)
+        if self.proxy.push_out:
+            self._queue_push_events()
         if self.proxy.next_timer() < self._armed:
             self._wake.set()
 
@@ -121,6 +131,63 @@ class RelayService:
 
     def _on_closed(self, flow: Flow) -> None:
         self.proxy.on_flow_closed(flow)
+
+    # ------------------------------------------------------------ push service
+    def _queue_push_events(self) -> None:
+        events, self.proxy.push_out = self.proxy.push_out, []
+        for ev in events:
+            try:
+                self._push_in.send_nowait(ev)
+            except trio.WouldBlock:
+                self.proxy.stats.inc("push_events_dropped_total")
+                if isinstance(ev, WakeDevice):  # the held call must not wait for nothing
+                    self._dispatch(self.proxy.on_wake_result(ev.key, False, trio.current_time()))
+
+    async def _push_events(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for ev in self._push_queue:
+                nursery.start_soon(self._push_event, ev)
+
+    async def _push_event(self, ev: PushEvent) -> None:
+        assert self.push is not None
+        try:
+            if isinstance(ev, DeviceSeen):
+                f = ev.flow
+                await self.push.device_seen(DeviceUpdate(
+                    ev.target, ev.serial, ev.username, f.remote_ip, f.remote_port, f.transport))
+            elif isinstance(ev, DeviceGone):
+                await self.push.device_gone(ev.target)
+            else:
+                outcome = await self.push.wake(
+                    ev.target, ev.call_id, ev.caller, ev.callee, ev.src, ev.ring_timeout)
+                self.proxy.stats.inc(f"push_wakes_total:{outcome}")
+                self._dispatch(self.proxy.on_wake_result(ev.key, outcome in DELIVERED, trio.current_time()))
+        except Exception as e:
+            # The push service down or refusing: count it, never log the event
+            # (it holds the push token), and let a held call end with 480.
+            self.proxy.stats.inc("push_errors_total")
+            log.warning("event=push_error kind=%s error=%s", type(ev).__name__, type(e).__name__)
+            if isinstance(ev, WakeDevice):
+                self._dispatch(self.proxy.on_wake_result(ev.key, False, trio.current_time()))
+
+    async def _start_push(self, nursery: trio.Nursery) -> None:
+        mode = self.cfg["push.mode"]
+        if mode == "remote":
+            self.push = HttpPush(self.cfg["push.url"], self.cfg["push.token"],
+                                 ca_file=self.cfg["push.ca_file"] or None)
+        elif mode == "embedded":
+            from push import app as push_app
+            from push import config as push_config
+
+            path = self.cfg["push.config"] or None
+            overrides = {} if path else {"push.state_dir": str(self.cfg.state_dir / "push")}
+            pcfg = push_config.load(path, overrides)
+            running = await nursery.start(push_app.serve, pcfg)
+            self.push = InProcessPush(running.service)
+            self.bound["push_api"] = [running.addresses["api"]]
+            self.bound["push_admin"] = [running.addresses["admin"]]
+        if self.push is not None:
+            nursery.start_soon(self._push_events)
 
     # ------------------------------------------------------------------ tasks
     async def _timers(self) -> None:
@@ -210,6 +277,7 @@ class RelayService:
             })
             self.bound["admin"] = [f"{admin.host}:{port}"]
             await self._load_directory_once()
+            await self._start_push(nursery)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._directory_refresh)
             task_status.started(self.bound)
@@ -229,6 +297,10 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     if cfg["media.enabled"]:
         lines.append(f"  RTP      {cfg.media_address} ports {cfg['media.port_min']}-{cfg['media.port_max']}")
     lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz")
+    if "push_api" in bound:
+        lines.append(f"  push     API http://{bound['push_api'][0]}/v1  admin http://{bound['push_admin'][0]}/metrics")
+    elif cfg["push.mode"] == "remote":
+        lines.append(f"  push     {cfg['push.url']}")
     lines.append(f"  state    {cfg.state_dir.resolve()}")
     tls = bound.get("tls", [""])[0].rpartition(":")[2]
     tcp = bound.get("tcp", [""])[0].rpartition(":")[2]

@@ -16,19 +16,20 @@ def relay_factory(tmp_path: Path) -> Iterator[object]:
 
     def make(
         extra: str = "", serials: tuple[str, ...] = ("0123456789",), log_level: str = "info",
-        media: str = "",
+        media: str = "", push: str | None = None,
     ) -> RelayProc:
-        """``extra``: lines for [sip]; ``media``: lines for [media] of the relay's config."""
+        """``extra``: lines for [sip]; ``media``: lines for [media]; ``push``: lines for
+        [push] of the relay's config (None: push off)."""
         state = tmp_path / f"relay{len(started)}"
         state.mkdir()
         r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port(),
                       log_level=log_level)
         from tests.realpeers import write_config
 
-        write_config(r, extra, media)
+        write_config(r, extra, media, push)
         for s in serials:
             r.add_pbx(s)
-        start_relay(r, extra, media)
+        start_relay(r, extra, media, push)
         started.append(r)
         return r
 

@@ -103,8 +103,9 @@ class RelayProc:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
 
-def write_config(r: RelayProc, extra: str = "", media: str = "") -> Path:
-    """``extra``: lines for the [sip] table; ``media``: lines for the [media] table."""
+def write_config(r: RelayProc, extra: str = "", media: str = "", push: str | None = None) -> Path:
+    """``extra``: lines for the [sip] table; ``media``: lines for the [media] table;
+    ``push``: lines for the [push] table (None: no push service, mode = "off")."""
     path = r.state_dir / "relay.toml"
     path.write_text(f"""
 [relay]
@@ -126,13 +127,16 @@ digest_algorithms = ["MD5", "SHA-256"]
 
 [admin]
 listen = "{r.host}:{r.admin}"
+
+[push]
+{'mode = "off"' if push is None else push}
 """)
     r.config_path = path
     return path
 
 
-def start_relay(r: RelayProc, extra: str = "", media: str = "") -> RelayProc:
-    write_config(r, extra, media)
+def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None = None) -> RelayProc:
+    write_config(r, extra, media, push)
     r.log_path = r.state_dir / "relay.log"
     cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run"]
     if r.netns:

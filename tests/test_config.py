@@ -26,7 +26,7 @@ def test_reference_file_documents_every_key_with_a_comment() -> None:
     for i, line in enumerate(lines):
         if "=" in line and not line.startswith("#"):
             j = i - 1
-            while j >= 0 and lines[j].startswith(("udp", "tcp", "tls", "pbx_expires", "port_m")):
+            while j >= 0 and lines[j].startswith(("udp", "tcp", "tls", "pbx_expires", "port_m", "url =")):
                 j -= 1  # grouped keys share one comment block
             assert lines[j].startswith("#"), f"undocumented key: {line}"
 
@@ -66,3 +66,21 @@ def test_config_check_accepts_the_reference(tmp_path: Path) -> None:
          "config", "check"], capture_output=True, text=True, cwd=ROOT, timeout=30,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_environment_overrides_a_key_and_names_the_variable_when_bad() -> None:
+    cfg = config.load(None, environ={"PBX_RELAY_PUSH_RING_TIMEOUT": "12", "PBX_RELAY_PUSH_TOKEN": "s3cr3t",
+                                     "PBX_RELAY_CONFIG": "/nowhere.toml"})
+    assert cfg["push.ring_timeout"] == 12.0
+    assert cfg["push.token"] == "s3cr3t"
+    with pytest.raises(config.ConfigError, match=r"\$PBX_RELAY_PUSH_RING_TIMEOUT: push.ring_timeout must be"):
+        config.load(None, environ={"PBX_RELAY_PUSH_RING_TIMEOUT": "soon"})
+    with pytest.raises(config.ConfigError, match=r"\$PBX_RELAY_PUSH_TOKN: no such configuration key"):
+        config.load(None, environ={"PBX_RELAY_PUSH_TOKN": "x"})
+
+
+def test_remote_push_needs_url_and_token(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[push]\nmode = "remote"\n')
+    with pytest.raises(config.ConfigError, match="push.url and push.token"):
+        config.load(path, environ={})

@@ -287,14 +287,14 @@ def _relay_media_trouble(metrics: dict[str, float]) -> dict[str, float]:
 TEST_DIGEST = 'digest_algorithms = ["MD5", "SHA-256"]'
 
 
-def _write_config_md5_only(r: RelayProc, extra: str = "", media: str = "") -> Path:
+def _write_config_md5_only(r: RelayProc, extra: str = "", media: str = "", push: str | None = None) -> Path:
     """realpeers.write_config, challenging with MD5 only.
 
     baresip 1.0's SIP stack (libre 1.1, Debian 12) gives up on a 401 as soon as
     one WWW-Authenticate names an algorithm other than MD5 ("Register: Function
     not implemented", ENOSYS from sip/auth.c), even when an MD5 challenge is
     offered too; the relay sends one challenge per configured algorithm."""
-    path = write_config(r, extra, media)
+    path = write_config(r, extra, media, push)
     text = path.read_text()
     assert TEST_DIGEST in text, f"realpeers.write_config changed: {path}"
     path.write_text(text.replace(TEST_DIGEST, 'digest_algorithms = ["MD5"]'))

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from push.model import PushTarget
 from relay.media.session import PBX, PHONE, MediaController, MediaError
 from relay.pbx.digest import DigestAuth
 from relay.pbx.registry import PbxRegistry
@@ -30,6 +31,19 @@ from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
     TxnKey,
+)
+from relay.proxy.wake import (
+    MAX_PENDING_REGISTERS,
+    PENDING_REGISTER_TTL,
+    DeviceGone,
+    DeviceSeen,
+    Held,
+    PendingRegister,
+    PushEvent,
+    WakeDevice,
+    register_bindings,
+    uri_push_target,
+    user_of,
 )
 from relay.sip import limits
 from relay.sip.errors import SipParseError
@@ -70,6 +84,9 @@ class ProxyConfig:
     pbx_expires_default: int = 3600
     pbx_expires_min: int = 60  # RFC 3261 §10.3: 423 Interval Too Brief below this
     pbx_expires_max: int = 3600
+    # RFC 8599: wake phones that registered push parameters (needs a push service)
+    push: bool = False
+    ring_timeout: float = 30.0  # seconds an INVITE waits for a woken phone, then 480
 
 
 @dataclass(slots=True)
@@ -109,6 +126,10 @@ class Proxy:
         self._next_sweep = 0.0
         self._heap: list[tuple[float, int, InviteTransaction]] = []
         self._seq = 0
+        # RFC 8599: what the shell must tell the push service (drained by it).
+        self.push_out: list[PushEvent] = []
+        self._pending_reg: dict[str, PendingRegister] = {}  # our REGISTER branch → device
+        self._held: dict[PushTarget, list[InviteTransaction]] = {}  # device → INVITEs waiting
 
     # ------------------------------------------------------------------ entry
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Send]:
@@ -156,6 +177,10 @@ class Proxy:
             txn = self.txns.get(self._txn_key_from(req, via, "INVITE"))
             if txn is not None and txn.local_final:
                 return []  # ACK for the 408 the relay generated itself
+            if txn is not None and txn.released and txn.outbound is not None and txn.final:
+                # The caller's Route names the flow the phone slept on; the INVITE
+                # went out on the one it woke up on: so does the ACK (§17.1.1.3).
+                return self._downstream_request(txn, "ACK", req.get("to") or "")
         try:
             return self._route(req, source, via, now)
         except SipParseError as e:
@@ -221,6 +246,10 @@ class Proxy:
                     self.stats.inc("forbidden_total:path_not_from_pbx")
                     return self._refuse(req, source, 403, "Forbidden", now)
                 if phone_flow.reliable and not self.flow_alive(phone_flow):
+                    target = uri_push_target(req.uri) if self.cfg.push else None
+                    if target is not None and kind == TOKEN_PATH and req.method == "INVITE":
+                        # RFC 8599 §5.3.2: the phone sleeps; wake it and hold the call.
+                        return self._hold(req, source, via, serial, target, mf, now)
                     self.stats.inc("flow_failed_total")
                     # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
                     return self._refuse(req, source, 430, "Flow Failed", now)
@@ -307,6 +336,8 @@ class Proxy:
             if refused is not None:
                 return refused
         branch = self._branch(req, via, loop)
+        if req.method == "REGISTER" and self.cfg.push:
+            self._note_register(req, branch, serial, source, now)
         if req.method == "INVITE":
             # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
             upstream = [h for h in req.headers if h.name in _COPIED]
@@ -414,6 +445,124 @@ class Proxy:
         )
         value = f"<{contact.uri}>{params};expires={expires}"
         return [self._reply(req, source, 200, "OK", extra=[("Contact", value)])]
+
+    # ------------------------------------------------------- RFC 8599 wake-ups
+    def _note_register(self, req: Request, branch: str, serial: str, source: Flow, now: float) -> None:
+        """Remember a phone's REGISTER with push parameters until the PBX answers it:
+        only an accepted registration updates the push service or releases a call."""
+        bindings = register_bindings(req)
+        if not bindings:
+            return
+        if len(self._pending_reg) >= MAX_PENDING_REGISTERS:
+            self.stats.inc("dropped_total:pending_registers_full")
+            return
+        self._pending_reg[branch] = PendingRegister(
+            serial, user_of(req.get("to")), source, bindings, now + PENDING_REGISTER_TTL)
+
+    def _registered(self, pending: PendingRegister, now: float) -> list[Send]:
+        """The PBX said 2xx: tell the push service, and forward what waited for this phone."""
+        out: list[Send] = []
+        for b in pending.bindings:
+            if b.expires == 0:
+                self.push_out.append(DeviceGone(b.target))
+                continue
+            self.push_out.append(DeviceSeen(b.target, pending.serial, pending.username, pending.flow))
+            waiting = self._held.pop(b.target, None)
+            for txn in waiting or ():
+                out.extend(self._release(txn, b.contact_uri, pending, now))
+        return out
+
+    def _hold(
+        self, req: Request, source: Flow, via: Via, serial: str, target: PushTarget, mf: int, now: float,
+    ) -> list[Send]:
+        """Answer 100, ask for a push, keep the INVITE until the phone registers
+        again (then :meth:`_release`) or the ring timeout ends (480)."""
+        if len(self.txns) >= MAX_TRANSACTIONS:
+            self.stats.inc("overload_total")
+            return self._refuse(req, source, 503, "Service Unavailable", now, extra=[("Retry-After", "5")])
+        txn = InviteTransaction(
+            key=self._txn_key_from(req, via), inbound=source, created=now, call_id=req.call_id,
+            give_up_at=now + self.cfg.ring_timeout, to_phone=True,
+            upstream=[h for h in req.headers if h.name in _COPIED],
+            held=Held(req, via, serial, mf, target, self._stateless_tag(req)),
+        )
+        txn.last_response = self._upstream_response(txn, 100, "Trying")
+        self.txns.add(txn)
+        self._schedule(txn, txn.give_up_at)
+        self._held.setdefault(target, []).append(txn)
+        self.push_out.append(WakeDevice(
+            key=txn.key, target=target, serial=serial, call_id=req.call_id,
+            caller=user_of(req.get("from")), callee=user_of(req.get("to")), src=source.remote,
+            ring_timeout=self.cfg.ring_timeout,
+        ))
+        self.stats.inc("push_holds_total:started")
+        return [Send(source, txn.last_response)]
+
+    def on_wake_result(self, key: tuple[str, ...], delivered: bool, now: float) -> list[Send]:
+        """The push service's answer for a held INVITE: 180 Ringing once the push
+        is on its way (Flexisip does the same), 480 when it could not be sent."""
+        txn = self.txns.get(key)
+        if txn is None or txn.held is None or txn.final:
+            return []  # answered, released or timed out meanwhile
+        if not delivered:
+            self.stats.inc("push_holds_total:push_failed")
+            return self._end_hold(txn, now)
+        if txn.held.ringing:
+            return []
+        txn.held.ringing = True
+        txn.last_response = self._upstream_response(txn, 180, "Ringing", txn.held.tag)
+        return [Send(txn.inbound, txn.last_response)]
+
+    def _end_hold(self, txn: InviteTransaction, now: float) -> list[Send]:
+        """No phone came: 480, or 487 when the caller CANCELled meanwhile."""
+        held = txn.held
+        assert held is not None
+        status, reason = (
+            (487, "Request Terminated") if txn.cancel_pending else (480, "Temporarily Unavailable"))
+        txn.held = None
+        waiting = self._held.get(held.target)
+        if waiting is not None:
+            if txn in waiting:
+                waiting.remove(txn)
+            if not waiting:
+                del self._held[held.target]
+        txn.last_response = self._upstream_response(txn, status, reason, held.tag)
+        txn.local_final = True
+        self._finish(txn, now)
+        self.stats.inc(f"responses_sent_total:{status}")
+        return [Send(txn.inbound, txn.last_response)]
+
+    def _release(
+        self, txn: InviteTransaction, contact_uri: str, pending: PendingRegister, now: float,
+    ) -> list[Send]:
+        """Forward a held INVITE on the flow the phone just registered from, to the
+        contact it registered (RFC 8599 §5.3.2). A CANCEL that came meanwhile follows
+        the phone's first provisional response (RFC 3261 §9.1), so the app sees the
+        call end instead of ringing for a call already gone."""
+        held = txn.held
+        if held is None or txn.final or self.txns.get(txn.key) is not txn:
+            return []
+        if held.serial != pending.serial:
+            self._held.setdefault(held.target, []).append(txn)  # not this PBX's user: keep waiting
+            return []
+        req = held.req
+        req.set_uri(contact_uri)
+        self.txns.remove(txn)
+        txn.held = None
+        self.stats.inc("push_holds_total:released")
+        sends = self._forward(req, txn.inbound, held.via, pending.flow, held.serial, pending.flow, held.mf,
+                              now, True)
+        fresh = self.txns.get(txn.key)
+        if fresh is None or fresh is txn:
+            return sends  # refused on the way (media, overload): the caller got the answer
+        hundred = fresh.last_response
+        fresh.cancel_pending = txn.cancel_pending
+        fresh.released = True
+        fresh.upstream = txn.upstream
+        if held.ringing:
+            fresh.last_response = txn.last_response
+        # The caller had our 100 long ago; the INVITE itself goes out.
+        return [s for s in sends if s.data is not hundred]
 
     # ------------------------------------------------------------------ CANCEL
     def _on_cancel(self, req: Request, source: Flow, now: float) -> list[Send]:
@@ -525,6 +674,11 @@ class Proxy:
         resp.pop_first_value("via")
         if not resp.has("via"):
             return []  # the answer to a CANCEL we generated
+        if self._pending_reg and resp.cseq[1] == "REGISTER":
+            pending = self._pending_reg.pop(via.branch or "", None)
+            if pending is not None and 200 <= resp.status < 300:
+                out = self._send_response(resp.serialise(), back)
+                return out + self._registered(pending, now)
         txn = self.txns.by_our_branch(via.branch or "")
         if txn is not None and resp.cseq[1] == "INVITE":
             if resp.status < 200 and not txn.final:
@@ -621,6 +775,8 @@ class Proxy:
             if self.media is not None:
                 for _ in self.media.expire(now):
                     self.stats.inc("media_sessions_ended_total:no_media")
+            if self._pending_reg:
+                self._pending_reg = {b: p for b, p in self._pending_reg.items() if p.until > now}
             self._next_sweep = now + 1.0
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -630,6 +786,11 @@ class Proxy:
             if txn.final:
                 if now >= txn.expires_at:
                     self.txns.remove(txn)
+                continue
+            if now >= txn.give_up_at and txn.held is not None:
+                # The woken phone did not register within the ring timeout.
+                self.stats.inc("push_holds_total:timeout")
+                out.extend(self._end_hold(txn, now))
                 continue
             if now >= txn.give_up_at:
                 # Timer B (UDP, nothing heard) or C (rang too long): 408 upstream
@@ -652,9 +813,12 @@ class Proxy:
                 self._schedule(txn, txn.retransmit_at)
         return out
 
-    def _upstream_response(self, txn: InviteTransaction, status: int, reason: str) -> bytes:
+    def _upstream_response(
+        self, txn: InviteTransaction, status: int, reason: str, to_tag: str | None = None,
+    ) -> bytes:
         req = Request("INVITE", "sip:invalid", list(txn.upstream))
-        return make_response(req, status, reason, to_tag=_tag() if status > 100 else None).serialise()
+        tag = to_tag or (_tag() if status > 100 else None)
+        return make_response(req, status, reason, to_tag=tag).serialise()
 
     # ----------------------------------------------------------------- pieces
     def _reply(

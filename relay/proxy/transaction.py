@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.proxy.flow import Flow
+from relay.proxy.wake import Held
 from relay.sip.message import Header
 
 # RFC 3261 §17.1.1.1 / Table 4.
@@ -48,6 +49,8 @@ class InviteTransaction:
     local_final: bool = False  # the relay answered the caller itself (408)
     our_branch: str = ""
     upstream: list[Header] = field(default_factory=list)  # Via/From/To/Call-ID/CSeq as received
+    released: bool = False  # was held, then forwarded to the woken phone's new flow
+    held: Held | None = None  # waiting for a push-woken phone (outbound is None until then)
 
 
 class TransactionTable:

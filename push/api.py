@@ -1,0 +1,454 @@
+"""The push service's HTTP API (JWT bearer, JSON) and its unauthenticated admin endpoint.
+
+Who may do what — the token's ``scope`` claim:
+
+- ``relay``: the SIP relay. Registers and unregisters devices, wakes them.
+- ``pbx``: one PBX, named by the ``serial`` claim. The same verbs as the relay and the
+  privacy verbs, but only for devices and users of its own serial.
+- ``operator``: everything, including listing devices and per-user export/erase.
+
+Tokens are HS256 JWTs (RFC 7519) signed with the API secret; ``exp`` is required.
+Errors follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` for a missing, bad or
+expired token, 403 ``insufficient_scope`` when the token does not allow the request.
+Every error body is ``{"error": "<message>"}``. Logs name devices by their id only:
+no push token and no JWT ever reaches a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from push.model import PROVIDERS, PushTarget
+from push.service import DeviceUpdate, PushError, PushService, WakeRequest
+from push.store import Device
+
+log = logging.getLogger("push.api")
+
+SCOPES = ("relay", "pbx", "operator")
+ALGORITHM = "HS256"
+REALM = "pbx-push"
+# Largest request body. A device registration or a wake is a few hundred bytes even
+# with a 4 KiB token; 16 KiB is h11's default buffer (and nginx's client_body_buffer_size
+# on 64-bit), far above any legitimate request, small enough that a flood costs nothing.
+MAX_BODY = 16 * 1024
+# Field limits: RFC 8599 tokens (pn-prid) are provider-defined; APNs tokens are 64 hex
+# digits, FCM registration tokens ~160-200 characters; the service caps them at 4096.
+MAX_FIELD = {"provider": 16, "token": 4096, "param": 255, "serial": 64, "username": 256,
+             "transport": 8, "call_id": 256, "caller": 256, "callee": 256, "src": 64, "device_id": 64}
+RING_TIMEOUT_MIN, RING_TIMEOUT_MAX, RING_TIMEOUT_DEFAULT = 1.0, 120.0, 30.0
+# Leeway for exp/nbf against the verifier's clock (RFC 7519 §4.1.4 allows "some small leeway").
+CLOCK_LEEWAY = 30.0
+READY_TIMEOUT = 2.0  # seconds /readyz waits for the store
+
+
+class ApiError(Exception):
+    """An HTTP error with a JSON body ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _unauthorized(message: str, error: str | None = "invalid_token") -> ApiError:
+    challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
+    return ApiError(401, message, {"WWW-Authenticate": challenge})
+
+
+def _forbidden(message: str) -> ApiError:
+    return ApiError(403, message, {"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'})
+
+
+# ------------------------------------------------------------------ tokens
+
+
+def mint_token(
+    secret: bytes | str, scope: str, sub: str, serial: str | None = None, ttl: int = 3600,
+    *, now: float | None = None,
+) -> str:
+    """A bearer token for the API: HS256, ``scope``/``sub``/``iat``/``exp`` (+ ``serial``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+    if scope == "pbx" and not serial:
+        raise ValueError("a pbx token needs the PBX's serial")
+    if ttl <= 0:
+        raise ValueError("ttl must be > 0 seconds")
+    iat = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {"scope": scope, "sub": sub, "iat": iat, "exp": iat + int(ttl)}
+    if serial:
+        claims["serial"] = serial
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    scope: str
+    sub: str
+    serial: str | None  # set for pbx tokens
+
+    def may(self, *scopes: str) -> bool:
+        return self.scope in scopes
+
+
+def verify_token(secret: bytes | str, token: str, now: float) -> Claims:
+    """Claims of a valid token, else :class:`ApiError` 401. Time is checked against
+    ``now`` (the API's clock), not pyjwt's."""
+    try:
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM],
+            options={"require": ["exp", "scope", "sub"], "verify_exp": False, "verify_nbf": False,
+                     "verify_iat": False},
+        )
+    except jwt.InvalidTokenError as e:
+        raise _unauthorized(f"invalid token: {_jwt_reason(e)}") from None
+    exp, nbf = claims.get("exp"), claims.get("nbf")
+    if not isinstance(exp, int | float) or not _number(exp):
+        raise _unauthorized("invalid token: exp is not a number")
+    if exp + CLOCK_LEEWAY <= now:
+        raise _unauthorized("token expired")
+    if nbf is not None and (not _number(nbf) or nbf - CLOCK_LEEWAY > now):
+        raise _unauthorized("token not valid yet")
+    scope, sub, serial = claims.get("scope"), claims.get("sub"), claims.get("serial")
+    if scope not in SCOPES:
+        raise _unauthorized(f"invalid token: scope must be one of {', '.join(SCOPES)}")
+    if not isinstance(sub, str):
+        raise _unauthorized("invalid token: sub is not a string")
+    if scope == "pbx":
+        if not isinstance(serial, str) or not serial:
+            raise _unauthorized("invalid token: a pbx token needs a serial")
+        return Claims(scope, sub, serial)
+    return Claims(scope, sub, None)
+
+
+def _jwt_reason(e: jwt.InvalidTokenError) -> str:
+    # pyjwt's messages never echo the token; keep them short and fixed.
+    if isinstance(e, jwt.InvalidSignatureError):
+        return "bad signature"
+    if isinstance(e, jwt.MissingRequiredClaimError):
+        return f"missing claim {e.claim}"
+    if isinstance(e, jwt.InvalidAlgorithmError):
+        return f"algorithm must be {ALGORITHM}"
+    if isinstance(e, jwt.DecodeError):
+        return "not a JWT"
+    return type(e).__name__
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ------------------------------------------------------------------ input
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "Content-Type must be application/json")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise ApiError(413, f"body larger than {MAX_BODY} bytes")
+    body = bytearray()
+    async with aclosing(request.stream()) as chunks:  # closed at once when we stop early
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"body larger than {MAX_BODY} bytes")
+    try:
+        data = json.loads(bytes(body), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _str(data: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
+    v = data.get(key)
+    if v is None:
+        if required:
+            raise ApiError(400, f"{key} is required")
+        return default
+    if not isinstance(v, str):
+        raise ApiError(400, f"{key} must be a string")
+    if required and not v:
+        raise ApiError(400, f"{key} must not be empty")
+    if len(v) > MAX_FIELD.get(key, 256):
+        raise ApiError(400, f"{key} is longer than {MAX_FIELD.get(key, 256)} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
+        raise ApiError(400, f"{key} contains control characters")
+    return v
+
+
+def _target(data: dict[str, Any]) -> PushTarget:
+    provider = _str(data, "provider")
+    if provider not in PROVIDERS:
+        raise ApiError(400, f"provider {provider!r} is not supported ({', '.join(PROVIDERS)})")
+    return PushTarget(provider, _str(data, "token"), _str(data, "param"))
+
+
+def _ip(text: str, key: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ApiError(400, f"{key} {text!r} is not an IP address") from None
+
+
+def _port(v: object, key: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ApiError(400, f"{key} must be an integer" if v is not None else f"{key} is required")
+    if not 0 < v < 65536:
+        raise ApiError(400, f"{key} must be 1..65535")
+    return v
+
+
+def _src(text: str) -> str:
+    """"ip:port" (IPv6 as "[ip]:port") or empty."""
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ApiError(400, f"src {text!r} is not ip:port")
+    ip = _ip(host.strip("[]") if host.startswith("[") else host, "src")
+    p = _port(int(port), "src port")
+    return f"[{ip}]:{p}" if ":" in ip else f"{ip}:{p}"
+
+
+def _segment(value: str, what: str) -> str:
+    if not value or len(value) > MAX_FIELD[what]:
+        raise ApiError(400, f"{what} must be 1..{MAX_FIELD[what]} characters")
+    return value
+
+
+# ------------------------------------------------------------------ the API
+
+
+def make_api(
+    service: PushService, secret: bytes | str, *, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The JWT-protected API over ``service``; ``clock`` checks token expiry."""
+
+    def claims_of(request: Request) -> Claims:
+        auth = request.headers.get("authorization")
+        if not auth:
+            raise _unauthorized("missing bearer token (Authorization: Bearer <jwt>)", error=None)
+        kind, _, token = auth.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise _unauthorized("Authorization must be 'Bearer <jwt>'", error="invalid_request")
+        return verify_token(secret, token.strip(), clock())
+
+    def need(claims: Claims, *scopes: str) -> None:
+        if not claims.may(*scopes):
+            raise _forbidden(f"a {claims.scope} token may not do this (needs {' or '.join(scopes)})")
+
+    def own_serial(claims: Claims, serial: str) -> None:
+        if claims.scope == "pbx" and serial != claims.serial:
+            raise _forbidden("a pbx token may only touch its own serial's devices and users")
+
+    async def device_or_404(device_id: str) -> Device:
+        device = await service.store.get_device(_segment(device_id, "device_id"))
+        if device is None:
+            raise ApiError(404, "no such device")
+        return device
+
+    async def put_device(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "relay", "pbx", "operator")
+        data = await _json_body(request)
+        target = _target(data)
+        serial, username = _str(data, "serial"), _str(data, "username")
+        own_serial(claims, serial)
+        update = DeviceUpdate(
+            target=target, serial=serial, username=username, ip=_ip(_str(data, "ip"), "ip"),
+            port=_port(data.get("port"), "port"), transport=_str(data, "transport").lower(),
+        )
+        device = await service.register_device(update)
+        return JSONResponse({"device_id": device.device_id})
+
+    async def unregister_device(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "relay", "pbx", "operator")
+        data = await _json_body(request)
+        device_id = service.device_id(_target(data))
+        if claims.scope == "pbx":
+            device = await service.store.get_device(device_id)
+            if device is None:
+                return JSONResponse({"deleted": False})
+            own_serial(claims, device.serial)
+        return JSONResponse({"deleted": await service.unregister_device(device_id)})
+
+    async def list_devices(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "pbx", "operator")
+        serial = request.query_params.get("serial") or None
+        username = request.query_params.get("username") or None
+        if claims.scope == "pbx":
+            if serial is not None:
+                own_serial(claims, serial)
+            serial = claims.serial
+        return JSONResponse([d.public() for d in await service.store.devices(serial, username)])
+
+    async def get_device(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "pbx", "operator")
+        device = await device_or_404(request.path_params["device_id"])
+        own_serial(claims, device.serial)
+        return JSONResponse(device.public())
+
+    async def delete_device(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "pbx", "operator")
+        device = await device_or_404(request.path_params["device_id"])
+        own_serial(claims, device.serial)
+        deleted = await service.unregister_device(device.device_id, "operator" if claims.scope == "operator"
+                                                  else "pbx")
+        if not deleted:
+            raise ApiError(404, "no such device")
+        return JSONResponse({"deleted": True})
+
+    async def wake(request: Request) -> Response:
+        claims = claims_of(request)
+        need(claims, "relay", "pbx", "operator")
+        data = await _json_body(request)
+        if "device_id" in data:
+            if "token" in data:
+                raise ApiError(400, "give device_id or provider/token/param, not both")
+            device_id = _str(data, "device_id")
+        else:
+            device_id = service.device_id(_target(data))
+        ring = data.get("ring_timeout", RING_TIMEOUT_DEFAULT)
+        if not _number(ring) or not RING_TIMEOUT_MIN <= ring <= RING_TIMEOUT_MAX:
+            raise ApiError(400, f"ring_timeout must be a number of seconds, {RING_TIMEOUT_MIN:g}.."
+                                f"{RING_TIMEOUT_MAX:g}")
+        req = WakeRequest(
+            device_id=device_id, call_id=_str(data, "call_id"),
+            caller=_str(data, "caller", required=False), callee=_str(data, "callee", required=False),
+            src=_src(_str(data, "src", required=False)), ring_timeout=float(ring),
+        )
+        if claims.scope == "pbx":
+            device = await service.store.get_device(device_id)
+            if device is not None:
+                own_serial(claims, device.serial)
+        result = await service.wake(req)
+        return JSONResponse({
+            "device_id": device_id, "outcome": str(result.outcome), "status": result.status,
+            "reason": result.reason, "attempts": result.attempts, "latency_ms": round(result.latency_ms, 3),
+        })
+
+    def user_of(request: Request, claims: Claims) -> tuple[str, str]:
+        need(claims, "pbx", "operator")
+        serial = _segment(request.path_params["serial"], "serial")
+        username = _segment(request.path_params["username"], "username")
+        own_serial(claims, serial)
+        return serial, username
+
+    async def user_log(request: Request) -> Response:
+        serial, username = user_of(request, claims_of(request))
+        return JSONResponse(await service.user_log(serial, username))
+
+    async def user_export(request: Request) -> Response:
+        serial, username = user_of(request, claims_of(request))
+        return JSONResponse(
+            await service.export_user(serial, username),
+            headers={"Content-Disposition": 'attachment; filename="push-export.json"'},
+        )
+
+    async def user_erase(request: Request) -> Response:
+        serial, username = user_of(request, claims_of(request))
+        return JSONResponse(await service.erase_user(serial, username))
+
+    routes = [
+        Route("/v1/devices", put_device, methods=["PUT"]),
+        Route("/v1/devices", list_devices, methods=["GET"]),
+        Route("/v1/devices/unregister", unregister_device, methods=["POST"]),
+        Route("/v1/devices/{device_id}", get_device, methods=["GET"]),
+        Route("/v1/devices/{device_id}", delete_device, methods=["DELETE"]),
+        Route("/v1/wake", wake, methods=["POST"]),
+        Route("/v1/users/{serial}/{username}/log", user_log, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}/export", user_export, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}", user_erase, methods=["DELETE"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=_HANDLERS)
+
+
+# ------------------------------------------------------------------ admin
+
+
+def make_admin(service: PushService) -> Starlette:
+    """/metrics, /healthz, /readyz: no authentication, meant for loopback."""
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        try:
+            with trio.fail_after(READY_TIMEOUT):
+                await service.store.counts()
+        except Exception as e:  # any store failure means "not ready", never a 500
+            log.warning("event=not_ready error=%s", type(e).__name__)
+            return PlainTextResponse("store not answering\n", status_code=503)
+        return PlainTextResponse("ready\n")
+
+    routes = [
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=_HANDLERS)
+
+
+# ------------------------------------------------------------------ errors
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+async def _push_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: "no such resource", 405: f"method {request.method} not allowed here",
+                413: f"body larger than {MAX_BODY} bytes"}
+    return JSONResponse({"error": messages.get(exc.status_code, str(exc.detail))},
+                        status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to hypercorn's error log (push.http); the body says nothing more.
+    log.error("event=api_error path=%s error=%s", request.url.path, type(exc).__name__)
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
+_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    ApiError: _api_error,
+    PushError: _push_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}

@@ -1,0 +1,260 @@
+"""Assemble the push service from its config and serve its API and admin endpoints under trio."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
+from starlette.applications import Starlette
+
+from push.api import make_admin, make_api
+from push.config import ConfigError, Listen, PushConfig, check_files
+from push.gateways.base import Gateway
+from push.service import DAY, PushService, PushSettings
+from push.store import SqliteStore
+
+log = logging.getLogger("push")
+
+KEY_BYTES = 32  # AES-256-GCM key for tokens at rest, HMAC key for device ids
+SECRET_BYTES = 32  # HS256 secret: as long as the hash (RFC 7518 §3.2)
+
+
+def _create_once(path: Path, data: bytes) -> bytes:
+    """Write ``data`` to a new file, mode 0600, unless a concurrent start made it first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return data
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The service key, <state_dir>/push.key: 32 random bytes made on first start. It
+    encrypts tokens at rest and derives device ids, so it must survive restarts."""
+    path = Path(state_dir) / "push.key"
+    key = path.read_bytes() if path.exists() else _create_once(path, secrets.token_bytes(KEY_BYTES))
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"{path}: must hold {KEY_BYTES} bytes, holds {len(key)} (restore it from a backup)")
+    return key
+
+
+def load_api_secret(cfg: PushConfig) -> bytes:
+    """The JWT secret: api.jwt_secret when set, else <state_dir>/api.secret (64 hex
+    digits made on first use; the text itself is the secret, so it can be copied into
+    PBX_PUSH_API_JWT_SECRET elsewhere)."""
+    if cfg["api.jwt_secret"]:
+        return str(cfg["api.jwt_secret"]).encode()
+    path = cfg.state_dir / "api.secret"
+    if path.exists():
+        text = path.read_bytes().strip()
+    else:
+        text = _create_once(path, secrets.token_hex(SECRET_BYTES).encode() + b"\n").strip()
+    if len(text) < SECRET_BYTES:
+        raise ConfigError(f"{path}: secret shorter than {SECRET_BYTES} bytes")
+    return text
+
+
+def build_gateways(cfg: PushConfig, key: bytes | None = None) -> dict[str, Gateway]:
+    """One gateway per provider: the real client when its credentials are configured,
+    else the ``log`` dry run (records the push as ``dry_run``, sends nothing; ``key``
+    is the service key, so that its log lines name devices by their usual id)."""
+    from push.gateways.log import LogGateway
+
+    def opt(key: str) -> str | None:
+        return str(cfg[key]) or None
+
+    gateways: dict[str, Gateway] = {}
+    try:
+        if cfg.apns_mode == "log":
+            gateways["apns"] = LogGateway("apns", device_key=key)
+        else:
+            from push.gateways.apns import ApnsGateway
+
+            gateways["apns"] = ApnsGateway(
+                base_url=cfg["apns.base_url"], key_file=opt("apns.key_file"), key_id=cfg["apns.key_id"],
+                team_id=cfg["apns.team_id"], cert_file=opt("apns.cert_file"),
+                cert_key_file=opt("apns.cert_key_file"), ca_file=opt("apns.ca_file"),
+            )
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{cfg.where('apns.key_file' if cfg.apns_mode == 'token' else 'apns.cert_file')}:"
+                          f" cannot set up APNs: {e}") from None
+    try:
+        if cfg.fcm_mode == "log":
+            gateways["fcm"] = LogGateway("fcm", device_key=key)
+        else:
+            from push.gateways.fcm import FcmGateway
+
+            gateways["fcm"] = FcmGateway(
+                service_account_file=cfg["fcm.service_account"], base_url=cfg["fcm.base_url"],
+                ca_file=opt("fcm.ca_file"),
+            )
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{cfg.where('fcm.service_account')}: cannot set up FCM: {e}") from None
+    return gateways
+
+
+def build_service(
+    cfg: PushConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    gateways: Mapping[str, Gateway] | None = None,
+) -> PushService:
+    """The service over <state_dir>/push.sqlite with the configured gateways
+    (``gateways`` replaces them, e.g. in tests)."""
+    check_files(cfg)
+    key = load_key(cfg.state_dir)
+    settings = PushSettings(
+        log_retention=cfg["push.log_retention_days"] * DAY,
+        device_stale_after=cfg["push.device_stale_days"] * DAY,
+        purge_interval=cfg["push.purge_interval"],
+    )
+    store = SqliteStore(cfg.state_dir / "push.sqlite", key)
+    return PushService(store, gateways if gateways is not None else build_gateways(cfg, key), key, settings,
+                       clock=clock)
+
+
+@dataclass
+class Running:
+    """What :func:`serve` reports once it listens."""
+
+    service: PushService
+    addresses: dict[str, str] = field(default_factory=dict)  # "api" | "admin" → "host:port"
+    api_url: str = ""
+    admin_url: str = ""
+    secret: bytes = field(default=b"", repr=False)  # the JWT secret (tests mint tokens with it)
+
+
+def _hypercorn_config(listen: Listen, cfg: PushConfig | None = None) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [str(listen)]
+    # No access log: request lines would put serials, usernames and device ids into the
+    # journal for every request. Errors go to our "push.http" logger (tracebacks, no bodies).
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("push.http")
+    hc.include_server_header = False
+    hc.graceful_timeout = 2.0
+    if cfg is not None and cfg.api_tls:
+        hc.certfile = cfg["api.tls_cert"]
+        hc.keyfile = cfg["api.tls_key"]
+    return hc
+
+
+async def _start_http(nursery: trio.Nursery, app: Starlette, hc: HypercornConfig, key: str) -> list[str]:
+    """Start hypercorn on ``hc.bind``; its bound URLs. A bind failure becomes one
+    OSError naming the address and the key (hypercorn wraps it in exception groups)."""
+    # Starlette's ASGI signature is looser than hypercorn's protocol types; they agree at run time.
+    server = partial(hypercorn_serve, cast(ASGIFramework, app), hc)
+    try:
+        binds: list[str] = await nursery.start(server)
+    except (OSError, BaseExceptionGroup) as e:
+        err = _oserror(e)
+        if err is None:
+            raise
+        raise OSError(err.errno, f"cannot listen on {hc.bind[0]} ({key}): {err.strerror or err}") from e
+    return binds
+
+
+def _oserror(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _oserror(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _hostport(bind: str) -> str:
+    """hypercorn reports "http://127.0.0.1:8443"; keep "127.0.0.1:8443"."""
+    return bind.split("://", 1)[-1]
+
+
+async def serve(
+    cfg: PushConfig,
+    service: PushService | None = None,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the API, the admin endpoint and the purge loop until cancelled, then close
+    the service (gateways and store). Port 0 in a listen address picks a free port;
+    the bound addresses are in the :class:`Running` given to ``task_status``."""
+    if service is None:
+        service = build_service(cfg)
+    try:
+        secret = load_api_secret(cfg)
+        api = make_api(service, secret)
+        admin = make_admin(service)
+        async with trio.open_nursery() as nursery:
+            api_hc = _hypercorn_config(cfg.api_listen, cfg)
+            api_binds = await _start_http(nursery, api, api_hc, "api.listen")
+            admin_hc = _hypercorn_config(cfg.admin_listen)
+            admin_binds = await _start_http(nursery, admin, admin_hc, "admin.listen")
+            nursery.start_soon(service.run_purges)
+            running = Running(
+                service=service,
+                addresses={"api": _hostport(api_binds[0]), "admin": _hostport(admin_binds[0])},
+                api_url=api_binds[0], admin_url=admin_binds[0], secret=secret,
+            )
+            log.info("event=push_listening api=%s admin=%s", running.addresses["api"],
+                     running.addresses["admin"])
+            task_status.started(running)
+    finally:
+        with trio.CancelScope(shield=True):
+            await service.aclose()
+
+
+def gateway_modes(service: PushService) -> dict[str, str]:
+    """provider → "live" or "dry-run" (the log gateway), for the banner."""
+    return {p: ("dry-run" if g.provider == "log" else "live") for p, g in sorted(service.gateways.items())}
+
+
+def banner(cfg: PushConfig, running: Running) -> str:
+    modes = gateway_modes(running.service)
+    hints = {
+        "apns": "set [apns] key_file, key_id, team_id (or cert_file)",
+        "fcm": "set [fcm] service_account",
+    }
+    lines = [
+        f"pbx-push {cfg.source}",
+        f"  API     {running.api_url}  (JWT bearer; mint one: pbx-push token --scope relay)",
+        f"  admin   {running.admin_url}  (/metrics /healthz /readyz)",
+    ]
+    for provider, mode in modes.items():
+        extra = "" if mode == "live" else f"  (log only, nothing sent: {hints.get(provider, 'configure it')})"
+        name = {"apns": "APNs", "fcm": "FCM"}.get(provider, provider)
+        lines.append(f"  {name:<7} {mode}{extra}")
+    lines.append(f"  state   {cfg.state_dir}  (push log kept {cfg['push.log_retention_days']:g} days)")
+    if not cfg.api_tls and not ipaddress.ip_address(cfg.api_listen.host).is_loopback:
+        lines.append("  WARNING the API listens beyond loopback without TLS: set api.tls_cert/tls_key")
+    return "\n".join(lines)
+
+
+async def run(cfg: PushConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then cancel the whole task tree."""
+    service = build_service(cfg)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(serve, cfg, service)
+            print(banner(cfg, running), flush=True, file=sys.stdout)
+            async for signum in signals:
+                log.info("event=stopping signal=%s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

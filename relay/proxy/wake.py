@@ -1,0 +1,142 @@
+"""RFC 8599 in the proxy: push parameters in Contact / Request-URI, and the
+events the sans-I/O core hands to the shell for the push service.
+
+The core never talks to the push service itself: it appends events to
+``Proxy.push_out`` and the shell delivers them (in-process or over HTTP), then
+reports a wake-up's result back with ``Proxy.on_wake_result``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from push.model import PROVIDERS, PushTarget
+from relay.proxy.flow import Flow
+from relay.sip.errors import SipParseError
+from relay.sip.headers import NameAddr, Via
+from relay.sip.message import Request
+from relay.sip.uri import SipUri
+
+# A REGISTER's answer is expected within Timer F (64*T1); after that the relay
+# forgets which device it was for.
+PENDING_REGISTER_TTL = 32.0
+MAX_PENDING_REGISTERS = 100_000
+
+
+def push_target(params: dict[str, str | None]) -> PushTarget | None:
+    """The device named by pn-provider/pn-prid/pn-param (RFC 8599 §4.1), or None."""
+    provider = (params.get("pn-provider") or "").lower()
+    prid = params.get("pn-prid")
+    param = params.get("pn-param")
+    if provider not in PROVIDERS or not prid or not param:
+        return None
+    return PushTarget(provider, unquote(prid), unquote(param))
+
+
+def uri_push_target(uri: str) -> PushTarget | None:
+    try:
+        return push_target(SipUri.parse(uri).params)
+    except SipParseError:
+        return None
+
+
+def user_of(value: str | None) -> str:
+    """The user part of a From/To header value, "" when it has none."""
+    if not value:
+        return ""
+    try:
+        return unquote(SipUri.parse(NameAddr.parse(value).uri).user or "")
+    except SipParseError:
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    target: PushTarget
+    contact_uri: str  # the Contact URI as the phone registered it
+    expires: int  # what the phone asked for; 0 = remove
+
+
+def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding]:
+    """The Contacts of a phone's REGISTER that carry push parameters."""
+    out = []
+    expires_hdr = req.get("expires")
+    for value in req.get_all("contact"):
+        if value.strip() == "*":
+            continue
+        try:
+            contact = NameAddr.parse(value)
+            uri = SipUri.parse(contact.uri)
+        except SipParseError:
+            continue
+        target = push_target(uri.params)
+        if target is None:
+            continue
+        raw = contact.params.get("expires") or expires_hdr
+        try:
+            expires = int(raw) if raw is not None else default_expires
+        except ValueError:
+            continue
+        out.append(Binding(target, contact.uri, max(expires, 0)))
+    return out
+
+
+@dataclass(slots=True)
+class PendingRegister:
+    """A phone's REGISTER with push parameters, forwarded, awaiting the PBX's answer."""
+
+    serial: str
+    username: str
+    flow: Flow
+    bindings: list[Binding]
+    until: float
+
+
+# ---------------------------------------------------------------- events out
+@dataclass(frozen=True, slots=True)
+class DeviceSeen:
+    """The PBX accepted a registration with push parameters from ``flow``."""
+
+    target: PushTarget
+    serial: str
+    username: str
+    flow: Flow
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceGone:
+    """The phone de-registered that binding (or switched push off)."""
+
+    target: PushTarget
+
+
+@dataclass(frozen=True, slots=True)
+class WakeDevice:
+    """Wake a phone for an INVITE held by the relay; answer with on_wake_result(key, ...)."""
+
+    key: tuple[str, ...]
+    target: PushTarget
+    serial: str
+    call_id: str
+    caller: str
+    callee: str
+    src: str
+    ring_timeout: float
+
+
+PushEvent = DeviceSeen | DeviceGone | WakeDevice
+
+
+@dataclass(slots=True)
+class Held:
+    """An INVITE waiting for its phone to wake up and register (RFC 8599 §5.3.2).
+    Kept in memory only, for at most the ring timeout."""
+
+    req: Request  # after loose routing and Via stamping, before anything of ours
+    via: Via  # its top Via, parsed
+    serial: str
+    mf: int  # Max-Forwards as received
+    target: PushTarget
+    tag: str  # our To tag on the 180 and on the final answer we may give
+    ringing: bool = False

@@ -1,0 +1,250 @@
+"""RFC 8599 in the sans-I/O proxy core: push parameters in a phone's REGISTER
+reach the push service only once the PBX accepted it; an INVITE for a phone
+whose TCP flow is gone is held, the phone woken, and the INVITE forwarded on
+the flow the phone registers from next (DESIGN §2, "waking a sleeping phone").
+Every assertion is on the bytes the core returns or the events it hands out.
+"""
+
+from __future__ import annotations
+
+from push.model import PushTarget
+from relay.proxy.flow import Flow
+from relay.proxy.wake import DeviceGone, DeviceSeen, WakeDevice, push_target, register_bindings
+from relay.sip import Request, parse_message
+from tests.proxyharness import (
+    ADVERTISE,
+    PBX_DOMAIN,
+    PBX_TCP,
+    PHONE_TCP,
+    SERIAL,
+    Out,
+    feed,
+    make_proxy,
+    one,
+    outs,
+    register_pbx,
+    request,
+    response_to,
+)
+
+TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9"
+PN = f"pn-provider=apns;pn-prid={TOKEN};pn-param=ABCD123456.com.example.app.voip"
+TARGET = PushTarget("apns", TOKEN, "ABCD123456.com.example.app.voip")
+PHONE_NEW = Flow("tls", "192.0.2.55", 50999, ADVERTISE, 5061)  # the woken phone's new connection
+OUTBOUND = f"Route: <sip:{ADVERTISE};lr>"
+
+
+class World:
+    def __init__(self, **cfg: object):
+        self.proxy, self.dead = make_proxy(push=True, ring_timeout=30.0, **cfg)
+        register_pbx(self.proxy, PBX_TCP, now=0.0)
+
+    def feed(self, data: bytes, flow: Flow, now: float = 1.0) -> list[Out]:
+        return feed(self.proxy, data, flow, now)
+
+    def events(self) -> list[object]:
+        out, self.proxy.push_out = self.proxy.push_out, []
+        return list(out)
+
+
+def phone_register(flow: Flow, *, expires: int = 600, contact_host: str = "192.168.1.20", cseq: int = 1,
+                   branch: str | None = None) -> bytes:
+    aor = f"sip:201@{PBX_DOMAIN}"
+    return request(
+        "REGISTER", f"sip:{PBX_DOMAIN}", flow=flow, via_host=contact_host, via_port=5062,
+        from_uri=aor, to_uri=aor, call_id="phone-reg", cseq=cseq, branch=branch,
+        headers=[OUTBOUND, f"Contact: <sip:201@{contact_host}:5062;transport={flow.transport};{PN}>",
+                 f"Expires: {expires}"],
+    )
+
+
+def register(world: World, flow: Flow, now: float = 1.0, **kw: object) -> tuple[str, list[Out]]:
+    """Phone REGISTER through us, 200 from the PBX; returns (Path, what followed the 200)."""
+    fwd = one(world.feed(phone_register(flow, **kw), flow, now))  # type: ignore[arg-type]
+    path = fwd.req.get_all("path")[0]
+    out = world.feed(response_to(fwd.data, 200, "OK", headers=[f"Path: {path}"]), PBX_TCP, now)
+    assert (out[0].flow, out[0].status) == (flow, 200)
+    return path, out[1:]
+
+
+def pbx_invite(path: str, *, branch: str = "z9hG4bKpbx1", call_id: str = "call-in") -> bytes:
+    return request(
+        "INVITE", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP, via_host="10.1.1.1",
+        branch=branch, from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}",
+        call_id=call_id, headers=[f"Route: {path}", "Contact: <sip:100@10.1.1.1;transport=tcp>"],
+    )
+
+
+def held_call(world: World) -> tuple[str, WakeDevice]:
+    """The phone registered over TCP, its connection died, the PBX calls it."""
+    path, _ = register(world, PHONE_TCP)
+    world.events()
+    world.dead.add(PHONE_TCP)
+    trying = one(world.feed(pbx_invite(path), PBX_TCP, 2.0))
+    assert (trying.flow, trying.status) == (PBX_TCP, 100)
+    (wake,) = world.events()
+    assert isinstance(wake, WakeDevice)
+    return path, wake
+
+
+# ------------------------------------------------------------ registrations
+def test_push_parameters_are_read_from_the_contact() -> None:
+    msg = parse_message(phone_register(PHONE_TCP))
+    assert isinstance(msg, Request)
+    (b,) = register_bindings(msg)
+    assert (b.target, b.expires) == (TARGET, 600)
+    assert b.contact_uri.startswith("sip:201@192.168.1.20:5062;transport=tcp;pn-provider=apns")
+    assert push_target({"pn-provider": "webpush", "pn-prid": "x", "pn-param": "y"}) is None
+    assert push_target({"pn-provider": "fcm", "pn-prid": "a%3Ab", "pn-param": "proj"}) == PushTarget(
+        "fcm", "a:b", "proj")
+
+
+def test_device_is_reported_only_after_the_pbx_accepts_the_registration() -> None:
+    w = World()
+    fwd = one(w.feed(phone_register(PHONE_TCP), PHONE_TCP))
+    challenge = one(w.feed(response_to(fwd.data, 401, "Unauthorized"), PBX_TCP))
+    assert challenge.status == 401
+    assert w.events() == []  # a REGISTER anyone could send changes nothing
+    register(w, PHONE_TCP, cseq=2)
+    assert w.events() == [DeviceSeen(TARGET, SERIAL, "201", PHONE_TCP)]
+
+
+def test_deregistration_deletes_the_device() -> None:
+    w = World()
+    register(w, PHONE_TCP)
+    w.events()
+    register(w, PHONE_TCP, expires=0, cseq=2)
+    assert w.events() == [DeviceGone(TARGET)]
+
+
+def test_register_without_push_parameters_makes_no_event() -> None:
+    w = World()
+    aor = f"sip:201@{PBX_DOMAIN}"
+    data = request("REGISTER", f"sip:{PBX_DOMAIN}", flow=PHONE_TCP, from_uri=aor, to_uri=aor,
+                   headers=[OUTBOUND, "Contact: <sip:201@192.168.1.20:5062;transport=tcp>"])
+    fwd = one(w.feed(data, PHONE_TCP))
+    one(w.feed(response_to(fwd.data, 200, "OK"), PBX_TCP))
+    assert w.events() == []
+
+
+# ---------------------------------------------------------------- the hold
+def test_invite_for_a_sleeping_phone_is_held_woken_and_forwarded_on_its_new_flow() -> None:
+    w = World()
+    _, wake = held_call(w)
+    assert (wake.target, wake.serial, wake.call_id, wake.caller, wake.callee) == (
+        TARGET, SERIAL, "call-in@test", "100", "201")
+    assert wake.src == PBX_TCP.remote and wake.ring_timeout == 30.0
+
+    ringing = one(outs(w.proxy.on_wake_result(wake.key, True, 2.5)))
+    assert (ringing.flow, ringing.status) == (PBX_TCP, 180)
+    assert "tag=" in (ringing.msg.get("to") or "")
+    # a retransmitted INVITE gets the 180 again and wakes nobody twice
+    again = one(w.feed(pbx_invite("<sip:x@invalid;lr>"), PBX_TCP, 3.0))
+    assert again.data == ringing.data
+    assert w.events() == []
+
+    # the phone wakes up and registers from a new TLS connection
+    _, released = register(w, PHONE_NEW, now=4.0, contact_host="192.168.7.7")
+    assert w.events() == [DeviceSeen(TARGET, SERIAL, "201", PHONE_NEW)]
+    invite = one(released)
+    assert invite.flow == PHONE_NEW
+    assert invite.req.method == "INVITE"
+    assert invite.req.uri.startswith("sip:201@192.168.7.7:5062;transport=tls;pn-provider=apns")
+    rr = invite.req.get_all("record-route")
+    assert rr and w.proxy.tokens.verify(rr[0].split("sip:")[1].split("@")[0])[0] == PHONE_NEW
+
+    # from here on, an ordinary call
+    answer = one(w.feed(response_to(invite.data, 180, "Ringing", to_tag="phone"), PHONE_NEW, 4.1))
+    assert (answer.flow, answer.status) == (PBX_TCP, 180)
+    ok = one(w.feed(response_to(invite.data, 200, "OK", to_tag="phone"), PHONE_NEW, 5.0))
+    assert (ok.flow, ok.status) == (PBX_TCP, 200)
+    assert w.proxy.stats.c["push_holds_total:released"] == 1
+
+
+def test_cancel_during_the_hold_reaches_the_phone_after_it_wakes() -> None:
+    w = World()
+    path, wake = held_call(w)
+    one(outs(w.proxy.on_wake_result(wake.key, True, 2.5)))
+    cancel = request("CANCEL", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP,
+                     via_host="10.1.1.1", branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}",
+                     from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}", call_id="call-in")
+    ok = one(w.feed(cancel, PBX_TCP, 3.0))
+    assert (ok.flow, ok.status, ok.resp.cseq[1]) == (PBX_TCP, 200, "CANCEL")
+
+    _, released = register(w, PHONE_NEW, now=4.0)
+    invite = one(released)
+    assert invite.req.method == "INVITE"  # iOS must see the call, then its end
+    sent = outs(w.proxy.on_message(
+        parse_message(response_to(invite.data, 100, "Trying")), PHONE_NEW, 4.1))
+    (phone_cancel,) = sent
+    assert (phone_cancel.flow, phone_cancel.req.method) == (PHONE_NEW, "CANCEL")
+    assert phone_cancel.req.top_via().branch == invite.req.top_via().branch
+    terminated = one(w.feed(response_to(invite.data, 487, "Request Terminated", to_tag="p"), PHONE_NEW, 4.2))
+    assert (terminated.flow, terminated.status) == (PBX_TCP, 487)
+    # The PBX's ACK names the old flow in its Route; it goes where the INVITE went.
+    ack = request("ACK", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP, via_host="10.1.1.1",
+                  branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag",
+                  to_uri=f"sip:201@{PBX_DOMAIN}", to_tag="p", call_id="call-in", headers=[f"Route: {path}"])
+    phone_ack = one(w.feed(ack, PBX_TCP, 4.3))
+    assert (phone_ack.flow, phone_ack.req.method) == (PHONE_NEW, "ACK")
+    assert phone_ack.req.top_via().branch == invite.req.top_via().branch
+
+
+def test_no_registration_within_the_ring_timeout_is_480_and_later_nothing_is_sent() -> None:
+    w = World()
+    path, wake = held_call(w)
+    assert w.proxy.next_timer() <= 32.0
+    assert [o for o in outs(w.proxy.on_timer(31.9)) if o.flow == PBX_TCP] == []
+    final = [o for o in outs(w.proxy.on_timer(32.1)) if o.flow == PBX_TCP]
+    assert [o.status for o in final] == [480]
+    assert w.proxy.stats.c["push_holds_total:timeout"] == 1
+    ack = request("ACK", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP, via_host="10.1.1.1",
+                  branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag",
+                  to_uri=f"sip:201@{PBX_DOMAIN}", to_tag="x", call_id="call-in",
+                  headers=[f"Route: {path}"])
+    assert w.feed(ack, PBX_TCP, 33.0) == []  # the ACK of our own 480 stops here
+    _, released = register(w, PHONE_NEW, now=40.0)
+    assert released == []
+    assert outs(w.proxy.on_wake_result(wake.key, True, 41.0)) == []
+
+
+def test_cancelled_hold_that_times_out_is_487() -> None:
+    w = World()
+    held_call(w)
+    cancel = request("CANCEL", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP,
+                     via_host="10.1.1.1", branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}",
+                     from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}", call_id="call-in")
+    one(w.feed(cancel, PBX_TCP, 3.0))
+    final = [o for o in outs(w.proxy.on_timer(32.1)) if o.flow == PBX_TCP]
+    assert [o.status for o in final] == [487]
+
+
+def test_push_that_could_not_be_sent_ends_the_hold_with_480_at_once() -> None:
+    w = World()
+    _, wake = held_call(w)
+    final = one(outs(w.proxy.on_wake_result(wake.key, False, 3.0)))
+    assert (final.flow, final.status) == (PBX_TCP, 480)
+    assert w.proxy.stats.c["push_holds_total:push_failed"] == 1
+    _, released = register(w, PHONE_NEW, now=4.0)
+    assert released == []
+
+
+def test_without_push_parameters_a_dead_flow_is_still_430() -> None:
+    w = World()
+    path, _ = register(w, PHONE_TCP)
+    w.dead.add(PHONE_TCP)
+    data = request("INVITE", "sip:201@192.168.1.20:5062;transport=tcp", flow=PBX_TCP, via_host="10.1.1.1",
+                   from_uri=f"sip:100@{PBX_DOMAIN}", to_uri=f"sip:201@{PBX_DOMAIN}",
+                   headers=[f"Route: {path}"])
+    assert one(w.feed(data, PBX_TCP, 2.0)).status == 430
+
+
+def test_push_off_keeps_430_even_with_push_parameters() -> None:
+    proxy, dead = make_proxy()
+    register_pbx(proxy, PBX_TCP, now=0.0)
+    w = World.__new__(World)
+    w.proxy, w.dead = proxy, dead
+    path, _ = register(w, PHONE_TCP)
+    dead.add(PHONE_TCP)
+    assert one(w.feed(pbx_invite(path), PBX_TCP, 2.0)).status == 430
+    assert proxy.push_out == []
