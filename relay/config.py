@@ -56,6 +56,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "token": (str, ""),
         "ca_file": (str, ""),
         "ring_timeout": (float, 30.0),
+        "udp_asleep_after": (float, 40.0),
     },
 }
 PUSH_MODES = ("embedded", "remote", "off")
@@ -231,6 +232,8 @@ def _validate(cfg: RelayConfig) -> None:
         raise ConfigError(f"{src}: push.url and push.token are needed with push.mode = \"remote\"")
     if not 1.0 <= cfg["push.ring_timeout"] <= 120.0:
         raise ConfigError(f"{src}: push.ring_timeout must be between 1 and 120 seconds")
+    if not 5.0 <= cfg["push.udp_asleep_after"] <= 300.0:
+        raise ConfigError(f"{src}: push.udp_asleep_after must be between 5 and 300 seconds")
     if cfg["media.no_media_timeout"] <= 0:
         raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
     if cfg["media.address"]:

@@ -248,3 +248,53 @@ def test_push_off_keeps_430_even_with_push_parameters() -> None:
     dead.add(PHONE_TCP)
     assert one(w.feed(pbx_invite(path), PBX_TCP, 2.0)).status == 430
     assert proxy.push_out == []
+
+
+# ------------------------------------------------------------------- UDP
+PHONE_UDP_PN = Flow("udp", "192.0.2.30", 40030, ADVERTISE, 5060)
+
+
+def udp_world() -> tuple[World, dict[Flow, float]]:
+    heard: dict[Flow, float] = {}
+    w = World()
+    w.proxy.flow_heard = heard.get
+    return w, heard
+
+
+def test_udp_phone_heard_recently_is_called_directly() -> None:
+    w, heard = udp_world()
+    path, _ = register(w, PHONE_UDP_PN, now=1.0)
+    w.events()
+    heard[PHONE_UDP_PN] = 25.0  # a keepalive 15 s before the call
+    trying, invite = w.feed(pbx_invite(path), PBX_TCP, 40.0)
+    assert (trying.status, invite.flow) == (100, PHONE_UDP_PN)
+    assert w.events() == []
+
+
+def test_silent_udp_phone_is_held_and_pushed() -> None:
+    w, heard = udp_world()
+    path, _ = register(w, PHONE_UDP_PN, now=1.0)
+    w.events()
+    heard[PHONE_UDP_PN] = 1.0  # nothing since its REGISTER, 40+ s ago
+    trying = one(w.feed(pbx_invite(path), PBX_TCP, 41.5))
+    assert (trying.flow, trying.status) == (PBX_TCP, 100)
+    (wake,) = w.events()
+    assert isinstance(wake, WakeDevice) and wake.target == TARGET
+    # it wakes and registers from the same UDP address: the call goes there
+    heard[PHONE_UDP_PN] = 43.0
+    _, released = register(w, PHONE_UDP_PN, now=43.0)
+    assert [(o.flow, o.req.method) for o in released] == [(PHONE_UDP_PN, "INVITE")]
+
+
+def test_silent_udp_phone_without_push_parameters_is_still_tried() -> None:
+    w, heard = udp_world()
+    aor = f"sip:201@{PBX_DOMAIN}"
+    reg = request("REGISTER", f"sip:{PBX_DOMAIN}", flow=PHONE_UDP_PN, from_uri=aor, to_uri=aor,
+                  headers=[OUTBOUND, "Contact: <sip:201@192.168.1.20:5062>"])
+    fwd = one(w.feed(reg, PHONE_UDP_PN))
+    path = fwd.req.get_all("path")[0]
+    one(w.feed(response_to(fwd.data, 200, "OK"), PBX_TCP))
+    data = request("INVITE", "sip:201@192.168.1.20:5062", flow=PBX_TCP, via_host="10.1.1.1",
+                   from_uri=f"sip:100@{PBX_DOMAIN}", to_uri=f"sip:201@{PBX_DOMAIN}",
+                   headers=[f"Route: {path}"])
+    assert [o.flow for o in w.feed(data, PBX_TCP, 100.0)] == [PBX_TCP, PHONE_UDP_PN]

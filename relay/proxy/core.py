@@ -87,6 +87,7 @@ class ProxyConfig:
     # RFC 8599: wake phones that registered push parameters (needs a push service)
     push: bool = False
     ring_timeout: float = 30.0  # seconds an INVITE waits for a woken phone, then 480
+    udp_asleep_after: float = 40.0  # a UDP phone silent this long (no SIP, CRLF or STUN) sleeps
 
 
 @dataclass(slots=True)
@@ -108,6 +109,7 @@ class Proxy:
         auth: DigestAuth,
         flow_alive: Callable[[Flow], bool],
         media: MediaController | None = None,
+        flow_heard: Callable[[Flow], float | None] | None = None,
     ):
         self.cfg = config
         self.tokens = FlowTokens(hashlib.sha256(b"flow" + key).digest())
@@ -115,6 +117,8 @@ class Proxy:
         self.directory = directory
         self.auth = auth
         self.flow_alive = flow_alive
+        # When a UDP flow last sent anything (SIP, CRLF, STUN), on the clock of ``now``.
+        self.flow_heard = flow_heard
         self.media = media
         self.registry = PbxRegistry()
         self.txns = TransactionTable()
@@ -245,14 +249,16 @@ class Proxy:
                     # Path: from the PBX's address (any port or connection).
                     self.stats.inc("forbidden_total:path_not_from_pbx")
                     return self._refuse(req, source, 403, "Forbidden", now)
-                if phone_flow.reliable and not self.flow_alive(phone_flow):
+                dead = phone_flow.reliable and not self.flow_alive(phone_flow)
+                if dead or self._udp_asleep(phone_flow, now):
                     target = uri_push_target(req.uri) if self.cfg.push else None
                     if target is not None and kind == TOKEN_PATH and req.method == "INVITE":
                         # RFC 8599 §5.3.2: the phone sleeps; wake it and hold the call.
                         return self._hold(req, source, via, serial, target, mf, now)
-                    self.stats.inc("flow_failed_total")
-                    # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
-                    return self._refuse(req, source, 430, "Flow Failed", now)
+                    if dead:
+                        self.stats.inc("flow_failed_total")
+                        # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
+                        return self._refuse(req, source, 430, "Flow Failed", now)
                 return self._forward(req, source, via, phone_flow, serial, phone_flow, mf, now, True)
             if pbx is None:
                 return self._refuse(req, source, 480, "Temporarily Unavailable", now)
@@ -447,6 +453,15 @@ class Proxy:
         return [self._reply(req, source, 200, "OK", extra=[("Contact", value)])]
 
     # ------------------------------------------------------- RFC 8599 wake-ups
+    def _udp_asleep(self, flow: Flow, now: float) -> bool:
+        """UDP has no connection to lose: a phone that sent nothing — not even a
+        keepalive — for ``udp_asleep_after`` seconds is taken to be asleep (an iOS
+        app cannot keep a UDP socket in the background at all)."""
+        if flow.reliable or not self.cfg.push or self.flow_heard is None:
+            return False
+        heard = self.flow_heard(flow)
+        return heard is None or now - heard > self.cfg.udp_asleep_after
+
     def _note_register(self, req: Request, branch: str, serial: str, source: Flow, now: float) -> None:
         """Remember a phone's REGISTER with push parameters until the PBX answers it:
         only an accepted registration updates the push service or releases a call."""

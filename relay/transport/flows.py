@@ -30,6 +30,8 @@ SEND_QUEUE_BYTES = 2 * 1024 * 1024
 READ_SIZE = 65_536
 # Datagrams handled per wake-up of a UDP listener before other tasks get a turn.
 UDP_BATCH = 32
+# Seconds a UDP peer's last datagram time is kept (longer than push.udp_asleep_after may be).
+UDP_HEARD_KEEP = 600.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 # How long a connection being closed for lost framing may take to deliver its
 # last answer (400/513) before it is dropped anyway.
@@ -112,12 +114,25 @@ class Transports:
         # back-pressure worth waiting for; a full buffer drops and counts).
         self.udp: dict[tuple[str, int], socket.socket] = {}
         self.conns: dict[Flow, Connection] = {}
+        # When each UDP peer last sent anything (RFC 8599 wake-ups: a silent UDP
+        # phone is asleep). Forgotten after UDP_HEARD_KEEP seconds of silence.
+        self.udp_heard: dict[tuple[str, int], float] = {}
+        self._udp_sweep_at = 0.0
 
     # ------------------------------------------------------------------ state
     def alive(self, flow: Flow) -> bool:
         if flow.transport == "udp":
             return (flow.local_ip, flow.local_port) in self.udp
         return flow in self.conns
+
+    def heard(self, flow: Flow) -> float | None:
+        """When the UDP peer of ``flow`` last sent a datagram (trio clock), or None."""
+        return self.udp_heard.get((flow.remote_ip, flow.remote_port))
+
+    def _forget_quiet_udp(self, now: float) -> None:
+        horizon = now - UDP_HEARD_KEEP
+        self.udp_heard = {a: t for a, t in self.udp_heard.items() if t >= horizon}
+        self._udp_sweep_at = now + UDP_HEARD_KEEP / 4
 
     def send(self, out: list[Send]) -> None:
         for s in out:
@@ -155,6 +170,10 @@ class Transports:
             try:
                 while True:
                     await trio.lowlevel.wait_readable(raw)
+                    now = trio.current_time()
+                    if now >= self._udp_sweep_at:
+                        self._forget_quiet_udp(now)
+                    heard = self.udp_heard
                     # Drain what is queued before going back to the event loop: one
                     # scheduler round per burst instead of one per datagram.
                     for _ in range(UDP_BATCH):
@@ -166,6 +185,7 @@ class Transports:
                             self.count("receive_errors_total:udp")
                             log.debug("event=udp_receive_error err=%s", e)
                             break
+                        heard[addr[:2]] = now
                         self._datagram(data, Flow("udp", addr[0], addr[1], host, bound_port))
                     else:
                         await trio.lowlevel.checkpoint()
