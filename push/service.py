@@ -198,9 +198,9 @@ class PushService:
         self.metrics.c[f'pushes_total:provider="{provider or "none"}",outcome="{result.outcome}"'] += 1
         if device is not None and result.attempts:
             self.metrics.observe(provider, result.latency_ms / 1000)
-        log.info("event=push device=%s provider=%s outcome=%s status=%s attempts=%d latency_ms=%.1f",
-                 req.device_id, provider or "-", result.outcome, result.status, result.attempts,
-                 result.latency_ms)
+        log.info("event=push call_id=%s device=%s provider=%s outcome=%s status=%s attempts=%d "
+                 "latency_ms=%.1f", req.call_id, req.device_id, provider or "-", result.outcome,
+                 result.status, result.attempts, result.latency_ms)
 
     # ------------------------------------------------------------- operators
     async def user_log(self, serial: str, username: str) -> list[dict[str, Any]]:

@@ -39,8 +39,8 @@ def apns() -> Iterator[FakeApns]:
     fake.close()
 
 
-@pytest.fixture
-def relay(relay_factory: Any, apns: FakeApns, tmp_path: Path) -> RelayProc:
+def _push_relay(relay_factory: Any, apns: FakeApns, tmp_path: Path, log_level: str = "info") -> RelayProc:
+    """A relay with its embedded push service, APNs pointed at the fake."""
     push_dir = tmp_path / "push"
     push_dir.mkdir()
     p8 = apns.write_p8(push_dir / "AuthKey.p8")
@@ -48,6 +48,7 @@ def relay(relay_factory: Any, apns: FakeApns, tmp_path: Path) -> RelayProc:
     push_toml.write_text(f"""
 [push]
 state_dir = "{push_dir}"
+log_level = "{log_level}"
 [api]
 listen = "127.0.0.1:{free_port()}"
 [admin]
@@ -60,9 +61,14 @@ base_url = "{apns.base_url}"
 ca_file = "{apns.ca_file}"
 """)
     push = f'mode = "embedded"\nconfig = "{push_toml}"\nring_timeout = {RING_TIMEOUT}'
-    r: RelayProc = relay_factory(push=push)
+    r: RelayProc = relay_factory(push=push, log_level=log_level)
     r.push_dir = push_dir  # type: ignore[attr-defined]
     return r
+
+
+@pytest.fixture
+def relay(relay_factory: Any, apns: FakeApns, tmp_path: Path) -> RelayProc:
+    return _push_relay(relay_factory, apns, tmp_path)
 
 
 def pn(apns: FakeApns) -> str:
@@ -326,3 +332,27 @@ def test_gateway_down_is_480_after_retries_and_a_log_row_says_so(
     (row,) = _wait_rows(relay, "SELECT outcome, status, attempts, reason FROM push_log")
     assert row[0] == "failed" and row[1] is None and row[2] >= 2, row
     assert _db_rows(relay, "SELECT count(*) FROM devices") == [(1,)]  # a network failure is not a verdict
+
+
+def test_logs_of_a_full_call_with_sdp_and_a_push_hold_no_content(
+    relay_factory: Any, apns: FakeApns, tmp_path: Path,
+) -> None:
+    """Issue 5: the lines logged during a whole call (SDP both ways, a push, debug
+    level) carry the call id and never a body, an SDP line or the push token."""
+    relay = _push_relay(relay_factory, apns, tmp_path, log_level="debug")
+    pbx = _sleeping_phone(relay, apns, tmp_path, pbx_calls_sleeping_phone())
+    apns.wait_for(1, timeout=10)
+    phone = _sipp(relay, tmp_path, "phone2", woken_phone_answers(apns))
+    _finish(phone, pbx)
+    from tests.realpeers import stop_relay
+
+    stop_relay(relay)
+    text = relay.log()
+    call_lines = [line for line in text.splitlines() if " relay.calls " in line or "event=push " in line]
+    events = {e.split()[0] for line in call_lines for e in line.split("event=")[1:]}
+    expected = {"invite", "push_hold", "push", "push_result", "push_release", "invite_final", "bye"}
+    assert expected <= events, text[-3000:]
+    assert all("call_id=pbxrelay-1-call" in line for line in call_lines), call_lines
+    for needle in ("v=0", "m=audio", "c=IN IP4", "application/sdp", "Content-Length", TOKEN, "eyJ",
+                   "a=rtpmap"):
+        assert needle not in text, needle

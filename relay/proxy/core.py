@@ -12,6 +12,7 @@ import base64
 import hashlib
 import heapq
 import hmac
+import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
@@ -50,6 +51,12 @@ from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr, Via, format_host, split_commas
 from relay.sip.message import Header, Request, Response, SipMessage, make_response
 from relay.sip.uri import SipUri
+
+# One line per event of a call, each with its call id (issue 5: logs an operator can
+# follow a call by); never a body, an SDP or a push token.
+log = logging.getLogger("relay.calls")
+pbx_log = logging.getLogger("relay.pbx")
+DEBUG = logging.DEBUG
 
 MAGIC_COOKIE = "z9hG4bK"
 OUR_BRANCH = MAGIC_COOKIE + "-pr"
@@ -137,6 +144,9 @@ class Proxy:
 
     # ------------------------------------------------------------------ entry
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Send]:
+        if log.isEnabledFor(DEBUG):
+            what = msg.method if isinstance(msg, Request) else f"{msg.status}/{msg.cseq[1]}"  # type: ignore[attr-defined]
+            log.debug("event=sip_in call_id=%s msg=%s flow=%s", msg.call_id, what, source)
         if isinstance(msg, Request):
             # The method is the sender's choice: count unknown ones together so
             # that a flood of invented methods cannot grow the counters forever.
@@ -350,6 +360,8 @@ class Proxy:
         req.insert_before("Via", self._our_via(target, branch, source))
         data = req.serialise()
         self.stats.inc("requests_forwarded_total")
+        if req.method == "BYE":
+            log.info("event=bye call_id=%s serial=%s from=%s", req.call_id, serial, source)
         if req.method != "INVITE":
             return [Send(target, data)]
         # INVITE: keep the transaction, answer 100 Trying at once (§16.7 step 2).
@@ -372,6 +384,8 @@ class Proxy:
         txn.last_response = self._upstream_response(txn, 100, "Trying")
         self.txns.add(txn)
         self.txns.link_branch(branch, txn)
+        log.info("event=invite call_id=%s serial=%s direction=%s from=%s to=%s", req.call_id, serial,
+                 "to_phone" if to_phone else "to_pbx", source, target)
         return [Send(source, txn.last_response), Send(target, data)]
 
     def _for_us(
@@ -443,6 +457,8 @@ class Proxy:
                 extra=[("Min-Expires", str(self.cfg.pbx_expires_min))],
             )
         expires = min(expires, self.cfg.pbx_expires_max)
+        if self.registry.lookup(serial, now) is None:
+            pbx_log.info("event=pbx_registered serial=%s flow=%s expires=%d", serial, source, expires)
         self.registry.bind(serial, source, now + expires)
         self.stats.inc("pbx_registrations_total")
         # RFC 3261 §10.3 step 8: the binding as granted, its other parameters kept.
@@ -511,6 +527,7 @@ class Proxy:
             ring_timeout=self.cfg.ring_timeout,
         ))
         self.stats.inc("push_holds_total:started")
+        log.info("event=push_hold call_id=%s serial=%s provider=%s", req.call_id, serial, target.provider)
         return [Send(source, txn.last_response)]
 
     def on_wake_result(self, key: tuple[str, ...], delivered: bool, now: float) -> list[Send]:
@@ -519,6 +536,7 @@ class Proxy:
         txn = self.txns.get(key)
         if txn is None or txn.held is None or txn.final:
             return []  # answered, released or timed out meanwhile
+        log.info("event=push_result call_id=%s delivered=%s", txn.call_id, delivered)
         if not delivered:
             self.stats.inc("push_holds_total:push_failed")
             return self._end_hold(txn, now)
@@ -541,6 +559,7 @@ class Proxy:
                 waiting.remove(txn)
             if not waiting:
                 del self._held[held.target]
+        log.info("event=push_hold_ended call_id=%s status=%d", txn.call_id, status)
         txn.last_response = self._upstream_response(txn, status, reason, held.tag)
         txn.local_final = True
         self._finish(txn, now)
@@ -565,6 +584,7 @@ class Proxy:
         self.txns.remove(txn)
         txn.held = None
         self.stats.inc("push_holds_total:released")
+        log.info("event=push_release call_id=%s flow=%s", txn.call_id, pending.flow)
         sends = self._forward(req, txn.inbound, held.via, pending.flow, held.serial, pending.flow, held.mf,
                               now, True)
         fresh = self.txns.get(txn.key)
@@ -588,6 +608,7 @@ class Proxy:
             # would not know where the INVITE went, so we answer instead.
             return self._refuse(req, source, 481, "Call/Transaction Does Not Exist", now)
         out = [self._reply(req, source, 200, "OK")]
+        log.info("event=cancel call_id=%s final=%s", req.call_id, txn.final)
         if txn.final:
             return out
         if self.media is not None:
@@ -608,7 +629,7 @@ class Proxy:
         (DESIGN §2 media row); BYE ends the call's media."""
         assert self.media is not None
         if req.method == "BYE":
-            self.media.end(req.call_id)
+            self.media.end(req.call_id)  # (the BYE itself is logged by _forward)
             return None
         if req.method not in SDP_METHODS or not _has_sdp(req):
             return None
@@ -755,6 +776,7 @@ class Proxy:
             if resp.status < 200:
                 return []
         if resp.status >= 200 and not txn.final:
+            log.info("event=invite_final call_id=%s status=%d", txn.call_id, resp.status)
             self._finish(txn, now)
         if not txn.final or resp.status >= 200:
             txn.last_response = data  # a late provisional does not replace the final
@@ -818,6 +840,7 @@ class Proxy:
                     self.media.failed(txn.call_id)
                 self._finish(txn, now)
                 self.stats.inc("invite_timeouts_total")
+                log.info("event=invite_timeout call_id=%s status=408", txn.call_id)
                 out.append(Send(txn.inbound, txn.last_response))
                 continue
             if txn.retransmit_at is not None and now >= txn.retransmit_at and txn.outbound:
@@ -850,6 +873,9 @@ class Proxy:
         self.stats.inc(f"responses_sent_total:{status}")
         if req.method == "ACK":
             return []  # ACK is never answered (RFC 3261 §17.1.1.3)
+        log.log(logging.INFO if req.method == "INVITE" else DEBUG,
+                "event=refused call_id=%s method=%s status=%d flow=%s",
+                req.call_id, req.method, status, source)
         # Stateless, like Kamailio's sl_send_reply: a retransmission is refused
         # again, and a flood of INVITEs costs no memory.
         send = self._reply(req, source, status, reason, extra)
