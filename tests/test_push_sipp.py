@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def _push_relay(relay_factory: Any, apns: FakeApns, tmp_path: Path, log_level: s
     push_dir.mkdir()
     p8 = apns.write_p8(push_dir / "AuthKey.p8")
     push_toml = push_dir / "push.toml"
+    admin_port = free_port()
     push_toml.write_text(f"""
 [push]
 state_dir = "{push_dir}"
@@ -52,7 +54,7 @@ log_level = "{log_level}"
 [api]
 listen = "127.0.0.1:{free_port()}"
 [admin]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{admin_port}"
 [apns]
 key_file = "{p8}"
 key_id = "{apns.key_id}"
@@ -63,7 +65,14 @@ ca_file = "{apns.ca_file}"
     push = f'mode = "embedded"\nconfig = "{push_toml}"\nring_timeout = {RING_TIMEOUT}'
     r: RelayProc = relay_factory(push=push, log_level=log_level)
     r.push_dir = push_dir  # type: ignore[attr-defined]
+    r.push_admin = admin_port  # type: ignore[attr-defined]
     return r
+
+
+def _push_metrics(relay: RelayProc) -> str:
+    url = f"http://127.0.0.1:{relay.push_admin}/metrics"  # type: ignore[attr-defined]
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
 
 
 @pytest.fixture
@@ -282,7 +291,13 @@ def test_sleeping_phone_is_pushed_wakes_registers_and_answers(
     log = _wait_rows(relay, "SELECT username, caller, callee, provider, outcome, attempts FROM push_log")
     assert log == [("201", "100", "201", "apns", "sent", 1)]
     assert relay.metric('pbx_relay_push_holds_total{kind="released"}') == 1
+    assert relay.metric('pbx_relay_push_wakes_total{kind="sent"}') == 1
     assert len(apns.requests) == 1  # one push per call per device
+    # the push service's own metrics show it: by provider and outcome, with its latency
+    m = _push_metrics(relay)
+    assert 'pbx_push_pushes_total{provider="apns",outcome="sent"} 1' in m
+    assert 'pbx_push_latency_seconds_count{provider="apns"} 1' in m
+    assert "pbx_push_devices 1" in m and "pbx_push_push_log_rows 1" in m
 
 
 def test_cancel_during_the_hold_reaches_the_phone_after_the_wake(
