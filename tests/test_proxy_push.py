@@ -298,3 +298,87 @@ def test_silent_udp_phone_without_push_parameters_is_still_tried() -> None:
                    from_uri=f"sip:100@{PBX_DOMAIN}", to_uri=f"sip:201@{PBX_DOMAIN}",
                    headers=[f"Route: {path}"])
     assert [o.flow for o in w.feed(data, PBX_TCP, 100.0)] == [PBX_TCP, PHONE_UDP_PN]
+
+
+# ------------------------------------------------------- a phone that moves
+INSTANCE = '"<urn:uuid:00000000-0000-1000-8000-00a0c91e6bf6>"'
+
+
+def instance_register(flow: Flow, *, user: str = "201", cseq: int = 1, expires: int = 600) -> bytes:
+    aor = f"sip:{user}@{PBX_DOMAIN}"
+    contact = (f"Contact: <sip:{user}@192.168.1.20:5062;transport={flow.transport}>"
+               f";+sip.instance={INSTANCE};reg-id=1")
+    return request("REGISTER", f"sip:{PBX_DOMAIN}", flow=flow, from_uri=aor, to_uri=aor,
+                   call_id=f"reg-{flow.remote_port}", cseq=cseq,
+                   headers=[OUTBOUND, contact, f"Expires: {expires}"])
+
+
+def accept(world: World, data: bytes, flow: Flow, now: float) -> str:
+    fwd = one(world.feed(data, flow, now))
+    path = fwd.req.get_all("path")[0]
+    ok = one(world.feed(response_to(fwd.data, 200, "OK"), PBX_TCP, now))
+    assert (ok.flow, ok.status) == (flow, 200)
+    return path
+
+
+def answered_call(world: World, path: str, phone: Flow) -> list[str]:
+    """The PBX calls the phone along its Path; the phone answers. The PBX's route set."""
+    data = request("INVITE", "sip:201@192.168.1.20:5062;transport=tcp", flow=PBX_TCP, via_host="10.1.1.1",
+                   from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}",
+                   call_id="call-moved", headers=[f"Route: {path}"])
+    _, fwd = world.feed(data, PBX_TCP, 2.0)
+    assert fwd.flow == phone
+    ok = one(world.feed(response_to(fwd.data, 200, "OK", to_tag="ph"), phone, 2.1))
+    return ok.msg.get_all("record-route")
+
+
+def pbx_bye(routes: list[str], now: float, w: World) -> list[Out]:
+    data = request("BYE", "sip:201@192.168.1.20:5062", flow=PBX_TCP, via_host="10.1.1.1",
+                   from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}",
+                   to_tag="ph", call_id="call-moved", cseq=3, headers=[f"Route: {', '.join(routes)}"])
+    return w.feed(data, PBX_TCP, now)
+
+
+def test_in_dialog_request_follows_a_phone_that_registered_from_a_new_network() -> None:
+    w = World()
+    path = accept(w, instance_register(PHONE_TCP), PHONE_TCP, 1.0)
+    routes = answered_call(w, path, PHONE_TCP)
+    # Wi-Fi gone: the TCP connection dies; the phone registers over LTE (TLS)
+    w.dead.add(PHONE_TCP)
+    accept(w, instance_register(PHONE_NEW, cseq=2), PHONE_NEW, 3.0)
+    bye = one(pbx_bye(routes, 4.0, w))
+    assert (bye.flow, bye.req.method) == (PHONE_NEW, "BYE")
+    assert w.proxy.stats.c["phone_moves_total"] == 1
+
+
+def test_another_users_registration_with_the_same_instance_moves_nothing() -> None:
+    w = World()
+    path = accept(w, instance_register(PHONE_TCP), PHONE_TCP, 1.0)
+    routes = answered_call(w, path, PHONE_TCP)
+    w.dead.add(PHONE_TCP)
+    accept(w, instance_register(PHONE_NEW, user="202"), PHONE_NEW, 3.0)
+    assert one(pbx_bye(routes, 4.0, w)).status == 430
+
+
+def test_the_move_is_forgotten_when_the_registration_expires() -> None:
+    w = World()
+    path = accept(w, instance_register(PHONE_TCP, expires=60), PHONE_TCP, 1.0)
+    routes = answered_call(w, path, PHONE_TCP)
+    w.dead.add(PHONE_TCP)
+    accept(w, instance_register(PHONE_NEW, cseq=2, expires=60), PHONE_NEW, 3.0)
+    w.proxy.on_timer(100.0)
+    assert one(pbx_bye(routes, 100.0, w)).status == 430
+
+
+def test_a_held_call_is_not_released_to_another_user_presenting_the_same_token() -> None:
+    w = World()
+    _, wake = held_call(w)
+    aor = f"sip:202@{PBX_DOMAIN}"
+    other = request("REGISTER", f"sip:{PBX_DOMAIN}", flow=PHONE_NEW, from_uri=aor, to_uri=aor,
+                    headers=[OUTBOUND, f"Contact: <sip:202@192.168.9.9:5062;transport=tls;{PN}>"])
+    fwd = one(w.feed(other, PHONE_NEW, 3.0))
+    after = w.feed(response_to(fwd.data, 200, "OK"), PBX_TCP, 3.0)
+    assert [o.status for o in after] == [200]  # the REGISTER's answer, and no INVITE
+    assert w.proxy.stats.c["push_holds_total:release_refused"] == 1
+    _, released = register(w, PHONE_NEW, now=4.0)  # the right user: released
+    assert [o.req.method for o in released] == ["INVITE"]

@@ -55,7 +55,8 @@ from relay.sip.uri import SipUri
 # One line per event of a call, each with its call id (issue 5: logs an operator can
 # follow a call by); never a body, an SDP or a push token.
 log = logging.getLogger("relay.calls")
-pbx_log = logging.getLogger("relay.pbx")
+pbx_log = logging.getLogger("relay.pbx")  # registrations: PBXs and phones, no call id
+
 DEBUG = logging.DEBUG
 
 MAGIC_COOKIE = "z9hG4bK"
@@ -72,6 +73,10 @@ TOKEN_FROM_PBX = "s"  # Record-Route of a request the PBX sent
 # INVITE transactions in flight at most (each ~2 KB). Beyond, new INVITEs get
 # 503 + Retry-After (RFC 3261 §21.5.4) instead of the relay growing without bound.
 MAX_TRANSACTIONS = 100_000
+# Phones whose device (instance id or push token) → flow the relay remembers at most,
+# and how often expired ones are dropped (seconds).
+MAX_DEVICES = 200_000
+DEVICE_SWEEP = 60.0
 # RFC 3261 §8.2.6.2: a response copies these from the request.
 _COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
 
@@ -141,6 +146,13 @@ class Proxy:
         self.push_out: list[PushEvent] = []
         self._pending_reg: dict[str, PendingRegister] = {}  # our REGISTER branch → device
         self._held: dict[PushTarget, list[InviteTransaction]] = {}  # device → INVITEs waiting
+        # A device's current flow (by serial, AOR user, instance or push token) and, for a
+        # device that registered again from another flow, old flow → new flow: in-dialog
+        # requests for a phone that changed network follow it (RFC 5626 §4.2 in spirit).
+        self._device_flow: dict[tuple[str, str, str | PushTarget], tuple[Flow, float]] = {}
+        self._alias: dict[Flow, tuple[Flow, float]] = {}
+        self._push_user: dict[tuple[str, PushTarget], str] = {}
+        self._next_device_sweep = 0.0
 
     # ------------------------------------------------------------------ entry
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Send]:
@@ -251,6 +263,8 @@ class Proxy:
                 return self._refuse(req, source, 403, "Forbidden", now)
             kind, _, serial = payload.partition(".")
             pbx = self.registry.lookup(serial, now) if serial else None
+            if self._alias and kind != TOKEN_PATH:
+                phone_flow = self._moved(phone_flow, now)
             if self._towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
                 if source == phone_flow:
                     return self._refuse(req, source, 482, "Loop Detected", now)
@@ -352,7 +366,7 @@ class Proxy:
             if refused is not None:
                 return refused
         branch = self._branch(req, via, loop)
-        if req.method == "REGISTER" and self.cfg.push:
+        if req.method == "REGISTER":
             self._note_register(req, branch, serial, source, now)
         if req.method == "INVITE":
             # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
@@ -491,17 +505,55 @@ class Proxy:
             serial, user_of(req.get("to")), source, bindings, now + PENDING_REGISTER_TTL)
 
     def _registered(self, pending: PendingRegister, now: float) -> list[Send]:
-        """The PBX said 2xx: tell the push service, and forward what waited for this phone."""
+        """The PBX said 2xx: note the device's flow, tell the push service, and
+        forward what waited for this phone."""
         out: list[Send] = []
         for b in pending.bindings:
+            key = (pending.serial, pending.username, b.device)
             if b.expires == 0:
-                self.push_out.append(DeviceGone(b.target))
+                self._device_flow.pop(key, None)
+                if b.target is not None and self.cfg.push:
+                    self._push_user.pop((pending.serial, b.target), None)
+                    self.push_out.append(DeviceGone(b.target))
                 continue
+            self._note_device(key, pending.flow, now + min(b.expires, 86400))
+            if b.target is None or not self.cfg.push:
+                continue
+            if len(self._push_user) < MAX_DEVICES:
+                self._push_user[(pending.serial, b.target)] = pending.username
             self.push_out.append(DeviceSeen(b.target, pending.serial, pending.username, pending.flow))
             waiting = self._held.pop(b.target, None)
             for txn in waiting or ():
                 out.extend(self._release(txn, b.contact_uri, pending, now))
         return out
+
+    def _note_device(self, key: tuple[str, str, str | PushTarget], flow: Flow, until: float) -> None:
+        prev = self._device_flow.get(key)
+        if prev is None and len(self._device_flow) >= MAX_DEVICES:
+            self.stats.inc("dropped_total:devices_full")
+            return
+        self._device_flow[key] = (flow, until)
+        if prev is not None and prev[0] != flow and len(self._alias) < MAX_DEVICES:
+            self._alias[prev[0]] = (flow, until)
+            self._alias.pop(flow, None)  # back on a flow it used before: that one is current again
+            self.stats.inc("phone_moves_total")
+            pbx_log.info("event=phone_moved serial=%s from=%s to=%s", key[0], prev[0], flow)
+
+    def _moved(self, flow: Flow, now: float) -> Flow:
+        """The flow a phone last registered from, if it registered again elsewhere."""
+        for _ in range(4):  # a phone that moved several times: follow, but never loop
+            nxt = self._alias.get(flow)
+            if nxt is None or nxt[1] < now:
+                break
+            flow = nxt[0]
+        return flow
+
+    def _sweep_devices(self, now: float) -> None:
+        self._device_flow = {k: v for k, v in self._device_flow.items() if v[1] >= now}
+        self._alias = {k: v for k, v in self._alias.items() if v[1] >= now}
+        live = {(k[0], k[2]) for k in self._device_flow}
+        self._push_user = {k: u for k, u in self._push_user.items() if k in live}
+        self._next_device_sweep = now + DEVICE_SWEEP
 
     def _hold(
         self, req: Request, source: Flow, via: Via, serial: str, target: PushTarget, mf: int, now: float,
@@ -515,7 +567,8 @@ class Proxy:
             key=self._txn_key_from(req, via), inbound=source, created=now, call_id=req.call_id,
             give_up_at=now + self.cfg.ring_timeout, to_phone=True,
             upstream=[h for h in req.headers if h.name in _COPIED],
-            held=Held(req, via, serial, mf, target, self._stateless_tag(req)),
+            held=Held(req, via, serial, mf, target, self._stateless_tag(req),
+                      self._push_user.get((serial, target))),
         )
         txn.last_response = self._upstream_response(txn, 100, "Trying")
         self.txns.add(txn)
@@ -576,8 +629,10 @@ class Proxy:
         held = txn.held
         if held is None or txn.final or self.txns.get(txn.key) is not txn:
             return []
-        if held.serial != pending.serial:
-            self._held.setdefault(held.target, []).append(txn)  # not this PBX's user: keep waiting
+        if held.serial != pending.serial or held.user not in (None, pending.username):
+            # Another PBX's or another user's registration naming the same token: keep waiting.
+            self.stats.inc("push_holds_total:release_refused")
+            self._held.setdefault(held.target, []).append(txn)
             return []
         req = held.req
         req.set_uri(contact_uri)
@@ -814,6 +869,8 @@ class Proxy:
                     self.stats.inc("media_sessions_ended_total:no_media")
             if self._pending_reg:
                 self._pending_reg = {b: p for b, p in self._pending_reg.items() if p.until > now}
+            if now >= self._next_device_sweep:
+                self._sweep_devices(now)
             self._next_sweep = now + 1.0
         heap = self._heap
         while heap and heap[0][0] <= now:

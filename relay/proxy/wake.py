@@ -53,13 +53,21 @@ def user_of(value: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    target: PushTarget
+    target: PushTarget | None  # RFC 8599 push parameters, if any
+    instance: str | None  # RFC 5626 "+sip.instance" (with ";reg-id" appended when present)
     contact_uri: str  # the Contact URI as the phone registered it
     expires: int  # what the phone asked for; 0 = remove
 
+    @property
+    def device(self) -> str | PushTarget:
+        """What names the device across networks: its instance, else its push token."""
+        assert self.instance is not None or self.target is not None
+        return self.instance if self.instance is not None else self.target  # type: ignore[return-value]
+
 
 def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding]:
-    """The Contacts of a phone's REGISTER that carry push parameters."""
+    """The Contacts of a phone's REGISTER that name a device: push parameters
+    (RFC 8599) or an instance id (RFC 5626 §4.1)."""
     out = []
     expires_hdr = req.get("expires")
     for value in req.get_all("contact"):
@@ -71,20 +79,26 @@ def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding
         except SipParseError:
             continue
         target = push_target(uri.params)
-        if target is None:
+        instance = contact.params.get("+sip.instance")
+        if instance:
+            instance = instance.strip('"')
+            reg_id = contact.params.get("reg-id")
+            if reg_id:
+                instance += f";reg-id={reg_id}"
+        if target is None and not instance:
             continue
         raw = contact.params.get("expires") or expires_hdr
         try:
             expires = int(raw) if raw is not None else default_expires
         except ValueError:
             continue
-        out.append(Binding(target, contact.uri, max(expires, 0)))
+        out.append(Binding(target, instance or None, contact.uri, max(expires, 0)))
     return out
 
 
 @dataclass(slots=True)
 class PendingRegister:
-    """A phone's REGISTER with push parameters, forwarded, awaiting the PBX's answer."""
+    """A phone's REGISTER naming its device, forwarded, awaiting the PBX's answer."""
 
     serial: str
     username: str
@@ -139,4 +153,5 @@ class Held:
     mf: int  # Max-Forwards as received
     target: PushTarget
     tag: str  # our To tag on the 180 and on the final answer we may give
+    user: str | None  # the AOR user that registered this device (None: not known here)
     ringing: bool = False
