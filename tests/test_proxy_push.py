@@ -114,7 +114,7 @@ def test_deregistration_deletes_the_device() -> None:
     register(w, PHONE_TCP)
     w.events()
     register(w, PHONE_TCP, expires=0, cseq=2)
-    assert w.events() == [DeviceGone(TARGET)]
+    assert w.events() == [DeviceGone(TARGET, SERIAL, "201")]
 
 
 def test_register_without_push_parameters_makes_no_event() -> None:
@@ -382,3 +382,88 @@ def test_a_held_call_is_not_released_to_another_user_presenting_the_same_token()
     assert w.proxy.stats.c["push_holds_total:release_refused"] == 1
     _, released = register(w, PHONE_NEW, now=4.0)  # the right user: released
     assert [o.req.method for o in released] == ["INVITE"]
+
+
+# ------------------------------------------------- review: abuse and races
+def test_a_pbx_cannot_wake_a_device_other_than_the_one_registered_along_the_path() -> None:
+    w = World()
+    path, _ = register(w, PHONE_TCP)
+    w.events()
+    w.dead.add(PHONE_TCP)
+    other = "f" * 64
+    data = request(
+        "INVITE", f"sip:201@192.168.1.20:5062;transport=tcp;pn-provider=apns;pn-prid={other};"
+        "pn-param=ABCD123456.com.example.app.voip", flow=PBX_TCP, via_host="10.1.1.1",
+        from_uri=f"sip:100@{PBX_DOMAIN}", to_uri=f"sip:201@{PBX_DOMAIN}", headers=[f"Route: {path}"])
+    assert one(w.feed(data, PBX_TCP, 2.0)).status == 430
+    assert w.events() == []
+
+
+def test_provisional_answer_to_a_register_does_not_lose_the_device() -> None:
+    w = World()
+    held_call(w)
+    fwd = one(w.feed(phone_register(PHONE_NEW, contact_host="192.168.7.7"), PHONE_NEW, 4.0))
+    assert [o.status for o in w.feed(response_to(fwd.data, 100, "Trying"), PBX_TCP, 4.0)] == [100]
+    path = fwd.req.get_all("path")[0]
+    out = w.feed(response_to(fwd.data, 200, "OK", headers=[f"Path: {path}"]), PBX_TCP, 4.1)
+    assert [(o.flow, o.msg.method if isinstance(o.msg, Request) else o.status) for o in out] == [
+        (PHONE_NEW, 200), (PHONE_NEW, "INVITE")]
+
+
+def test_pbx_connection_lost_during_the_hold_rings_nobody() -> None:
+    w = World()
+    held_call(w)
+    w.proxy.on_flow_closed(PBX_TCP)
+    assert w.proxy.stats.c["push_holds_total:caller_gone"] == 1
+    register_pbx(w.proxy, PBX_TCP, now=3.0)  # the PBX is back, on a new connection
+    _, released = register(w, PHONE_NEW, now=4.0)
+    assert released == []
+
+
+def test_a_new_push_token_for_the_same_instance_deletes_the_old_device() -> None:
+    w = World()
+    aor = f"sip:201@{PBX_DOMAIN}"
+
+    def reg(token: str, cseq: int) -> bytes:
+        return request("REGISTER", f"sip:{PBX_DOMAIN}", flow=PHONE_TCP, from_uri=aor, to_uri=aor,
+                       call_id="r", cseq=cseq, headers=[
+                           OUTBOUND, f"Contact: <sip:201@192.168.1.20:5062;transport=tcp;pn-provider=apns;"
+                           f"pn-prid={token};pn-param=T.com.example.app.voip>;+sip.instance={INSTANCE}"])
+
+    for cseq, token in ((1, "aa" * 32), (2, "bb" * 32)):
+        fwd = one(w.feed(reg(token, cseq), PHONE_TCP, float(cseq)))
+        one(w.feed(response_to(fwd.data, 200, "OK"), PBX_TCP, float(cseq)))
+    old = PushTarget("apns", "aa" * 32, "T.com.example.app.voip")
+    new = PushTarget("apns", "bb" * 32, "T.com.example.app.voip")
+    assert w.events() == [DeviceSeen(old, SERIAL, "201", PHONE_TCP), DeviceGone(old, SERIAL, "201"),
+                          DeviceSeen(new, SERIAL, "201", PHONE_TCP)]
+
+
+def test_a_move_is_not_followed_once_someone_else_uses_the_old_udp_address() -> None:
+    w, heard = udp_world()
+    old = Flow("udp", "192.0.2.40", 40040, ADVERTISE, 5060)
+    path = accept(w, instance_register(old), old, 1.0)
+    heard[old] = 1.0
+    data = request("INVITE", "sip:201@192.168.1.20:5062", flow=PBX_TCP, via_host="10.1.1.1",
+                   from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}",
+                   call_id="call-moved", headers=[f"Route: {path}"])
+    _, fwd = w.feed(data, PBX_TCP, 2.0)
+    ok = one(w.feed(response_to(fwd.data, 200, "OK", to_tag="ph"), old, 2.1))
+    routes = ok.msg.get_all("record-route")
+    accept(w, instance_register(PHONE_NEW, cseq=2), PHONE_NEW, 3.0)
+    assert one(pbx_bye(routes, 3.5, w)).flow == PHONE_NEW  # followed while the old address is quiet
+    heard[old] = 4.0  # a CGNAT hands the address to someone else, who sends from it
+    assert one(pbx_bye(routes, 5.0, w)).flow == old
+
+
+def test_the_registrars_granted_expiry_bounds_a_move() -> None:
+    w = World()
+    path = accept(w, instance_register(PHONE_TCP), PHONE_TCP, 1.0)
+    routes = answered_call(w, path, PHONE_TCP)
+    w.dead.add(PHONE_TCP)
+    fwd = one(w.feed(instance_register(PHONE_NEW, cseq=2), PHONE_NEW, 3.0))  # asks for 600 s
+    contact = fwd.req.get("contact")
+    one(w.feed(response_to(fwd.data, 200, "OK", headers=[f"Contact: {contact};expires=60"]), PBX_TCP, 3.0))
+    assert one(pbx_bye(routes, 50.0, w)).flow == PHONE_NEW
+    w.proxy.on_timer(70.0)
+    assert one(pbx_bye(routes, 70.0, w)).status == 430

@@ -36,12 +36,18 @@ from relay.proxy.transaction import (
 from relay.proxy.wake import (
     MAX_PENDING_REGISTERS,
     PENDING_REGISTER_TTL,
+    Binding,
     DeviceGone,
     DeviceSeen,
     Held,
+    KnownDevice,
+    Moved,
     PendingRegister,
     PushEvent,
     WakeDevice,
+    granted_expires,
+    path_device_of,
+    path_user,
     register_bindings,
     uri_push_target,
     user_of,
@@ -149,9 +155,8 @@ class Proxy:
         # A device's current flow (by serial, AOR user, instance or push token) and, for a
         # device that registered again from another flow, old flow → new flow: in-dialog
         # requests for a phone that changed network follow it (RFC 5626 §4.2 in spirit).
-        self._device_flow: dict[tuple[str, str, str | PushTarget], tuple[Flow, float]] = {}
-        self._alias: dict[Flow, tuple[Flow, float]] = {}
-        self._push_user: dict[tuple[str, PushTarget], str] = {}
+        self._device_flow: dict[tuple[str, str, str | PushTarget], KnownDevice] = {}
+        self._alias: dict[Flow, Moved] = {}
         self._next_device_sweep = 0.0
 
     # ------------------------------------------------------------------ entry
@@ -180,6 +185,21 @@ class Proxy:
     def on_flow_closed(self, flow: Flow) -> None:
         if self.registry.flow_closed(flow) is not None:
             self.stats.inc("pbx_unregistered_total:flow_closed")
+        if self._held and flow.reliable:
+            # Nobody is left to answer: a phone woken for these calls must not ring.
+            for target, waiting in list(self._held.items()):
+                gone = [t for t in waiting if t.inbound == flow]
+                for txn in gone:
+                    self.stats.inc("push_holds_total:caller_gone")
+                    log.info("event=push_hold_ended call_id=%s reason=caller_gone", txn.call_id)
+                    txn.held = None
+                    self.txns.remove(txn)
+                if gone:
+                    left = [t for t in waiting if t.inbound != flow]
+                    if left:
+                        self._held[target] = left
+                    else:
+                        del self._held[target]
 
     # ----------------------------------------------------------------- requests
     def _on_request(self, req: Request, source: Flow, now: float) -> list[Send]:
@@ -262,9 +282,12 @@ class Proxy:
                 self.stats.inc("forbidden_total:bad_token")
                 return self._refuse(req, source, 403, "Forbidden", now)
             kind, _, serial = payload.partition(".")
+            path_device = ""
+            if kind == TOKEN_PATH:
+                serial, _, path_device = serial.partition(".")
             pbx = self.registry.lookup(serial, now) if serial else None
             if self._alias and kind != TOKEN_PATH:
-                phone_flow = self._moved(phone_flow, now)
+                phone_flow = self._moved(phone_flow, serial, now)
             if self._towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
                 if source == phone_flow:
                     return self._refuse(req, source, 482, "Loop Detected", now)
@@ -275,10 +298,11 @@ class Proxy:
                     return self._refuse(req, source, 403, "Forbidden", now)
                 dead = phone_flow.reliable and not self.flow_alive(phone_flow)
                 if dead or self._udp_asleep(phone_flow, now):
-                    target = uri_push_target(req.uri) if self.cfg.push else None
-                    if target is not None and kind == TOKEN_PATH and req.method == "INVITE":
+                    target = uri_push_target(req.uri) if self.cfg.push and path_device else None
+                    user = path_user(path_device, target) if target is not None else None
+                    if user is not None and target is not None and req.method == "INVITE":
                         # RFC 8599 §5.3.2: the phone sleeps; wake it and hold the call.
-                        return self._hold(req, source, via, serial, target, mf, now)
+                        return self._hold(req, source, via, serial, target, user, mf, now)
                     if dead:
                         self.stats.inc("flow_failed_total")
                         # RFC 5626 §5.3: 430 tells the PBX this flow is gone.
@@ -345,10 +369,18 @@ class Proxy:
             req.set("Max-Forwards", str(mf - 1))
         else:
             req.insert_before("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS - 1))
+        bindings: list[Binding] = []
         if req.method == "REGISTER":
             # RFC 3327: requests from the PBX to this phone come back through us,
-            # on this very flow (RFC 5626 §5.1).
-            token = self.tokens.mint(phone_flow, f"{TOKEN_PATH}.{serial}")
+            # on this very flow (RFC 5626 §5.1). With push parameters, the token
+            # also names the device and its AOR user: only that device can be woken
+            # along this Path, and only that user's next registration gets the call.
+            bindings = register_bindings(req)
+            push_b = next((b for b in bindings if b.target is not None), None)
+            device = ""
+            if push_b is not None and push_b.target is not None and self.cfg.push:
+                device = "." + path_device_of(push_b.target, user_of(req.get("to")))
+            token = self.tokens.mint(phone_flow, f"{TOKEN_PATH}.{serial}{device}")
             req.insert_before("Path", f"<{self._uri(token, target)};lr>")
         elif req.method in DIALOG_FORMING:
             kind = TOKEN_FROM_PBX if to_phone else TOKEN_FROM_PHONE
@@ -367,7 +399,7 @@ class Proxy:
                 return refused
         branch = self._branch(req, via, loop)
         if req.method == "REGISTER":
-            self._note_register(req, branch, serial, source, now)
+            self._note_register(req, branch, serial, source, now, bindings)
         if req.method == "INVITE":
             # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
             upstream = [h for h in req.headers if h.name in _COPIED]
@@ -492,11 +524,12 @@ class Proxy:
         heard = self.flow_heard(flow)
         return heard is None or now - heard > self.cfg.udp_asleep_after
 
-    def _note_register(self, req: Request, branch: str, serial: str, source: Flow, now: float) -> None:
-        """Remember a phone's REGISTER with push parameters until the PBX answers it:
-        only an accepted registration updates the push service or releases a call."""
-        bindings = register_bindings(req)
-        if not bindings:
+    def _note_register(
+        self, req: Request, branch: str, serial: str, source: Flow, now: float, bindings: list[Binding],
+    ) -> None:
+        """Remember a phone's REGISTER until the PBX answers it: only an accepted
+        registration moves a device, updates the push service or releases a call."""
+        if not bindings and not self._alias:
             return
         if len(self._pending_reg) >= MAX_PENDING_REGISTERS:
             self.stats.inc("dropped_total:pending_registers_full")
@@ -504,59 +537,77 @@ class Proxy:
         self._pending_reg[branch] = PendingRegister(
             serial, user_of(req.get("to")), source, bindings, now + PENDING_REGISTER_TTL)
 
-    def _registered(self, pending: PendingRegister, now: float) -> list[Send]:
+    def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Send]:
         """The PBX said 2xx: note the device's flow, tell the push service, and
         forward what waited for this phone."""
         out: list[Send] = []
+        # Whoever registers from a flow now owns it: a move recorded away from this
+        # address (NAT port reuse by someone else) no longer applies.
+        self._alias.pop(pending.flow, None)
+        granted = granted_expires(resp)
         for b in pending.bindings:
             key = (pending.serial, pending.username, b.device)
-            if b.expires == 0:
-                self._device_flow.pop(key, None)
-                if b.target is not None and self.cfg.push:
-                    self._push_user.pop((pending.serial, b.target), None)
-                    self.push_out.append(DeviceGone(b.target))
+            expires = granted.get(b.contact_uri, b.expires)
+            if b.expires == 0 or expires == 0:
+                gone = self._device_flow.pop(key, None)
+                target = b.target or (gone.target if gone is not None else None)
+                if target is not None and self.cfg.push:
+                    self.push_out.append(DeviceGone(target, pending.serial, pending.username))
                 continue
-            self._note_device(key, pending.flow, now + min(b.expires, 86400))
+            self._note_device(key, b.target, pending.flow, pending.serial, now, now + expires)
             if b.target is None or not self.cfg.push:
                 continue
-            if len(self._push_user) < MAX_DEVICES:
-                self._push_user[(pending.serial, b.target)] = pending.username
             self.push_out.append(DeviceSeen(b.target, pending.serial, pending.username, pending.flow))
             waiting = self._held.pop(b.target, None)
             for txn in waiting or ():
                 out.extend(self._release(txn, b.contact_uri, pending, now))
         return out
 
-    def _note_device(self, key: tuple[str, str, str | PushTarget], flow: Flow, until: float) -> None:
+    def _note_device(
+        self, key: tuple[str, str, str | PushTarget], target: PushTarget | None, flow: Flow, serial: str,
+        now: float, until: float,
+    ) -> None:
         prev = self._device_flow.get(key)
         if prev is None and len(self._device_flow) >= MAX_DEVICES:
             self.stats.inc("dropped_total:devices_full")
             return
-        self._device_flow[key] = (flow, until)
-        if prev is not None and prev[0] != flow and len(self._alias) < MAX_DEVICES:
-            self._alias[prev[0]] = (flow, until)
-            self._alias.pop(flow, None)  # back on a flow it used before: that one is current again
+        self._device_flow[key] = KnownDevice(flow, target, until)
+        if prev is None:
+            return
+        if prev.target is not None and prev.target != target and self.cfg.push:
+            # Same phone (instance id), new push token: the old one is dead (DESIGN §3).
+            self.push_out.append(DeviceGone(prev.target, key[0], key[1]))
+        if prev.flow != flow and len(self._alias) < MAX_DEVICES:
+            self._alias[prev.flow] = Moved(flow, serial, now, until)
             self.stats.inc("phone_moves_total")
-            pbx_log.info("event=phone_moved serial=%s from=%s to=%s", key[0], prev[0], flow)
+            pbx_log.info("event=phone_moved serial=%s from=%s to=%s", serial, prev.flow, flow)
 
-    def _moved(self, flow: Flow, now: float) -> Flow:
-        """The flow a phone last registered from, if it registered again elsewhere."""
+    def _moved(self, flow: Flow, serial: str, now: float) -> Flow:
+        """The flow a phone last registered from, if it registered again elsewhere —
+        only while the old flow is out of use: a closed connection, or a UDP address
+        that has not been heard from since the phone left it."""
         for _ in range(4):  # a phone that moved several times: follow, but never loop
             nxt = self._alias.get(flow)
-            if nxt is None or nxt[1] < now:
+            if nxt is None or nxt.until < now or nxt.serial != serial:
                 break
-            flow = nxt[0]
+            if flow.reliable:
+                if self.flow_alive(flow):
+                    break
+            else:
+                heard = self.flow_heard(flow) if self.flow_heard is not None else None
+                if heard is not None and heard > nxt.since:
+                    break
+            flow = nxt.flow
         return flow
 
     def _sweep_devices(self, now: float) -> None:
-        self._device_flow = {k: v for k, v in self._device_flow.items() if v[1] >= now}
-        self._alias = {k: v for k, v in self._alias.items() if v[1] >= now}
-        live = {(k[0], k[2]) for k in self._device_flow}
-        self._push_user = {k: u for k, u in self._push_user.items() if k in live}
+        self._device_flow = {k: v for k, v in self._device_flow.items() if v.until >= now}
+        self._alias = {k: v for k, v in self._alias.items() if v.until >= now}
         self._next_device_sweep = now + DEVICE_SWEEP
 
     def _hold(
-        self, req: Request, source: Flow, via: Via, serial: str, target: PushTarget, mf: int, now: float,
+        self, req: Request, source: Flow, via: Via, serial: str, target: PushTarget, user: str, mf: int,
+        now: float,
     ) -> list[Send]:
         """Answer 100, ask for a push, keep the INVITE until the phone registers
         again (then :meth:`_release`) or the ring timeout ends (480)."""
@@ -567,15 +618,14 @@ class Proxy:
             key=self._txn_key_from(req, via), inbound=source, created=now, call_id=req.call_id,
             give_up_at=now + self.cfg.ring_timeout, to_phone=True,
             upstream=[h for h in req.headers if h.name in _COPIED],
-            held=Held(req, via, serial, mf, target, self._stateless_tag(req),
-                      self._push_user.get((serial, target))),
+            held=Held(req, via, serial, mf, target, self._stateless_tag(req), user),
         )
         txn.last_response = self._upstream_response(txn, 100, "Trying")
         self.txns.add(txn)
         self._schedule(txn, txn.give_up_at)
         self._held.setdefault(target, []).append(txn)
         self.push_out.append(WakeDevice(
-            key=txn.key, target=target, serial=serial, call_id=req.call_id,
+            key=txn.key, target=target, serial=serial, user=user, call_id=req.call_id,
             caller=user_of(req.get("from")), callee=user_of(req.get("to")), src=source.remote,
             ring_timeout=self.cfg.ring_timeout,
         ))
@@ -629,7 +679,7 @@ class Proxy:
         held = txn.held
         if held is None or txn.final or self.txns.get(txn.key) is not txn:
             return []
-        if held.serial != pending.serial or held.user not in (None, pending.username):
+        if held.serial != pending.serial or held.user != pending.username:
             # Another PBX's or another user's registration naming the same token: keep waiting.
             self.stats.inc("push_holds_total:release_refused")
             self._held.setdefault(held.target, []).append(txn)
@@ -765,11 +815,11 @@ class Proxy:
         resp.pop_first_value("via")
         if not resp.has("via"):
             return []  # the answer to a CANCEL we generated
-        if self._pending_reg and resp.cseq[1] == "REGISTER":
+        if self._pending_reg and resp.cseq[1] == "REGISTER" and resp.status >= 200:
             pending = self._pending_reg.pop(via.branch or "", None)
-            if pending is not None and 200 <= resp.status < 300:
+            if pending is not None and resp.status < 300:
                 out = self._send_response(resp.serialise(), back)
-                return out + self._registered(pending, now)
+                return out + self._registered(pending, resp, now)
         txn = self.txns.by_our_branch(via.branch or "")
         if txn is not None and resp.cseq[1] == "INVITE":
             if resp.status < 200 and not txn.final:

@@ -8,6 +8,8 @@ reports a wake-up's result back with ``Proxy.on_wake_result``.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -15,13 +17,16 @@ from push.model import PROVIDERS, PushTarget
 from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr, Via
-from relay.sip.message import Request
+from relay.sip.message import Request, Response
 from relay.sip.uri import SipUri
 
 # A REGISTER's answer is expected within Timer F (64*T1); after that the relay
 # forgets which device it was for.
 PENDING_REGISTER_TTL = 32.0
-MAX_PENDING_REGISTERS = 100_000
+# REGISTERs awaiting the PBX's answer at most (each holds its device bindings), and
+# the bindings read from one REGISTER: a phone registers one Contact, rarely two.
+MAX_PENDING_REGISTERS = 20_000
+MAX_BINDINGS = 8
 
 
 def push_target(params: dict[str, str | None]) -> PushTarget | None:
@@ -68,9 +73,15 @@ class Binding:
 def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding]:
     """The Contacts of a phone's REGISTER that name a device: push parameters
     (RFC 8599) or an instance id (RFC 5626 §4.1)."""
-    out = []
-    expires_hdr = req.get("expires")
-    for value in req.get_all("contact"):
+    out: list[Binding] = []
+    try:
+        expires_hdr = req.get("expires")
+        contacts = req.get_all("contact")
+    except SipParseError:
+        return out  # not ours to judge: the registrar answers a malformed REGISTER
+    for value in contacts:
+        if len(out) >= MAX_BINDINGS:
+            break
         if value.strip() == "*":
             continue
         try:
@@ -94,6 +105,65 @@ def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding
             continue
         out.append(Binding(target, instance or None, contact.uri, max(expires, 0)))
     return out
+
+
+def _target_hash(target: PushTarget) -> str:
+    digest = hashlib.sha256(f"{target.provider}|{target.param}|{target.token}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:9]).decode()
+
+
+def path_device_of(target: PushTarget, user: str) -> str:
+    """What a Path token says of the device that registered along it: a hash of its
+    push parameters and its AOR user. Signed with the token, so a PBX can neither
+    point a wake-up at another device nor hand the call to another user."""
+    return f"{_target_hash(target)}.{user}"
+
+
+def path_user(path_device: str, target: PushTarget) -> str | None:
+    """The AOR user of the Path's device if ``target`` is that device, else None."""
+    thash, dot, user = path_device.partition(".")
+    if not dot or thash != _target_hash(target):
+        return None
+    return user
+
+
+def granted_expires(resp: Response) -> dict[str, int]:
+    """Contact URI → expiry the registrar granted, from a 2xx to a REGISTER
+    (RFC 3261 §10.3 step 8: each binding with its expires)."""
+    out: dict[str, int] = {}
+    try:
+        default = resp.get("expires")
+        contacts = resp.get_all("contact")
+    except SipParseError:
+        return out
+    for value in contacts:
+        try:
+            contact = NameAddr.parse(value)
+            raw = contact.params.get("expires") or default
+            if raw is not None:
+                out[contact.uri] = max(int(raw), 0)
+        except (SipParseError, ValueError):
+            continue
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class KnownDevice:
+    """Where a device (instance id or push token of an AOR user) last registered from."""
+
+    flow: Flow
+    target: PushTarget | None
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A device left ``old`` (the key) for ``flow`` at ``since``."""
+
+    flow: Flow
+    serial: str
+    since: float
+    until: float
 
 
 @dataclass(slots=True)
@@ -120,9 +190,11 @@ class DeviceSeen:
 
 @dataclass(frozen=True, slots=True)
 class DeviceGone:
-    """The phone de-registered that binding (or switched push off)."""
+    """The phone de-registered that binding (or switched push off, or got a new token)."""
 
     target: PushTarget
+    serial: str
+    username: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +204,7 @@ class WakeDevice:
     key: tuple[str, ...]
     target: PushTarget
     serial: str
+    user: str  # the AOR user the device registered as
     call_id: str
     caller: str
     callee: str
@@ -153,5 +226,5 @@ class Held:
     mf: int  # Max-Forwards as received
     target: PushTarget
     tag: str  # our To tag on the 180 and on the final answer we may give
-    user: str | None  # the AOR user that registered this device (None: not known here)
+    user: str  # the AOR user that registered this device (from the Path token)
     ringing: bool = False
