@@ -7,6 +7,11 @@ Who may do what — the token's ``scope`` claim:
   privacy verbs, but only for devices and users of its own serial.
 - ``operator``: everything, including listing devices and per-user export/erase.
 
+A device is a push target (provider, token, param) registered by one user (``username``)
+at one PBX (``serial``): its id covers all five, so the verbs that name a device by its
+target (unregister, wake) take ``serial`` and ``username`` too, and a PBX registering a
+token that another PBX also uses gets its own device, never the other's.
+
 Tokens are HS256 JWTs (RFC 7519) signed with the API secret; ``exp`` is required.
 Errors follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` for a missing, bad or
 expired token, 403 ``insufficient_scope`` when the token does not allow the request.
@@ -162,7 +167,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+    if length is not None and _digits(length) and int(length) > MAX_BODY:
         raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     body = bytearray()
     async with aclosing(request.stream()) as chunks:  # closed at once when we stop early
@@ -200,6 +205,12 @@ def _str(data: dict[str, Any], key: str, *, required: bool = True, default: str 
     return v
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit()`` alone also takes '²' or '١', which int()
+    then refuses (or reads as another number)."""
+    return text.isascii() and text.isdigit()
+
+
 def _target(data: dict[str, Any]) -> PushTarget:
     provider = _str(data, "provider")
     if provider not in PROVIDERS:
@@ -227,7 +238,7 @@ def _src(text: str) -> str:
     if not text:
         return ""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not _digits(port):
         raise ApiError(400, f"src {text!r} is not ip:port")
     ip = _ip(host.strip("[]") if host.startswith("[") else host, "src")
     p = _port(int(port), "src port")
@@ -289,12 +300,10 @@ def make_api(
         claims = claims_of(request)
         need(claims, "relay", "pbx", "operator")
         data = await _json_body(request)
-        device_id = service.device_id(_target(data))
-        if claims.scope == "pbx":
-            device = await service.store.get_device(device_id)
-            if device is None:
-                return JSONResponse({"deleted": False})
-            own_serial(claims, device.serial)
+        target = _target(data)
+        serial, username = _str(data, "serial"), _str(data, "username")
+        own_serial(claims, serial)
+        device_id = service.device_id(target, serial, username)
         return JSONResponse({"deleted": await service.unregister_device(device_id)})
 
     async def list_devices(request: Request) -> Response:
@@ -332,10 +341,17 @@ def make_api(
         data = await _json_body(request)
         if "device_id" in data:
             if "token" in data:
-                raise ApiError(400, "give device_id or provider/token/param, not both")
+                raise ApiError(400, "give device_id or provider/token/param/serial/username, not both")
             device_id = _str(data, "device_id")
+            serial = _str(data, "serial", required=False)
         else:
-            device_id = service.device_id(_target(data))
+            target = _target(data)
+            serial, username = _str(data, "serial"), _str(data, "username")
+            device_id = service.device_id(target, serial, username)
+        if claims.scope == "pbx":
+            if serial:
+                own_serial(claims, serial)
+            serial = claims.serial or ""  # the service wakes none of another PBX's devices
         ring = data.get("ring_timeout", RING_TIMEOUT_DEFAULT)
         if not _number(ring) or not RING_TIMEOUT_MIN <= ring <= RING_TIMEOUT_MAX:
             raise ApiError(400, f"ring_timeout must be a number of seconds, {RING_TIMEOUT_MIN:g}.."
@@ -343,7 +359,7 @@ def make_api(
         req = WakeRequest(
             device_id=device_id, call_id=_str(data, "call_id"),
             caller=_str(data, "caller", required=False), callee=_str(data, "callee", required=False),
-            src=_src(_str(data, "src", required=False)), ring_timeout=float(ring),
+            src=_src(_str(data, "src", required=False)), ring_timeout=float(ring), serial=serial,
         )
         if claims.scope == "pbx":
             device = await service.store.get_device(device_id)

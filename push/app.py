@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +20,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 from starlette.applications import Starlette
 
+from pbxutil.journal import set_level
+from pbxutil.lifecycle import SIGNALS, supervise
+from pbxutil.sdnotify import Notifier
 from push.api import make_admin, make_api
 from push.config import ConfigError, Listen, PushConfig, check_files
 from push.gateways.base import Gateway
@@ -31,6 +33,14 @@ log = logging.getLogger("push")
 
 KEY_BYTES = 32  # AES-256-GCM key for tokens at rest, HMAC key for device ids
 SECRET_BYTES = 32  # HS256 secret: as long as the hash (RFC 7518 §3.2)
+# Seconds the gateways replaced by a reload stay open: a push in flight on them (its
+# retries end with the ring timeout, 120 s at most) finishes there.
+GATEWAY_RETIRE = 150.0
+# What SIGHUP applies; any other key that changed needs a restart (the reload says which).
+PROVIDER_NAMES = {"apns": "APNs", "fcm": "FCM"}
+RELOADABLE_SECTIONS = frozenset({"apns", "fcm"})
+RELOADABLE = frozenset({"push.log_level", "push.log_retention_days", "push.device_stale_days",
+                        "push.purge_interval"})
 
 
 def _create_once(path: Path, data: bytes) -> bytes:
@@ -144,6 +154,7 @@ class Running:
 def _hypercorn_config(listen: Listen, cfg: PushConfig | None = None) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [str(listen)]
+    hc.backlog = 1024  # bursts of new connections (the relay's client pools up to 1000)
     # No access log: request lines would put serials, usernames and device ids into the
     # journal for every request. Errors go to our "push.http" logger (tracebacks, no bodies).
     hc.accesslog = None
@@ -247,14 +258,97 @@ def banner(cfg: PushConfig, running: Running) -> str:
     return "\n".join(lines)
 
 
-async def run(cfg: PushConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then cancel the whole task tree."""
+def _settings(cfg: PushConfig) -> PushSettings:
+    return PushSettings(
+        log_retention=cfg["push.log_retention_days"] * DAY,
+        device_stale_after=cfg["push.device_stale_days"] * DAY,
+        purge_interval=cfg["push.purge_interval"],
+    )
+
+
+async def reload(
+    service: PushService, current: PushConfig, fresh: PushConfig, nursery: trio.Nursery,
+    *, log_level: bool = True,
+) -> None:
+    """SIGHUP with the configuration read again: log level (unless ``log_level`` is
+    False: embedded in the relay, the relay's applies), retention, and the gateways
+    rebuilt from their files (the APNs .p8 key or certificate, the FCM service account);
+    gateways that do not build keep the old ones. Other changed keys are named as
+    needing a restart. Updates ``current`` to what now runs; never raises."""
+    level_changed = set_level(fresh["push.log_level"]) if log_level else False
+    service.settings = _settings(fresh)
+    applied = set(RELOADABLE)
+    gateways = "kept_old"
+    try:
+        check_files(fresh)
+        new = build_gateways(fresh, service.key)
+    except ConfigError as e:
+        log.error("event=reload_failed what=gateways error=%s (the old gateways stay)", e)
+    else:
+        old, service.gateways = service.gateways, new
+        nursery.start_soon(_retire, old)
+        applied |= {f"{s}.{k}" for s in RELOADABLE_SECTIONS for k in fresh.values[s]}
+        gateways = ",".join(f"{p}:{m}" for p, m in gateway_modes(service).items())
+    restart = [f"{s}.{k}" for s, keys in fresh.values.items() for k, v in keys.items()
+               if current.values[s][k] != v and f"{s}.{k}" not in RELOADABLE and s not in RELOADABLE_SECTIONS]
+    for dotted in applied:
+        section, key = dotted.split(".")
+        current.values[section][key] = fresh.values[section][key]
+    log.info("event=reloaded log_level=%s%s gateways=%s log_retention_days=%g restart_needed=%s",
+             fresh["push.log_level"], "(changed)" if level_changed else "", gateways,
+             fresh["push.log_retention_days"], ",".join(restart) or "-")
+
+
+async def _retire(gateways: Mapping[str, Gateway]) -> None:
+    try:
+        await trio.sleep(GATEWAY_RETIRE)
+    finally:
+        with trio.CancelScope(shield=True):
+            for g in gateways.values():
+                try:
+                    await g.aclose()
+                except Exception as e:  # closing a dead connection must not stop the service
+                    log.warning("event=gateway_close_failed provider=%s error=%r", g.provider, e)
+
+
+async def status_line(service: PushService) -> str:
+    """The STATUS systemd shows (`systemctl status pbx-push`)."""
+    try:
+        with trio.fail_after(2.0):
+            counts = await service.store.counts()
+    except Exception as e:
+        return f"Serving; store not answering ({type(e).__name__})"
+    modes = ", ".join(f"{PROVIDER_NAMES.get(p, p)} {m}" for p, m in gateway_modes(service).items())
+    return f"Serving: {counts['devices']} devices, {counts['push_log_rows']} push log rows; {modes}"
+
+
+async def run(
+    cfg: PushConfig, reload_config: Callable[[], PushConfig] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads (``reload_config`` reads the
+    configuration again). Tells systemd through ``notifier`` (pbxutil.lifecycle)."""
     service = build_service(cfg)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    notify = notifier or Notifier.from_environ()
+    current = PushConfig(cfg.source, {s: dict(keys) for s, keys in cfg.values.items()}, dict(cfg.from_env))
+
+    async def check() -> str | None:
+        await service.store.counts()  # the watchdog pings only while the store answers
+        return None
+
+    with trio.open_signal_receiver(*SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             running: Running = await nursery.start(serve, cfg, service)
             print(banner(cfg, running), flush=True, file=sys.stdout)
-            async for signum in signals:
-                log.info("event=stopping signal=%s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+
+            async def on_hup() -> None:
+                try:
+                    fresh = reload_config() if reload_config is not None else cfg
+                except (ConfigError, OSError) as e:
+                    log.error("event=reload_failed what=config error=%s (nothing changed)", e)
+                    return
+                await reload(service, current, fresh, nursery)
+
+            await supervise(signals, notify, status=partial(status_line, service), check=check,
+                            reload=on_hup)
+            nursery.cancel_scope.cancel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import ssl
 import sys
@@ -34,17 +33,17 @@ def _load(args: argparse.Namespace) -> PushConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads log level, retention and gateway
+    credentials. Under systemd (Type=notify) it reports READY/STATUS/WATCHDOG."""
     import trio
 
+    from pbxutil.journal import configure_logging
     from push.app import run
 
     cfg = _load(args)
-    logging.basicConfig(
-        level=cfg["push.log_level"].upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(cfg["push.log_level"])
     try:
-        trio.run(run, cfg)
+        trio.run(run, cfg, lambda: _load(args))
     except KeyboardInterrupt:
         return 0
     except BaseException as e:  # noqa: B036 - re-raised unless it is one we explain

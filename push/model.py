@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -39,10 +40,21 @@ class PushTarget:
     token: str
     param: str
 
-    def device_id(self, key: bytes) -> str:
-        """Stable, non-reversible id of the device: what logs and the push log show
-        instead of the token (DESIGN §3: no token in clear outside the registry)."""
-        mac = hmac.new(key, f"{self.provider}|{self.param}|{self.token}".encode(), hashlib.sha256)
+    def device_id(self, key: bytes, serial: str = "", username: str = "") -> str:
+        """Stable, non-reversible id of one registration of this push target: what
+        logs, the API and the push log show instead of the token (DESIGN §3: no token
+        in clear outside the registry).
+
+        A device is the push target *for one user at one PBX*: the id covers the PBX
+        serial and the AOR's user part, so a phone with accounts on two PBXs (or two
+        users on one) is two devices that neither overwrite nor delete each other.
+        The fields are JSON-encoded, so no choice of values ("a|b" + "c" against
+        "a" + "b|c") makes two registrations collide. The registry always passes
+        ``serial`` and ``username``; the defaults give a pseudonym of the bare
+        target for code that has nothing else (the dry-run gateway's log line).
+        """
+        material = json.dumps([self.provider, self.param, self.token, serial, username])
+        mac = hmac.new(key, material.encode(), hashlib.sha256)
         return mac.hexdigest()[:32]
 
     @property
@@ -62,6 +74,7 @@ class PushMessage:
     callee: str  # called number/user
     ttl: int  # seconds the push is worth delivering (the ring timeout)
     sent_at: float  # wall clock when the wake was asked for; expiration = sent_at + ttl
+    device_id: str = ""  # the registry's id of the device being woken ("" when not from the registry)
 
 
 @dataclass(slots=True)

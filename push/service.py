@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -60,6 +60,17 @@ class WakeRequest:
     callee: str
     src: str  # "ip:port" the call came from
     ring_timeout: float  # seconds: the push's TTL and the retries' deadline
+    serial: str = ""  # the PBX asking; when set, a device of another PBX is not woken
+
+
+@dataclass(slots=True)
+class _Pushed:
+    """One (device, call) wake-up: while ``result`` is None it is in flight and
+    ``done`` is set when it ends (with a result, or cancelled: then it is forgotten)."""
+
+    at: float  # trio time the wake started
+    done: trio.Event = field(default_factory=trio.Event)
+    result: PushResult | None = None
 
 
 class Metrics:
@@ -111,11 +122,12 @@ class PushService:
         self.settings = settings or PushSettings()
         self.clock = clock
         self.metrics = Metrics()
-        self._recent: dict[tuple[str, str], float] = {}  # (device, call id) → trio time pushed
+        self._recent: dict[tuple[str, str], _Pushed] = {}  # (device, call id) → its wake-up
 
     # ------------------------------------------------------------- devices
-    def device_id(self, target: PushTarget) -> str:
-        return target.device_id(self.key)
+    def device_id(self, target: PushTarget, serial: str, username: str) -> str:
+        """The id of ``target`` registered by ``username`` at PBX ``serial``."""
+        return target.device_id(self.key, serial, username)
 
     async def register_device(self, update: DeviceUpdate) -> Device:
         t = update.target
@@ -128,7 +140,8 @@ class PushService:
         if not 0 < update.port < 65536:
             raise PushError("port out of range")
         device = Device(
-            device_id=self.device_id(t), provider=t.provider, param=t.param, token=t.token,
+            device_id=self.device_id(t, update.serial, update.username), provider=t.provider,
+            param=t.param, token=t.token,
             serial=update.serial, username=update.username, ip=update.ip, port=update.port,
             transport=update.transport, updated_at=self.clock(),
         )
@@ -148,46 +161,83 @@ class PushService:
     # ------------------------------------------------------------------ wake
     async def wake(self, req: WakeRequest) -> PushResult:
         """Send one push for a call and log it. Never raises for the gateway's sake:
-        whatever happens becomes the result and the push log row."""
+        whatever happens becomes the result and the push log row.
+
+        One push per (device, call) within ``dedupe_window`` (DESIGN §2), whoever
+        asks: a second ask sends nothing and answers what the first push came to
+        (reason ``duplicate``), waiting for it while it is in flight — at most until
+        the second ask's own ring timeout. A first ask that was cancelled before its
+        push ended leaves nothing behind: the next ask pushes."""
         started = trio.current_time()
+        deadline = started + req.ring_timeout
         device = await self.store.get_device(req.device_id)
+        if device is not None and req.serial and device.serial != req.serial:
+            # Another PBX's device: not woken, and not told apart from a missing one.
+            log.warning("event=wake_refused device=%s reason=serial_mismatch serial=%s",
+                        req.device_id, req.serial)
+            device = None
         if device is None:
             result = PushResult(Outcome.UNKNOWN_DEVICE, reason="no such device")
             await self._log(req, None, result)
             return result
         key = (req.device_id, req.call_id)
         self._forget_old(started)
-        if key in self._recent:
-            # One push per call per device (DESIGN §2): a second ask is not a second push.
+        while (first := self._recent.get(key)) is not None:
+            if first.result is None:
+                with trio.move_on_at(deadline):
+                    await first.done.wait()
+                if not first.done.is_set():
+                    self.metrics.c[f'pushes_total:provider="{device.provider}",outcome="duplicate"'] += 1
+                    return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
+                                      latency_ms=(trio.current_time() - started) * 1000.0)
+                if first.result is None:
+                    continue  # the first ask was cancelled: look again (and push if nobody does)
+            # One push per call per device: a second ask is not a second push.
             self.metrics.c[f'pushes_total:provider="{device.provider}",outcome="duplicate"'] += 1
-            return PushResult(Outcome.SENT, reason="duplicate")
-        self._recent[key] = started
-        gateway = self.gateways.get(device.provider)
-        if gateway is None:
-            result = PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
-        else:
-            msg = PushMessage(
-                target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
-                caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
-                sent_at=self.clock(),
-            )
-            result = await deliver(gateway, msg, started + req.ring_timeout, started=started)
-        if result.outcome is Outcome.UNREGISTERED:
-            # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
-            await self.unregister_device(device.device_id, "unregistered")
-        await self._log(req, device, result)
-        return result
+            return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
+                              latency_ms=(trio.current_time() - started) * 1000.0)
+        pushed = self._recent[key] = _Pushed(started)
+        try:
+            gateway = self.gateways.get(device.provider)
+            if gateway is None:
+                result = PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
+            else:
+                msg = PushMessage(
+                    target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
+                    caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
+                    sent_at=self.clock(), device_id=device.device_id,
+                )
+                result = await deliver(gateway, msg, deadline, started=started)
+            pushed.result = result
+            pushed.done.set()
+            if result.outcome is Outcome.UNREGISTERED:
+                # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
+                await self.unregister_device(device.device_id, "unregistered")
+            await self._log(req, device, result)
+            return result
+        finally:
+            if pushed.result is None and self._recent.get(key) is pushed:
+                del self._recent[key]  # cancelled (or broken) before the push ended: no key left
+            pushed.done.set()
 
     def _forget_old(self, now: float) -> None:
-        if len(self._recent) > 1000 or (self._recent and next(iter(self._recent.values())) < now - 60):
-            horizon = now - self.settings.dedupe_window
-            self._recent = {k: t for k, t in self._recent.items() if t >= horizon}
+        """Drop finished entries older than the window, from the oldest end (the dict
+        keeps insertion order): O(entries dropped), not O(entries) per wake-up. An
+        entry still in flight stops the walk; it is looked at again next time."""
+        horizon = now - self.settings.dedupe_window
+        recent = self._recent
+        while recent:
+            key, first = next(iter(recent.items()))
+            if first.at >= horizon or first.result is None:
+                break
+            del recent[key]
 
     async def _log(self, req: WakeRequest, device: Device | None, result: PushResult) -> None:
         provider = device.provider if device else ""
         now = self.clock()
         row = LogRow(
-            at=now, serial=device.serial if device else "", username=device.username if device else "",
+            at=now, serial=device.serial if device else req.serial,
+            username=device.username if device else "",
             caller=req.caller, callee=req.callee, src=req.src,
             dst=_hostport(device.ip, device.port) if device else "",
             provider=provider, device_id=req.device_id, outcome=str(result.outcome),

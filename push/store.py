@@ -1,32 +1,61 @@
 """Where the push service keeps its two tables: devices and the push log.
 
 DESIGN §3 rows enforced here:
-- device: one row per device, keyed by its id (an HMAC of provider, pn-param and
-  token); an update *replaces* the address. The token is kept encrypted
-  (AES-GCM with the service's key): it never lies on disk in clear.
+- device: one row per device — a push target registered by one user at one PBX —
+  keyed by its id (an HMAC of provider, pn-param, token, PBX serial and username:
+  :meth:`push.model.PushTarget.device_id`); an update *replaces* the address. The
+  token is kept encrypted (AES-GCM with the service's key): it never lies on disk
+  in clear.
 - push log: one row per push; rows older than the retention are deleted by
   :meth:`Store.purge`. Never a message body.
 
 ``Store`` is the interface (SQLite now; Redis/Valkey with native TTLs fits it:
 ``add_log`` gets the row's expiry, ``purge`` may do nothing). ``SqliteStore`` runs
-sqlite3 in a worker thread, one call at a time. ``secure_delete`` overwrites
-deleted rows, and an address change checkpoints and truncates the WAL, so the
-old address is not left in the database files either.
+sqlite3 in a worker thread, one call at a time.
+
+What is left in the database files: ``secure_delete`` overwrites deleted rows, and
+an address change, a delete, an erasure and a purge checkpoint the WAL and truncate
+it, so with no other connection open the old address is gone from the files when
+the call returns. Another connection in a read transaction (the sqlite3 shell, a
+backup) pins the WAL: the checkpoint then waits at most ``CHECKPOINT_BUSY_MS``,
+the call returns, and the old address stays in ``-wal`` (and may be in the main
+file, in the page version the reader sees) until a later checkpoint succeeds. A
+pending checkpoint is retried by the next write (at most once per
+``CHECKPOINT_RETRY`` seconds, so a long backup does not slow every call) and by
+every purge; failures are counted (``wal_checkpoint_failures_total``) and a pending
+one shows as ``wal_checkpoint_pending 1`` in :meth:`Store.counts`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from push.model import PushTarget
+
 T = TypeVar("T")
+log = logging.getLogger("push")
+
+# How long a statement waits for another connection's lock (ms): sqlite3's default.
+BUSY_TIMEOUT_MS = 5000
+# How long a WAL checkpoint waits for other connections' readers (ms). Short: every
+# store call waits behind it (one call at a time), and a failed one is retried later.
+CHECKPOINT_BUSY_MS = 100
+# Seconds between retries of a pending checkpoint by ordinary writes (purges always retry).
+CHECKPOINT_RETRY = 1.0
+# PRAGMA user_version. 1: device ids cover the PBX serial and the username.
+SCHEMA_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -94,7 +123,9 @@ class Store(Protocol):
         """Delete everything held about a user; return (devices, log rows) deleted."""
         ...
 
-    async def counts(self) -> dict[str, int]: ...
+    async def counts(self) -> dict[str, int]:
+        """Gauges for /metrics: at least ``devices`` and ``push_log_rows``."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -154,8 +185,9 @@ class TokenBox:
 class SqliteStore:
     """The embedded store: one SQLite file in WAL mode.
 
-    ``threaded=False`` runs each query inline (tests on a MockClock, where a
-    worker thread would let the clock jump mid-query)."""
+    ``key`` is the service key: it seals tokens, and re-keys devices of an older
+    schema (:meth:`_migrate`). ``threaded=False`` runs each query inline (tests on
+    a MockClock, where a worker thread would let the clock jump mid-query)."""
 
     def __init__(self, path: Path, key: bytes, *, threaded: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,12 +195,85 @@ class SqliteStore:
         self._box = TokenBox(key)
         self._threaded = threaded
         self._limiter = trio.CapacityLimiter(1)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
         os.chmod(path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        self.checkpoint_retry = CHECKPOINT_RETRY
+        self.checkpoint_failures = 0
+        self._checkpoint_pending = False
+        self._checkpoint_tried = -math.inf  # time.monotonic() of the last attempt
+        self._migrate(key)
+
+    def _migrate(self, key: bytes) -> None:
+        """Schema 0 → 1: device ids were an HMAC of the push target alone (one row for
+        a phone with accounts on two PBXs); now they also cover serial and username.
+        Each row gets its new id and its token is sealed again under it (the id is
+        the seal's associated data), so phones asleep during the upgrade can still be
+        woken. A row whose token does not open is left as it is (stale, purged)."""
+        db = self._db
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        rekeyed = 0
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT device_id, provider, param, token, serial, username FROM devices").fetchall()
+            for old_id, provider, param, blob, serial, username in rows:
+                try:
+                    token = self._box.open(blob, old_id)
+                except (InvalidTag, ValueError):
+                    continue
+                new_id = PushTarget(provider, token, param).device_id(key, serial, username)
+                if new_id != old_id:
+                    db.execute("UPDATE devices SET device_id = ?, token = ? WHERE device_id = ?",
+                               (new_id, self._box.seal(token, new_id), old_id))
+                    rekeyed += 1
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if rekeyed:
+            log.info("event=store_migrated schema=%d devices_rekeyed=%d", SCHEMA_VERSION, rekeyed)
+            self._checkpoint()
+
+    # ------------------------------------------------------------- the WAL
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate it; True when done.
+
+        Waits at most CHECKPOINT_BUSY_MS for other connections' readers (the
+        connection's usual busy timeout is restored after). When a reader still
+        pins the WAL, SQLite answers busy: the checkpoint is left pending, counted,
+        and retried by later writes and purges."""
+        db = self._db
+        self._checkpoint_tried = time.monotonic()
+        db.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_MS}")
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.OperationalError:  # "database is locked" and the like: the same
+            busy = 1
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if busy:
+            self.checkpoint_failures += 1
+            if not self._checkpoint_pending:
+                log.warning("event=wal_checkpoint_busy detail=another connection is reading; retried later")
+            self._checkpoint_pending = True
+            return False
+        if self._checkpoint_pending:
+            log.info("event=wal_checkpoint_done detail=pending checkpoint completed")
+        self._checkpoint_pending = False
+        return True
+
+    def _after_write(self, wipe: bool) -> None:
+        """After a write: checkpoint when it removed data (``wipe``), or retry a
+        pending checkpoint — not more often than ``checkpoint_retry`` while one is
+        pending, so a long-lived reader costs each call nothing most of the time."""
+        if not (wipe or self._checkpoint_pending):
+            return
+        if self._checkpoint_pending and time.monotonic() - self._checkpoint_tried < self.checkpoint_retry:
+            return
+        self._checkpoint()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._threaded:
@@ -189,10 +294,9 @@ class SqliteStore:
                  d.username, d.ip, d.port, d.transport, d.updated_at),
             )
         moved = old is not None and tuple(old) != (d.ip, d.port, d.transport)
-        if moved:
-            # The old address sits in WAL frames until a checkpoint rewrites the
-            # page; truncating the WAL leaves only the new address on disk.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The old address sits in WAL frames until a checkpoint rewrites the
+        # page; truncating the WAL leaves only the new address on disk.
+        self._after_write(moved)
         return moved
 
     async def upsert_device(self, device: Device) -> bool:
@@ -212,8 +316,7 @@ class SqliteStore:
 
     def _delete(self, device_id: str) -> bool:
         cur = self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-        if cur.rowcount:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._after_write(cur.rowcount > 0)
         return cur.rowcount > 0
 
     async def delete_device(self, device_id: str) -> bool:
@@ -241,6 +344,7 @@ class SqliteStore:
             f"INSERT INTO push_log ({', '.join(LOG_FIELDS)}) VALUES ({', '.join('?' * len(LOG_FIELDS))})",
             tuple(getattr(row, f) for f in LOG_FIELDS),
         )
+        self._after_write(False)
 
     async def add_log(self, row: LogRow, expires_at: float) -> None:
         # SQLite has no TTL: purge() deletes by ``at``; expires_at is for stores that do.
@@ -262,8 +366,8 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             logs = self._db.execute("DELETE FROM push_log WHERE at < ?", (log_before,)).rowcount
             devs = self._db.execute("DELETE FROM devices WHERE updated_at < ?", (devices_before,)).rowcount
-        if logs or devs:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if logs or devs or self._checkpoint_pending:  # a purge always retries a pending one
+            self._checkpoint()
         return logs, devs
 
     async def purge(self, log_before: float, devices_before: float) -> tuple[int, int]:
@@ -276,7 +380,7 @@ class SqliteStore:
                 "DELETE FROM devices WHERE serial = ? AND username = ?", (serial, username)).rowcount
             logs = self._db.execute(
                 "DELETE FROM push_log WHERE serial = ? AND username = ?", (serial, username)).rowcount
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._checkpoint()  # an erasure (rare, asked for) always tries at once
         return devs, logs
 
     async def erase_user(self, serial: str, username: str) -> tuple[int, int]:
@@ -286,6 +390,8 @@ class SqliteStore:
         return {
             "devices": self._db.execute("SELECT count(*) FROM devices").fetchone()[0],
             "push_log_rows": self._db.execute("SELECT count(*) FROM push_log").fetchone()[0],
+            "wal_checkpoint_failures_total": self.checkpoint_failures,
+            "wal_checkpoint_pending": int(self._checkpoint_pending),
         }
 
     async def counts(self) -> dict[str, int]:
@@ -295,5 +401,5 @@ class SqliteStore:
         await self._run(self._close)
 
     def _close(self) -> None:
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._checkpoint()
         self._db.close()

@@ -1,4 +1,4 @@
-"""Loopback HTTP endpoint: /metrics (Prometheus text), /registry (live PBX bindings), /healthz."""
+"""Loopback HTTP endpoint: /metrics (Prometheus text), /registry (live PBX bindings), /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import trio
 log = logging.getLogger("relay.admin")
 
 MAX_REQUEST = 8192
+STATUS_LINES = {200: "200 OK", 503: "503 Service Unavailable"}
+# A route answers (content type, body), or (content type, body, status) for other than 200.
+Route = Callable[[], tuple[str, str] | tuple[str, str, int]]
 
 
 async def serve_admin(
-    host: str, port: int, routes: dict[str, Callable[[], tuple[str, str]]],
+    host: str, port: int, routes: dict[str, Route],
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A deliberately tiny HTTP/1.0-style server: GET only, one request per connection."""
@@ -31,8 +34,9 @@ async def serve_admin(
         if len(line) < 2 or line[0] != "GET":
             status, ctype, body = "405 Method Not Allowed", "text/plain", "GET only\n"
         elif line[1].split("?")[0] in routes:
-            ctype, body = routes[line[1].split("?")[0]]()
-            status = "200 OK"
+            answer = routes[line[1].split("?")[0]]()
+            ctype, body = answer[0], answer[1]
+            status = STATUS_LINES[answer[2] if len(answer) == 3 else 200]
         else:
             status, ctype, body = "404 Not Found", "text/plain", "not found\n"
         data = body.encode()

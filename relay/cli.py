@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import errno
 import os
 import sys
 
 import trio
 
 from relay import config as config_mod
+from relay.operator import add_commands as add_operator_commands
 from relay.pbx.directory import DirectoryError, PbxDirectory
 
 DEFAULT_CONFIG_ENV = "PBX_RELAY_CONFIG"
@@ -24,21 +25,41 @@ def _load(args: argparse.Namespace) -> config_mod.RelayConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Serve until stopped; SIGHUP reloads what it can, SIGTERM drains (relay.drain_timeout),
+    SIGINT stops at once. Under systemd (Type=notify) it reports READY/STATUS/WATCHDOG."""
+    from pbxutil.journal import configure_logging
     from relay.service import run
 
     cfg = _load(args)
-    logging.basicConfig(
-        level=cfg["relay.log_level"].upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(cfg["relay.log_level"])
     try:
-        trio.run(run, cfg)
+        trio.run(run, cfg, lambda: _load(args))
     except KeyboardInterrupt:
         return 0
-    except OSError as e:
-        print(f"pbx-relay: cannot listen: {e}", file=sys.stderr)
+    except BaseException as e:  # noqa: B036 - re-raised unless it is one we explain
+        # Errors from inside the task tree arrive wrapped in exception groups.
+        leaf = _leaf(e, (config_mod.ConfigError, OSError))
+        if leaf is None:
+            raise
+        if isinstance(leaf, config_mod.ConfigError):
+            print(f"pbx-relay: {leaf}", file=sys.stderr)
+            return 2
+        bind = isinstance(leaf, OSError) and leaf.errno in (
+            errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        print(f"pbx-relay: {'cannot listen: ' if bind else ''}{leaf}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaf(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _leaf(sub, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 def cmd_pbx(args: argparse.Namespace) -> int:
@@ -85,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     conf = sub.add_parser("config", help="check a configuration file")
     conf.add_argument("action", choices=["check"])
     conf.set_defaults(fn=cmd_config)
+    add_operator_commands(sub, _load)
     args = p.parse_args(argv)
     if args.command == "pbx" and args.action != "list" and not args.serial:
         p.error(f"pbx {args.action} needs a serial")

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relay.pbx.digest import ALGORITHMS
 
@@ -25,6 +26,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "advertise": (str, ""),
         "state_dir": (str, "./state"),
         "log_level": (str, "info"),
+        "drain_timeout": (float, 30.0),
     },
     "sip": {
         "udp": (list, ["127.0.0.1:5060"]),
@@ -61,8 +63,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 }
 PUSH_MODES = ("embedded", "remote", "off")
 ENV_PREFIX = "PBX_RELAY_"
-# Not a configuration key: the variable naming the configuration file itself.
-ENV_NOT_KEYS = frozenset({"PBX_RELAY_CONFIG"})
+# Not configuration keys: the variable naming the configuration file itself, and the
+# operator token the operator commands read (relay/operator.py).
+ENV_NOT_KEYS = frozenset({"PBX_RELAY_CONFIG", "PBX_RELAY_OPERATOR_TOKEN"})
 
 
 @dataclass
@@ -219,6 +222,8 @@ def _validate(cfg: RelayConfig) -> None:
         raise ConfigError(f"{src}: relay.domain: {domain!r} is not a domain name")
     if cfg["relay.log_level"] not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{src}: relay.log_level must be debug, info, warning or error")
+    if not 0.0 <= cfg["relay.drain_timeout"] <= 3600.0:
+        raise ConfigError(f"{src}: relay.drain_timeout must be between 0 and 3600 seconds")
     if (cfg["sip.tls_cert"] == "") != (cfg["sip.tls_key"] == ""):
         raise ConfigError(f"{src}: sip.tls_cert and sip.tls_key go together")
     parse_listen(cfg["admin.listen"], "admin.listen", src)
@@ -230,6 +235,15 @@ def _validate(cfg: RelayConfig) -> None:
         raise ConfigError(f"{src}: push.mode must be embedded, remote or off")
     if cfg["push.mode"] == "remote" and not (cfg["push.url"] and cfg["push.token"]):
         raise ConfigError(f"{src}: push.url and push.token are needed with push.mode = \"remote\"")
+    url = cfg["push.url"]
+    if url:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+        if scheme not in ("http", "https") or not host:
+            raise ConfigError(f"{src}: push.url: {url!r} is not an http(s) URL")
+        if scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
+            # Push tokens and the relay's bearer token would cross the network in clear.
+            raise ConfigError(f"{src}: push.url: plain http is allowed on loopback only; use https")
     if not 1.0 <= cfg["push.ring_timeout"] <= 120.0:
         raise ConfigError(f"{src}: push.ring_timeout must be between 1 and 120 seconds")
     if not 5.0 <= cfg["push.udp_asleep_after"] <= 300.0:

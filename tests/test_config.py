@@ -84,3 +84,16 @@ def test_remote_push_needs_url_and_token(tmp_path: Path) -> None:
     path.write_text('[push]\nmode = "remote"\n')
     with pytest.raises(config.ConfigError, match="push.url and push.token"):
         config.load(path, environ={})
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("https://push.example.net:8443", True), ("http://127.0.0.1:8443", True), ("http://[::1]:8443", True),
+    ("http://push.example.net:8443", False), ("ftp://x", False), ("push.example.net", False),
+])
+def test_remote_push_url_must_not_carry_tokens_in_clear(url: str, ok: bool) -> None:
+    env = {"PBX_RELAY_PUSH_MODE": "remote", "PBX_RELAY_PUSH_URL": url, "PBX_RELAY_PUSH_TOKEN": "t"}
+    if ok:
+        assert config.load(None, environ=env)["push.url"] == url
+    else:
+        with pytest.raises(config.ConfigError, match="push.url"):
+            config.load(None, environ=env)

@@ -19,7 +19,11 @@ import trio
 from push.api import MAX_BODY, make_admin, mint_token
 from push.app import Running, build_service, serve
 from push.config import load
+from push.gateways.base import Gateway
 from push.gateways.log import LogGateway
+from push.model import Attempt, PushMessage, PushTarget
+from push.service import DeviceUpdate
+from relay.pushclient import HttpPush, InProcessPush, PushClient
 
 
 @dataclass
@@ -49,20 +53,28 @@ class Api:
         return b"".join(p.read_bytes() for p in sorted(self.state_dir.glob("push.sqlite*")))
 
 
+async def start_api(tmp_path: Path, nursery: trio.Nursery, gateways: dict[str, Gateway]) -> Api:
+    cfg = load(None, {"push.state_dir": str(tmp_path), "api.listen": "127.0.0.1:0",
+                      "admin.listen": "127.0.0.1:0"}, environ={})
+    running: Running = await nursery.start(serve, cfg, build_service(cfg, gateways=gateways))
+    return Api(running, tmp_path, f"http://{running.addresses['api']}",
+               f"http://{running.addresses['admin']}", running.secret)
+
+
 @pytest.fixture
 async def api(tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Api]:
     caplog.set_level(logging.DEBUG)
-    cfg = load(None, {"push.state_dir": str(tmp_path), "api.listen": "127.0.0.1:0",
-                      "admin.listen": "127.0.0.1:0"}, environ={})
-    service = build_service(cfg, gateways={"apns": LogGateway("apns"), "fcm": LogGateway("fcm")})
-    running: Running = await nursery.start(serve, cfg, service)
-    a = Api(running, tmp_path, f"http://{running.addresses['api']}", f"http://{running.addresses['admin']}",
-            running.secret)
+    a = await start_api(tmp_path, nursery, {"apns": LogGateway("apns"), "fcm": LogGateway("fcm")})
     yield a
     # Whatever a test did, no push token and no JWT may appear in any log line.
     assert "event=push_listening" in caplog.text  # the capture did see the service's logs
     for s in a.said:
         assert s not in caplog.text
+
+
+def target_of(body: dict[str, Any]) -> dict[str, Any]:
+    """What names a device: its push target, PBX serial and username."""
+    return {k: body[k] for k in ("provider", "token", "param", "serial", "username")}
 
 
 def device_body(token: str, serial: str = "0123456789", username: str = "alice", ip: str = "198.51.100.23",
@@ -166,9 +178,22 @@ async def test_a_pbx_token_reaches_only_its_own_serial(api: Api) -> None:
         assert (await pbx.delete(f"/v1/devices/{their_id}")).status_code == 403
         r = await pbx.post("/v1/wake", json={"device_id": their_id, "call_id": "x"})
         assert r.status_code == 403
-        target = {k: theirs[k] for k in ("provider", "token", "param")}
-        r = await pbx.post("/v1/devices/unregister", json=target)
+        r = await pbx.post("/v1/wake", json={"device_id": mine_id, "serial": "2222222222", "call_id": "x"})
         assert r.status_code == 403
+        r = await pbx.post("/v1/wake", json={**target_of(theirs), "call_id": "x"})
+        assert r.status_code == 403
+        r = await pbx.post("/v1/devices/unregister", json=target_of(theirs))
+        assert r.status_code == 403
+
+        # Their push token registered under this PBX's serial is this PBX's own device:
+        # it neither takes over nor reveals theirs.
+        copy = {**theirs, "serial": "1111111111", "ip": "203.0.113.9"}
+        copy_id = await register(pbx, copy)
+        assert copy_id not in (their_id, mine_id)
+        assert (await pbx.get(f"/v1/devices/{their_id}")).status_code == 403
+        r = await pbx.post("/v1/wake", json={**target_of(copy), "call_id": "y"})
+        assert r.json()["device_id"] == copy_id and r.json()["outcome"] == "dry_run"
+        assert (await pbx.post("/v1/devices/unregister", json=target_of(copy))).json() == {"deleted": True}
         for verb, path in (("GET", "/log"), ("GET", "/export"), ("DELETE", "")):
             r = await pbx.request(verb, f"/v1/users/2222222222/bob{path}")
             assert r.status_code == 403, (verb, path)
@@ -176,7 +201,10 @@ async def test_a_pbx_token_reaches_only_its_own_serial(api: Api) -> None:
         assert (await wake(pbx, mine_id))["outcome"] == "dry_run"
 
         # Nothing of the other serial was touched.
-        assert (await op.get(f"/v1/devices/{their_id}")).status_code == 200
+        r = await op.get(f"/v1/devices/{their_id}")
+        kept = r.json()
+        assert (kept["serial"], kept["username"], kept["ip"]) == ("2222222222", "bob", theirs["ip"])
+        assert (await op.get("/v1/users/2222222222/bob/log")).json() == []
 
 
 # ------------------------------------------------------------------ the registry
@@ -206,7 +234,13 @@ async def test_unregister_and_delete_remove_the_device(api: Api) -> None:
     async with api.client("relay") as relay, api.client("operator") as op:
         body = device_body(api.push_token())
         device_id = await register(relay, body)
-        target = {k: body[k] for k in ("provider", "token", "param")}
+        target = target_of(body)
+        for missing in ("serial", "username"):
+            partial = {k: v for k, v in target.items() if k != missing}
+            r = await relay.post("/v1/devices/unregister", json=partial)
+            assert r.status_code == 400 and r.json()["error"] == f"{missing} is required"
+        r = await relay.post("/v1/devices/unregister", json={**target, "username": "bob"})
+        assert r.json() == {"deleted": False}  # another user's registration of the same phone
         r = await relay.post("/v1/devices/unregister", json=target)
         assert r.json() == {"deleted": True}
         assert (await op.get(f"/v1/devices/{device_id}")).status_code == 404
@@ -231,9 +265,11 @@ async def test_wake_is_a_dry_run_logged_in_the_push_log_and_counted(api: Api) ->
         assert result["outcome"] == "dry_run"
         assert result["attempts"] == 1 and result["device_id"] == device_id
         # By target instead of id: the same device.
-        r = await relay.post("/v1/wake", json={**{k: body[k] for k in ("provider", "token", "param")},
-                                               "call_id": "call-2"})
+        r = await relay.post("/v1/wake", json={**target_of(body), "call_id": "call-2"})
         assert r.json()["outcome"] == "dry_run" and r.json()["device_id"] == device_id
+        # The same target for another user (or PBX) is another device: none registered.
+        r = await relay.post("/v1/wake", json={**target_of(body), "username": "dave", "call_id": "call-2"})
+        assert r.json()["outcome"] == "unknown_device" and r.json()["device_id"] != device_id
         # Unknown device: answered, logged, nothing sent.
         r = await relay.post("/v1/wake", json={"device_id": "f" * 32, "call_id": "call-3"})
         assert r.status_code == 200 and r.json()["outcome"] == "unknown_device"
@@ -365,6 +401,17 @@ async def test_malformed_requests_get_clear_json_errors_and_nothing_breaks(api: 
             ("POST", "/v1/wake", {"json": {"device_id": "ab", "call_id": "c", "src": "nowhere"}}, 400, "src"),
             ("POST", "/v1/wake", {"json": {"device_id": "ab"}}, 400, "call_id is required"),
             ("POST", "/v1/wake", {"json": {"call_id": "c"}}, 400, "provider is required"),
+            ("POST", "/v1/wake", {"json": {"provider": "apns", "token": "t", "param": "p", "call_id": "c"}},
+             400, "serial is required"),
+            ("POST", "/v1/wake", {"json": {"provider": "apns", "token": "t", "param": "p", "serial": "1",
+                                           "call_id": "c"}}, 400, "username is required"),
+            ("POST", "/v1/devices/unregister", {"json": {"provider": "apns", "token": "t", "param": "p"}},
+             400, "serial is required"),
+            # Digits that are not ASCII: str.isdigit() says yes, int() says no (was a 500).
+            ("POST", "/v1/wake", {"json": {"device_id": "ab", "call_id": "c", "src": "1.2.3.4:\u00b2"}}, 400,
+             "is not ip:port"),
+            ("POST", "/v1/wake", {"json": {"device_id": "ab", "call_id": "c", "src": "1.2.3.4:\u0661\u0662"}},
+             400, "is not ip:port"),
             ("GET", "/v1/devices/" + "ab" * 40, {}, 400, "device_id"),
             ("GET", "/v1/devices/abc", {}, 404, "no such device"),
             ("GET", "/v2/nothing", {}, 404, "no such resource"),
@@ -383,3 +430,117 @@ async def test_malformed_requests_get_clear_json_errors_and_nothing_breaks(api: 
         assert r.status_code == 413
     async with httpx.AsyncClient(base_url=api.admin, timeout=10) as admin:
         assert (await admin.get("/readyz")).status_code == 200
+
+
+# ------------------------------------------------------------------ the relay's clients
+
+
+async def test_one_token_at_two_pbxs_is_two_devices(api: Api) -> None:
+    async with api.client("relay") as relay, api.client("operator") as op:
+        token = api.push_token()
+        at_one = device_body(token, serial="1111111111", username="alice", ip="198.51.100.1")
+        at_two = device_body(token, serial="2222222222", username="alice", ip="198.51.100.2")
+        one, two = await register(relay, at_one), await register(relay, at_two)
+        assert one != two
+        await register(relay, at_one)  # REGISTERs at one PBX leave the other's row as it is
+        rows = {(d["serial"], d["ip"]) for d in (await op.get("/v1/devices")).json()}
+        assert rows == {("1111111111", "198.51.100.1"), ("2222222222", "198.51.100.2")}
+        r = await relay.post("/v1/devices/unregister", json=target_of(at_one))
+        assert r.json() == {"deleted": True}
+        assert [d["device_id"] for d in (await op.get("/v1/devices")).json()] == [two]
+        assert (await wake(relay, two))["outcome"] == "dry_run"
+
+
+class SlowGateway:
+    """APNs in trouble: each push takes a second, and is held after that until the test
+    lets go (``release``), so that the test decides how many are in flight at once."""
+
+    provider = "apns"
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+        self.release = trio.Event()
+
+    async def send_once(self, msg: PushMessage) -> Attempt:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await trio.sleep(1.0)
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        return Attempt("ok", 200)
+
+    def credentials_expired(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+PARAM = "ABCDE12345.com.example.phone.voip"
+
+
+@pytest.mark.parametrize("kind", ["http", "in-process"])
+async def test_the_relay_s_clients_register_wake_and_unregister(api: Api, kind: str) -> None:
+    push: PushClient = (HttpPush(api.base, api.token("relay")) if kind == "http"
+                        else InProcessPush(api.running.service))
+    target = PushTarget("apns", api.push_token(), PARAM)
+    for serial, ip in (("1111111111", "198.51.100.1"), ("2222222222", "198.51.100.2")):
+        await push.device_seen(DeviceUpdate(target, serial, "alice", ip, 5060, "tls"))
+
+    async def wake_at(serial: str, call_id: str) -> str:
+        return await push.wake(target, serial, "alice", call_id, "100", "alice", "192.0.2.10:5061", 10.0)
+
+    assert await wake_at("1111111111", "call-1") == "dry_run"
+    assert await wake_at("1111111111", "call-1") == "dry_run"  # the same call: the first's outcome
+    await push.device_gone(target, "1111111111", "alice")
+    assert await wake_at("1111111111", "call-2") == "unknown_device"
+    assert await wake_at("2222222222", "call-2") == "dry_run"  # the other account's device is still there
+    async with api.client("operator") as op:
+        devices = (await op.get("/v1/devices")).json()
+        assert [(d["serial"], d["ip"]) for d in devices] == [("2222222222", "198.51.100.2")]
+        assert len((await op.get("/v1/users/1111111111/alice/log")).json()) == 1
+    await push.aclose()
+
+
+async def test_slow_wakes_do_not_hold_up_device_updates(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """150 wakes stuck on the provider (each holds an HTTP/1.1 connection on plain
+    HTTP) are all in flight at once, and a registration goes through meanwhile."""
+    slow = SlowGateway()
+    api = await start_api(tmp_path, nursery, {"apns": slow, "fcm": LogGateway("fcm")})
+    push = HttpPush(api.base, api.token("relay"))
+    target = PushTarget("apns", api.push_token(), PARAM)
+    await push.device_seen(DeviceUpdate(target, "1111111111", "alice", "198.51.100.1", 5060, "tls"))
+    outcomes: list[str] = []
+    took: list[float] = []
+
+    async def one_wake(i: int) -> None:
+        outcomes.append(await push.wake(target, "1111111111", "alice", f"call-{i}", "100", "alice", "", 60.0))
+
+    async with trio.open_nursery() as wakes:
+        for batch in range(15):
+            if batch == 10:  # 100 wakes held at the provider: a phone registers
+                t0 = trio.current_time()
+                other = DeviceUpdate(PushTarget("apns", api.push_token(), PARAM), "1111111111", "bob",
+                                     "198.51.100.2", 5060, "tls")
+                with trio.move_on_after(2):
+                    await push.device_seen(other)
+                    took.append(trio.current_time() - t0)
+            for i in range(10 * batch, 10 * batch + 10):
+                wakes.start_soon(one_wake, i)
+            # In tens, each let in before the next: the server runs in this very trio
+            # run, and a burst beyond its listen backlog (100) would wait for the
+            # kernel's SYN retry (1 s) instead of a connection of the client's.
+            with trio.move_on_after(2):
+                while slow.in_flight < 10 * batch + 10:
+                    await trio.sleep(0.005)
+        held = slow.in_flight
+        slow.release.set()
+    assert took and took[0] < 0.5, "a device update waited for a wake's connection"
+    assert held == 150  # no wake waited for another's connection
+    assert outcomes == ["sent"] * 150
+    await push.aclose()

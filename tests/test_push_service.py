@@ -7,15 +7,21 @@ and the purge loop runs exactly as in production.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import sqlite3
+import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
+from push.gateways.base import Gateway
 from push.gateways.log import LogGateway
-from push.model import Outcome, PushTarget
+from push.model import Attempt, Outcome, PushMessage, PushTarget
 from push.service import DAY, DeviceUpdate, PushService, PushSettings, WakeRequest
-from push.store import SqliteStore
+from push.store import SqliteStore, TokenBox
 
 KEY = b"K" * 32
 T0 = 1_790_000_000.0  # a wall-clock origin (2026-09)
@@ -24,10 +30,37 @@ ALICE = PushTarget("apns", TOKEN, "TEAM123456.com.example.app.voip")
 BOB = PushTarget("fcm", "bob-registration-token:APA91b", "example-project")
 
 
-def service(tmp_path: Path, **settings: float) -> tuple[PushService, LogGateway]:
+SERIAL, OTHER = "0123456789", "9999999999"
+
+
+class ScriptedGateway:
+    """An APNs stand-in answering every push with one Attempt, after ``gate`` opens."""
+
+    provider = "apns"
+
+    def __init__(self, kind: str = "ok", status: int | None = 200, reason: str = "",
+                 gate: trio.Event | None = None):
+        self.answer = Attempt(kind, status, reason)
+        self.gate = gate
+        self.sent: list[PushMessage] = []
+
+    async def send_once(self, msg: PushMessage) -> Attempt:
+        self.sent.append(msg)
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.answer
+
+    def credentials_expired(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def service(tmp_path: Path, apns: Gateway | None = None, **settings: float) -> tuple[PushService, LogGateway]:
     gw = LogGateway("apns", device_key=KEY)
     store = SqliteStore(tmp_path / "push.sqlite", KEY, threaded=False)
-    svc = PushService(store, {"apns": gw, "fcm": LogGateway("fcm", device_key=KEY)}, KEY,
+    svc = PushService(store, {"apns": apns or gw, "fcm": LogGateway("fcm", device_key=KEY)}, KEY,
                       PushSettings(**settings), clock=lambda: T0 + trio.current_time())
     return svc, gw
 
@@ -38,8 +71,12 @@ def update(
     return DeviceUpdate(target, serial, user, ip, port, "tls")
 
 
-def wake(svc: PushService, target: PushTarget, call_id: str = "call-1") -> WakeRequest:
-    return WakeRequest(svc.device_id(target), call_id, "100", "201", "203.0.113.7:41000", 30.0)
+def wake(
+    svc: PushService, target: PushTarget, call_id: str = "call-1", serial: str = SERIAL, user: str = "201",
+    ring_timeout: float = 30.0,
+) -> WakeRequest:
+    return WakeRequest(svc.device_id(target, serial, user), call_id, "100", "201", "203.0.113.7:41000",
+                       ring_timeout, serial=serial)
 
 
 def file_bytes(tmp_path: Path) -> bytes:
@@ -131,8 +168,8 @@ async def test_export_and_erase_cover_exactly_one_user(tmp_path: Path) -> None:
     await svc.register_device(update(
         PushTarget("apns", "ab" * 32, "TEAM123456.com.example.app.voip"), "192.0.2.99", 50004,
         serial="9999999999", user="201"))  # same username on another PBX: another user
-    for t in (ALICE, BOB):
-        await svc.wake(wake(svc, t))
+    await svc.wake(wake(svc, ALICE))
+    await svc.wake(wake(svc, BOB, user="202"))
 
     export = await svc.export_user("0123456789", "201")
     assert [d["ip"] for d in export["devices"]] == ["192.0.2.77"]
@@ -156,4 +193,211 @@ async def test_unregister_deletes_the_device_row(tmp_path: Path) -> None:
     assert await svc.store.devices() == []
     assert not await svc.unregister_device(dev.device_id)
     assert b"192.0.2.77" not in file_bytes(tmp_path)
+    await svc.aclose()
+
+
+# ------------------------------------------------------------------ devices: one per (target, PBX, user)
+
+
+async def test_one_phone_on_two_pbxs_is_two_devices(tmp_path: Path) -> None:
+    svc, gw = service(tmp_path)
+    mine = await svc.register_device(update(ALICE, "192.0.2.77", 50002, serial=SERIAL, user="201"))
+    theirs = await svc.register_device(update(ALICE, "192.0.2.88", 50003, serial=OTHER, user="301"))
+    assert mine.device_id != theirs.device_id
+    # Each REGISTER updates its own row: nothing flips between the two accounts.
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002, serial=SERIAL, user="201"))
+    rows = {(d.serial, d.username, d.ip) for d in await svc.store.devices()}
+    assert rows == {(SERIAL, "201", "192.0.2.77"), (OTHER, "301", "192.0.2.88")}
+    # Same PBX, another user with the same app on the same phone: a third device.
+    assert (await svc.register_device(update(ALICE, "192.0.2.77", 50002, user="202"))).device_id not in (
+        mine.device_id, theirs.device_id)
+    # A de-registration at one PBX leaves the other account's device alone.
+    assert await svc.unregister_device(svc.device_id(ALICE, SERIAL, "201"))
+    assert (await svc.store.get_device(theirs.device_id)) is not None
+    assert (await svc.wake(wake(svc, ALICE, serial=OTHER, user="301"))).outcome is Outcome.DRY_RUN
+    assert (await svc.wake(wake(svc, ALICE, serial=SERIAL, user="201"))).outcome is Outcome.UNKNOWN_DEVICE
+    assert [m.device_id for m in gw.sent] == [theirs.device_id]
+    await svc.aclose()
+
+
+def test_device_ids_do_not_collide_across_field_boundaries() -> None:
+    assert ALICE.device_id(KEY, "a|b", "c") != ALICE.device_id(KEY, "a", "b|c")
+    assert ALICE.device_id(KEY, SERIAL, "201") != ALICE.device_id(KEY, SERIAL, "202")
+    assert ALICE.device_id(KEY, SERIAL, "201") == ALICE.device_id(KEY, SERIAL, "201")
+
+
+async def test_a_wake_for_another_pbx_s_device_is_refused(tmp_path: Path) -> None:
+    svc, gw = service(tmp_path)
+    dev = await svc.register_device(update(ALICE, "192.0.2.77", 50002, serial=OTHER))
+    req = WakeRequest(dev.device_id, "call-1", "100", "201", "203.0.113.7:41000", 30.0, serial=SERIAL)
+    result = await svc.wake(req)
+    assert result.outcome is Outcome.UNKNOWN_DEVICE
+    assert list(gw.sent) == []
+    (row,) = await svc.user_log(SERIAL, "")  # logged for the asking PBX, nothing of the other's user
+    assert (row["outcome"], row["dst"]) == ("unknown_device", "")
+    await svc.aclose()
+
+
+async def test_devices_of_the_old_schema_are_rekeyed_on_open(tmp_path: Path) -> None:
+    """Before schema 1 a device id was HMAC(provider|param|token): a phone asleep during
+    the upgrade must still be found (and its token open) under its new id."""
+    path = tmp_path / "push.sqlite"
+    SqliteStore(path, KEY, threaded=False)._db.close()
+    old_id = hmac.new(KEY, f"apns|{ALICE.param}|{TOKEN}".encode(), hashlib.sha256).hexdigest()[:32]
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (old_id, "apns", ALICE.param, TokenBox(KEY).seal(TOKEN, old_id), SERIAL, "201",
+                    "192.0.2.77", 50002, "tls", T0))
+        db.execute("PRAGMA user_version = 0")
+    db.close()
+    svc, gw = service(tmp_path)
+    (dev,) = await svc.store.devices()
+    assert dev.device_id == svc.device_id(ALICE, SERIAL, "201") != old_id
+    assert dev.token == TOKEN
+    assert (await svc.wake(wake(svc, ALICE))).outcome is Outcome.DRY_RUN
+    await svc.aclose()
+    svc, _ = service(tmp_path)  # opened again: nothing more to do
+    assert [d.device_id for d in await svc.store.devices()] == [dev.device_id]
+    await svc.aclose()
+
+
+# ------------------------------------------------------------------ one push per call
+
+
+async def test_a_duplicate_answers_what_the_first_push_came_to(tmp_path: Path) -> None:
+    refusing = ScriptedGateway("rejected", 400, "BadTopic")
+    svc, _ = service(tmp_path, apns=refusing)
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))
+    first = await svc.wake(wake(svc, ALICE))
+    again = await svc.wake(wake(svc, ALICE))
+    assert first.outcome is Outcome.REJECTED
+    assert (again.outcome, again.status, again.reason) == (Outcome.REJECTED, 400, "duplicate")
+    assert again.attempts == 0  # nothing sent for the second ask
+    assert len(refusing.sent) == 1
+    await svc.aclose()
+
+
+async def test_a_duplicate_waits_for_the_push_in_flight(tmp_path: Path) -> None:
+    gate = trio.Event()
+    gw = ScriptedGateway("ok", 200, gate=gate)
+    svc, _ = service(tmp_path, apns=gw)
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))
+    results: list[Outcome] = []
+
+    async def ask() -> None:
+        results.append((await svc.wake(wake(svc, ALICE))).outcome)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [] and len(gw.sent) == 1  # the second waits, it does not answer "sent"
+        gate.set()
+    assert results == [Outcome.SENT, Outcome.SENT]
+    assert len(gw.sent) == 1
+    await svc.aclose()
+
+
+async def test_a_duplicate_waits_no_longer_than_its_own_ring_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = ScriptedGateway("ok", 200, gate=trio.Event())  # never answers: the first runs to its deadline
+    svc, _ = service(tmp_path, apns=gw)
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(svc.wake, wake(svc, ALICE, ring_timeout=30.0))
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+        second = await svc.wake(wake(svc, ALICE, ring_timeout=5.0))
+        assert trio.current_time() - t0 == pytest.approx(5.0)
+        assert second.outcome is Outcome.FAILED and second.reason.startswith("duplicate")
+    assert len(gw.sent) == 1
+    await svc.aclose()
+
+
+async def test_a_cancelled_wake_leaves_no_key_behind(tmp_path: Path) -> None:
+    gate = trio.Event()
+    gw = ScriptedGateway("ok", 200, gate=gate)
+    svc, _ = service(tmp_path, apns=gw)
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))
+    with trio.move_on_after(0.05):
+        await svc.wake(wake(svc, ALICE))
+    assert len(gw.sent) == 1
+    gate.set()
+    again = await svc.wake(wake(svc, ALICE))
+    assert (again.outcome, again.reason, again.attempts) == (Outcome.SENT, "", 1)
+    assert len(gw.sent) == 2  # really pushed this time
+    await svc.aclose()
+
+
+async def test_a_duplicate_waiting_on_a_cancelled_wake_pushes_itself(tmp_path: Path) -> None:
+    gate = trio.Event()
+    gw = ScriptedGateway("ok", 200, gate=gate)
+    svc, _ = service(tmp_path, apns=gw)
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))
+    results: list[tuple[Outcome, str]] = []
+
+    async def second() -> None:
+        r = await svc.wake(wake(svc, ALICE))
+        results.append((r.outcome, r.reason))
+
+    first_scope = trio.CancelScope()
+
+    async def first() -> None:
+        with first_scope:
+            await svc.wake(wake(svc, ALICE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(gw.sent) == 1
+        first_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(gw.sent) == 2  # the waiting ask took over
+        gate.set()
+    assert results == [(Outcome.SENT, "")]
+    await svc.aclose()
+
+
+# ------------------------------------------------------------------ the WAL and other readers
+
+
+def _reader(tmp_path: Path) -> sqlite3.Connection:
+    """Another connection in a read transaction (the sqlite3 shell, a backup)."""
+    db = sqlite3.connect(tmp_path / "push.sqlite", isolation_level=None)
+    db.execute("BEGIN")
+    assert db.execute("SELECT count(*) FROM devices").fetchone()[0] == 1
+    return db
+
+
+@pytest.mark.parametrize("later", ["purge", "write"])
+async def test_a_reader_does_not_stall_the_store_and_the_old_address_goes_later(
+    tmp_path: Path, later: str,
+) -> None:
+    svc, _ = service(tmp_path)
+    assert isinstance(svc.store, SqliteStore)
+    await svc.register_device(update(ALICE, "198.51.100.23", 40001))
+    reader = _reader(tmp_path)
+    t0 = time.monotonic()
+    await svc.register_device(update(ALICE, "192.0.2.77", 50002))  # moved: checkpoint, reader in the way
+    assert time.monotonic() - t0 < 1.0  # not sqlite's 5 s busy timeout
+    counts = await svc.store.counts()
+    assert counts["wal_checkpoint_pending"] == 1 and counts["wal_checkpoint_failures_total"] >= 1
+    assert b"198.51.100.23" in file_bytes(tmp_path)  # pinned by the reader (what the docstring says)
+    t0 = time.monotonic()
+    await svc.register_device(update(BOB, "192.0.2.88", 50003))  # within CHECKPOINT_RETRY: no new wait
+    assert time.monotonic() - t0 < 0.09  # under CHECKPOINT_BUSY_MS: no checkpoint tried
+    reader.close()
+
+    if later == "purge":
+        await svc.purge_once()  # nothing to purge, but the pending checkpoint is retried
+    else:
+        svc.store.checkpoint_retry = 0.0
+        await svc.wake(wake(svc, BOB, user="201"))  # any write retries it (here: the push log row)
+    assert b"198.51.100.23" not in file_bytes(tmp_path)
+    assert b"192.0.2.77" in file_bytes(tmp_path)
+    assert (await svc.store.counts())["wal_checkpoint_pending"] == 0
+    assert "pbx_push_wal_checkpoint_failures_total 1" in await svc.metrics_text()
     await svc.aclose()

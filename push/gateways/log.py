@@ -40,7 +40,7 @@ class LogGateway:
         self.sent.append(msg)
         log.info(
             "event=push_dry_run provider=%s device=%s ttl=%d",
-            self.stands_for, msg.target.device_id(self._device_key), msg.ttl,
+            self.stands_for, msg.device_id or msg.target.device_id(self._device_key), msg.ttl,
         )
         return Attempt("ok", None, "dry_run")
 

@@ -174,6 +174,14 @@ class Proxy:
         self.stats.inc("responses_in_total")
         return self._on_response(msg, source, now)
 
+    def has_transaction(self, req: Request) -> bool:
+        """Whether ``req`` (an INVITE) matches a transaction the relay keeps: a
+        retransmission, not a new call."""
+        try:
+            return self.txns.get(self._txn_key_from(req, req.top_via())) is not None
+        except (LookupError, SipParseError):
+            return False
+
     def on_parse_error(self, err: SipParseError, source: Flow) -> list[Send]:
         """A request we could read enough of gets its 400/505/513; the rest is dropped."""
         self.stats.inc(f"parse_errors_total:{err.status}")

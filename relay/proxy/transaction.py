@@ -74,6 +74,10 @@ class TransactionTable:
     def by_our_branch(self, branch: str) -> InviteTransaction | None:
         return self._by_branch.get(branch)
 
+    def pending(self) -> int:
+        """Transactions still waiting for a final answer (what a drain waits for)."""
+        return sum(1 for t in self._txns.values() if not t.final)
+
     def remove(self, txn: InviteTransaction) -> None:
         self._txns.pop(txn.key, None)
         self._by_branch.pop(txn.our_branch, None)

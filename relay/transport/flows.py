@@ -95,6 +95,9 @@ class Connection:
 
 Handler = Callable[[SipMessage, Flow], None]
 ErrorHandler = Callable[[SipParseError, Flow], None]
+# The TLS context a new connection gets: fixed, or asked for at each accept (so that
+# a certificate reloaded on SIGHUP serves new connections, old ones keep theirs).
+TlsContext = ssl.SSLContext | Callable[[], ssl.SSLContext] | None
 
 
 class Transports:
@@ -114,10 +117,20 @@ class Transports:
         # back-pressure worth waiting for; a full buffer drops and counts).
         self.udp: dict[tuple[str, int], socket.socket] = {}
         self.conns: dict[Flow, Connection] = {}
+        # Draining: stop_accepting() closes the TCP/TLS listening sockets, connections stay.
+        self.accepting = True
+        self._accept_scopes: list[trio.CancelScope] = []
         # When each UDP peer last sent anything (RFC 8599 wake-ups: a silent UDP
         # phone is asleep). Forgotten after UDP_HEARD_KEEP seconds of silence.
         self.udp_heard: dict[tuple[str, int], float] = {}
         self._udp_sweep_at = 0.0
+
+    def stop_accepting(self) -> None:
+        """Close every TCP/TLS listening socket (new connections are refused); the
+        connections already open, and the UDP sockets, carry on."""
+        self.accepting = False
+        for scope in self._accept_scopes:
+            scope.cancel()
 
     # ------------------------------------------------------------------ state
     def alive(self, flow: Flow) -> bool:
@@ -211,25 +224,31 @@ class Transports:
 
     # ---------------------------------------------------------------- TCP/TLS
     async def serve_stream(
-        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None,
+        self, transport: str, host: str, port: int, ssl_context: TlsContext,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         bound_port = listeners[0].socket.getsockname()[1]
+        accepting = trio.CancelScope()
+        self._accept_scopes.append(accepting)
+        if not self.accepting:
+            accepting.cancel()
         async with trio.open_nursery() as nursery:
             task_status.started(bound_port)
-            await trio.serve_listeners(
-                lambda s: self._serve_connection(s, transport, ssl_context),  # type: ignore[arg-type]
-                listeners, handler_nursery=nursery,
-            )
+            with accepting:  # cancelled by stop_accepting(): the listeners close, the nursery
+                await trio.serve_listeners(  # keeps the open connections until they end
+                    lambda s: self._serve_connection(s, transport, ssl_context),  # type: ignore[arg-type]
+                    listeners, handler_nursery=nursery,
+                )
 
     async def _serve_connection(
-        self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
+        self, tcp: trio.SocketStream, transport: str, ssl_context: TlsContext,
     ) -> None:
         # One connection's failure (a reset before we looked at it, a bug) must
         # never reach the listener's nursery: that would stop the relay.
         try:
-            await self._connection(tcp, transport, ssl_context)
+            ctx = ssl_context() if callable(ssl_context) else ssl_context
+            await self._connection(tcp, transport, ctx)
         except Exception:
             self.count("internal_errors_total")
             log.exception("event=connection_error transport=%s", transport)

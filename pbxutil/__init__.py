@@ -1,0 +1,1 @@
+"""What the relay and the push service share as processes: sd_notify, the watchdog, journald logging."""
