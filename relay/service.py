@@ -44,6 +44,7 @@ from relay.transport.tlscert import ensure_self_signed, server_context
 log = logging.getLogger("relay")
 
 DIRECTORY_POLL = 2.0  # seconds between checks for PBXs added or removed by the CLI
+DEVICE_WORKERS = 16  # ordered lanes for device updates to the push service
 PUSH_QUEUE = 10_000  # push events waiting for the push service at most; beyond, dropped and counted
 DRAIN_POLL = 0.2  # seconds between two looks at what is left to finish while draining
 # The timer task wakes at least once a second (the proxy's sweep): silent this long, it
@@ -190,9 +191,28 @@ class RelayService:
                     self._dispatch(self.proxy.on_wake_result(ev.key, False, trio.current_time()))
 
     async def _push_events(self) -> None:
+        """Wake-ups run side by side (each may wait its ring timeout); device updates
+        go through DEVICE_WORKERS ordered queues, one per hash of the device, so a
+        de-registration and the registration after it reach the push service in the
+        order the PBX accepted them."""
         async with trio.open_nursery() as nursery:
+            lanes = []
+            for _ in range(DEVICE_WORKERS):
+                send, recv = trio.open_memory_channel[PushEvent](PUSH_QUEUE // DEVICE_WORKERS)
+                lanes.append(send)
+                nursery.start_soon(self._device_lane, recv)
             async for ev in self._push_queue:
-                nursery.start_soon(self._push_event, ev)
+                if isinstance(ev, WakeDevice):
+                    nursery.start_soon(self._push_event, ev)
+                    continue
+                try:
+                    lanes[hash((ev.target, ev.serial, ev.username)) % DEVICE_WORKERS].send_nowait(ev)
+                except trio.WouldBlock:
+                    self.proxy.stats.inc("push_events_dropped_total")
+
+    async def _device_lane(self, recv: trio.MemoryReceiveChannel[PushEvent]) -> None:
+        async for ev in recv:
+            await self._push_event(ev)
 
     async def _push_event(self, ev: PushEvent) -> None:
         assert self.push is not None
