@@ -78,8 +78,7 @@ from push.gateways.base import (
     CachedToken,
     clean_reason,
     collapse_id,
-    network_attempt,
-    parse_retry_after,
+    post,
     protect_logs,
 )
 from push.model import Attempt, PushMessage
@@ -240,13 +239,7 @@ class ApnsGateway:
             token, generation = self._provider_token()
             headers["authorization"] = f"bearer {token}"
         url = f"{self._base}/3/device/{quote(msg.target.token, safe='')}"
-        try:
-            resp = await self._client.post(url, content=voip_payload(msg), headers=headers)
-        except (httpx.HTTPError, OSError) as exc:
-            return network_attempt(exc)
-        attempt = classify(
-            resp.status_code, resp.content, parse_retry_after(resp.headers.get("retry-after"), self._clock())
-        )
+        attempt = await post(self._client, url, voip_payload(msg), headers, classify, self._clock)
         if attempt.kind == "auth_expired":
             self._token.refused(generation)
         return attempt

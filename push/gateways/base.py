@@ -29,9 +29,11 @@ import hashlib
 import logging
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
 import trio
 
 from push.model import Attempt, Outcome, PushMessage, PushResult
@@ -258,6 +260,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+async def post(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+    classify: Callable[[int, bytes, float | None], Attempt], clock: Callable[[], float],
+) -> Attempt:
+    """One POST to a provider, its answer classified by the provider's table; no
+    answer at all is a :func:`network_attempt`."""
+    try:
+        resp = await client.post(url, content=body, headers=headers)
+    except (httpx.HTTPError, OSError) as exc:
+        return network_attempt(exc)
+    retry_after = parse_retry_after(resp.headers.get("retry-after"), clock())
+    return classify(resp.status_code, resp.content, retry_after)
 
 
 def network_attempt(exc: BaseException) -> Attempt:

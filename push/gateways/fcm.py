@@ -81,6 +81,7 @@ from push.gateways.base import (
     collapse_id,
     network_attempt,
     parse_retry_after,
+    post,
     protect_logs,
 )
 from push.model import Attempt, PushMessage
@@ -304,13 +305,7 @@ class FcmGateway:
         token, generation = got
         body = json.dumps(fcm_message(msg), separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json; charset=UTF-8"}
-        try:
-            resp = await self._client.post(self._send_url, content=body, headers=headers)
-        except (httpx.HTTPError, OSError) as exc:
-            return network_attempt(exc)
-        attempt = classify(
-            resp.status_code, resp.content, parse_retry_after(resp.headers.get("retry-after"), self._clock())
-        )
+        attempt = await post(self._client, self._send_url, body, headers, classify, self._clock)
         if attempt.kind == "auth_expired":
             self._token.refused(generation)
         return attempt
