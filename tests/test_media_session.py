@@ -15,6 +15,7 @@ class FakeBackend:
     def __init__(self, taken: set[int] | None = None) -> None:
         self.open_ports: set[int] = set()
         self.taken = taken or set()
+        self.relatched: list[int] = []
 
     def open(self, leg: Leg) -> None:
         if leg.port in self.taken:
@@ -23,6 +24,9 @@ class FakeBackend:
 
     def close(self, leg: Leg) -> None:
         self.open_ports -= {leg.port, leg.port + 1}
+
+    def relatch(self, leg: Leg) -> None:
+        self.relatched.append(leg.port)
 
 
 def sdp(ip: str = "10.77.1.2", port: int = 4000, extra: str = "", video: bool = False) -> bytes:
@@ -82,18 +86,21 @@ def test_latching_accepts_the_signalling_ip_then_only_the_latched_source() -> No
 
 
 def test_reinvite_with_a_new_address_reopens_latching_only_for_that_side() -> None:
-    mc, _ = controller()
+    mc, backend = controller()
     mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
     mc.on_sdp("c1", PBX, sdp("10.77.2.2", 5000), "203.0.113.130", 0.1)
     legs = mc.sessions["c1"].streams[0].legs
     assert legs[PHONE].rtp.accept(("203.0.113.2", 40000))
     assert legs[PBX].rtp.accept(("203.0.113.130", 50000))
-    # same SDP again (a session refresh): latching kept
+    # same SDP again (a session refresh): latching kept, the backend not told
+    relatched = list(backend.relatched)
     mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 5.0)
     assert legs[PHONE].rtp.latched == ("203.0.113.2", 40000)
+    assert backend.relatched == relatched
     # the phone moved to LTE: new address in its SDP and a new signalling IP
     mc.on_sdp("c1", PHONE, sdp("100.64.7.9", 6000), "198.18.0.7", 6.0)
     assert legs[PHONE].rtp.latched is None
+    assert backend.relatched == [*relatched, legs[PHONE].port]  # the backend hears of it once
     assert not legs[PHONE].rtp.accept(("203.0.113.2", 40000))  # the old source is refused
     assert legs[PHONE].rtp.accept(("198.18.0.7", 33333))
     assert legs[PBX].rtp.latched == ("203.0.113.130", 50000)  # the other side untouched

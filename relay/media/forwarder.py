@@ -51,6 +51,9 @@ class UdpForwarder:
         self._nursery.start_soon(self._forward, rtp, leg, False)
         self._nursery.start_soon(self._forward, rtcp, leg, True)
 
+    def relatch(self, leg: Leg) -> None:
+        """Nothing to do: the forwarder reads the latches for every packet."""
+
     def close(self, leg: Leg) -> None:
         for port in (leg.port, leg.port + 1):
             s = self._socks.pop(port, None)

@@ -123,7 +123,12 @@ class MediaBackend(Protocol):
     def open(self, leg: Leg) -> None:
         """Bind leg.port and leg.port + 1 and start forwarding to leg.peer; OSError if taken."""
 
-    def close(self, leg: Leg) -> None: ...
+    def close(self, leg: Leg) -> None:
+        """Stop forwarding for ``leg`` and free its two ports."""
+
+    def relatch(self, leg: Leg) -> None:
+        """``leg``'s latches were reopened (a new SDP address from its side): whatever
+        the backend derived from the old latched addresses no longer holds."""
 
 
 class MediaError(Exception):
@@ -185,8 +190,7 @@ class MediaController:
             if not session.streams:
                 self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
 
-    @staticmethod
-    def _learn(leg: Leg, m: MediaStream, signal_ip: str, defer: bool) -> None:
+    def _learn(self, leg: Leg, m: MediaStream, signal_ip: str, defer: bool) -> None:
         conn = m.conn
         rtp: Addr | None = None if conn is None or conn in _UNSPECIFIED else (conn, m.port)
         if rtp == leg.sdp_addr and leg.rtp.allowed_ips:
@@ -202,6 +206,7 @@ class MediaController:
             leg.pending = (rtp, rtcp, signal_ip)
         else:
             _apply(leg, rtp, rtcp, signal_ip)
+            self.backend.relatch(leg)
 
     def _new_stream(self, session: MediaSession, index: int) -> Stream:
         a = self._open_leg(PHONE)
@@ -234,6 +239,7 @@ class MediaController:
             for leg in session.legs():
                 if leg.pending is not None:
                     _apply(leg, *leg.pending)
+                    self.backend.relatch(leg)
 
     def failed(self, call_id: str) -> None:
         """A final error to an INVITE or UPDATE (or a CANCEL): a call that never came
