@@ -52,8 +52,10 @@ def make_proxy() -> Proxy:
     key = hashlib.sha256(b"bench").digest()
     directory = {SERIAL: {a: ha1(a, SERIAL, DOMAIN, "x") for a in ("MD5", "SHA-256")}}
     cfg = ProxyConfig(domain=DOMAIN, advertise=HOST, ports=dict(PORTS), local_names=frozenset({HOST}))
-    p = Proxy(cfg, key, directory.get, DigestAuth(key, DOMAIN, ("MD5", "SHA-256")), lambda f: True)
-    p.registry.bind(SERIAL, PBX, 1e12)
+    p = Proxy(cfg, key, DigestAuth(key, DOMAIN, ("MD5", "SHA-256")))
+    p.on_directory(directory)
+    p.on_flow_opened(PBX)
+    p.registrar.registry.bind(SERIAL, PBX, 1e12)
     return p
 
 
@@ -219,7 +221,7 @@ def fast_split_experiment() -> None:
     """Bench-only experiment (relay/ untouched): give split_commas and _split_outside_quotes
     a fast path for the common case, same results, to size that hot spot. No comma → one
     value; no quote → str.split. Anything with a quote still takes the original loop."""
-    import relay.proxy.core as core_mod
+    import relay.proxy.forwarding as core_mod
     import relay.sip.headers as hdr
     import relay.sip.message as msg_mod
     import relay.sip.parser as parser_mod

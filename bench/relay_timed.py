@@ -6,7 +6,7 @@ monkeypatching at start-up:
 
 - ``parse_message`` as called by the UDP path (relay/transport/flows.py),
 - ``StreamFramer.feed`` (TCP/TLS framing + parsing),
-- ``RelayService._on_message`` (the proxy's decision, serialising, and handing
+- ``Dispatcher.on_message`` (the proxy's decision, serialising, and handing
   the results to the sockets: ``Transports.send``, counted apart as well),
 
 with ``time.thread_time()`` (CLOCK_THREAD_CPUTIME_ID) before and after, and appends
@@ -35,7 +35,7 @@ from pathlib import Path
 # The relay under test: this tree, or the one run_sip.py --relay-commit unpacked.
 sys.path.insert(0, os.environ.get("BENCH_RELAY_SRC") or str(Path(__file__).resolve().parent.parent))
 
-import relay.service as service  # noqa: E402
+import relay.dispatch as dispatch  # noqa: E402
 import relay.transport.flows as flows  # noqa: E402
 from relay.cli import main  # noqa: E402
 
@@ -68,7 +68,7 @@ if os.environ.get("BENCH_FAST_SPLIT") == "1":
 
 flows.parse_message = wrap("udp_parse", flows.parse_message)
 flows.StreamFramer.feed = wrap("stream_frame_parse", flows.StreamFramer.feed)
-service.RelayService._on_message = wrap("on_message", service.RelayService._on_message)
+dispatch.Dispatcher.on_message = wrap("on_message", dispatch.Dispatcher.on_message)
 flows.Transports.send = wrap("transports_send", flows.Transports.send)
 
 

@@ -783,7 +783,7 @@ PUSH_LAYERS = [
     ),
     (
         "push service around it (wake, deliver, metrics, relay push events)",
-        ("PushService.", "deliver (", "InProcessPush.", "RelayService._push_event"),
+        ("PushService.", "deliver (", "InProcessPush.", "PushLink._deliver"),
     ),
     (
         "SIP: framing, parsing, proxy, sockets",
@@ -792,7 +792,7 @@ PUSH_LAYERS = [
             "parse_message",
             "Proxy.",
             "Transports.",
-            "RelayService._on_message",
+            "Dispatcher.on_message",
             "Connection.writer",
             "serve_udp",
             "_reader",
@@ -861,8 +861,8 @@ def relay_traced(argv: list[str]) -> int:
     import push.gateways.apns as ga
     import push.gateways.fcm as gf
     import push.service as ps
-    import relay.proxy.core as core
-    import relay.service as rs
+    import relay.dispatch as rs
+    import relay.proxy.holds as holds
     from relay.cli import main
 
     T: dict[str, dict[str, float]] = {}
@@ -871,21 +871,21 @@ def relay_traced(argv: list[str]) -> int:
     def stamp(cid: str, stage: str) -> None:
         T.setdefault(cid, {}).setdefault(stage, mono())
 
-    on_message = rs.RelayService._on_message
+    on_message = rs.Dispatcher.on_message
 
     def _on_message(self: Any, msg: Any, flow: Any) -> None:
         if getattr(msg, "method", None) == "INVITE":
             stamp(msg.call_id, "in")
         return on_message(self, msg, flow)
 
-    rs.RelayService._on_message = _on_message
-    hold = core.Proxy._hold
+    rs.Dispatcher.on_message = _on_message  # type: ignore[method-assign]
+    hold = holds.Holds.hold
 
     def _hold(self: Any, req: Any, *a: Any, **k: Any) -> Any:
         stamp(req.call_id, "hold")
         return hold(self, req, *a, **k)
 
-    core.Proxy._hold = _hold
+    holds.Holds.hold = _hold  # type: ignore[method-assign]
     wake = ps.PushService.wake
 
     async def _wake(self: Any, req: Any) -> Any:

@@ -369,7 +369,7 @@ def fmt_phase(label: str, r: dict[str, object]) -> str:
     ]
     if "relay_pbx_socket" in r:
         q = r["relay_pbx_socket"]
-        overflow = r["relay_counters"].get('pbx_unregistered_total{kind="flow_closed"}', 0)
+        overflow = r["relay_counters"].get('pbx_unregistered_total{reason="flow_closed"}', 0)
         parts.append(
             f"    relay→PBX TCP socket: max Send-Q {q['max_send_q']} B, max Recv-Q {q['max_recv_q']} B "
             f"({q['samples']} samples, 5/s)" + ("; PBX CONNECTION CLOSED BY THE RELAY" if overflow else "")
@@ -652,7 +652,7 @@ def bench_maxrate(
                     "cpu": {k: v["pct_core"] for k, v in r["cpu"].items()},
                     "other_load_pct": r["other_load_pct"],
                     "pbx_connection_lost": bool(
-                        r["relay_counters"].get('pbx_unregistered_total{kind="flow_closed"}')
+                        r["relay_counters"].get('pbx_unregistered_total{reason="flow_closed"}')
                     ),
                 }
             )
@@ -717,7 +717,7 @@ def bench_decompose(
         main_t = 1e6 * (z["main_thread_cpu_s"] - a["main_thread_cpu_s"]) / calls
         parts = {
             "parse (UDP parse_message + TCP StreamFramer.feed)": us["udp_parse"] + us["stream_frame_parse"],
-            "proxy decision + serialise (RelayService._on_message minus Transports.send)": us["on_message"]
+            "proxy decision + serialise (Dispatcher.on_message minus Transports.send)": us["on_message"]
             - us["transports_send"],
             "handing to sockets (Transports.send: sendto, queue put)": us["transports_send"],
             "rest of the main thread (trio run loop, epoll, recvfrom/recv, TCP writer tasks, timers)": main_t
@@ -829,8 +829,8 @@ def print_stall(res: dict[str, object], cmd: str) -> None:
         f"for {res['stall_s']} s at t={res['stall_at']} s"
     )
     print(f"  calls: {r['successful']}/{r['calls']} ok, failed {r['failed']}")
-    n480 = c.get('responses_sent_total{kind="480"}', 0)
-    gone = c.get('pbx_unregistered_total{kind="flow_closed"}', 0)
+    n480 = c.get('responses_sent_total{status="480"}', 0)
+    gone = c.get('pbx_unregistered_total{reason="flow_closed"}', 0)
     print(
         f"  relay: 480 sent {n480}, PBX unregistered (flow closed) {gone}, "
         f"registered after the run: {res['registered_after']}"
@@ -876,7 +876,7 @@ def bench_register(out: Path, rates: list[float], duration: float) -> dict[str, 
             )
             r["sustained"] = sustained(r)
             r["pbx_connection_lost"] = conn.poll() is not None or bool(
-                r["relay_counters"].get('pbx_unregistered_total{kind="flow_closed"}')
+                r["relay_counters"].get('pbx_unregistered_total{reason="flow_closed"}')
             )
             res["steps"].append(r)
             time.sleep(1)

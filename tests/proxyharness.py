@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from relay.media.session import MediaSessions
 from relay.pbx.digest import ALGORITHMS, DigestAuth, ha1
-from relay.proxy.core import Proxy, ProxyConfig, Send
+from relay.proxy.core import Proxy, ProxyConfig
+from relay.proxy.effects import Effect, Send
 from relay.proxy.flow import Flow
+from relay.proxy.pushwire import Outcome
 from relay.sip import Request, Response, SipMessage, SipUri, parse_message
+from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr
 
 DOMAIN = "relay.test"
@@ -44,17 +49,62 @@ def directory_entry(serial: str, secret: str) -> dict[str, str]:
     return {a: ha1(a, serial, DOMAIN, secret) for a in ("MD5", "SHA-256")}
 
 
-def make_proxy(**config: object) -> tuple[Proxy, set[Flow]]:
-    """A proxy over the test directory; the returned set holds the flows that are dead."""
-    dead: set[Flow] = set()
+class RecordingProxy(Proxy):
+    """The proxy, with every effect that is not a Send kept for the test to read
+    (:meth:`take_effects`), and the TCP/TLS flows a test sends from opened for it
+    the first time they appear, as the transport would."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.other: list[Effect] = []
+        self.seen: set[Flow] = set()
+
+    def keep(self, effects: Iterable[Effect]) -> list[Effect]:
+        effects = list(effects)
+        self.other += [e for e in effects if not isinstance(e, Send)]
+        return effects
+
+    def take_effects(self) -> list[Effect]:
+        out, self.other = self.other, []
+        return out
+
+    def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Effect]:
+        if source not in self.seen:
+            self.seen.add(source)
+            self.on_flow_opened(source)
+        return self.keep(super().on_message(msg, source, now))
+
+    def on_parse_error(self, err: SipParseError, source: Flow) -> list[Effect]:
+        return self.keep(super().on_parse_error(err, source))
+
+    def on_timer(self, now: float) -> list[Effect]:
+        return self.keep(super().on_timer(now))
+
+    def on_wake_result(self, key: tuple[str, ...], outcome: Outcome, now: float) -> list[Effect]:
+        return self.keep(super().on_wake_result(key, outcome, now))
+
+
+class DeadFlows:
+    """Flows the test kills: the transport reports each one closed."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def add(self, flow: Flow) -> None:
+        self.proxy.on_flow_closed(flow)
+
+
+def make_proxy(media: MediaSessions | None = None, **config: object) -> tuple[RecordingProxy, DeadFlows]:
+    """A proxy over the test directory, and the means to kill its flows."""
     directory = {
         SERIAL: directory_entry(SERIAL, SECRET),
         OTHER_SERIAL: directory_entry(OTHER_SERIAL, "other"),
     }
     cfg = ProxyConfig(domain=DOMAIN, advertise=ADVERTISE, ports=dict(PORTS), **config)  # type: ignore[arg-type]
     auth = DigestAuth(KEY, DOMAIN, ("SHA-256", "MD5"))
-    proxy = Proxy(cfg, KEY, directory.get, auth, lambda f: f not in dead)
-    return proxy, dead
+    proxy = RecordingProxy(cfg, KEY, auth, media)
+    proxy.on_directory(directory)
+    return proxy, DeadFlows(proxy)
 
 
 def uniq(prefix: str) -> str:
@@ -146,8 +196,9 @@ class Out:
         return self.msg
 
 
-def outs(sends: list[Send]) -> list[Out]:
-    return [Out(s.flow, s.data) for s in sends]
+def outs(effects: Iterable[Effect]) -> list[Out]:
+    """The messages among ``effects``, parsed back."""
+    return [Out(s.flow, s.data) for s in effects if isinstance(s, Send)]
 
 
 def feed(proxy: Proxy, data: bytes, flow: Flow, now: float = 0.0) -> list[Out]:

@@ -125,7 +125,7 @@ def test_unknown_serial_offline_pbx_and_foreign_domain(relay_factory) -> None:  
     assert invite(relay, f"sip:100@{OTHER}.{DOMAIN}").status == 480  # known, not registered
     assert invite(relay, "sip:x@example.com").status == 403  # never an open relay
     assert invite(relay, "sip:x@127.0.0.2:5060").status == 403
-    assert relay.metric('pbx_relay_forbidden_total{kind="foreign_domain"}') >= 2
+    assert relay.metric('pbx_relay_forbidden_total{reason="foreign_domain"}') >= 2
     assert relay.metric("pbx_relay_requests_forwarded_total") == 0
     pbx.assert_nothing_received()
     pbx.assert_bound()
@@ -140,7 +140,7 @@ def test_expired_registration_is_forgotten(relay_factory) -> None:  # type: igno
     assert (pbx.binding() or {})["expires_in"] in (1, 2)
     time.sleep(3.5)
     assert relay.registry() == []
-    assert relay.metric('pbx_relay_pbx_unregistered_total{kind="expired"}') == 1
+    assert relay.metric('pbx_relay_pbx_unregistered_total{reason="expired"}') == 1
     assert relay.metric("pbx_relay_pbx_registered") == 0
     assert invite(relay, f"sip:100@{SERIAL}.{DOMAIN}").status == 480
     pbx.assert_nothing_received()
@@ -160,7 +160,7 @@ def test_deregistration_removes_the_binding(relay: RelayProc) -> None:
     resp = pbx.register(expires=0, contact="*")
     assert resp.status == 200, resp.raw
     assert relay.registry() == []
-    assert relay.metric('pbx_relay_pbx_unregistered_total{kind="request"}') == 2
+    assert relay.metric('pbx_relay_pbx_unregistered_total{reason="request"}') == 2
     assert_healthy(relay)
 
 
@@ -303,7 +303,7 @@ def test_oversized_udp_datagram(relay: RelayProc) -> None:
         got = [parse(d) for d in options_barrier(relay, s)]
     assert [m.status for m in got] in ([], [513]), [m.start for m in got]
     after = relay.metrics()
-    key = 'pbx_relay_parse_errors_total{kind="513"}'
+    key = 'pbx_relay_parse_errors_total{status="513"}'
     assert after.get(key, 0) == before.get(key, 0) + 1
     pbx.assert_bound()
     assert_healthy(relay)
@@ -337,7 +337,7 @@ def test_half_a_message_then_silence_is_closed(relay_factory) -> None:  # type: 
     for st in (head_only, short_body, trickle):
         assert st.buf == b"", st.buf  # nothing answered: the messages never ended
         st.close()
-    assert relay.metric('pbx_relay_flows_closed_total{kind="partial_message"}') == 3
+    assert relay.metric('pbx_relay_flows_closed_total{reason="partial_message"}') == 3
     assert relay.metric("pbx_relay_requests_forwarded_total") == 0
     pbx.assert_nothing_received()
     pbx.assert_bound()  # its connection was idle meanwhile, not half-way: still open
@@ -371,7 +371,7 @@ def test_flood_of_garbage_datagrams(relay: RelayProc) -> None:
             v for k, v in before.items() if k.startswith(prefix))
 
     parse_errors = grew("pbx_relay_parse_errors_total")
-    dropped = grew('pbx_relay_dropped_total{kind="unparseable"}')
+    dropped = grew('pbx_relay_dropped_total{reason="unparseable"}')
     # The kernel may drop part of a flood before the relay reads it; what the
     # relay read, it counted.
     assert parse_errors >= 500 and dropped >= 500, (parse_errors, dropped)
@@ -394,7 +394,7 @@ def test_crlf_keepalive_over_tcp(relay: RelayProc) -> None:
     resp = s.recv()
     assert resp is not None and resp.status == 200
     s.close()
-    assert relay.metric('pbx_relay_keepalives_total{kind="tcp"}') == 1
+    assert relay.metric('pbx_relay_keepalives_total{transport="tcp"}') == 1
     assert_healthy(relay)
 
 

@@ -50,7 +50,7 @@ def test_pbx_calls_phone_bye_from_pbx(relay: RelayProc, tmp_path: Path) -> None:
 def test_reinvite_inside_the_dialog(relay: RelayProc, tmp_path: Path) -> None:
     _run_pair(relay, tmp_path, sc.pbx_answers_phone(reinvite=True), sc.phone_calls_pbx(reinvite=True))
     # The re-INVITE was forwarded like the first one, and every transaction ended.
-    assert relay.metric("pbx_relay_requests_in_total{kind=\"INVITE\"}") == 2
+    assert relay.metric("pbx_relay_requests_in_total{method=\"INVITE\"}") == 2
 
 
 def test_cancel_before_answer(relay: RelayProc, tmp_path: Path) -> None:

@@ -36,6 +36,6 @@ def test_pbx_pausing_two_seconds_under_load_is_not_disconnected(relay: RelayProc
             got += 1
     assert got == MESSAGES, f"the PBX got {got} of {MESSAGES}: {relay.metrics()}"
     pbx.assert_bound()
-    assert relay.metric('pbx_relay_pbx_unregistered_total{kind="flow_closed"}') == 0
+    assert relay.metric('pbx_relay_pbx_unregistered_total{reason="flow_closed"}') == 0
     assert not select.select([pbx.stream.sock], [], [], 0)[0] or pbx.stream.recv(0.1) is None
     assert_healthy(relay)

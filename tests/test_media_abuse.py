@@ -21,6 +21,6 @@ def test_ack_with_sdp_outside_any_call_binds_no_port(relay: RelayProc) -> None:
     time.sleep(0.3)
     m = relay.metrics()
     assert m.get("pbx_relay_media_ports_in_use", 0) == 0 and m.get("pbx_relay_media_sessions", 0) == 0
-    assert m['pbx_relay_dropped_total{kind="ack_sdp_without_session"}'] == 50
+    assert m['pbx_relay_dropped_total{reason="ack_sdp_without_session"}'] == 50
     pbx.assert_nothing_received()
     assert_healthy(relay)

@@ -465,14 +465,14 @@ def test_relay_sends_no_media_to_a_private_address(call: Call) -> None:
     media to the address in its SDP when the SDP names a private address that is not
     where its signalling comes from: behind NAT it is nobody's address on the relay's
     network (here the send fails, ENETUNREACH, and is counted as send_error)."""
-    errors = call.end.get('pbx_relay_media_dropped_total{kind="send_error"}', 0)
+    errors = call.end.get('pbx_relay_media_dropped_total{reason="send_error"}', 0)
     assert errors == 0, call.evidence(sip=False)
 
 
 def test_relay_drops_none_of_the_callees_first_packets(call: Call) -> None:
     """The callee may start sending as soon as it has the offer, and UDP overtakes the
     TCP 200 OK: packets from the callee's own (signalling) address are not strangers."""
-    dropped = call.end.get('pbx_relay_media_dropped_total{kind="unlatched_source"}', 0)
+    dropped = call.end.get('pbx_relay_media_dropped_total{reason="unlatched_source"}', 0)
     assert dropped == 0, call.evidence(sip=False)
 
 

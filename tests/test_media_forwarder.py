@@ -7,8 +7,9 @@ import socket
 import trio
 
 from relay.media.forwarder import UdpForwarder
-from relay.media.ports import PortAllocator
-from relay.media.session import PBX, PHONE, Leg, MediaController
+from relay.media.ports import PortPool
+from relay.media.session import PBX, PHONE, Leg
+from tests.mediarig import MediaRig
 
 
 def _sdp(port: int) -> bytes:
@@ -21,7 +22,7 @@ async def test_leg_closed_before_its_tasks_ran_does_not_kill_the_nursery() -> No
     async with trio.open_nursery() as nursery:
         fwd = UdpForwarder("127.0.0.1", lambda n, k: counts.__setitem__(n, counts.get(n, 0) + k))
         fwd.attach(nursery)
-        mc = MediaController(fwd, "127.0.0.1", PortAllocator(31000, 31100))
+        mc = MediaRig(fwd, "127.0.0.1", PortPool(31000, 31100))
         for n in range(20):  # INVITE and BYE handled in one go: open, then close at once
             mc.on_sdp(f"c{n}", PHONE, _sdp(4000), "127.0.0.1", 0.0)
             mc.end(f"c{n}")
@@ -42,7 +43,11 @@ async def test_leg_closed_before_its_tasks_ran_does_not_kill_the_nursery() -> No
             assert pbx.recv(2048) == b"\x80" + b"p" * 171  # the live call still forwards
         assert legs[PHONE].packets == 1 and legs[PBX].packets == 1
         mc.end("live")
-        assert fwd._socks == {}
+        for leg in legs.values():  # the call's four ports are closed: another program may bind them
+            for port in (leg.port, leg.port + 1):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+                    again.bind(("127.0.0.1", port))
+        fwd.close_all()
         nursery.cancel_scope.cancel()
 
 
@@ -50,7 +55,7 @@ async def test_rtp_on_port_65535_without_rtcp_line_is_no_crash() -> None:
     async with trio.open_nursery() as nursery:
         fwd = UdpForwarder("127.0.0.1", lambda n, k: None)
         fwd.attach(nursery)
-        mc = MediaController(fwd, "127.0.0.1", PortAllocator(31200, 31300))
+        mc = MediaRig(fwd, "127.0.0.1", PortPool(31200, 31300))
         mc.on_sdp("c", PHONE, _sdp(65535), "127.0.0.1", 0.0)
         mc.on_sdp("c", PBX, _sdp(5000), "127.0.0.1", 0.0)
         leg: Leg = mc.sessions["c"].streams[0].legs[PHONE]

@@ -1,29 +1,40 @@
-"""MediaController and Latch without sockets: ports, latching, teardown, timeouts."""
+"""Media sessions and Latch without sockets: ports, latching, teardown, timeouts."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay.media.ports import PortAllocator
+from relay.media.ports import PortPool
 from relay.media.sdp import parse_sdp
-from relay.media.session import PBX, PHONE, Latch, Leg, MediaController, MediaError
+from relay.media.session import PBX, PHONE, Latch, Leg, NoPorts, UnusableSdp
+from tests.mediarig import MediaRig
 
 RELAY = "198.51.100.10"
 
 
 class FakeBackend:
+    """Ports bound and forwarding, as a backend would hold them; ``taken``: pairs another
+    program holds."""
+
     def __init__(self, taken: set[int] | None = None) -> None:
+        self.bound: set[int] = set()
         self.open_ports: set[int] = set()
         self.taken = taken or set()
         self.relatched: list[int] = []
 
+    def bind(self, port: int) -> bool:
+        if port in self.taken:
+            return False
+        self.bound.add(port)
+        return True
+
     def open(self, leg: Leg) -> None:
-        if leg.port in self.taken:
-            raise OSError("in use")
+        assert leg.port in self.bound, "a leg opens only on a pair bound before"
         self.open_ports |= {leg.port, leg.port + 1}
 
     def close(self, leg: Leg) -> None:
         self.open_ports -= {leg.port, leg.port + 1}
+        self.bound.discard(leg.port)
 
     def relatch(self, leg: Leg) -> None:
         self.relatched.append(leg.port)
@@ -37,9 +48,9 @@ def sdp(ip: str = "10.77.1.2", port: int = 4000, extra: str = "", video: bool = 
     return text.encode()
 
 
-def controller(**kw: object) -> tuple[MediaController, FakeBackend]:
+def controller(**kw: object) -> tuple[MediaRig, FakeBackend]:
     backend = FakeBackend(**kw)  # type: ignore[arg-type]
-    return MediaController(backend, RELAY, PortAllocator(10000, 10020), 60.0), backend
+    return MediaRig(backend, RELAY, PortPool(10000, 10020), 60.0), backend
 
 
 def test_offer_and_answer_each_see_the_other_sides_relay_ports() -> None:
@@ -141,7 +152,7 @@ def test_ports_taken_by_another_program_are_skipped_and_exhaustion_is_an_error()
     mc, backend = controller(taken={10000})
     mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
     assert 10000 not in backend.open_ports and mc.ports.in_use == 2
-    with pytest.raises(MediaError):
+    with pytest.raises(NoPorts):
         for n in range(10):
             mc.on_sdp(f"x{n}", PHONE, sdp(), "203.0.113.2", 0.0)
     # the call that found no second pair gave its first one back: nothing leaks
@@ -152,7 +163,7 @@ def test_ports_taken_by_another_program_are_skipped_and_exhaustion_is_an_error()
 
 def test_unusable_sdp_is_a_media_error() -> None:
     mc, backend = controller()
-    with pytest.raises(MediaError):
+    with pytest.raises(UnusableSdp):
         mc.on_sdp("c1", PHONE, b"this is not sdp", "203.0.113.2", 0.0)
     assert not backend.open_ports
 
@@ -181,3 +192,29 @@ def test_an_offer_in_an_established_call_waits_for_its_2xx() -> None:
     mc.on_sdp("c1", PHONE, sdp(port=4100), "203.0.113.2", 6.0, offer=True)
     mc.established("c1")
     assert phone.rtp.latched is None and phone.rtp.destination() == ("203.0.113.2", 4100)
+
+
+def test_an_sdp_refused_half_way_keeps_none_of_its_ports() -> None:
+    """Ports for the first streams were taken when a later one found none: the refused
+    SDP gives every one of them back (a 503 must not leave 16 pairs behind)."""
+    mc, backend = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)  # 2 of 10 pairs
+    def streams(n: int) -> bytes:
+        return sdp() + b"".join(f"m=audio {5000 + 2 * i} RTP/AVP 0\r\n".encode() for i in range(n - 1))
+
+    many = streams(5)
+    with pytest.raises(NoPorts):  # 5 streams want 10 pairs, 8 are left
+        mc.on_sdp("c2", PHONE, many, "203.0.113.3", 0.0)
+    assert "c2" not in mc.sessions
+    assert mc.ports.in_use == 2 and backend.open_ports == {10000, 10001, 10002, 10003}
+    assert mc.ports.ready == 8  # back in the reserve, still bound
+    mc.on_sdp("c3", PHONE, streams(4), "203.0.113.4", 0.0)  # 8 pairs: exactly what is left
+    assert mc.ports.in_use == 10
+
+
+def test_the_reserve_is_topped_up_and_a_busy_pair_is_replaced() -> None:
+    backend = FakeBackend(taken={20004})
+    rig = MediaRig(backend, RELAY, PortPool(20000, 21000, reserve=4), 60.0)
+    assert rig.ports.ready == 4 and backend.bound == {20000, 20002, 20006, 20008}  # 20004 skipped
+    rig.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    assert rig.ports.ready == 4 and rig.ports.in_use == 2  # two taken, two bound in their place

@@ -73,7 +73,7 @@ def test_register_without_credentials_is_challenged_sha256_first(proxy: Proxy) -
     # the 401 is a proper response to the REGISTER (RFC 3261 §8.2.6)
     assert resp.msg.cseq == (1, "REGISTER")
     assert NameAddr.parse(resp.msg.get("to") or "").tag
-    assert len(proxy.registry) == 0
+    assert len(proxy.registrar.registry) == 0
 
 
 @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
@@ -86,12 +86,12 @@ def test_correct_digest_registers_the_source_flow(proxy: Proxy, algorithm: str) 
     contact = NameAddr.parse(ok.msg.get("contact") or "")
     assert contact.uri == f"sip:{SERIAL}@10.1.1.1:5060;transport=tcp"
     assert contact.params["expires"] == "3600"
-    reg = proxy.registry.lookup(SERIAL, 2.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 2.0)
     assert reg is not None
     assert reg.flow == PBX_TCP
     assert reg.expires_at == pytest.approx(3601.0)
-    assert proxy.stats.c["pbx_registrations_total"] == 1
-    assert proxy.stats.c["pbx_auth_failures_total"] == 0
+    assert proxy.counters.get("pbx_registrations_total") == 1
+    assert proxy.counters.get("pbx_auth_failures_total") == 0
 
 
 def test_digest_without_qop_rfc2069_is_accepted() -> None:
@@ -114,8 +114,8 @@ def assert_forbidden(resp: Out, proxy: Proxy, failures: int = 1) -> None:
     assert (resp.flow, resp.status) == (PBX_TCP, 403)
     assert resp.resp.reason == "Forbidden"
     assert challenges(resp.msg) == []
-    assert proxy.stats.c["pbx_auth_failures_total"] == failures
-    assert len(proxy.registry) == 0
+    assert proxy.counters.get("pbx_auth_failures_total") == failures
+    assert len(proxy.registrar.registry) == 0
 
 
 @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
@@ -145,7 +145,7 @@ def test_wrong_secret_and_unknown_serial_get_the_same_answer(proxy: Proxy) -> No
     assert [h.name for h in a.msg.headers if h.name not in strip] == [
         h.name for h in b.msg.headers if h.name not in strip
     ]
-    assert proxy.stats.c["pbx_auth_failures_total"] == 2
+    assert proxy.counters.get("pbx_auth_failures_total") == 2
 
 
 def test_nonce_from_another_key_is_challenged_afresh_not_counted(proxy: Proxy) -> None:
@@ -153,8 +153,8 @@ def test_nonce_from_another_key_is_challenged_afresh_not_counted(proxy: Proxy) -
     resp = one(feed(proxy, pbx_register(auth=authorization(foreign), cseq=2), PBX_TCP, 1.0))
     assert resp.status == 401
     assert all("stale" not in challenge_params(c) for c in challenges(resp.msg))
-    assert proxy.stats.c["pbx_auth_failures_total"] == 0
-    assert len(proxy.registry) == 0
+    assert proxy.counters.get("pbx_auth_failures_total") == 0
+    assert len(proxy.registrar.registry) == 0
     # the fresh challenge works
     fresh = next(c for c in challenges(resp.msg) if "algorithm=MD5" in c)
     ok = one(feed(proxy, pbx_register(auth=authorization(fresh), cseq=3), PBX_TCP, 2.0))
@@ -182,9 +182,9 @@ def test_register_replayed_from_another_client_is_challenged(proxy: Proxy, other
     assert params and all("stale" not in p for p in params)
     assert challenge_params(auth)["nonce"] not in [p["nonce"] for p in params]
     # not counted (it is a fresh challenge, not a wrong secret), binding unchanged
-    assert proxy.stats.c["pbx_auth_failures_total"] == 0
-    assert proxy.stats.c["pbx_registrations_total"] == 1
-    reg = proxy.registry.lookup(SERIAL, 2.0)
+    assert proxy.counters.get("pbx_auth_failures_total") == 0
+    assert proxy.counters.get("pbx_registrations_total") == 1
+    reg = proxy.registrar.registry.lookup(SERIAL, 2.0)
     assert reg is not None and reg.flow == PBX_TCP
     assert [o.flow for o in invite_from_phone(proxy, 3.0)] == [PHONE_UDP, PBX_TCP]
 
@@ -195,7 +195,7 @@ def test_register_from_the_same_ip_on_a_new_port_works(proxy: Proxy) -> None:
     assert one(feed(proxy, pbx_register(auth=auth, cseq=2), PBX_TCP, 1.0)).status == 200
     again = one(feed(proxy, pbx_register(auth=auth, cseq=3), PBX_TCP_B, 2.0))
     assert (again.flow, again.status) == (PBX_TCP_B, 200)
-    reg = proxy.registry.lookup(SERIAL, 2.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 2.0)
     assert reg is not None and reg.flow == PBX_TCP_B
     assert [o.flow for o in invite_from_phone(proxy, 3.0)] == [PHONE_UDP, PBX_TCP_B]
 
@@ -207,7 +207,7 @@ def test_nonce_issued_to_another_client_then_the_fresh_one_works(proxy: Proxy) -
     fresh = next(c for c in challenges(resp.msg) if "algorithm=SHA-256" in c)
     ok = one(feed(proxy, pbx_register(flow=PBX_TCP2, auth=authorization(fresh), cseq=3), PBX_TCP2, 1.5))
     assert ok.status == 200
-    reg = proxy.registry.lookup(SERIAL, 2.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 2.0)
     assert reg is not None and reg.flow == PBX_TCP2
 
 
@@ -218,8 +218,8 @@ def test_unknown_serial_with_digest_is_forbidden(proxy: Proxy) -> None:
     auth = authorization(challenge, username="5555555555", secret="guess")
     resp = one(feed(proxy, pbx_register("5555555555", auth=auth, cseq=2), PBX_TCP, 1.0))
     assert resp.status == 403
-    assert proxy.stats.c["pbx_auth_failures_total"] == 1
-    assert len(proxy.registry) == 0
+    assert proxy.counters.get("pbx_auth_failures_total") == 1
+    assert len(proxy.registrar.registry) == 0
 
 
 def test_old_nonce_with_good_response_is_stale(proxy: Proxy) -> None:
@@ -229,8 +229,8 @@ def test_old_nonce_with_good_response_is_stale(proxy: Proxy) -> None:
     assert resp.status == 401
     params = [challenge_params(c) for c in challenges(resp.msg)]
     assert [p["stale"] for p in params] == ["true", "true"]
-    assert len(proxy.registry) == 0
-    assert proxy.stats.c["pbx_auth_failures_total"] == 0  # not a failure: the secret was right
+    assert len(proxy.registrar.registry) == 0
+    assert proxy.counters.get("pbx_auth_failures_total") == 0  # not a failure: the secret was right
     # the fresh nonce works at once
     fresh = next(c for c in challenges(resp.msg) if "algorithm=SHA-256" in c)
     ok = one(feed(proxy, pbx_register(auth=authorization(fresh), cseq=3), PBX_TCP, late + 1))
@@ -251,7 +251,7 @@ def test_expires_zero_removes_the_binding(proxy: Proxy) -> None:
     auth = authorization(challenge_for(proxy, "MD5", now=5.0))
     resp = one(feed(proxy, pbx_register(expires=0, auth=auth, cseq=3), PBX_TCP, 5.0))
     assert resp.status == 200
-    assert proxy.registry.lookup(SERIAL, 5.0) is None
+    assert proxy.registrar.registry.lookup(SERIAL, 5.0) is None
     assert invite_from_phone(proxy, 6.0)[-1].status == 480
 
 
@@ -260,7 +260,7 @@ def test_contact_param_expires_zero_removes_the_binding(proxy: Proxy) -> None:
     auth = authorization(challenge_for(proxy, "MD5", now=5.0))
     data = pbx_register(expires=None, contact=f"<sip:{SERIAL}@10.1.1.1>;expires=0", auth=auth, cseq=3)
     assert one(feed(proxy, data, PBX_TCP, 5.0)).status == 200
-    assert len(proxy.registry) == 0
+    assert len(proxy.registrar.registry) == 0
 
 
 def test_contact_star_with_expires_zero_removes_the_binding(proxy: Proxy) -> None:
@@ -270,7 +270,7 @@ def test_contact_star_with_expires_zero_removes_the_binding(proxy: Proxy) -> Non
     resp = one(feed(proxy, data, PBX_TCP, 5.0))
     assert resp.status == 200
     assert resp.msg.get("contact") is None
-    assert len(proxy.registry) == 0
+    assert len(proxy.registrar.registry) == 0
 
 
 def test_contact_star_needs_expires_zero(proxy: Proxy) -> None:
@@ -278,14 +278,14 @@ def test_contact_star_needs_expires_zero(proxy: Proxy) -> None:
     auth = authorization(challenge_for(proxy, "MD5", now=5.0))
     data = pbx_register(expires=60, contact="*", auth=auth, cseq=3)
     assert one(feed(proxy, data, PBX_TCP, 5.0)).status == 400
-    assert len(proxy.registry) == 1
+    assert len(proxy.registrar.registry) == 1
 
 
 def test_unauthenticated_removal_is_challenged(proxy: Proxy) -> None:
     register_pbx(proxy)
     resp = one(feed(proxy, pbx_register(expires=0, contact="*", cseq=3), PBX_TCP2, 5.0))
     assert resp.status == 401
-    assert proxy.registry.lookup(SERIAL, 5.0) is not None
+    assert proxy.registrar.registry.lookup(SERIAL, 5.0) is not None
 
 
 @pytest.mark.parametrize("where", ["header", "param"])
@@ -298,7 +298,7 @@ def test_expiry_below_minimum_is_interval_too_brief(proxy: Proxy, where: str) ->
     resp = one(feed(proxy, data, PBX_TCP, 1.0))
     assert resp.status == 423
     assert resp.msg.get("min-expires") == "60"
-    assert len(proxy.registry) == 0
+    assert len(proxy.registrar.registry) == 0
 
 
 INSTANCE = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-00aabbccddee>"'
@@ -323,7 +323,7 @@ def test_200_echoes_the_contact_with_its_parameters_and_the_granted_expiry(
     assert resp.status == 200
     # RFC 3261 §10.3 step 8; RFC 5626 §6: +sip.instance and reg-id come back
     assert resp.msg.get_all("contact") == [f"<{PBX_URI}>;{INSTANCE};reg-id=1;expires={granted}"]
-    reg = proxy.registry.lookup(SERIAL, 1.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 1.0)
     assert reg is not None and reg.expires_at == pytest.approx(1.0 + granted)
 
 
@@ -338,7 +338,7 @@ def test_expiry_above_maximum_is_capped(proxy: Proxy) -> None:
     resp = one(feed(proxy, pbx_register(expires=86400, auth=auth, cseq=2), PBX_TCP, 1.0))
     assert resp.status == 200
     assert NameAddr.parse(resp.msg.get("contact") or "").params["expires"] == "3600"
-    reg = proxy.registry.lookup(SERIAL, 1.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 1.0)
     assert reg is not None and reg.expires_at == pytest.approx(3601.0)
 
 
@@ -355,24 +355,24 @@ def test_register_without_contact_is_a_query(proxy: Proxy) -> None:
 def test_new_flow_replaces_old_one(proxy: Proxy) -> None:
     register_pbx(proxy, PBX_TCP, now=0.0)
     register_pbx(proxy, PBX_TCP2, now=10.0)
-    reg = proxy.registry.lookup(SERIAL, 11.0)
+    reg = proxy.registrar.registry.lookup(SERIAL, 11.0)
     assert reg is not None and reg.flow == PBX_TCP2
-    assert len(proxy.registry) == 1
-    assert proxy.registry.serial_of(PBX_TCP) is None
+    assert len(proxy.registrar.registry) == 1
+    assert proxy.registrar.registry.serial_of(PBX_TCP) is None
     out = invite_from_phone(proxy, 11.0)
     assert [o.flow for o in out] == [PHONE_UDP, PBX_TCP2]
     # the old connection closing later does not take the new binding with it
     proxy.on_flow_closed(PBX_TCP)
-    assert proxy.registry.lookup(SERIAL, 12.0) is not None
+    assert proxy.registrar.registry.lookup(SERIAL, 12.0) is not None
 
 
 def test_registration_expires(proxy: Proxy) -> None:
     register_pbx(proxy, now=0.0, expires=120)
     assert proxy.on_timer(60.0) == []
-    assert len(proxy.registry) == 1
+    assert len(proxy.registrar.registry) == 1
     proxy.on_timer(121.0)
-    assert len(proxy.registry) == 0
-    assert proxy.stats.c["pbx_unregistered_total:expired"] == 1
+    assert len(proxy.registrar.registry) == 0
+    assert proxy.counters.get("pbx_unregistered_total", "expired") == 1
     assert invite_from_phone(proxy, 122.0)[-1].status == 480
 
 
@@ -386,14 +386,14 @@ def test_refresh_extends_the_binding(proxy: Proxy) -> None:
     register_pbx(proxy, now=0.0, expires=120)
     register_pbx(proxy, now=100.0, expires=120)
     proxy.on_timer(150.0)
-    assert proxy.registry.lookup(SERIAL, 150.0) is not None
+    assert proxy.registrar.registry.lookup(SERIAL, 150.0) is not None
 
 
 def test_flow_closed_removes_the_binding(proxy: Proxy) -> None:
     register_pbx(proxy)
     proxy.on_flow_closed(PHONE_UDP)  # someone else's flow: nothing happens
-    assert len(proxy.registry) == 1
+    assert len(proxy.registrar.registry) == 1
     proxy.on_flow_closed(PBX_TCP)
-    assert len(proxy.registry) == 0
-    assert proxy.stats.c["pbx_unregistered_total:flow_closed"] == 1
+    assert len(proxy.registrar.registry) == 0
+    assert proxy.counters.get("pbx_unregistered_total", "flow_closed") == 1
     assert invite_from_phone(proxy)[-1].status == 480

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.proxy import core
-from relay.proxy.core import OUR_BRANCH, TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH
+from relay.proxy.core import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH
 from relay.proxy.flow import Flow
+from relay.proxy.identity import OUR_BRANCH
 from relay.proxy.transaction import LINGER, T1, TIMER_B, TIMER_C
 from relay.sip import Request, SipParseError, parse_message
 from tests.proxyharness import (
@@ -153,7 +153,7 @@ def test_retransmitted_invite_gets_only_the_100_again(world: World) -> None:
     assert again.flow == PHONE_UDP
     assert again.data == trying.data
     assert len(world.proxy.txns) == 1
-    assert world.proxy.stats.c["retransmissions_absorbed_total"] == 1
+    assert world.proxy.counters.get("retransmissions_absorbed_total") == 1
 
 
 def test_responses_go_back_to_the_phone_without_our_via(world: World) -> None:
@@ -215,7 +215,7 @@ def test_response_to_a_dead_tcp_phone_is_dropped(world: World) -> None:
     _, fwd = world.feed(phone_invite(flow=PHONE_TCP), PHONE_TCP)
     world.dead.add(PHONE_TCP)
     assert world.feed(response_to(fwd.data, 180, "Ringing"), PBX_TCP) == []
-    assert world.proxy.stats.c["dropped_total:response_flow_gone"] == 1
+    assert world.proxy.counters.get("dropped_total", "response_flow_gone") == 1
 
 
 # ------------------------------------------------------------------------ CANCEL
@@ -390,7 +390,7 @@ def test_pbx_invite_to_a_dead_tcp_phone_flow_is_430(world: World) -> None:
     world.dead.add(PHONE_TCP)
     resp = refusal(world, pbx_invite(path), PBX_TCP)
     assert resp.status == 430
-    assert world.proxy.stats.c["flow_failed_total"] == 1
+    assert world.proxy.counters.get("flow_failed_total") == 1
 
 
 def test_dead_udp_phone_flow_cannot_be_known_and_is_tried(world: World) -> None:
@@ -577,7 +577,7 @@ def test_known_serial_not_registered_is_480(world: World) -> None:
 ])
 def test_foreign_destination_is_403(world: World, uri: str) -> None:
     assert refusal(world, phone_invite(uri)).status == 403
-    assert world.proxy.stats.c["forbidden_total:foreign_domain"] == 1
+    assert world.proxy.counters.get("forbidden_total", "foreign_domain") == 1
 
 
 def test_pbx_calling_its_own_domain_is_a_loop(world: World) -> None:
@@ -589,7 +589,7 @@ def test_forged_token_is_403(world: World) -> None:
     forged = f"Route: <sip:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@{ADVERTISE};lr>"
     data = phone_invite(headers=[forged])
     assert refusal(world, data).status == 403
-    assert world.proxy.stats.c["forbidden_total:bad_token"] == 1
+    assert world.proxy.counters.get("forbidden_total", "bad_token") == 1
 
 
 def test_altered_token_is_403(world: World) -> None:
@@ -675,8 +675,8 @@ def test_refused_invite_is_stateless_and_a_retransmission_is_refused_again(
     again = refusal(world, data)
     assert (again.status, again.msg.top_via().branch) == (status, "z9hG4bKphone1")
     assert len(world.proxy.txns) == 0
-    assert world.proxy.stats.c["retransmissions_absorbed_total"] == 0
-    assert world.proxy.stats.c[f"responses_sent_total:{status}"] == 2
+    assert world.proxy.counters.get("retransmissions_absorbed_total") == 0
+    assert world.proxy.counters.get("responses_sent_total", f"{status}") == 2
 
 
 def test_ack_to_a_refusal_with_nowhere_to_go_is_dropped(world: World) -> None:
@@ -746,7 +746,7 @@ def test_response_with_a_foreign_via_is_dropped(world: World) -> None:
         b"Content-Length: 0\r\n\r\n"
     )
     assert world.feed(data, PBX_TCP) == []
-    assert world.proxy.stats.c["dropped_total:response_not_ours"] == 1
+    assert world.proxy.counters.get("dropped_total", "response_not_ours") == 1
 
 
 def test_response_with_a_bad_flow_token_is_dropped(world: World) -> None:
@@ -756,7 +756,7 @@ def test_response_with_a_bad_flow_token_is_dropped(world: World) -> None:
     bad = pf[:i] + ("A" if pf[i] != "A" else "B") + pf[i + 1:]
     data = response_to(fwd.data, 180, "Ringing").replace(pf.encode(), bad.encode())
     assert world.feed(data, PBX_TCP) == []
-    assert world.proxy.stats.c["dropped_total:response_bad_token"] == 1
+    assert world.proxy.counters.get("dropped_total", "response_bad_token") == 1
     no_pf = response_to(fwd.data, 180, "Ringing").replace(b";pf=" + pf.encode(), b"")
     assert world.feed(no_pf, PBX_TCP) == []
 
@@ -790,7 +790,7 @@ def test_invite_to_udp_pbx_is_retransmitted_until_provisional() -> None:
         assert o.flow == PBX_UDP
         assert o.data == fwd.data
     assert proxy.next_timer() == pytest.approx(4.5)  # the registry sweep comes before Timer A (7.5)
-    assert proxy.stats.c["invite_retransmissions_total"] == 3
+    assert proxy.counters.get("invite_retransmissions_total") == 3
 
     one(world.feed(response_to(fwd.data, 180, "Ringing"), PBX_UDP, 4.0))
     for now in (7.5, 15.5, 31.5, 40.0):
@@ -848,7 +848,7 @@ def test_invite_to_udp_pbx_with_no_answer_times_out_with_408() -> None:
     assert resp.msg.top_via().branch == "z9hG4bKphone1"
     assert resp.msg.get("call-id") == trying.msg.get("call-id")
     assert resp.msg.to().tag
-    assert proxy.stats.c["invite_timeouts_total"] == 1
+    assert proxy.counters.get("invite_timeouts_total") == 1
     # a retransmitted INVITE now gets the 408, nothing goes to the PBX
     assert one(world.feed(phone_invite(), PHONE_UDP, TIMER_B + 0.5)).status == 408
     assert proxy.on_timer(TIMER_B + LINGER - 0.1) == []
@@ -879,7 +879,7 @@ def test_invite_to_tcp_pbx_is_not_retransmitted_and_timer_c_cancels(world: World
     assert one(world.feed(terminated, PBX_TCP, TIMER_C + 2.5)).data == ack.data
     # the phone's ACK for our 408 is absorbed, not forwarded
     assert world.feed(phone_ack(to_tag=out[1].msg.to().tag or ""), PHONE_UDP, TIMER_C + 2.6) == []
-    assert proxy.stats.c["invite_timeouts_total"] == 1
+    assert proxy.counters.get("invite_timeouts_total") == 1
     proxy.on_timer(2.0 + TIMER_C + LINGER)
     assert len(proxy.txns) == 0
 
@@ -914,7 +914,7 @@ def test_after_timer_b_408_a_late_final_is_acked_by_the_relay() -> None:
     # a late provisional is not passed on either
     assert world.feed(response_to(fwd.data, 180, "Ringing"), PBX_UDP, TIMER_B + 1.5) == []
     assert world.feed(phone_ack(to_tag=timeout[0].msg.to().tag or ""), PHONE_UDP, TIMER_B + 2) == []
-    assert proxy.stats.c["responses_forwarded_total"] == 0
+    assert proxy.counters.get("responses_forwarded_total") == 0
 
 
 def test_ack_for_a_forwarded_final_is_not_absorbed_like_the_ack_for_our_408(world: World) -> None:
@@ -937,10 +937,8 @@ def test_refused_invites_keep_no_state(world: World) -> None:
 # -------------------------------------------------------------------- overload
 
 
-def test_too_many_invite_transactions_is_503_with_retry_after(
-    world: World, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(core, "MAX_TRANSACTIONS", 2)
+def test_too_many_invite_transactions_is_503_with_retry_after(world: World) -> None:
+    world.proxy.invites.max_transactions = 2
     forwarded = []
     for i in range(2):
         trying, fwd = world.feed(phone_invite(branch=f"z9hG4bKov{i}", call_id=f"ov{i}"), PHONE_UDP, 1.0)
@@ -953,7 +951,7 @@ def test_too_many_invite_transactions_is_503_with_retry_after(
     assert busy.msg.get("retry-after") == "5"
     assert busy.msg.top_via().branch == "z9hG4bKov2"
     assert len(world.proxy.txns) == 2
-    assert world.proxy.stats.c["overload_total"] == 1
+    assert world.proxy.counters.get("overload_total") == 1
     # the INVITEs in flight go on: a retransmission is still absorbed
     assert one(world.feed(phone_invite(branch="z9hG4bKov0", call_id="ov0"), PHONE_UDP, 1.5)).status == 100
     # requests other than INVITE are stateless and still forwarded
@@ -968,9 +966,9 @@ def test_too_many_invite_transactions_is_503_with_retry_after(
     assert (trying.status, fwd.flow) == (100, PBX_TCP)
 
 
-def test_overload_refusal_of_a_pbx_invite_along_path(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overload_refusal_of_a_pbx_invite_along_path(world: World) -> None:
     path = register_phone(world)
-    monkeypatch.setattr(core, "MAX_TRANSACTIONS", 0)
+    world.proxy.invites.max_transactions = 0
     resp = refusal(world, pbx_invite(path), PBX_TCP)
     assert resp.status == 503
     assert resp.msg.get("retry-after")
@@ -993,10 +991,10 @@ def test_parse_error_request_is_answered(world: World) -> None:
 def test_invented_methods_share_one_counter(world: World) -> None:
     for i in range(50):
         world.feed(request(f"X{i}", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP), PHONE_UDP)
-    counters = [k for k in world.proxy.stats.c if k.startswith("requests_in_total:")]
-    assert world.proxy.stats.c["requests_in_total:other"] == 50
-    assert world.proxy.stats.c["requests_in_total:REGISTER"] == 2  # the PBX's, in World()
-    assert sorted(counters) == ["requests_in_total:REGISTER", "requests_in_total:other"]
+    methods = [label for m, label, _ in world.proxy.counters.items() if m.name == "requests_in_total"]
+    assert world.proxy.counters.get("requests_in_total", "other") == 50
+    assert world.proxy.counters.get("requests_in_total", "REGISTER") == 2  # the PBX's, in World()
+    assert sorted(methods) == ["REGISTER", "other"]
 
 
 def test_unknown_method_is_forwarded_to_the_pbx(world: World) -> None:

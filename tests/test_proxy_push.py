@@ -7,9 +7,10 @@ Every assertion is on the bytes the core returns or the events it hands out.
 
 from __future__ import annotations
 
-from push.model import PushTarget
+from relay.proxy.effects import DeviceGone, DeviceSeen, Wake
 from relay.proxy.flow import Flow
-from relay.proxy.wake import DeviceGone, DeviceSeen, WakeDevice, push_target, register_bindings
+from relay.proxy.pushwire import Outcome, PushTarget
+from relay.proxy.wake import push_target, register_bindings
 from relay.sip import Request, parse_message
 from tests.proxyharness import (
     ADVERTISE,
@@ -43,8 +44,7 @@ class World:
         return feed(self.proxy, data, flow, now)
 
     def events(self) -> list[object]:
-        out, self.proxy.push_out = self.proxy.push_out, []
-        return list(out)
+        return list(self.proxy.take_effects())
 
 
 def phone_register(flow: Flow, *, expires: int = 600, contact_host: str = "192.168.1.20", cseq: int = 1,
@@ -75,7 +75,7 @@ def pbx_invite(path: str, *, branch: str = "z9hG4bKpbx1", call_id: str = "call-i
     )
 
 
-def held_call(world: World) -> tuple[str, WakeDevice]:
+def held_call(world: World) -> tuple[str, Wake]:
     """The phone registered over TCP, its connection died, the PBX calls it."""
     path, _ = register(world, PHONE_TCP)
     world.events()
@@ -83,7 +83,7 @@ def held_call(world: World) -> tuple[str, WakeDevice]:
     trying = one(world.feed(pbx_invite(path), PBX_TCP, 2.0))
     assert (trying.flow, trying.status) == (PBX_TCP, 100)
     (wake,) = world.events()
-    assert isinstance(wake, WakeDevice)
+    assert isinstance(wake, Wake)
     return path, wake
 
 
@@ -131,11 +131,12 @@ def test_register_without_push_parameters_makes_no_event() -> None:
 def test_invite_for_a_sleeping_phone_is_held_woken_and_forwarded_on_its_new_flow() -> None:
     w = World()
     _, wake = held_call(w)
-    assert (wake.target, wake.serial, wake.call_id, wake.caller, wake.callee) == (
-        TARGET, SERIAL, "call-in@test", "100", "201")
-    assert wake.src == PBX_TCP.remote and wake.ring_timeout == 30.0
+    r = wake.request
+    assert (r.target, r.serial, r.username, r.call_id, r.caller, r.callee) == (
+        TARGET, SERIAL, "201", "call-in@test", "100", "201")
+    assert r.src == PBX_TCP.remote and r.ring_timeout == 30.0
 
-    ringing = one(outs(w.proxy.on_wake_result(wake.key, True, 2.5)))
+    ringing = one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 2.5)))
     assert (ringing.flow, ringing.status) == (PBX_TCP, 180)
     assert "tag=" in (ringing.msg.get("to") or "")
     # a retransmitted INVITE gets the 180 again and wakes nobody twice
@@ -158,13 +159,13 @@ def test_invite_for_a_sleeping_phone_is_held_woken_and_forwarded_on_its_new_flow
     assert (answer.flow, answer.status) == (PBX_TCP, 180)
     ok = one(w.feed(response_to(invite.data, 200, "OK", to_tag="phone"), PHONE_NEW, 5.0))
     assert (ok.flow, ok.status) == (PBX_TCP, 200)
-    assert w.proxy.stats.c["push_holds_total:released"] == 1
+    assert w.proxy.counters.get("push_holds_total", "released") == 1
 
 
 def test_cancel_during_the_hold_reaches_the_phone_after_it_wakes() -> None:
     w = World()
     path, wake = held_call(w)
-    one(outs(w.proxy.on_wake_result(wake.key, True, 2.5)))
+    one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 2.5)))
     cancel = request("CANCEL", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP,
                      via_host="10.1.1.1", branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}",
                      from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}", call_id="call-in")
@@ -197,7 +198,7 @@ def test_no_registration_within_the_ring_timeout_is_480_and_later_nothing_is_sen
     assert [o for o in outs(w.proxy.on_timer(31.9)) if o.flow == PBX_TCP] == []
     final = [o for o in outs(w.proxy.on_timer(32.1)) if o.flow == PBX_TCP]
     assert [o.status for o in final] == [480]
-    assert w.proxy.stats.c["push_holds_total:timeout"] == 1
+    assert w.proxy.counters.get("push_holds_total", "timeout") == 1
     ack = request("ACK", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP, via_host="10.1.1.1",
                   branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}", from_tag="pbxtag",
                   to_uri=f"sip:201@{PBX_DOMAIN}", to_tag="x", call_id="call-in",
@@ -205,7 +206,7 @@ def test_no_registration_within_the_ring_timeout_is_480_and_later_nothing_is_sen
     assert w.feed(ack, PBX_TCP, 33.0) == []  # the ACK of our own 480 stops here
     _, released = register(w, PHONE_NEW, now=40.0)
     assert released == []
-    assert outs(w.proxy.on_wake_result(wake.key, True, 41.0)) == []
+    assert outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 41.0)) == []
 
 
 def test_cancelled_hold_that_times_out_is_487() -> None:
@@ -222,9 +223,9 @@ def test_cancelled_hold_that_times_out_is_487() -> None:
 def test_push_that_could_not_be_sent_ends_the_hold_with_480_at_once() -> None:
     w = World()
     _, wake = held_call(w)
-    final = one(outs(w.proxy.on_wake_result(wake.key, False, 3.0)))
+    final = one(outs(w.proxy.on_wake_result(wake.key, Outcome.FAILED, 3.0)))
     assert (final.flow, final.status) == (PBX_TCP, 480)
-    assert w.proxy.stats.c["push_holds_total:push_failed"] == 1
+    assert w.proxy.counters.get("push_holds_total", "push_failed") == 1
     _, released = register(w, PHONE_NEW, now=4.0)
     assert released == []
 
@@ -247,18 +248,26 @@ def test_push_off_keeps_430_even_with_push_parameters() -> None:
     path, _ = register(w, PHONE_TCP)
     dead.add(PHONE_TCP)
     assert one(w.feed(pbx_invite(path), PBX_TCP, 2.0)).status == 430
-    assert proxy.push_out == []
+    assert proxy.take_effects() == []
 
 
 # ------------------------------------------------------------------- UDP
 PHONE_UDP_PN = Flow("udp", "192.0.2.30", 40030, ADVERTISE, 5060)
 
 
-def udp_world() -> tuple[World, dict[Flow, float]]:
-    heard: dict[Flow, float] = {}
+class Heard:
+    """``heard[flow] = t``: the transport reports something (a keepalive) from ``flow`` at ``t``."""
+
+    def __init__(self, world: World) -> None:
+        self.proxy = world.proxy
+
+    def __setitem__(self, flow: Flow, when: float) -> None:
+        self.proxy.on_keepalive(flow, when)
+
+
+def udp_world() -> tuple[World, Heard]:
     w = World()
-    w.proxy.flow_heard = heard.get
-    return w, heard
+    return w, Heard(w)
 
 
 def test_udp_phone_heard_recently_is_called_directly() -> None:
@@ -279,7 +288,7 @@ def test_silent_udp_phone_is_held_and_pushed() -> None:
     trying = one(w.feed(pbx_invite(path), PBX_TCP, 41.5))
     assert (trying.flow, trying.status) == (PBX_TCP, 100)
     (wake,) = w.events()
-    assert isinstance(wake, WakeDevice) and wake.target == TARGET
+    assert isinstance(wake, Wake) and wake.request.target == TARGET
     # it wakes and registers from the same UDP address: the call goes there
     heard[PHONE_UDP_PN] = 43.0
     _, released = register(w, PHONE_UDP_PN, now=43.0)
@@ -348,7 +357,7 @@ def test_in_dialog_request_follows_a_phone_that_registered_from_a_new_network() 
     accept(w, instance_register(PHONE_NEW, cseq=2), PHONE_NEW, 3.0)
     bye = one(pbx_bye(routes, 4.0, w))
     assert (bye.flow, bye.req.method) == (PHONE_NEW, "BYE")
-    assert w.proxy.stats.c["phone_moves_total"] == 1
+    assert w.proxy.counters.get("phone_moves_total") == 1
 
 
 def test_another_users_registration_with_the_same_instance_moves_nothing() -> None:
@@ -379,7 +388,7 @@ def test_a_held_call_is_not_released_to_another_user_presenting_the_same_token()
     fwd = one(w.feed(other, PHONE_NEW, 3.0))
     after = w.feed(response_to(fwd.data, 200, "OK"), PBX_TCP, 3.0)
     assert [o.status for o in after] == [200]  # the REGISTER's answer, and no INVITE
-    assert w.proxy.stats.c["push_holds_total:release_refused"] == 1
+    assert w.proxy.counters.get("push_holds_total", "release_refused") == 1
     _, released = register(w, PHONE_NEW, now=4.0)  # the right user: released
     assert [o.req.method for o in released] == ["INVITE"]
 
@@ -414,7 +423,7 @@ def test_pbx_connection_lost_during_the_hold_rings_nobody() -> None:
     w = World()
     held_call(w)
     w.proxy.on_flow_closed(PBX_TCP)
-    assert w.proxy.stats.c["push_holds_total:caller_gone"] == 1
+    assert w.proxy.counters.get("push_holds_total", "caller_gone") == 1
     register_pbx(w.proxy, PBX_TCP, now=3.0)  # the PBX is back, on a new connection
     _, released = register(w, PHONE_NEW, now=4.0)
     assert released == []

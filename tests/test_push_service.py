@@ -223,7 +223,9 @@ async def test_one_phone_on_two_pbxs_is_two_devices(tmp_path: Path) -> None:
 def test_device_ids_do_not_collide_across_field_boundaries() -> None:
     assert ALICE.device_id(KEY, "a|b", "c") != ALICE.device_id(KEY, "a", "b|c")
     assert ALICE.device_id(KEY, SERIAL, "201") != ALICE.device_id(KEY, SERIAL, "202")
-    assert ALICE.device_id(KEY, SERIAL, "201") == ALICE.device_id(KEY, SERIAL, "201")
+    # keyed: without the service's key nobody can tell which token an id stands for
+    assert ALICE.device_id(KEY, SERIAL, "201") != ALICE.device_id(b"another key" * 3, SERIAL, "201")
+    assert ALICE.token not in ALICE.device_id(KEY, SERIAL, "201")
 
 
 async def test_a_wake_for_another_pbx_s_device_is_refused(tmp_path: Path) -> None:

@@ -290,8 +290,8 @@ def test_sleeping_phone_is_pushed_wakes_registers_and_answers(
     assert len(devices) == 1 and devices[0][3:] == ("201", SERIAL)
     log = _wait_rows(relay, "SELECT username, caller, callee, provider, outcome, attempts FROM push_log")
     assert log == [("201", "100", "201", "apns", "sent", 1)]
-    assert relay.metric('pbx_relay_push_holds_total{kind="released"}') == 1
-    assert relay.metric('pbx_relay_push_wakes_total{kind="sent"}') == 1
+    assert relay.metric('pbx_relay_push_holds_total{outcome="released"}') == 1
+    assert relay.metric('pbx_relay_push_wakes_total{outcome="sent"}') == 1
     assert len(apns.requests) == 1  # one push per call per device
     # the push service's own metrics show it: by provider and outcome, with its latency
     m = _push_metrics(relay)

@@ -8,8 +8,8 @@ from urllib.parse import quote
 from hypothesis import given
 from hypothesis import strategies as st
 
-from push.model import PushTarget
-from relay.proxy.wake import push_target, register_bindings, uri_push_target, user_of
+from relay.proxy.pushwire import PushTarget
+from relay.proxy.wake import MAX_BINDINGS, push_target, register_bindings, uri_push_target, user_of
 from relay.sip import Request
 from relay.sip.message import Header
 
@@ -23,19 +23,47 @@ def test_uri_push_target_never_raises(uri: str) -> None:
     assert t is None or t.provider in ("apns", "fcm")
 
 
-@given(text, text)
-def test_user_of_never_raises(a: str, b: str) -> None:
-    assert isinstance(user_of(a + b), str)
+user_chars = st.text(st.sampled_from("0123456789abcdefxyz+*#.-_!~"), min_size=1, max_size=30)
 
 
-@given(st.lists(text, max_size=4), st.one_of(st.none(), text))
-def test_register_bindings_never_raise(contacts: list[str], expires: str | None) -> None:
-    headers = [Header("Contact", c) for c in contacts]
+@given(text, user_chars)
+def test_user_of_reads_the_user_and_never_raises_on_anything_else(junk: str, user: str) -> None:
+    user_of(junk)  # arbitrary text: any answer, but no exception
+    display = junk.replace('"', "").replace("\\", "")
+    assert user_of(f'"{display}" <sip:{quote(user)}@192.0.2.1;transport=tcp>;tag=a1') == user
+    assert user_of(f"<sip:192.0.2.1>;tag={quote(user)}") == ""
+
+
+binding = st.one_of(
+    st.tuples(st.just("push"), st.sampled_from(["apns", "fcm"]), user_chars),
+    st.tuples(st.just("instance"), st.just(""), user_chars),
+    # anything else a Contact may hold (a quote left open would not have parsed at all)
+    st.tuples(st.just("junk"), st.just(""), text.filter(lambda v: '"' not in v)),
+)
+
+
+@given(st.lists(binding, max_size=6), st.one_of(st.none(), st.integers(0, 10**6).map(str), text))
+def test_register_bindings_find_every_device_contact_and_skip_the_rest(
+    contacts: list[tuple[str, str, str]], expires: str | None,
+) -> None:
+    headers, wanted = [], []
+    for i, (kind, provider, value) in enumerate(contacts):
+        if kind == "push":
+            uri = f"sip:u{i}@192.0.2.1;pn-provider={provider};pn-prid={quote(value)};pn-param=p{i}"
+            headers.append(Header("Contact", f"<{uri}>;expires={i}"))
+            wanted.append((PushTarget(provider, value, f"p{i}"), None, uri, i))
+        elif kind == "instance":
+            uri = f"sip:u{i}@192.0.2.1"
+            instance = f"<urn:uuid:{quote(value)}>"
+            headers.append(Header("Contact", f'<{uri}>;+sip.instance="{instance}";expires={i}'))
+            wanted.append((None, instance, uri, i))
+        elif "pn-" not in value and "instance" not in value:
+            headers.append(Header("Contact", value))  # no push parameters, no instance: not a device
     if expires is not None:
         headers.append(Header("Expires", expires))
     req = Request("REGISTER", "sip:x.relay.test", headers)
-    for b in register_bindings(req):
-        assert b.expires >= 0 and b.target.provider in ("apns", "fcm")
+    found = [(b.target, b.instance, b.contact_uri, b.expires) for b in register_bindings(req)]
+    assert found == wanted[:MAX_BINDINGS]
 
 
 @given(st.sampled_from(["apns", "fcm", "APNS"]), token_chars, token_chars, st.integers(0, 10**6))

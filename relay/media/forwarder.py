@@ -25,36 +25,63 @@ class UdpForwarder:
         self.address = address
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.count = count
-        self._socks: dict[int, socket.socket] = {}
+        self._socks: dict[int, socket.socket] = {}  # forwarding, by port
+        self._idle: dict[int, tuple[socket.socket, socket.socket]] = {}  # bound, not yet a leg's
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
     # ------------------------------------------------------------ MediaBackend
-    def open(self, leg: Leg) -> None:
-        assert self._nursery is not None, "attach() the forwarder to a nursery first"
+    def bind(self, port: int) -> bool:
+        """Bind ``port`` and ``port + 1`` and keep them idle until a leg opens on them."""
+        if port in self._idle:
+            return True
         opened: list[socket.socket] = []
         try:
-            for port in (leg.port, leg.port + 1):
+            for p in (port, port + 1):
                 s = socket.socket(self.family, socket.SOCK_DGRAM)
                 opened.append(s)
                 s.setblocking(False)
-                s.bind((self.address, port))
+                s.bind((self.address, p))
         except OSError:
             for s in opened:
                 s.close()
-            raise
-        rtp, rtcp = opened
+            return False
+        self._idle[port] = (opened[0], opened[1])
+        return True
+
+    def open(self, leg: Leg) -> None:
+        """Forward what reaches the leg's pair (bound by :meth:`bind`, or now); OSError if taken."""
+        assert self._nursery is not None, "attach() the forwarder to a nursery first"
+        if leg.port not in self._idle and not self.bind(leg.port):
+            raise OSError(f"port pair {leg.port} is in use")
+        rtp, rtcp = self._idle.pop(leg.port)
+        for s in (rtp, rtcp):
+            _discard_queued(s)  # strays that reached the idle pair belong to no call
         self._socks[leg.port] = rtp
         self._socks[leg.port + 1] = rtcp
         self._nursery.start_soon(self._forward, rtp, leg, False)
         self._nursery.start_soon(self._forward, rtcp, leg, True)
 
+    def close_all(self) -> None:
+        """Close every socket, idle or forwarding (the relay is stopping)."""
+        for pair in self._idle.values():
+            for s in pair:
+                s.close()
+        self._idle.clear()
+        for port, s in list(self._socks.items()):
+            trio.lowlevel.notify_closing(s)
+            s.close()
+            del self._socks[port]
+
     def relatch(self, leg: Leg) -> None:
         """Nothing to do: the forwarder reads the latches for every packet."""
 
     def close(self, leg: Leg) -> None:
+        """Stop forwarding for ``leg``: its sockets close (its reader tasks end)."""
+        for idle in self._idle.pop(leg.port, ()):
+            idle.close()
         for port in (leg.port, leg.port + 1):
             s = self._socks.pop(port, None)
             if s is not None:
@@ -107,3 +134,11 @@ class UdpForwarder:
                     await trio.lowlevel.checkpoint()
         except (trio.ClosedResourceError, trio.BusyResourceError, ValueError):
             return  # closed while waiting: the leg is gone
+
+
+def _discard_queued(sock: socket.socket) -> None:
+    for _ in range(BATCH):
+        try:
+            sock.recvfrom(MAX_PACKET)
+        except OSError:  # BlockingIOError: nothing (more) queued
+            return

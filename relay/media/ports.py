@@ -1,51 +1,94 @@
-"""The relay's RTP port range: even RTP ports, RTCP on the next odd one (RFC 3550 §11)."""
+"""The RTP port range: even RTP, RTCP on the next odd port (RFC 3550 §11), and a reserve of bound pairs."""
 
 from __future__ import annotations
 
 from collections import deque
 
+from relay.media.sdp import MAX_MEDIA_STREAMS
+
+# Port pairs kept bound and idle, ready to be handed to a call. Anchoring an SDP takes
+# its ports from this reserve, so the pure media code never binds a socket itself; the
+# shell tops the reserve up after every event. It must cover the most one message can
+# ask for: two legs (phone side, PBX side) per stream, MAX_MEDIA_STREAMS streams.
+RESERVE = 2 * MAX_MEDIA_STREAMS
+
 
 class PortsExhausted(Exception):
-    pass
+    """No bound port pair is left for a new leg."""
 
 
-class PortAllocator:
+class PortPool:
     """Hands out (rtp, rtp+1) pairs from [low, high], least recently freed first.
 
     Reusing the pair freed longest ago keeps late packets of an ended call from
-    landing in a new one (rtpengine does the same).
+    landing in a new one (rtpengine does the same). A pair goes free → binding (the
+    shell was asked to bind it) → ready (bound, idle) → in use → free again; a pair
+    the shell could not bind (another program holds it) is retired for good.
     """
 
-    def __init__(self, low: int = 10_000, high: int = 20_000):
+    def __init__(self, low: int = 10_000, high: int = 20_000, reserve: int = RESERVE):
         if low % 2:
             low += 1
         if high - low < 2:
             raise ValueError("port range too small")
         self.low, self.high = low, high
+        self.reserve = reserve
         self._free: deque[int] = deque(range(low, high, 2))
+        self._binding: set[int] = set()
+        self._ready: deque[int] = deque()
         self._used: set[int] = set()
 
     def take(self) -> int:
-        """An even RTP port whose RTCP port (+1) is free too."""
-        if not self._free:
+        """A bound even RTP port whose RTCP port (+1) is bound too."""
+        if not self._ready:
             raise PortsExhausted(f"no free RTP port pair in {self.low}-{self.high}")
-        port = self._free.popleft()
+        port = self._ready.popleft()
         self._used.add(port)
         return port
 
     def give_back(self, port: int) -> None:
+        """A leg's pair was closed: free again (unbound)."""
         if port in self._used:
             self._used.remove(port)
             self._free.append(port)
 
-    def retire(self, port: int) -> None:
-        """A pair we could not bind (another program holds it): never hand it out again."""
-        self._used.discard(port)
+    def unused(self, port: int) -> None:
+        """A pair taken but never opened (the SDP was refused): back to the reserve, still bound."""
+        if port in self._used:
+            self._used.remove(port)
+            self._ready.appendleft(port)
+
+    def to_bind(self) -> tuple[int, ...]:
+        """Pairs the shell should bind now to bring the reserve back to its size."""
+        want = self.reserve - len(self._ready) - len(self._binding)
+        out = []
+        while want > 0 and self._free:
+            port = self._free.popleft()
+            self._binding.add(port)
+            out.append(port)
+            want -= 1
+        return tuple(out)
+
+    def bound(self, ports: tuple[int, ...], failed: tuple[int, ...]) -> None:
+        """What came of a ``to_bind``: bound pairs join the reserve, failed ones are retired."""
+        for port in ports:
+            if port in self._binding:
+                self._binding.remove(port)
+                self._ready.append(port)
+        for port in failed:
+            self._binding.discard(port)  # another program holds it: never handed out again
 
     @property
     def in_use(self) -> int:
+        """Pairs held by legs."""
         return len(self._used)
 
     @property
     def available(self) -> int:
-        return len(self._free)
+        """Pairs that can still be handed out (bound or not)."""
+        return len(self._free) + len(self._ready) + len(self._binding)
+
+    @property
+    def ready(self) -> int:
+        """Pairs bound and idle, in the reserve."""
+        return len(self._ready)

@@ -1,11 +1,19 @@
-"""Media sessions: one per dialog, two legs per stream, latching rules (sans-I/O)."""
+"""Media sessions: one per dialog, two legs per stream, latching rules (sans-I/O).
+
+The component decides; the shell moves packets. Every method that changes what is
+forwarded returns the media effects (relay.media.effects) the shell must carry out:
+``OpenLeg`` once a leg's SDP went out, ``RelatchLeg`` when a side's address changed,
+``CloseLeg`` when a leg ends, ``BindPorts`` to keep the reserve of bound port pairs
+(relay.media.ports) full. Nothing here touches a socket.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from relay.media.ports import PortAllocator, PortsExhausted
+from relay.media.effects import BindPorts, CloseLeg, MediaEffect, OpenLeg, RelatchLeg
+from relay.media.ports import PortPool, PortsExhausted
 from relay.media.sdp import MediaStream, Sdp, SdpError, anchor_sdp
 
 PHONE = "phone"
@@ -13,20 +21,10 @@ PBX = "pbx"
 OTHER = {PHONE: PBX, PBX: PHONE}
 Addr = tuple[str, int]
 
-# Attempts at binding a pair before giving up on a call: a pair another program
-# holds is retired and the next one tried.
-BIND_ATTEMPTS = 16
 _UNSPECIFIED = ("0.0.0.0", "::")
 # A session never answered is dropped after this long whatever happens: past
 # proxy Timer C (180 s, RFC 3261 §16.6 item 11) plus margin.
 SETUP_LIMIT = 240.0
-
-
-def _apply(leg: Leg, rtp: Addr | None, rtcp: Addr | None, signal_ip: str) -> None:
-    leg.sdp_addr = rtp
-    leg.pending = None
-    leg.rtp.reopen(rtp, signal_ip)
-    leg.rtcp.reopen(rtcp, signal_ip)
 
 
 class Latch:
@@ -65,6 +63,7 @@ class Latch:
             self.allowed_ips = frozenset({ip})
 
     def accept(self, src: Addr) -> bool:
+        """Whether a packet from ``src`` belongs to this side (latching on the first one)."""
         latched = self.latched
         if latched is not None:
             return src == latched
@@ -74,6 +73,7 @@ class Latch:
         return False
 
     def destination(self) -> Addr | None:
+        """Where packets for this side go: the latched source, else what its SDP said."""
         return self.latched or self.expected
 
 
@@ -95,15 +95,27 @@ class Leg:
     dropped: int = 0
     last_seen: float = 0.0
 
+    def apply(self, rtp: Addr | None, rtcp: Addr | None, signal_ip: str) -> RelatchLeg:
+        """Take a new address for this side: latching starts again."""
+        self.sdp_addr = rtp
+        self.pending = None
+        self.rtp.reopen(rtp, signal_ip)
+        self.rtcp.reopen(rtcp, signal_ip)
+        return RelatchLeg(self)
+
 
 @dataclass(eq=False)
 class Stream:
+    """One m= line of the call: the phone's leg and the PBX's leg, each the other's peer."""
+
     index: int
     legs: dict[str, Leg]
 
 
 @dataclass(eq=False)
 class MediaSession:
+    """The media of one call (by Call-ID): its streams, and whether the call is up."""
+
     call_id: str
     created: float
     streams: dict[int, Stream] = field(default_factory=dict)
@@ -117,28 +129,39 @@ class MediaSession:
 
 
 class MediaBackend(Protocol):
-    """What moves the packets. The userspace forwarder (trio) is one; a kernel
-    forwarder (nftables, DESIGN §9) would be another."""
+    """What moves the packets, driven by the shell from the media effects. The userspace
+    forwarder (trio) is one; a kernel forwarder (nftables, DESIGN §9) is another."""
+
+    def bind(self, port: int) -> bool:
+        """Bind ``port`` and ``port + 1`` and hold them idle; False if another program has one."""
 
     def open(self, leg: Leg) -> None:
-        """Bind leg.port and leg.port + 1 and start forwarding to leg.peer; OSError if taken."""
+        """Start forwarding what reaches leg.port/leg.port + 1 to leg.peer."""
 
     def close(self, leg: Leg) -> None:
         """Stop forwarding for ``leg`` and free its two ports."""
 
     def relatch(self, leg: Leg) -> None:
-        """``leg``'s latches were reopened (a new SDP address from its side): whatever
-        the backend derived from the old latched addresses no longer holds."""
+        """``leg``'s latches were reopened: whatever the backend derived from the old
+        latched addresses no longer holds."""
 
 
 class MediaError(Exception):
-    """No media session could be made (no ports left, unusable SDP)."""
+    """No media session could be made for an SDP."""
 
 
-class MediaController:
-    def __init__(self, backend: MediaBackend, address: str, ports: PortAllocator,
-                 no_media_timeout: float = 60.0):
-        self.backend = backend
+class NoPorts(MediaError):
+    """The port range is used up: the request deserves 503 with Retry-After."""
+
+
+class UnusableSdp(MediaError):
+    """The body is not SDP the relay can anchor: the request deserves 488."""
+
+
+class MediaSessions:
+    """Every call's media. ``address``: the IP the SDP names for the relay."""
+
+    def __init__(self, address: str, ports: PortPool, no_media_timeout: float = 60.0):
         self.address = address
         self.ports = ports
         self.no_media_timeout = no_media_timeout
@@ -147,50 +170,135 @@ class MediaController:
         self.packets_total = 0  # of ended sessions; live legs count their own
         self.octets_total = 0
 
+    def start(self) -> list[MediaEffect]:
+        """What to do before the first call: fill the reserve of bound pairs."""
+        return self._refill()
+
+    def on_ports_bound(self, bound: tuple[int, ...], failed: tuple[int, ...]) -> list[MediaEffect]:
+        """The shell's answer to a ``BindPorts``; asks again for pairs that failed."""
+        self.ports.bound(bound, failed)
+        return self._refill() if failed else []
+
+    def _refill(self) -> list[MediaEffect]:
+        wanted = self.ports.to_bind()
+        return [BindPorts(wanted)] if wanted else []
+
     # ------------------------------------------------------------- signalling
     def on_sdp(
         self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float,
         peer_ip: str = "", offer: bool = False,
-    ) -> bytes:
+    ) -> tuple[bytes, list[MediaEffect]]:
         """An offer or answer from ``from_side`` (whose SIP came from ``signal_ip``):
         remember where that side wants media, and return the SDP the other side
-        must see (relay address, the ports of the other side's legs). ``peer_ip``
-        is the other side's SIP address, to accept its first packets before its
-        own SDP. ``offer``: an offer in a request (re-INVITE, UPDATE) whose new
+        must see (relay address, the ports of the other side's legs) with the effects.
+        ``peer_ip`` is the other side's SIP address, to accept its first packets before
+        its own SDP. ``offer``: an offer in a request (re-INVITE, UPDATE) whose new
         address waits for its 2xx when the call is already up (commit/rollback).
-        Raises MediaError."""
+        Raises NoPorts or UnusableSdp; then nothing of this SDP is kept."""
         session = self.sessions.get(call_id)
         if session is None:
             session = self.sessions[call_id] = MediaSession(call_id, now)
-        defer = offer and session.established
-
-        def allocate(sdp: Sdp) -> list[tuple[int, int | None]]:
-            ports: list[tuple[int, int | None]] = []
-            for m in sdp.media:
-                if m.port == 0 or m.port_count > 1:
-                    # disabled (RFC 3264 §6), or layered over several ports (RFC 8866
-                    # §5.14), which no SIP phone uses: rejected rather than half served
-                    ports.append((0, None))
-                    continue
-                stream = session.streams.get(m.index) or self._new_stream(session, m.index)
-                self._learn(stream.legs[from_side], m, signal_ip, defer)
-                other = stream.legs[OTHER[from_side]]
-                other.rtp.expect_from(peer_ip)
-                other.rtcp.expect_from(peer_ip)
-                ports.append((other.port, other.port + 1))
-            return ports
-
+        learn = _Learning(session, from_side, signal_ip, peer_ip, offer and session.established, self.ports)
         try:
-            return anchor_sdp(body, self.address, allocate)
-        except SdpError as e:
-            raise MediaError(f"unusable SDP: {e}") from e
-        except PortsExhausted as e:
-            raise MediaError(str(e)) from e
-        finally:
+            body = anchor_sdp(body, self.address, learn.allocate)
+        except (SdpError, PortsExhausted) as e:
+            learn.undo()
             if not session.streams:
                 self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
+            raise (NoPorts(str(e)) if isinstance(e, PortsExhausted) else UnusableSdp(str(e))) from e
+        if not session.streams:
+            self.sessions.pop(call_id, None)
+        return body, [*learn.effects(), *self._refill()]
 
-    def _learn(self, leg: Leg, m: MediaStream, signal_ip: str, defer: bool) -> None:
+    def established(self, call_id: str) -> list[MediaEffect]:
+        """A 2xx to an INVITE or UPDATE: the call is up, a pending offer holds."""
+        session = self.sessions.get(call_id)
+        if session is None:
+            return []
+        session.established = True
+        return [leg.apply(*leg.pending) for leg in session.legs() if leg.pending is not None]
+
+    def failed(self, call_id: str) -> list[MediaEffect]:
+        """A final error to an INVITE or UPDATE (or a CANCEL): a call that never came
+        up loses its media; an established one forgets the rejected offer."""
+        session = self.sessions.get(call_id)
+        if session is None:
+            return []
+        if not session.established:
+            return self.end(call_id)
+        for leg in session.legs():
+            leg.pending = None
+        return []
+
+    def end(self, call_id: str) -> list[MediaEffect]:
+        """The call is over: close every leg (empty when there was no session)."""
+        session = self.sessions.pop(call_id, None)
+        if session is None:
+            return []
+        out: list[MediaEffect] = []
+        for leg in session.legs():
+            out.append(CloseLeg(leg))
+            self.ports.give_back(leg.port)
+            self.packets_total += leg.packets
+            self.octets_total += leg.octets
+        self.ended_total += 1
+        return [*out, *self._refill()]
+
+    # ------------------------------------------------------------------ time
+    def expire(self, now: float) -> tuple[list[str], list[MediaEffect]]:
+        """Established calls with no packet, RTP or RTCP, either way for the timeout.
+        A call still ringing is not judged by its media (early media is optional):
+        Timer C, CANCEL and final errors end it; SETUP_LIMIT is the safety net."""
+        gone = [cid for cid, s in self.sessions.items()
+                if (now - s.last_activity() >= self.no_media_timeout if s.established
+                    else now - s.created >= SETUP_LIMIT)]
+        out: list[MediaEffect] = []
+        for cid in gone:
+            out.extend(self.end(cid))
+        return gone, out
+
+
+class _Learning:
+    """One SDP being anchored: the streams and legs it creates or changes, so that
+    they are opened when it succeeds and given back when it fails."""
+
+    def __init__(self, session: MediaSession, from_side: str, signal_ip: str, peer_ip: str,
+                 defer: bool, ports: PortPool):
+        self.session, self.from_side, self.signal_ip = session, from_side, signal_ip
+        self.peer_ip, self.defer, self.ports = peer_ip, defer, ports
+        self.new_streams: list[Stream] = []
+        self.relatched: list[RelatchLeg] = []
+
+    def allocate(self, sdp: Sdp) -> list[tuple[int, int | None]]:
+        ports: list[tuple[int, int | None]] = []
+        for m in sdp.media:
+            if m.port == 0 or m.port_count > 1:
+                # disabled (RFC 3264 §6), or layered over several ports (RFC 8866
+                # §5.14), which no SIP phone uses: rejected rather than half served
+                ports.append((0, None))
+                continue
+            stream = self.session.streams.get(m.index) or self._new_stream(m.index)
+            self._learn(stream.legs[self.from_side], m)
+            other = stream.legs[OTHER[self.from_side]]
+            other.rtp.expect_from(self.peer_ip)
+            other.rtcp.expect_from(self.peer_ip)
+            ports.append((other.port, other.port + 1))
+        return ports
+
+    def _new_stream(self, index: int) -> Stream:
+        a = Leg(PHONE, self.ports.take())
+        try:
+            b = Leg(PBX, self.ports.take())
+        except PortsExhausted:
+            self.ports.unused(a.port)
+            raise
+        a.peer, b.peer = b, a
+        stream = Stream(index, {PHONE: a, PBX: b})
+        self.session.streams[index] = stream
+        self.new_streams.append(stream)
+        return stream
+
+    def _learn(self, leg: Leg, m: MediaStream) -> None:
         conn = m.conn
         rtp: Addr | None = None if conn is None or conn in _UNSPECIFIED else (conn, m.port)
         if rtp == leg.sdp_addr and leg.rtp.allowed_ips:
@@ -202,77 +310,21 @@ class MediaController:
                 rtcp = rtp
             elif m.rtcp_port or rtp[1] < 65535:  # RTP on 65535 has no implied RTCP port
                 rtcp = (m.rtcp_addr or rtp[0], m.rtcp_port or rtp[1] + 1)
-        if defer:
-            leg.pending = (rtp, rtcp, signal_ip)
+        if self.defer:
+            leg.pending = (rtp, rtcp, self.signal_ip)
         else:
-            _apply(leg, rtp, rtcp, signal_ip)
-            self.backend.relatch(leg)
+            self.relatched.append(leg.apply(rtp, rtcp, self.signal_ip))
 
-    def _new_stream(self, session: MediaSession, index: int) -> Stream:
-        a = self._open_leg(PHONE)
-        try:
-            b = self._open_leg(PBX)
-        except PortsExhausted:
-            self.backend.close(a)
-            self.ports.give_back(a.port)
-            raise
-        a.peer, b.peer = b, a
-        stream = Stream(index, {PHONE: a, PBX: b})
-        session.streams[index] = stream
-        return stream
+    def effects(self) -> list[MediaEffect]:
+        """Open the new legs, tell the backend of changed ones (not of legs it has not seen)."""
+        fresh = {id(leg) for s in self.new_streams for leg in s.legs.values()}
+        out: list[MediaEffect] = [OpenLeg(leg) for s in self.new_streams for leg in s.legs.values()]
+        out += [r for r in self.relatched if id(r.leg) not in fresh]
+        return out
 
-    def _open_leg(self, side: str) -> Leg:
-        for _ in range(BIND_ATTEMPTS):
-            leg = Leg(side, self.ports.take())
-            try:
-                self.backend.open(leg)
-                return leg
-            except OSError:
-                self.ports.retire(leg.port)  # another program holds it
-        raise PortsExhausted("no bindable media port pair")
-
-    def established(self, call_id: str) -> None:
-        """A 2xx to an INVITE or UPDATE: the call is up, a pending offer holds."""
-        session = self.sessions.get(call_id)
-        if session is not None:
-            session.established = True
-            for leg in session.legs():
-                if leg.pending is not None:
-                    _apply(leg, *leg.pending)
-                    self.backend.relatch(leg)
-
-    def failed(self, call_id: str) -> None:
-        """A final error to an INVITE or UPDATE (or a CANCEL): a call that never came
-        up loses its media; an established one forgets the rejected offer."""
-        session = self.sessions.get(call_id)
-        if session is None:
-            return
-        if not session.established:
-            self.end(call_id)
-            return
-        for leg in session.legs():
-            leg.pending = None
-
-    def end(self, call_id: str) -> bool:
-        session = self.sessions.pop(call_id, None)
-        if session is None:
-            return False
-        for leg in session.legs():
-            self.backend.close(leg)
-            self.ports.give_back(leg.port)
-            self.packets_total += leg.packets
-            self.octets_total += leg.octets
-        self.ended_total += 1
-        return True
-
-    # ------------------------------------------------------------------ time
-    def expire(self, now: float) -> list[str]:
-        """Established calls with no packet, RTP or RTCP, either way for the timeout.
-        A call still ringing is not judged by its media (early media is optional):
-        Timer C, CANCEL and final errors end it; SETUP_LIMIT is the safety net."""
-        gone = [cid for cid, s in self.sessions.items()
-                if (now - s.last_activity() >= self.no_media_timeout if s.established
-                    else now - s.created >= SETUP_LIMIT)]
-        for cid in gone:
-            self.end(cid)
-        return gone
+    def undo(self) -> None:
+        """The SDP was refused: streams made for it go, their pairs back to the reserve."""
+        for stream in self.new_streams:
+            del self.session.streams[stream.index]
+            for leg in stream.legs.values():
+                self.ports.unused(leg.port)

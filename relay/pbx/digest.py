@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+from collections.abc import Mapping
 
 from relay.sip.headers import parse_params
 
@@ -73,7 +74,7 @@ class DigestAuth:
         ]
 
     def check(
-        self, authorization: str, method: str, ha1s: dict[str, str] | None, now: float,
+        self, authorization: str, method: str, ha1s: Mapping[str, str] | None, now: float,
         bind: str = "",
     ) -> tuple[str, str | None]:
         """Verify one Authorization value.

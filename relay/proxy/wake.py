@@ -1,10 +1,4 @@
-"""RFC 8599 in the proxy: push parameters in Contact / Request-URI, and the
-events the sans-I/O core hands to the shell for the push service.
-
-The core never talks to the push service itself: it appends events to
-``Proxy.push_out`` and the shell delivers them (in-process or over HTTP), then
-reports a wake-up's result back with ``Proxy.on_wake_result``.
-"""
+"""RFC 8599 in the proxy: push parameters in Contact and Request-URI, bindings, Path devices (pure)."""
 
 from __future__ import annotations
 
@@ -13,19 +7,13 @@ import hashlib
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from push.model import PROVIDERS, PushTarget
-from relay.proxy.flow import Flow
+from relay.proxy.pushwire import PROVIDERS, PushTarget
 from relay.sip.errors import SipParseError
-from relay.sip.headers import NameAddr, Via
+from relay.sip.headers import NameAddr
 from relay.sip.message import Request, Response
 from relay.sip.uri import SipUri
 
-# A REGISTER's answer is expected within Timer F (64*T1); after that the relay
-# forgets which device it was for.
-PENDING_REGISTER_TTL = 32.0
-# REGISTERs awaiting the PBX's answer at most (each holds its device bindings), and
-# the bindings read from one REGISTER: a phone registers one Contact, rarely two.
-MAX_PENDING_REGISTERS = 20_000
+# The bindings read from one REGISTER: a phone registers one Contact, rarely two.
 MAX_BINDINGS = 8
 
 
@@ -145,86 +133,3 @@ def granted_expires(resp: Response) -> dict[str, int]:
         except (SipParseError, ValueError):
             continue
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class KnownDevice:
-    """Where a device (instance id or push token of an AOR user) last registered from."""
-
-    flow: Flow
-    target: PushTarget | None
-    until: float
-
-
-@dataclass(frozen=True, slots=True)
-class Moved:
-    """A device left ``old`` (the key) for ``flow`` at ``since``."""
-
-    flow: Flow
-    serial: str
-    since: float
-    until: float
-
-
-@dataclass(slots=True)
-class PendingRegister:
-    """A phone's REGISTER naming its device, forwarded, awaiting the PBX's answer."""
-
-    serial: str
-    username: str
-    flow: Flow
-    bindings: list[Binding]
-    until: float
-
-
-# ---------------------------------------------------------------- events out
-@dataclass(frozen=True, slots=True)
-class DeviceSeen:
-    """The PBX accepted a registration with push parameters from ``flow``."""
-
-    target: PushTarget
-    serial: str
-    username: str
-    flow: Flow
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceGone:
-    """The phone de-registered that binding (or switched push off, or got a new token)."""
-
-    target: PushTarget
-    serial: str
-    username: str
-
-
-@dataclass(frozen=True, slots=True)
-class WakeDevice:
-    """Wake a phone for an INVITE held by the relay; answer with on_wake_result(key, ...)."""
-
-    key: tuple[str, ...]
-    target: PushTarget
-    serial: str
-    user: str  # the AOR user the device registered as
-    call_id: str
-    caller: str
-    callee: str
-    src: str
-    ring_timeout: float
-
-
-PushEvent = DeviceSeen | DeviceGone | WakeDevice
-
-
-@dataclass(slots=True)
-class Held:
-    """An INVITE waiting for its phone to wake up and register (RFC 8599 §5.3.2).
-    Kept in memory only, for at most the ring timeout."""
-
-    req: Request  # after loose routing and Via stamping, before anything of ours
-    via: Via  # its top Via, parsed
-    serial: str
-    mf: int  # Max-Forwards as received
-    target: PushTarget
-    tag: str  # our To tag on the 180 and on the final answer we may give
-    user: str  # the AOR user that registered this device (from the Path token)
-    ringing: bool = False

@@ -9,10 +9,11 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
-from relay.proxy.core import Send
+from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
 from relay.sip.framer import FramingLost, Invalid, Ping, StreamFramer
@@ -30,8 +31,6 @@ SEND_QUEUE_BYTES = 2 * 1024 * 1024
 READ_SIZE = 65_536
 # Datagrams handled per wake-up of a UDP listener before other tasks get a turn.
 UDP_BATCH = 32
-# Seconds a UDP peer's last datagram time is kept (longer than push.udp_asleep_after may be).
-UDP_HEARD_KEEP = 600.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 # How long a connection being closed for lost framing may take to deliver its
 # last answer (400/513) before it is dropped anyway.
@@ -93,8 +92,24 @@ class Connection:
         self.flushed.set()
 
 
-Handler = Callable[[SipMessage, Flow], None]
-ErrorHandler = Callable[[SipParseError, Flow], None]
+class TransportEvents(Protocol):
+    """What the transports report to the shell, synchronously, as it happens."""
+
+    def on_message(self, msg: SipMessage, flow: Flow) -> None:
+        """A whole SIP message arrived on ``flow``."""
+
+    def on_error(self, err: SipParseError, flow: Flow) -> None:
+        """Bytes on ``flow`` that are not valid SIP."""
+
+    def on_opened(self, flow: Flow) -> None:
+        """A TCP/TLS connection was accepted (after its TLS handshake)."""
+
+    def on_closed(self, flow: Flow) -> None:
+        """A TCP/TLS connection ended."""
+
+    def on_keepalive(self, flow: Flow) -> None:
+        """A CRLF keepalive or a STUN binding request: the peer is awake."""
+
 # The TLS context a new connection gets: fixed, or asked for at each accept (so that
 # a certificate reloaded on SIGHUP serves new connections, old ones keep theirs).
 TlsContext = ssl.SSLContext | Callable[[], ssl.SSLContext] | None
@@ -104,13 +119,8 @@ class Transports:
     """Owns every socket. ``on_message``/``on_error`` are called synchronously
     with each parsed message; they answer through ``send``."""
 
-    def __init__(
-        self, on_message: Handler, on_error: ErrorHandler, on_closed: Callable[[Flow], None],
-        counters: Callable[[str], None], timeouts: StreamTimeouts,
-    ):
-        self.on_message = on_message
-        self.on_error = on_error
-        self.on_closed = on_closed
+    def __init__(self, events: TransportEvents, counters: Callable[[str], None], timeouts: StreamTimeouts):
+        self.events = events
         self.count = counters
         self.timeouts = timeouts
         # stdlib sockets, non-blocking: a sendto never waits (UDP has no
@@ -120,10 +130,6 @@ class Transports:
         # Draining: stop_accepting() closes the TCP/TLS listening sockets, connections stay.
         self.accepting = True
         self._accept_scopes: list[trio.CancelScope] = []
-        # When each UDP peer last sent anything (RFC 8599 wake-ups: a silent UDP
-        # phone is asleep). Forgotten after UDP_HEARD_KEEP seconds of silence.
-        self.udp_heard: dict[tuple[str, int], float] = {}
-        self._udp_sweep_at = 0.0
 
     def stop_accepting(self) -> None:
         """Close every TCP/TLS listening socket (new connections are refused); the
@@ -132,21 +138,7 @@ class Transports:
         for scope in self._accept_scopes:
             scope.cancel()
 
-    # ------------------------------------------------------------------ state
-    def alive(self, flow: Flow) -> bool:
-        if flow.transport == "udp":
-            return (flow.local_ip, flow.local_port) in self.udp
-        return flow in self.conns
-
-    def heard(self, flow: Flow) -> float | None:
-        """When the UDP peer of ``flow`` last sent a datagram (trio clock), or None."""
-        return self.udp_heard.get((flow.remote_ip, flow.remote_port))
-
-    def _forget_quiet_udp(self, now: float) -> None:
-        horizon = now - UDP_HEARD_KEEP
-        self.udp_heard = {a: t for a, t in self.udp_heard.items() if t >= horizon}
-        self._udp_sweep_at = now + UDP_HEARD_KEEP / 4
-
+    # ------------------------------------------------------------------ output
     def send(self, out: list[Send]) -> None:
         for s in out:
             f = s.flow
@@ -183,10 +175,6 @@ class Transports:
             try:
                 while True:
                     await trio.lowlevel.wait_readable(raw)
-                    now = trio.current_time()
-                    if now >= self._udp_sweep_at:
-                        self._forget_quiet_udp(now)
-                    heard = self.udp_heard
                     # Drain what is queued before going back to the event loop: one
                     # scheduler round per burst instead of one per datagram.
                     for _ in range(UDP_BATCH):
@@ -198,7 +186,6 @@ class Transports:
                             self.count("receive_errors_total:udp")
                             log.debug("event=udp_receive_error err=%s", e)
                             break
-                        heard[addr[:2]] = now
                         self._datagram(data, Flow("udp", addr[0], addr[1], host, bound_port))
                     else:
                         await trio.lowlevel.checkpoint()
@@ -209,18 +196,20 @@ class Transports:
         if stun.is_stun(data):
             answer = stun.binding_response(data, flow.remote_ip, flow.remote_port)
             self.count("stun_requests_total")
+            self.events.on_keepalive(flow)
             if answer is not None:
                 self.send([Send(flow, answer)])
             return
         if not data.strip(b"\r\n\x00 "):
             self.count("keepalives_total:udp")
+            self.events.on_keepalive(flow)
             return  # CRLF keepalive or padding
         try:
             msg = parse_message(data, datagram=True)
         except SipParseError as e:
-            self.on_error(e, flow)
+            self.events.on_error(e, flow)
             return
-        self.on_message(msg, flow)
+        self.events.on_message(msg, flow)
 
     # ---------------------------------------------------------------- TCP/TLS
     async def serve_stream(
@@ -283,6 +272,7 @@ class Transports:
         conn = Connection(stream, flow, tcp.socket.fileno() if ssl_context is None else None)
         self.conns[flow] = conn
         self.count("connections_total:" + transport)
+        self.events.on_opened(flow)
         log.debug("event=flow_open flow=%s", flow)
         try:
             with conn.cancel_scope:
@@ -292,7 +282,7 @@ class Transports:
                     nursery.cancel_scope.cancel()
         finally:
             self.conns.pop(flow, None)
-            self.on_closed(flow)
+            self.events.on_closed(flow)
             await trio.aclose_forcefully(stream)
             log.debug("event=flow_closed flow=%s", flow)
 
@@ -326,7 +316,7 @@ class Transports:
                 events = framer.feed(data)
             except FramingLost as e:
                 self.count("framing_lost_total")
-                self.on_error(e, conn.flow)  # may queue a 400/513
+                self.events.on_error(e, conn.flow)  # may queue a 400/513
                 conn.finish()
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await conn.flushed.wait()
@@ -334,11 +324,12 @@ class Transports:
             for ev in events:
                 if isinstance(ev, Ping):
                     self.count("keepalives_total:" + conn.flow.transport)
+                    self.events.on_keepalive(conn.flow)
                     conn.send(b"\r\n")  # RFC 5626 §4.4.1 pong
                 elif isinstance(ev, Invalid):
-                    self.on_error(ev.error, conn.flow)
+                    self.events.on_error(ev.error, conn.flow)
                 else:
-                    self.on_message(ev, conn.flow)
+                    self.events.on_message(ev, conn.flow)
             # An idle flow (5,000 PBXs) must not keep its last message alive.
             data = events = ev = None  # type: ignore[assignment]
             if framer.buffered:

@@ -1,0 +1,155 @@
+"""Rewriting a request on its way through (RFC 3261 §16.4–§16.6, RFC 3581): pure functions of a request.
+
+Each works in one pass over the headers, whatever their number: a message with
+thousands of Route or Via entries costs time linear in its size.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from relay.proxy.flow import Flow
+from relay.proxy.identity import OUR_BRANCH, RelayIdentity
+from relay.proxy.replies import txn_key
+from relay.sip import limits
+from relay.sip.errors import SipParseError
+from relay.sip.headers import NameAddr, Via, split_commas
+from relay.sip.message import Header, Request
+from relay.sip.uri import SipUri
+
+
+@dataclass(slots=True)
+class Hop:
+    """A request on its way: where it came from and where it goes."""
+
+    req: Request
+    source: Flow
+    via: Via  # its top Via as received (stamped)
+    target: Flow
+    serial: str  # the PBX the dialog or registration belongs to
+    phone_flow: Flow  # the phone's flow, named in the tokens we mint
+    mf: int  # Max-Forwards as received
+    to_phone: bool
+
+
+def stamp_via(req: Request, via: Via, source: Flow) -> None:
+    """RFC 3261 §18.2.1 ``received``, RFC 3581 ``rport``, on the top Via."""
+    needs_received = via.host != source.remote_ip
+    wants_rport = "rport" in via.params and not via.params.get("rport")
+    if not needs_received and not wants_rport:
+        return
+    for i, h in enumerate(req.headers):
+        if h.name == "via":
+            values = split_commas(h.value)
+            top = values[0]
+            if wants_rport:
+                top = set_param(top, "rport", str(source.remote_port))
+            top = set_param(top, "received", source.remote_ip)
+            req.headers[i] = Header(h.raw_name, ", ".join([top, *values[1:]]))
+            return
+
+
+def strip_own_routes(req: Request, identity: RelayIdentity) -> tuple[str | None, str | None, bool]:
+    """Loose routing (RFC 3261 §16.4): remove the leading Route entries naming us.
+
+    Returns (the token of the last one that carried one, its ``ftag``, whether any
+    Route entry is left). The values are split once and the headers rewritten once.
+    """
+    values = req.get_all("route")
+    token: str | None = None
+    ftag: str | None = None
+    ours = 0
+    for value in values:
+        try:
+            uri = SipUri.parse(NameAddr.parse(value).uri)
+        except SipParseError:
+            break
+        if not identity.is_us(uri):
+            break
+        ours += 1
+        if uri.user:
+            token, ftag = uri.user, uri.params.get("ftag")
+    if ours:
+        remove_first_values(req, "route", ours)
+    return token, ftag, ours < len(values)
+
+
+def remove_first_values(req: Request, name: str, count: int) -> None:
+    """Drop the first ``count`` comma-separated values of header ``name`` (across
+    repeated header lines), rewriting each touched line once."""
+    out: list[Header] = []
+    left = count
+    for h in req.headers:
+        if left and h.name == name:
+            values = split_commas(h.value)
+            if len(values) <= left:
+                left -= len(values)
+                continue
+            h = Header(h.raw_name, ", ".join(values[left:]))
+            left = 0
+        out.append(h)
+    req.headers = out
+
+
+def max_forwards(req: Request) -> int:
+    """Max-Forwards as received, or the default a proxy assumes when it is missing."""
+    value = req.get("max-forwards")
+    return int(value) if value is not None else limits.DEFAULT_MAX_FORWARDS
+
+
+def decrement_max_forwards(req: Request, mf: int) -> None:
+    """RFC 3261 §16.6 item 3."""
+    if req.has("max-forwards"):
+        req.set("Max-Forwards", str(mf - 1))
+    else:
+        req.insert_before("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS - 1))
+
+
+def loop_hash(req: Request) -> str:
+    """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop."""
+    data = f"{req.uri}|{req.from_tag or ''}|{req.call_id}|{req.cseq[0]}".encode()
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def looped(req: Request, loop: str) -> bool:
+    """RFC 3261 §16.3 item 4: one of our own Vias below the top carries this loop hash."""
+    suffix = "." + loop
+    for value in req.get_all("via")[1:]:
+        if OUR_BRANCH in value:  # only our own Vias can tell a loop
+            branch = Via.parse(value).branch or ""
+            if branch.startswith(OUR_BRANCH) and branch.endswith(suffix):
+                return True
+    return False
+
+
+class Branches:
+    """Stateless-proxy branches (RFC 3261 §16.11): the same for a retransmission, for
+    the CANCEL and for the ACK of a non-2xx of the same INVITE."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+
+    def branch(self, req: Request, via: Via, loop: str) -> str:
+        key = txn_key(req, via, "INVITE")
+        mac = hmac.new(self._key, "|".join(key).encode(), hashlib.sha256).digest()[:9]
+        return f"{OUR_BRANCH}{base64.urlsafe_b64encode(mac).decode()}.{loop}"
+
+
+def set_param(value: str, name: str, param: str) -> str:
+    """Set ``;name=param`` on a Via value, replacing an empty or old one."""
+    head, _, rest = value.partition(";")
+    params = [p for p in rest.split(";") if p.strip()] if rest else []
+    out = []
+    done = False
+    for p in params:
+        if p.strip().split("=", 1)[0].strip().lower() == name:
+            out.append(f"{name}={param}")
+            done = True
+        else:
+            out.append(p.strip())
+    if not done:
+        out.append(f"{name}={param}")
+    return ";".join([head.rstrip(), *out])

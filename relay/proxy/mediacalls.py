@@ -1,0 +1,100 @@
+"""Where signalling meets media: every SDP offer and answer goes through the media relay (DESIGN §2)."""
+
+from __future__ import annotations
+
+from relay.media.effects import MediaEffect
+from relay.media.session import PBX, PHONE, MediaError, MediaSessions, NoPorts
+from relay.proxy.counters import Counters
+from relay.proxy.effects import Send
+from relay.proxy.flow import Flow
+from relay.proxy.replies import Replies
+from relay.sip.message import Request, Response, SipMessage
+
+SDP_METHODS = frozenset({"INVITE", "ACK", "PRACK", "UPDATE"})
+# Seconds a caller is asked to wait after 503 for want of media ports (RFC 3261 §21.5.4).
+NO_PORTS_RETRY_AFTER = 5
+
+
+def has_sdp(msg: SipMessage) -> bool:
+    """The body is an SDP (multipart bodies are not anchored: see relay.media.sdp)."""
+    if not msg.body:
+        return False
+    ctype = (msg.get("content-type") or "").split(";")[0].strip().lower()
+    return ctype == "application/sdp"
+
+
+class MediaCalls:
+    """Anchors the SDPs of requests and responses in :class:`MediaSessions`."""
+
+    def __init__(self, sessions: MediaSessions, replies: Replies, counters: Counters):
+        self.sessions = sessions
+        self.replies = replies
+        self.counters = counters
+
+    def on_request(
+        self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float,
+    ) -> tuple[list[MediaEffect], list[Send] | None]:
+        """Rewrite the SDP of a request on its way (BYE ends the call's media).
+        Returns the media effects and, when the request must not go on, what to
+        answer instead (an empty list: drop it silently)."""
+        if req.method == "BYE":
+            return self.sessions.end(req.call_id), None
+        if req.method not in SDP_METHODS or not has_sdp(req):
+            return [], None
+        if req.method == "ACK" and req.call_id not in self.sessions.sessions:
+            # An ACK answers an offer the relay anchored; one that answers nothing
+            # must not make the relay bind ports it would hold for minutes.
+            self.counters.inc("dropped_total", "ack_sdp_without_session")
+            return [], []
+        try:
+            body, effects = self.sessions.on_sdp(
+                req.call_id, PBX if to_phone else PHONE, req.body, source.remote_ip, now,
+                target.remote_ip, offer=req.method in ("INVITE", "UPDATE"))
+        except MediaError as e:
+            self.counters.inc("media_refused_total")
+            if req.method == "ACK":
+                return [], []  # an ACK cannot be refused; without media it goes nowhere
+            if isinstance(e, NoPorts):
+                return [], self.replies.refuse(req, source, 503, "Service Unavailable",
+                                               extra=[("Retry-After", str(NO_PORTS_RETRY_AFTER))])
+            return [], self.replies.refuse(req, source, 488, "Not Acceptable Here")
+        req.set_body(body)
+        return effects, None
+
+    def on_response(
+        self, resp: Response, from_side: str, source_ip: str, now: float,
+    ) -> tuple[list[MediaEffect], bool]:
+        """Rewrite an answer (or late offer) in a response; False: drop the response.
+        Passing the SDP on untouched would send media around the relay, which fails
+        behind NAT: the caller sees no answer rather than a broken call."""
+        if not has_sdp(resp):
+            return [], True
+        try:
+            body, effects = self.sessions.on_sdp(resp.call_id, from_side, resp.body, source_ip, now)
+        except MediaError:
+            self.counters.inc("media_refused_total")
+            return [], False
+        resp.set_body(body)
+        return effects, True
+
+    def on_invite_response(
+        self, resp: Response, to_phone: bool, source_ip: str, now: float,
+    ) -> tuple[list[MediaEffect], bool]:
+        """A response to an INVITE: an error ends a call's media that never came up, a
+        2xx establishes it; SDP in either way is anchored. False: drop the response."""
+        if resp.status >= 300:
+            return self.sessions.failed(resp.call_id), True
+        effects, ok = self.on_response(resp, PHONE if to_phone else PBX, source_ip, now)
+        if ok and resp.status >= 200:
+            effects += self.sessions.established(resp.call_id)
+        return effects, ok
+
+    def on_other_response(
+        self, resp: Response, to_pbx: bool, source_ip: str, now: float,
+    ) -> tuple[list[MediaEffect], bool]:
+        """A final response to UPDATE or PRACK, from the side it is not going to."""
+        effects, ok = self.on_response(resp, PHONE if to_pbx else PBX, source_ip, now)
+        if ok and resp.cseq[1] == "UPDATE":
+            effects += (self.sessions.established(resp.call_id) if resp.status < 300
+                        else self.sessions.failed(resp.call_id))
+        return effects, ok

@@ -1,0 +1,212 @@
+"""PBX phone-home: digest-authenticated REGISTERs and the live registry serial → flow (RFC 3261 §10, §22)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from relay.pbx.digest import DigestAuth
+from relay.proxy.counters import Counters
+from relay.proxy.effects import Send
+from relay.proxy.flow import Flow
+from relay.proxy.identity import RelayIdentity
+from relay.proxy.replies import Replies
+from relay.sip.headers import NameAddr, format_host
+from relay.sip.message import Request
+from relay.sip.uri import SipUri
+
+log = logging.getLogger("relay.pbx")
+
+Ha1s = Mapping[str, str]  # digest algorithm → H(serial:realm:secret)
+
+
+@dataclass(slots=True)
+class PbxRegistration:
+    """What the relay keeps of a PBX: its serial and current flow (DESIGN §3), until when."""
+
+    serial: str
+    flow: Flow  # transport + current external IP and port + our socket
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryPolicy:
+    """RFC 3261 §10.3: what a PBX gets when it asks for no expiry, the least it may ask
+    for (423 below) and the most it gets."""
+
+    default: int = 3600
+    minimum: int = 60
+    maximum: int = 3600
+
+
+class PbxRegistry:
+    """serial ↔ flow, in memory only: a restart forgets every binding and PBXs register
+    again. A new registration replaces the old one; no earlier address is kept
+    (DESIGN §3)."""
+
+    def __init__(self) -> None:
+        self._by_serial: dict[str, PbxRegistration] = {}
+        self._by_flow: dict[Flow, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_serial)
+
+    def bind(self, serial: str, flow: Flow, expires_at: float) -> PbxRegistration:
+        old = self._by_serial.get(serial)
+        if old is not None and old.flow != flow:
+            self._by_flow.pop(old.flow, None)
+        prev_serial = self._by_flow.get(flow)
+        if prev_serial is not None and prev_serial != serial:
+            self._by_serial.pop(prev_serial, None)
+        reg = PbxRegistration(serial, flow, expires_at)
+        self._by_serial[serial] = reg
+        self._by_flow[flow] = serial
+        return reg
+
+    def unbind(self, serial: str) -> bool:
+        reg = self._by_serial.pop(serial, None)
+        if reg is not None:
+            self._by_flow.pop(reg.flow, None)
+        return reg is not None
+
+    def lookup(self, serial: str, now: float) -> PbxRegistration | None:
+        """The PBX's live registration, or None (an expired one is dropped here)."""
+        reg = self._by_serial.get(serial)
+        if reg is not None and reg.expires_at <= now:
+            self.unbind(serial)
+            return None
+        return reg
+
+    def serial_of(self, flow: Flow) -> str | None:
+        return self._by_flow.get(flow)
+
+    def expire(self, now: float) -> list[str]:
+        gone = [s for s, r in self._by_serial.items() if r.expires_at <= now]
+        for s in gone:
+            self.unbind(s)
+        return gone
+
+    def snapshot(self) -> list[PbxRegistration]:
+        return list(self._by_serial.values())
+
+
+class PbxRegistrar:
+    """Answers PBXs' REGISTERs for ``sip:<serial>@<domain>`` and owns the registry and
+    the directory snapshot (serial → digest hashes) the shell hands in."""
+
+    def __init__(self, auth: DigestAuth, replies: Replies, counters: Counters,
+                 expiry: ExpiryPolicy, identity: RelayIdentity) -> None:
+        self.auth = auth
+        self.replies = replies
+        self.counters = counters
+        self.expiry = expiry
+        self.registry = PbxRegistry()
+        self.directory: Mapping[str, Ha1s] = {}
+        self.identity = identity
+
+    def set_directory(self, directory: Mapping[str, Ha1s]) -> None:
+        """A new snapshot of the PBX directory; PBXs no longer in it are forgotten now."""
+        self.directory = directory
+        for reg in self.registry.snapshot():
+            if reg.serial not in directory:
+                self.registry.unbind(reg.serial)
+
+    def known(self, serial: str) -> bool:
+        return serial in self.directory
+
+    def lookup(self, serial: str, now: float) -> PbxRegistration | None:
+        return self.registry.lookup(serial, now)
+
+    def flow_closed(self, flow: Flow) -> None:
+        serial = self.registry.serial_of(flow)
+        if serial is not None:
+            self.registry.unbind(serial)
+            self.counters.inc("pbx_unregistered_total", "flow_closed")
+
+    def expire(self, now: float) -> None:
+        for _ in self.registry.expire(now):
+            self.counters.inc("pbx_unregistered_total", "expired")
+
+    # ------------------------------------------------------------- REGISTER
+    def register(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Send]:
+        """A REGISTER addressed to the relay itself: authenticate, then bind, unbind or answer a query."""
+        to_uri = SipUri.parse(NameAddr.parse(req.get("to") or "").uri)
+        serial = to_uri.user or ruri.user
+        if not serial or (ruri.user and ruri.user != serial) or not self.identity.is_us(to_uri):
+            return self.replies.refuse(req, source, 404, "Not Found")
+        refused = self._authenticate(req, serial, source, now)
+        if refused is not None:
+            return refused
+        contacts = req.get_all("contact")
+        expires_hdr = req.get("expires")
+        if contacts == ["*"]:
+            if expires_hdr is None or expires_hdr.strip() != "0":
+                return self.replies.refuse(req, source, 400, "Contact * needs Expires: 0")
+            return self._unbind(req, serial, source)
+        if not contacts:
+            return [self._query(req, serial, source, now)]
+        return self._bind(req, serial, contacts[0], expires_hdr, source, now)
+
+    def _authenticate(self, req: Request, serial: str, source: Flow, now: float) -> list[Send] | None:
+        """None when the request carries good credentials; else the 401 or 403 to send."""
+        authorization = req.get("authorization")
+        bind = f"{source.transport}:{source.remote_ip}"
+        verdict = "none"
+        if authorization:
+            verdict, username = self.auth.check(authorization, "REGISTER", self.directory.get(serial),
+                                                now, bind)
+            if verdict == "ok" and username != serial:
+                verdict = "fail"
+        if verdict == "ok":
+            return None
+        if verdict == "fail":
+            # Wrong secret and unknown serial get the same answer: nobody can
+            # use the relay to find out which serials exist.
+            self.counters.inc("pbx_auth_failures_total")
+            return self.replies.refuse(req, source, 403, "Forbidden")
+        # RFC 3261 §22.4: challenge; stale=true when only the nonce aged.
+        challenges = self.auth.challenges(now, verdict == "stale", bind)
+        return [self.replies.reply(req, source, 401, "Unauthorized",
+                                   extra=[("WWW-Authenticate", c) for c in challenges])]
+
+    def _unbind(self, req: Request, serial: str, source: Flow) -> list[Send]:
+        self.registry.unbind(serial)
+        self.counters.inc("pbx_unregistered_total", "request")
+        return [self.replies.reply(req, source, 200, "OK")]
+
+    def _query(self, req: Request, serial: str, source: Flow, now: float) -> Send:
+        """A REGISTER without Contact: tell the PBX whether it is bound."""
+        reg = self.registry.lookup(serial, now)
+        extra = []
+        if reg is not None:
+            extra.append(("Contact", f"<sip:{serial}@{format_host(reg.flow.remote_ip)}:"
+                          f"{reg.flow.remote_port}>;expires={int(reg.expires_at - now)}"))
+        return self.replies.reply(req, source, 200, "OK", extra=extra)
+
+    def _bind(
+        self, req: Request, serial: str, contact_value: str, expires_hdr: str | None, source: Flow,
+        now: float,
+    ) -> list[Send]:
+        contact = NameAddr.parse(contact_value)
+        raw_expires = contact.params.get("expires") or expires_hdr
+        try:
+            expires = int(raw_expires) if raw_expires is not None else self.expiry.default
+        except ValueError:
+            return self.replies.refuse(req, source, 400, "Bad Expires")
+        if expires == 0:
+            return self._unbind(req, serial, source)
+        if expires < self.expiry.minimum:
+            return self.replies.refuse(req, source, 423, "Interval Too Brief",
+                                       extra=[("Min-Expires", str(self.expiry.minimum))])
+        expires = min(expires, self.expiry.maximum)
+        if self.registry.lookup(serial, now) is None:
+            log.info("event=pbx_registered serial=%s flow=%s expires=%d", serial, source, expires)
+        self.registry.bind(serial, source, now + expires)
+        self.counters.inc("pbx_registrations_total")
+        # RFC 3261 §10.3 step 8: the binding as granted, its other parameters kept.
+        params = "".join(
+            f";{k}" if v is None else f";{k}={v}" for k, v in contact.params.items() if k != "expires"
+        )
+        value = f"<{contact.uri}>{params};expires={expires}"
+        return [self.replies.reply(req, source, 200, "OK", extra=[("Contact", value)])]

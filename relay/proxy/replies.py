@@ -1,0 +1,80 @@
+"""Responses the relay generates itself: stateless refusals and a transaction's own answers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+
+from relay.proxy.counters import Counters
+from relay.proxy.effects import Send
+from relay.proxy.flow import Flow
+from relay.proxy.transaction import InviteTransaction, TxnKey
+from relay.sip.errors import SipParseError
+from relay.sip.headers import Via
+from relay.sip.message import Request, make_response
+
+log = logging.getLogger("relay.calls")
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+def txn_key(req: Request, via: Via, method: str | None = None) -> TxnKey:
+    """The server transaction a request belongs to: RFC 3261 §17.2.3 (branch and
+    sent-by), or the RFC 2543 fallback for a branch without the magic cookie."""
+    branch = via.branch or ""
+    if branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+        return (branch, via.sent_by(), method or req.method)
+    return (
+        "2543", req.uri, req.from_tag or "", req.call_id, str(req.cseq[0]), via.sent_by(),
+        method or req.method,
+    )
+
+
+class Replies:
+    """Builds the relay's own responses. Refusals are stateless, like Kamailio's
+    ``sl_send_reply``: a retransmission is refused again with the same To tag, and a
+    flood of requests costs no memory."""
+
+    def __init__(self, key: bytes, counters: Counters):
+        self._key = key
+        self.counters = counters
+
+    def reply(
+        self, req: Request, source: Flow, status: int, reason: str,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> Send:
+        """``status`` to ``req``'s sender, with a To tag derived from the request."""
+        resp = make_response(req, status, reason, to_tag=self.stateless_tag(req), extra=extra)
+        return Send(source, resp.serialise())
+
+    def refuse(
+        self, req: Request, source: Flow, status: int, reason: str,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> list[Send]:
+        """A counted, logged refusal; nothing at all for an ACK (RFC 3261 §17.1.1.3)."""
+        self.counters.inc("responses_sent_total", str(status))
+        if req.method == "ACK":
+            return []
+        log.log(logging.INFO if req.method == "INVITE" else logging.DEBUG,
+                "event=refused call_id=%s method=%s status=%d flow=%s",
+                req.call_id, req.method, status, source)
+        return [self.reply(req, source, status, reason, extra)]
+
+    def stateless_tag(self, req: Request) -> str:
+        """RFC 3261 §8.2.7: a stateless answer to a retransmission carries the same
+        To tag, so it is derived from the request, not drawn at random."""
+        try:
+            key = txn_key(req, req.top_via())
+        except (LookupError, SipParseError):
+            key = (req.call_id, str(req.cseq[0]))
+        mac = hmac.new(self._key, b"tag|" + "|".join(key).encode(), hashlib.sha256)
+        return mac.hexdigest()[:12]
+
+    @staticmethod
+    def upstream(txn: InviteTransaction, status: int, reason: str, to_tag: str | None = None) -> bytes:
+        """The transaction's own answer to its caller (100, 180, 408, 480, 487)."""
+        req = Request("INVITE", "sip:invalid", list(txn.upstream))
+        tag = to_tag or (secrets.token_hex(6) if status > 100 else None)
+        return make_response(req, status, reason, to_tag=tag).serialise()

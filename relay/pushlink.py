@@ -1,0 +1,219 @@
+"""The relay's link to the push service: bounded queue, ordered device lanes, wake-ups, health probe (trio).
+
+The proxy core emits push effects (relay.proxy.effects); this module carries them
+to the push service — in the same process (``push.mode = "embedded"``) or over its
+HTTP API (``"remote"``) — and reports each wake-up's outcome back through
+``on_wake_result``. It never sees SIP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from push.config import PushConfig
+from push.service import DeviceUpdate, PushService
+from relay.config import RelayConfig
+from relay.proxy.counters import Counters
+from relay.proxy.effects import DeviceGone, DeviceSeen, PushEffect, Wake
+from relay.proxy.pushwire import Outcome
+from relay.pushclient import HttpPush, InProcessPush, PushClient
+
+log = logging.getLogger("relay")
+
+DEVICE_WORKERS = 16  # ordered lanes for device updates to the push service
+PUSH_QUEUE = 10_000  # push events waiting for the push service at most; beyond, dropped and counted
+PUSH_PROBE_EVERY = 5.0  # seconds between two checks that the push service answers (/readyz)
+PUSH_PROBE_TIMEOUT = 3.0
+PUSH_PROBE_PATH = "/v1/devices/readiness-probe"
+
+WakeResult = Callable[[tuple[str, ...], Outcome], None]
+
+
+class _QuietProbe(logging.Filter):
+    """httpx logs every request at INFO: not the readiness probe's, one every 5 s."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return PUSH_PROBE_PATH not in record.getMessage()
+
+
+class PushLink:
+    """Owns the client of the push service and the tasks that feed it.
+
+    ``on_wake_result(key, outcome)`` is called (synchronously, from this link's
+    tasks) once per ``Wake`` submitted, whatever happens to it."""
+
+    def __init__(self, cfg: RelayConfig, counters: Counters, on_wake_result: WakeResult):
+        self.cfg = cfg
+        self.mode: str = cfg["push.mode"]
+        self.counters = counters
+        self.on_wake_result = on_wake_result
+        self.client: PushClient | None = None
+        self.embedded: PushService | None = None  # the push service running in this process
+        self._embedded_cfg: PushConfig | None = None
+        self._nursery: trio.Nursery | None = None
+        self._in, self._queue = trio.open_memory_channel[PushEffect](PUSH_QUEUE)
+        self.problem: str | None = "not checked yet"  # why /readyz says no; None: fine
+        self.bound: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ input
+    def submit(self, effect: PushEffect) -> None:
+        """Queue ``effect`` for the push service; a full queue drops it (counted) and a
+        dropped wake-up is reported failed at once: the held call must not wait for nothing."""
+        if self.client is None:
+            if isinstance(effect, Wake):
+                self.on_wake_result(effect.key, Outcome.FAILED)
+            return
+        try:
+            self._in.send_nowait(effect)
+        except trio.WouldBlock:
+            self.counters.inc("push_events_dropped_total")
+            if isinstance(effect, Wake):
+                self.on_wake_result(effect.key, Outcome.FAILED)
+
+    # ------------------------------------------------------------------ tasks
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Connect (or start the embedded push service), then run the queue and the probe."""
+        if self.mode == "remote":
+            self.client = HttpPush(self.cfg["push.url"], self.cfg["push.token"],
+                                   ca_file=self.cfg["push.ca_file"] or None)
+        elif self.mode == "embedded":
+            from push import app as push_app
+            from push import config as push_config
+
+            pcfg = push_config.load(*self._embedded_source())
+            running = await nursery.start(push_app.serve, pcfg)
+            self.client = InProcessPush(running.service)
+            self.embedded = running.service
+            self._embedded_cfg = pcfg
+            self._nursery = nursery
+            self.bound["push_api"] = [running.addresses["api"]]
+            self.bound["push_admin"] = [running.addresses["admin"]]
+        if self.client is not None:
+            nursery.start_soon(self._run_queue)
+        nursery.start_soon(self._probe)
+
+    async def _run_queue(self) -> None:
+        """Wake-ups run side by side (each may wait its ring timeout); device updates
+        go through DEVICE_WORKERS ordered queues, one per hash of the device, so a
+        de-registration and the registration after it reach the push service in the
+        order the PBX accepted them."""
+        async with trio.open_nursery() as nursery:
+            lanes = []
+            for _ in range(DEVICE_WORKERS):
+                send, recv = trio.open_memory_channel[PushEffect](PUSH_QUEUE // DEVICE_WORKERS)
+                lanes.append(send)
+                nursery.start_soon(self._device_lane, recv)
+            async for effect in self._queue:
+                if isinstance(effect, Wake):
+                    nursery.start_soon(self._deliver, effect)
+                    continue
+                lane = hash((effect.target, effect.serial, effect.username)) % DEVICE_WORKERS
+                try:
+                    lanes[lane].send_nowait(effect)
+                except trio.WouldBlock:
+                    self.counters.inc("push_events_dropped_total")
+
+    async def _device_lane(self, recv: trio.MemoryReceiveChannel[PushEffect]) -> None:
+        async for effect in recv:
+            await self._deliver(effect)
+
+    async def _deliver(self, effect: PushEffect) -> None:
+        client = self.client
+        assert client is not None
+        try:
+            if isinstance(effect, DeviceSeen):
+                f = effect.flow
+                await client.device_seen(DeviceUpdate(
+                    effect.target, effect.serial, effect.username, f.remote_ip, f.remote_port, f.transport))
+            elif isinstance(effect, DeviceGone):
+                await client.device_gone(effect.target, effect.serial, effect.username)
+            else:
+                r = effect.request
+                outcome = await client.wake(r.target, r.serial, r.username, r.call_id, r.caller, r.callee,
+                                            r.src, r.ring_timeout)
+                self.on_wake_result(effect.key, Outcome(outcome))
+        except Exception as e:
+            # The push service down or refusing: count it, never log the effect
+            # (it holds the push token), and let a held call end with 480.
+            self.counters.inc("push_errors_total")
+            log.warning("event=push_error kind=%s error=%s", type(effect).__name__, type(e).__name__)
+            if isinstance(effect, Wake):
+                self.on_wake_result(effect.key, Outcome.FAILED)
+
+    # -------------------------------------------------------------- embedded
+    def _embedded_source(self) -> tuple[str | None, dict[str, Any]]:
+        """push.toml of the embedded push service, and what the relay sets in it."""
+        path = self.cfg["push.config"] or None
+        state: Path = self.cfg.state_dir / "push"
+        return path, ({} if path else {"push.state_dir": str(state)})
+
+    async def reload(self) -> None:
+        """SIGHUP reaches the embedded push service too: gateway credentials, retention
+        (its log level is the relay's)."""
+        if self.embedded is None or self._embedded_cfg is None or self._nursery is None:
+            return
+        from push import app as push_app
+        from push import config as push_config
+
+        try:
+            fresh = push_config.load(*self._embedded_source())
+        except (push_config.ConfigError, OSError) as e:
+            log.error("event=reload_failed what=push_config error=%s (nothing changed)", e)
+            return
+        await push_app.reload(self.embedded, self._embedded_cfg, fresh, self._nursery, log_level=False)
+
+    # ------------------------------------------------------------------ probe
+    async def _probe(self) -> None:
+        """Keep ``problem`` current for /readyz: the embedded service's store answers,
+        or the remote API answers and accepts our token."""
+        if self.mode == "off":
+            self.problem = None
+            return
+        client = None
+        if self.mode == "remote":
+            logging.getLogger("httpx").addFilter(_QuietProbe())
+            client = httpx.AsyncClient(
+                base_url=self.cfg["push.url"].rstrip("/"), timeout=PUSH_PROBE_TIMEOUT,
+                headers={"authorization": f"Bearer {self.cfg['push.token']}"},
+                verify=self.cfg["push.ca_file"] or True,
+            )
+        try:
+            while True:
+                problem = await self._check(client)
+                if problem != self.problem:
+                    if problem is None:
+                        log.info("event=push_ready mode=%s", self.mode)
+                    else:
+                        log.warning("event=push_not_ready mode=%s reason=%r", self.mode, problem)
+                self.problem = problem
+                await trio.sleep(PUSH_PROBE_EVERY)
+        finally:
+            if client is not None:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def _check(self, client: httpx.AsyncClient | None) -> str | None:
+        try:
+            with trio.fail_after(PUSH_PROBE_TIMEOUT):
+                if client is None:
+                    assert self.embedded is not None
+                    await self.embedded.store.counts()
+                    return None
+                # Any answer past authentication will do: a relay token may not read
+                # devices (403), which proves the service is up and takes our token.
+                r = await client.get(PUSH_PROBE_PATH)
+        except trio.TooSlowError:
+            return "push service did not answer in time"
+        except Exception as e:  # unreachable, TLS refused, store broken: all mean "not ready"
+            return f"push service not answering ({type(e).__name__})"
+        if r.status_code == 401:
+            return "push service refuses push.token (HTTP 401)"
+        if r.status_code >= 500:
+            return f"push service answers HTTP {r.status_code}"
+        return None
