@@ -243,10 +243,12 @@ class ApnsGateway:
             (b"apns-push-type", b"voip"),
             (b"apns-topic", self._topic(msg.target.apns_topic)),
             (b"apns-priority", b"10"),
-            (b"apns-expiration", b"%d" % max(0, int(msg.sent_at + msg.ttl))),
-            (b"apns-collapse-id", collapse_id(msg.call_id).encode("ascii")),
             (b"content-type", b"application/json"),
         ]
+        per_request = (
+            (b"apns-expiration", b"%d" % max(0, int(msg.sent_at + msg.ttl))),
+            (b"apns-collapse-id", collapse_id(msg.call_id).encode("ascii")),
+        )
         generation = 0
         if self._key is not None:
             token, generation = self._provider_token()
@@ -254,7 +256,8 @@ class ApnsGateway:
                 self._bearer = (generation, f"bearer {token}".encode("ascii"))
             headers.append((b"authorization", self._bearer[1]))
         path = f"/3/device/{quote(msg.target.token, safe='')}"
-        attempt = await post(self._client, path, voip_payload(msg), headers, classify, self._clock)
+        attempt = await post(self._client, path, voip_payload(msg), headers, classify, self._clock,
+                             per_request)
         if attempt.kind == "auth_expired":
             self._token.refused(generation)
         return attempt

@@ -285,12 +285,14 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 async def post(
     client: Http2Client, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
     classify: Callable[[int, bytes, float | None], Attempt], clock: Callable[[], float],
+    per_request: tuple[tuple[bytes, bytes], ...] = (),
 ) -> Attempt:
     """One POST to a provider, its answer classified by the provider's table. No
     answer is ``not_processed`` or ``unknown``, as the HTTP/2 facts say
-    (:mod:`push.gateways.http2`)."""
+    (:mod:`push.gateways.http2`). ``headers`` repeat across pushes, ``per_request``
+    ones do not (see :meth:`~push.gateways.http2.H2Session.open`)."""
     try:
-        resp = await client.request(path, headers, body)
+        resp = await client.request(path, headers, body, per_request)
     except RequestNotProcessed as exc:
         return Attempt("not_processed", None, exc.reason)
     except RequestOutcomeUnknown as exc:
