@@ -851,6 +851,31 @@ def start_pyspy(
 
 
 # ----------------------------------------------------------- relay-traced
+def trace_http2(
+    session: Any, stamp: Callable[[str, str], None], current: Any
+) -> None:
+    """Stamps "h2" when a push's request is queued in the HTTP/2 session and
+    "written" when its frames are handed to the TLS stream (send_all follows at once)."""
+    h2_open, h2_outgoing = session.open, session.outgoing
+    queued: list[str] = []  # call ids whose request frames wait for the next write
+
+    def _open(self: Any, *a: Any, **k: Any) -> Any:
+        if current.get():
+            stamp(current.get(), "h2")
+            queued.append(current.get())
+        return h2_open(self, *a, **k)
+
+    def _outgoing(self: Any) -> bytes:
+        data: bytes = h2_outgoing(self)
+        for cid in queued:
+            stamp(cid, "written")
+        queued.clear()
+        return data
+
+    session.open = _open
+    session.outgoing = _outgoing
+
+
 def relay_traced(argv: list[str]) -> int:
     """``pbx-relay`` with a monotonic timestamp per Call-ID at each stage of a
     wake-up (monkeypatched here; relay/ and push/ untouched). SIGUSR1 and exit write
@@ -918,25 +943,7 @@ def relay_traced(argv: list[str]) -> int:
                 stamp(msg.call_id, "answer")
 
         cls.send_once = _send_once
-    session = gh.H2Session
-    h2_open, h2_outgoing = session.open, session.outgoing
-    queued: list[str] = []  # call ids whose request frames wait for the next write
-
-    def _open(self: Any, *a: Any, **k: Any) -> Any:
-        if current.get():
-            stamp(current.get(), "h2")
-            queued.append(current.get())
-        return h2_open(self, *a, **k)
-
-    def _outgoing(self: Any) -> bytes:
-        data = h2_outgoing(self)
-        for cid in queued:
-            stamp(cid, "written")  # handed to the TLS stream's send_all, which follows at once
-        queued.clear()
-        return data
-
-    session.open = _open  # type: ignore[method-assign]
-    session.outgoing = _outgoing  # type: ignore[method-assign]
+    trace_http2(gh.H2Session, stamp, current)
     path = os.environ.get("BENCH_PUSH_TRACE")
 
     def dump(*_: Any) -> None:

@@ -71,6 +71,15 @@ Telling them what to answer: ``fake.script(device_token, *answers)`` queues answ
 for one token (consumed one per well-formed request); ``fake.default = ...`` answers
 every well-formed request whose queue is empty; ``fake.stop()`` closes the port (a
 gateway that is down), and starting again reopens the same port.
+
+Misbehaving at the connection level, as a provider's front end can:
+``fake.fault(device_token, Fault.REFUSE_STREAM, ...)`` queues faults for one token
+(``Fault`` from tests/pushwire.py: close after answering, GOAWAY below this stream,
+refused stream, stall then reset, stall then close); ``fake.close_connections(goaway)``
+closes the open connections (an idle close). A request the fake did not process is
+not in ``fake.requests`` but in ``fake.not_processed``. The fakes serve HTTP/2 and
+HTTP/1.1 over TLS with tests/pushwire.py, on the same h2/h11 state machines as
+hypercorn.
 """
 
 from __future__ import annotations
@@ -151,7 +160,7 @@ class Recorded:
 
     method: str
     path: str
-    http_version: str  # "2", "1.1" (ASGI's scope["http_version"])
+    http_version: str  # "2", "1.1"
     headers: dict[str, str]  # lower-case names; the last value when repeated
     raw_body: bytes
     received_at: float  # time.time(): wall clock, comparable with apns-expiration etc.
@@ -582,7 +591,7 @@ class _FakeServer:
         if self._cleanup is not None:
             self._cleanup()
 
-    # ---- ASGI
+    # ---- answering (called by tests/pushwire.py's server)
 
     def _answer(self, req: _Request) -> _Response:
         try:

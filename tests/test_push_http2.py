@@ -22,7 +22,9 @@ import trio
 from hypercorn.config import Config
 
 from push.gateways.http2 import (
+    HEADER_LIST_MAX,
     RESPONSE_BODY_MAX,
+    STREAMS_MAX,
     Fate,
     H2Session,
     Http2Client,
@@ -260,3 +262,33 @@ async def test_client_against_hypercorn_closing_connections_every_5_requests(tmp
             assert seen[name] <= 1, name
     assert sum(v.startswith("answered") for v in verdicts.values()) >= 15, Counter(verdicts.values())
     assert sum(resent.values()) > 0 and client.connections_opened > 3  # the GOAWAYs happened
+
+
+def test_at_most_streams_max_streams_whatever_the_server_allows() -> None:
+    session, server = connected()
+    server.h2.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2 * STREAMS_MAX})
+    session.receive(server.out())
+    for _ in range(STREAMS_MAX - 1):
+        post(session, b"")
+    assert session.has_room()  # the 1,000th is accepted
+    post(session, b"")
+    assert not session.has_room()  # the 1,001st waits
+
+
+def test_an_oversized_frame_is_refused_when_its_header_arrives() -> None:
+    session, _ = connected()
+    st = session.streams[post(session)]
+    session.outgoing()
+    # A DATA frame header announcing 16 MiB - 1 bytes: over the 16,384 we allow.
+    ended = session.receive(bytes([0xFF, 0xFF, 0xFF, 0x0, 0x0, 0, 0, 0, 1]) + b"x" * 100)
+    assert ended == [st] and st.fate is Fate.UNKNOWN and st.reason.startswith("ProtocolError")
+    assert session.draining
+
+
+def test_an_oversized_header_block_ends_the_connection() -> None:
+    session, server = connected()
+    st = session.streams[post(session)]
+    server.take(session)
+    server.h2.send_headers(st.sid, [(b":status", b"200"), (b"x-big", b"v" * (HEADER_LIST_MAX + 1))])
+    session.receive(server.out())
+    assert st.response is None and st.fate is Fate.UNKNOWN and session.draining

@@ -156,7 +156,7 @@ def _load_signing_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
 
 
 class ApnsGateway:
-    """APNs client with one long-lived HTTP/2 connection pool.
+    """APNs client over one long-lived HTTP/2 connection (:mod:`push.gateways.http2`).
 
     Token auth: ``key_file`` (path of the ``.p8``) or ``key_pem``, plus ``key_id`` and
     ``team_id``. Certificate auth: ``cert_file`` (and ``cert_key_file`` when the key

@@ -195,8 +195,8 @@ def _load_service_account(
 
 
 class FcmGateway:
-    """FCM HTTP v1 client with one long-lived HTTP/2 connection pool (FCM and the
-    token endpoint each get their own connection in it).
+    """FCM HTTP v1 client: sends over one long-lived HTTP/2 connection
+    (:mod:`push.gateways.http2`), access tokens through an httpx client of its own.
 
     ``service_account_file`` (path of the JSON key Google gives) or
     ``service_account`` (the parsed dict). ``project_id`` defaults to the account's.

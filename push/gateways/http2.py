@@ -178,6 +178,9 @@ class H2Session:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: HEADER_LIST_MAX,
             },
         )
+        # h2 applies a local setting to its HPACK decoder only when it changes after an
+        # ACK; an initial value has to be set there too.
+        self._h2.decoder.max_header_list_size = HEADER_LIST_MAX
         self._h2.initiate_connection()
         self._prefix = [
             (b":method", b"POST"), (b":scheme", b"https"), (b":authority", authority.encode("ascii")),
@@ -276,6 +279,12 @@ class H2Session:
         pos, end = 0, len(buf)
         while end - pos >= _FRAME_HEADER:
             size = int.from_bytes(buf[pos:pos + 3], "big") + _FRAME_HEADER
+            if size - _FRAME_HEADER > self._h2.max_inbound_frame_size:
+                # RFC 9113 §4.2 FRAME_SIZE_ERROR. Said now, on its header: h2 would
+                # buffer up to 16 MiB of it first.
+                self._feed(buf[:pos], ended)
+                self._rx = b""
+                return ended + self.lost("ProtocolError:FrameTooLarge")
             if end - pos < size:
                 break
             if buf[pos + 3] == _GOAWAY:
