@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from push.gateways import ApnsGateway, FcmGateway
+from push.gateways import ApnsGateway, FcmGateway, deliver
 from push.gateways import apns as apns_mod
 from push.gateways import fcm as fcm_mod
-from push.model import Outcome, PushResult, PushTarget
+from push.model import Outcome, PushMessage, PushResult, PushTarget
 from push.service import DeviceUpdate, PushService, WakeRequest
 from push.store import SqliteStore
 from tests.pushfakes import Answer, FakeApns, FakeFcm, Fault
@@ -177,3 +177,32 @@ async def test_connection_closed_while_idle_loses_no_push(rig: Rig, goaway: bool
     result = await rig.wake(0, "call-2")
     assert (result.outcome, result.attempts) == (Outcome.SENT, 1)
     assert rig.received(token) == 2 and rig.fake.connections_accepted == accepted + 1
+
+
+async def test_requests_cancelled_together_leave_no_one_without_a_reader(rig: Rig) -> None:
+    """Requests on one connection take turns reading it; when the reader and the
+    next in line are cancelled at the same moment (their calls' deadlines), the
+    requests still waiting must get their answers all the same, not sit out their
+    request timeout (0.5 s here) and end unconfirmed. trio runs tasks woken together
+    in random order: several rounds."""
+    gw = rig.svc.gateways[rig.targets[0].provider]
+    late, quick = rig.targets
+    assert (await rig.wake(1, "warm-up")).outcome is Outcome.SENT  # one connection, open
+
+    async def cut_short(call_id: str, deadline: float) -> None:
+        assert (await deliver(gw, _message(late, call_id), deadline)).outcome is Outcome.FAILED
+
+    for i in range(8):
+        rig.fake.script(late.token, Answer(200, delay=2.0), Answer(200, delay=2.0))
+        rig.fake.script(quick.token, Answer(200, delay=0.3))
+        async with trio.open_nursery() as nursery:
+            deadline = trio.current_time() + 0.15
+            nursery.start_soon(cut_short, f"a{i}", deadline)
+            nursery.start_soon(cut_short, f"b{i}", deadline)
+            await trio.sleep(0.05)
+            result = await deliver(gw, _message(quick, f"c{i}"), trio.current_time() + 5)
+        assert (result.outcome, result.status, result.attempts) == (Outcome.SENT, 200, 1), i
+
+
+def _message(target: PushTarget, call_id: str) -> PushMessage:
+    return PushMessage(target, call_id, "100", USER, 5, time.time())

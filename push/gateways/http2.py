@@ -493,7 +493,16 @@ class _Connection:
                     self._pass_the_turn()
             else:
                 st.waiter = trio.Event()
-                await st.waiter.wait()
+                try:
+                    await st.waiter.wait()
+                except BaseException:
+                    # Cancelled: nobody may hand this task the turn to read any more,
+                    # and if it was just handed it, it goes on to another waiter, or
+                    # they would all sleep until their timeouts.
+                    st.waiter = None
+                    if not self.reading:
+                        self._pass_the_turn()
+                    raise
 
     def _pass_the_turn(self) -> None:
         """The reader is leaving: wake one waiting request to read in its place."""
