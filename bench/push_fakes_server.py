@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """tests/pushfakes.py's FakeApns or FakeFcm in a process of its own (bench only).
 
-run_push.py starts one of these per provider so that the fake's CPU (hypercorn's
-HTTP/2 server, the APNs fake's ES256 check of every request) neither shares the GIL
+run_push.py starts one of these per provider so that the fake's CPU (its HTTP/2
+server, tests/pushwire.py, the APNs fake's ES256 check of every request) neither shares the GIL
 with the client under test nor delays the benchmark's own timestamps.
 
     python bench/push_fakes_server.py --provider apns --dir OUT/apns [--max-seconds 900]
@@ -10,8 +10,10 @@ with the client under test nor delays the benchmark's own timestamps.
 Writes ``<dir>/info.json`` (base URL, CA file, and the credentials a gateway needs:
 the .p8 key, key id and team id for APNs; the service-account file for FCM), then
 prints ``ready``. Each answered request is kept as (token, received_mono, status)
-only, not the full record (a long run would hold ~100k of them). SIGUSR1 writes
-them, with the fake's CPU time so far, to ``<dir>/requests.json`` (written to a
+only, not the full record (a long run would hold ~100k of them), and the number
+of duplicate pushes (a second request for the same token and collapse id, i.e.
+the same call on the same phone). SIGUSR1 writes them, with the fake's CPU time
+so far, to ``<dir>/requests.json`` (written to a
 temporary name, then renamed); SIGTERM/SIGINT stop the fake and exit; so does
 ``--max-seconds``. ``received_mono`` is time.monotonic(), comparable across
 processes of this host.
@@ -34,22 +36,41 @@ from tests.pushfakes import FakeApns, FakeFcm, Recorded  # noqa: E402
 TOPIC = "com.example.app.voip"
 
 
+class Compact:
+    """Keeps (token, received_mono, status) per request, and counts duplicates: a
+    second request for the same device and the same call (token, collapse id) is a
+    second push on that phone."""
+
+    def __init__(self) -> None:
+        self.compact: list[tuple[str, float, int]] = []
+        self.seen: set[tuple[str, str]] = set()
+        self.duplicates = 0
+
+    def keep(self, rec: Recorded, collapse: str) -> None:
+        self.compact.append((rec.token, rec.received_mono, rec.status))
+        key = (rec.token, collapse)
+        if key in self.seen:
+            self.duplicates += 1
+        self.seen.add(key)
+
+
 class CompactApns(FakeApns):
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.compact: list[tuple[str, float, int]] = []
+        self.kept = Compact()
 
     def _record(self, rec: Recorded) -> None:
-        self.compact.append((rec.token, rec.received_mono, rec.status))
+        self.kept.keep(rec, rec.collapse_id or "")
 
 
 class CompactFcm(FakeFcm):
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.compact: list[tuple[str, float, int]] = []
+        self.kept = Compact()
 
     def _record(self, rec: Recorded) -> None:
-        self.compact.append((rec.token, rec.received_mono, rec.status))
+        android = rec.message.get("android")
+        self.kept.keep(rec, str(android.get("collapse_key", "")) if isinstance(android, dict) else "")
 
 
 def main() -> int:
@@ -88,10 +109,11 @@ def main() -> int:
         while not flags["stop"] and time.monotonic() < deadline:
             if flags["dump"]:
                 flags["dump"] = False
-                recs = list(fake.compact)
+                recs = list(fake.kept.compact)
                 t = os.times()
                 body = {
                     "requests": recs,
+                    "duplicates": fake.kept.duplicates,
                     "auth_requests": len(getattr(fake, "auth_requests", [])),
                     "cpu_s": t.user + t.system,
                 }

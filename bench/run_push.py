@@ -4,6 +4,7 @@
     .venv/bin/python bench/run_push.py wake --rate 50 --duration 20     # (1) INVITE → push latency
     .venv/bin/python bench/run_push.py wake --trace                     # (1) + where the time goes
     .venv/bin/python bench/run_push.py gateway --concurrency 50,200     # (2) pushes/s per provider
+    .venv/bin/python bench/run_push.py gateway --baseline 8c133c8       # (2), before/after in one run
     .venv/bin/python bench/run_push.py all           # wake, wake --trace, wake --profile, gateway: ~5 min
     .venv/bin/python bench/run_push.py --quick all   # the same, short runs: ~2-5 min (quiet waits)
 
@@ -26,8 +27,10 @@ and timestamps each call at every stage of the wake-up.
 (2) ``gateway``: one process (this script's ``gateway-client``, pinned to its own
 core) drives ``push.gateways.deliver()`` on ApnsGateway or FcmGateway with K
 concurrent senders for ``--seconds`` s against the fake in another process (the
-other core); pushes/s, latency, client CPU (its own process_time) and the fake's
-CPU (/proc) over the same window.
+other core); pushes/s, latency, client CPU (its own process_time), the fake's
+CPU (/proc) over the same window, and duplicates at the fake (a second push for
+the same token and call). ``--baseline REV``: each step runs again with REV's
+push/ (``git archive``, imported through BENCH_PUSH_SRC) against the same fake.
 
 Every process started is remembered by PID and stopped by that PID; each has a
 hard time limit. Outputs (logs, results.json) go to bench/out/push-<stamp>/.
@@ -666,10 +669,10 @@ STAGES = [
     ("hold", "wake", "→ push service's wake() starts (100 sent, event channel, new task)"),
     ("wake", "deliver", "→ device read from SQLite (trio.to_thread, AES-GCM token decrypt)"),
     ("deliver", "send", "→ gateway send_once()"),
-    ("send", "h2", "→ httpx has built the request and picked the connection (headers, JWT from cache)"),
-    ("h2", "written", "→ HEADERS + DATA frames written to the TLS socket (h2, hpack, TLS)"),
-    ("written", "fake", "→ request complete in the fake's handler (the fake reads: TLS, h2, ASGI)"),
-    ("fake", "answer", "→ answer back in the gateway (fake checks JWT + request, responds; httpx reads)"),
+    ("send", "h2", "→ the gateway has built the request and picked the connection (headers, JWT cached)"),
+    ("h2", "written", "→ HEADERS + DATA frames handed to the TLS stream (h2, hpack; batched writes)"),
+    ("written", "fake", "→ request complete in the fake's handler (the fake reads: TLS, h2)"),
+    ("fake", "answer", "→ answer back in the gateway (fake checks JWT + request, responds; client reads)"),
     ("answer", "woken", "→ wake() returns (push log row in SQLite, metrics, log lines)"),
     ("woken", "t180", "→ 180 read by the PBX"),
     # totals
@@ -776,10 +779,10 @@ PUSH_LAYERS = [
         "push store: SQLite device read + push log insert (SqliteStore, worker thread)",
         ("SqliteStore.", "push/store.py"),
     ),
-    ("logging (push_attempt / push / httpx lines)", ("Logger._log", "Logger.handle", "Handler.handle")),
+    ("logging (push_attempt / push lines)", ("Logger._log", "Logger.handle", "Handler.handle")),
     (
-        "APNs/FCM request (gateway send_once: httpx, httpcore, h2, TLS)",
-        ("send_once (", "httpx/", "httpcore/", "h2/", "hpack/", "hyperframe/", "ssl.py"),
+        "APNs/FCM request (gateway send_once: push/gateways/http2.py, h2, TLS)",
+        ("send_once (", "http2.py", "httpx/", "httpcore/", "h2/", "hpack/", "hyperframe/", "ssl.py"),
     ),
     (
         "push service around it (wake, deliver, metrics, relay push events)",
@@ -848,6 +851,31 @@ def start_pyspy(
 
 
 # ----------------------------------------------------------- relay-traced
+def trace_http2(
+    session: Any, stamp: Callable[[str, str], None], current: Any
+) -> None:
+    """Stamps "h2" when a push's request is queued in the HTTP/2 session and
+    "written" when its frames are handed to the TLS stream (send_all follows at once)."""
+    h2_open, h2_outgoing = session.open, session.outgoing
+    queued: list[str] = []  # call ids whose request frames wait for the next write
+
+    def _open(self: Any, *a: Any, **k: Any) -> Any:
+        if current.get():
+            stamp(current.get(), "h2")
+            queued.append(current.get())
+        return h2_open(self, *a, **k)
+
+    def _outgoing(self: Any) -> bytes:
+        data: bytes = h2_outgoing(self)
+        for cid in queued:
+            stamp(cid, "written")
+        queued.clear()
+        return data
+
+    session.open = _open
+    session.outgoing = _outgoing
+
+
 def relay_traced(argv: list[str]) -> int:
     """``pbx-relay`` with a monotonic timestamp per Call-ID at each stage of a
     wake-up (monkeypatched here; relay/ and push/ untouched). SIGUSR1 and exit write
@@ -855,11 +883,10 @@ def relay_traced(argv: list[str]) -> int:
     import atexit
     import contextvars
 
-    import httpcore._async.http2 as httpcore_http2
-
     sys.path.insert(0, str(ROOT))
     import push.gateways.apns as ga
     import push.gateways.fcm as gf
+    import push.gateways.http2 as gh
     import push.service as ps
     import relay.dispatch as rs
     import relay.proxy.holds as holds
@@ -909,30 +936,14 @@ def relay_traced(argv: list[str]) -> int:
 
         async def _send_once(self: Any, msg: Any, _orig: Any = orig) -> Any:
             stamp(msg.call_id, "send")
-            current.set(msg.call_id)  # httpx runs in this task: its frames see it
+            current.set(msg.call_id)  # the HTTP/2 client runs in this task: its calls see it
             try:
                 return await _orig(self, msg)
             finally:
                 stamp(msg.call_id, "answer")
 
         cls.send_once = _send_once
-    h2c = httpcore_http2.AsyncHTTP2Connection
-    send_headers, send_body = h2c._send_request_headers, h2c._send_request_body
-
-    async def _send_request_headers(self: Any, request: Any, stream_id: int) -> Any:
-        if current.get():
-            stamp(current.get(), "h2")
-        return await send_headers(self, request=request, stream_id=stream_id)
-
-    async def _send_request_body(self: Any, request: Any, stream_id: int) -> Any:
-        try:
-            return await send_body(self, request=request, stream_id=stream_id)
-        finally:
-            if current.get():
-                stamp(current.get(), "written")
-
-    h2c._send_request_headers = _send_request_headers
-    h2c._send_request_body = _send_request_body
+    trace_http2(gh.H2Session, stamp, current)
     path = os.environ.get("BENCH_PUSH_TRACE")
 
     def dump(*_: Any) -> None:
@@ -956,7 +967,9 @@ def gateway_client(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--warmup", type=float, default=1.0)
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
+    # BENCH_PUSH_SRC: another tree's push/ (run_push.py gateway --baseline REV), for a
+    # before/after against the same fake in the same run.
+    sys.path.insert(0, os.environ.get("BENCH_PUSH_SRC") or str(ROOT))
     from push.gateways import ApnsGateway, FcmGateway, deliver
     from push.model import PushMessage, PushTarget
 
@@ -1004,7 +1017,7 @@ def gateway_client(argv: list[str]) -> int:
             gw,
             PushMessage(
                 PushTarget(provider, "ab" * 32 if provider == "apns" else "x:y", param),
-                "warm",
+                f"warm-{rand()}",  # a call id of its own: not a duplicate of another step's
                 "",
                 "",
                 30,
@@ -1047,60 +1060,80 @@ def gateway_client(argv: list[str]) -> int:
     return 0
 
 
-def bench_gateway(out: Path, provider: str, concurrency: list[int], seconds: float) -> dict[str, Any]:
+def baseline_tree(out: Path, rev: str) -> Path:
+    """``git archive REV push`` unpacked under ``out``: the push package as it was."""
+    dest = out / f"baseline-{rev}"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev, "push"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def gateway_step(
+    procs: Procs, out: Path, fake: subprocess.Popen[bytes], info: dict[str, Any], k: int, seconds: float,
+    client: str, src: Path | None,
+) -> dict[str, Any]:
+    """One client process (this tree's push/, or ``src``'s) with ``k`` senders."""
+    quiet = wait_quiet(max_wait=90)
+    name = f"client_{info['provider']}_{k}_{client.split()[0]}"
+    cmd = [PYTHON, str(BENCH / "run_push.py"), "gateway-client", "--info",
+           str(Path(info["dir"]) / "info.json"), "--concurrency", str(k), "--seconds", str(seconds)]
+    env = {**os.environ, "BENCH_PUSH_SRC": str(src)} if src is not None else None
+    stdout = out / f"{name}.out"
+    log(f"gateway: {info['provider']}, {client} client, {k} concurrent senders, {seconds:g} s")
+    dup0 = fake_dump(fake, info)["duplicates"]
+    p = procs.start(name, cmd, log=out / f"{name}.log", stdout=stdout, cpus=PIN["relay"], env=env)
+    wait_line(stdout, b"window-start", p, 60, name)
+    meter = CpuMeter({"fake": fake.pid})
+    mm = MachineMeter()
+    wait_line(stdout, b"window-end", p, seconds + 60, name)
+    fake_cpu = meter.stop()["fake"]
+    mach = mm.stop()
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs.stop(p, signal.SIGKILL)
+    line = next((x for x in stdout.read_text().splitlines() if x.startswith("result ")), "")
+    if not line:
+        raise RuntimeError(f"{name}: no result; {(out / f'{name}.log').read_text()[-2000:]}")
+    r: dict[str, Any] = json.loads(line[len("result ") :])
+    ours = {"fake": fake_cpu, "client": {"pct_core": r["client_cpu_pct"]}}
+    r.update(
+        client=client,
+        duplicates_at_fake=fake_dump(fake, info)["duplicates"] - dup0,
+        other_load_pct=other_load(mach, ours),
+        fake_cpu_pct=fake_cpu["pct_core"],
+        fake_cpu_s=fake_cpu["cpu_s"],
+        fake_cpu_per_push_us=round(1e6 * fake_cpu["cpu_s"] / max(1, r["pushes"]), 1),
+        machine_cpu=mach,
+        quiet_wait=quiet,
+    )
+    r["saturated"] = (
+        "client"
+        if r["client_cpu_pct"] >= 90 and r["client_cpu_pct"] >= r["fake_cpu_pct"]
+        else "fake"
+        if r["fake_cpu_pct"] >= 90
+        else "neither (latency-bound: not enough senders?)"
+    )
+    return r
+
+
+def bench_gateway(
+    out: Path, provider: str, concurrency: list[int], seconds: float, baseline: str | None = None
+) -> dict[str, Any]:
+    """Each K: this tree's client, then (``baseline``: a git revision) that
+    revision's, against the same fake process."""
     procs = Procs()
     out.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"provider": provider, "runs": []}
+    res: dict[str, Any] = {"provider": provider, "runs": [], "baseline": baseline}
+    clients: list[tuple[str, Path | None]] = [("current", None)]
+    if baseline:
+        clients.append((f"baseline {baseline}", baseline_tree(out, baseline)))
     try:
         fake, info = start_fake(procs, out / f"fake_{provider}", provider)
         for k in concurrency:
-            quiet = wait_quiet(max_wait=90)
-            name = f"client_{provider}_{k}"
-            cmd = [
-                PYTHON,
-                str(BENCH / "run_push.py"),
-                "gateway-client",
-                "--info",
-                str(Path(info["dir"]) / "info.json"),
-                "--concurrency",
-                str(k),
-                "--seconds",
-                str(seconds),
-            ]
-            stdout = out / f"{name}.out"
-            log(f"gateway: {provider}, {k} concurrent senders, {seconds:g} s")
-            p = procs.start(name, cmd, log=out / f"{name}.log", stdout=stdout, cpus=PIN["relay"])
-            wait_line(stdout, b"window-start", p, 60, name)
-            meter = CpuMeter({"fake": fake.pid})
-            mm = MachineMeter()
-            wait_line(stdout, b"window-end", p, seconds + 60, name)
-            fake_cpu = meter.stop()["fake"]
-            mach = mm.stop()
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                procs.stop(p, signal.SIGKILL)
-            line = next((x for x in stdout.read_text().splitlines() if x.startswith("result ")), "")
-            if not line:
-                raise RuntimeError(f"{name}: no result; {(out / f'{name}.log').read_text()[-2000:]}")
-            r = json.loads(line[len("result ") :])
-            ours = {"fake": fake_cpu, "client": {"pct_core": r["client_cpu_pct"]}}
-            r.update(
-                other_load_pct=other_load(mach, ours),
-                fake_cpu_pct=fake_cpu["pct_core"],
-                fake_cpu_s=fake_cpu["cpu_s"],
-                fake_cpu_per_push_us=round(1e6 * fake_cpu["cpu_s"] / max(1, r["pushes"]), 1),
-                machine_cpu=mach,
-                quiet_wait=quiet,
-            )
-            r["saturated"] = (
-                "client"
-                if r["client_cpu_pct"] >= 90 and r["client_cpu_pct"] >= r["fake_cpu_pct"]
-                else "fake"
-                if r["fake_cpu_pct"] >= 90
-                else "neither (latency-bound: not enough senders?)"
-            )
-            res["runs"].append(r)
+            for client, src in clients:
+                res["runs"].append(gateway_step(procs, out, fake, info, k, seconds, client, src))
         res["fake_log"] = log_problems(Path(info["dir"]) / "server.log")
     finally:
         procs.stop_all()
@@ -1115,9 +1148,10 @@ def print_gateway(res: dict[str, Any], cmd: str) -> None:
     for r in res["runs"]:
         mc = r["machine_cpu"]
         print(
-            f"  K={r['concurrency']:4}: {r['pushes_per_s']:8.1f} pushes/s "
+            f"  K={r['concurrency']:4} [{r['client']}]: {r['pushes_per_s']:8.1f} pushes/s "
             f"({r['pushes']} in {r['seconds']} s, "
-            f"{r['outcomes']}); latency {fmt_ms(r['latency_ms'])}\n"
+            f"{r['outcomes']}, {r['duplicates_at_fake']} duplicates at the fake); "
+            f"latency {fmt_ms(r['latency_ms'])}\n"
             f"          client CPU {r['client_cpu_pct']} % ({r['client_cpu_per_push_us']} µs/push), "
             f"fake CPU {r['fake_cpu_pct']} % ({r['fake_cpu_per_push_us']} µs/push); "
             f"saturated: {r['saturated']}; machine "
@@ -1165,6 +1199,7 @@ def main() -> int:
     g.add_argument("--providers", default="apns,fcm")
     g.add_argument("--concurrency", default="1,10,50,200")
     g.add_argument("--seconds", type=float, default=None, help="per step (default 10, --quick 3)")
+    g.add_argument("--baseline", help="also run this git revision's push/ client, step by step")
     sub.add_parser("all", help="wake, wake --trace, wake --profile, gateway (with their defaults)")
     a = ap.parse_args()
 
@@ -1215,7 +1250,8 @@ def main() -> int:
         secs = getattr(a, "seconds", None) or dflt_secs
         ks = [int(x) for x in str(getattr(a, "concurrency", "1,10,50,200")).split(",")]
         for prov in str(getattr(a, "providers", "apns,fcm")).split(","):
-            todo.append((f"gateway_{prov}", {"provider": prov, "ks": ks, "seconds": secs}))
+            todo.append((f"gateway_{prov}", {"provider": prov, "ks": ks, "seconds": secs,
+                                              "baseline": getattr(a, "baseline", None)}))
     for name, p in todo:
         if name.startswith("wake"):
             res = bench_wake(
@@ -1229,10 +1265,10 @@ def main() -> int:
             )
             print_wake(res, cmd)
         else:
-            res = bench_gateway(out / name, p["provider"], p["ks"], p["seconds"])
+            res = bench_gateway(out / name, p["provider"], p["ks"], p["seconds"], p["baseline"])
             cmd = (
                 f"{me} gateway --providers {p['provider']} --concurrency {','.join(map(str, p['ks']))} "
-                f"--seconds {p['seconds']:g}"
+                f"--seconds {p['seconds']:g}" + (f" --baseline {p['baseline']}" if p["baseline"] else "")
             )
             print_gateway(res, cmd)
         res["command"] = cmd

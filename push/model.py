@@ -20,6 +20,10 @@ class Outcome(StrEnum):
     """What one push (after its retries) came to. Also the push log's ``outcome``."""
 
     SENT = "sent"  # the provider accepted it (APNs 200, FCM 200)
+    # The request left but no answer came (connection lost, stream reset, timeout):
+    # the provider may have delivered it. Never sent again (a second VoIP push rings
+    # twice); callers treat it as sent and hold the call for the phone.
+    SENT_UNCONFIRMED = "sent_unconfirmed"
     DRY_RUN = "dry_run"  # the log gateway: recorded, nothing sent
     UNREGISTERED = "unregistered"  # APNs 410 / 400 BadDeviceToken, FCM UNREGISTERED: token deleted
     REJECTED = "rejected"  # the provider refused this push for good (400, 403 after a fresh token, 413 ...)
@@ -81,7 +85,7 @@ class PushMessage:
 class Attempt:
     """The answer to one HTTP request to a provider (no retry logic here)."""
 
-    kind: str  # "ok" | "unregistered" | "retry" | "rejected" | "auth_expired"
+    kind: str  # "ok" | "unregistered" | "retry" | "not_processed" | "unknown" | "rejected" | "auth_expired"
     status: int | None = None  # HTTP status, None when the request never got one
     reason: str = ""  # APNs "reason" / FCM error status or errorCode / exception class
     retry_after: float | None = None  # seconds, from a Retry-After header

@@ -71,6 +71,15 @@ Telling them what to answer: ``fake.script(device_token, *answers)`` queues answ
 for one token (consumed one per well-formed request); ``fake.default = ...`` answers
 every well-formed request whose queue is empty; ``fake.stop()`` closes the port (a
 gateway that is down), and starting again reopens the same port.
+
+Misbehaving at the connection level, as a provider's front end can:
+``fake.fault(device_token, Fault.REFUSE_STREAM, ...)`` queues faults for one token
+(``Fault`` from tests/pushwire.py: close after answering, GOAWAY below this stream,
+refused stream, stall then reset, stall then close); ``fake.close_connections(goaway)``
+closes the open connections (an idle close). A request the fake did not process is
+not in ``fake.requests`` but in ``fake.not_processed``. The fakes serve HTTP/2 and
+HTTP/1.1 over TLS with tests/pushwire.py, on the same h2/h11 state machines as
+hypercorn.
 """
 
 from __future__ import annotations
@@ -95,23 +104,19 @@ import weakref
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-import hypercorn.trio
 import jwt
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypercorn.config import Config
+
+from tests.pushwire import Fault, Handlers, WireRequest, WireResponse, WireServer
 
 log = logging.getLogger("tests.pushfakes")
-# Hypercorn's own error log: warnings and worse only, so a test run stays quiet.
-_hypercorn_log = logging.getLogger("tests.pushfakes.hypercorn")
-_hypercorn_log.setLevel(logging.WARNING)
 
 APNS_VOIP_MAX_PAYLOAD = 5120  # bytes, Apple: VoIP notifications
 APNS_MAX_PAYLOAD = 4096  # bytes, Apple: other remote notifications
@@ -155,7 +160,7 @@ class Recorded:
 
     method: str
     path: str
-    http_version: str  # "2", "1.1" (ASGI's scope["http_version"])
+    http_version: str  # "2", "1.1"
     headers: dict[str, str]  # lower-case names; the last value when repeated
     raw_body: bytes
     received_at: float  # time.time(): wall clock, comparable with apns-expiration etc.
@@ -202,29 +207,9 @@ class Recorded:
         return {}
 
 
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: str
-    http_version: str
-    header_list: list[tuple[str, str]]
-    body: bytes
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {k: v for k, v in self.header_list}
-
-    def header_count(self, name: str) -> int:
-        return sum(1 for k, _ in self.header_list if k == name)
-
-
-@dataclass
-class _Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes = b""
-    delay: float = 0.0
+# The server (tests/pushwire.py) hands requests over and takes answers back in these.
+_Request = WireRequest
+_Response = WireResponse
 
 
 # --------------------------------------------------------------------------- TLS
@@ -334,9 +319,8 @@ def _json_bytes(obj: Any) -> bytes:
 class _FakeServer:
     """Serving, recording, scripting and waiting shared by both fakes."""
 
-    #: seconds hypercorn lets open connections finish once stopped; 0 = drop them at once,
-    #: which is what "the gateway went down" looks like to a client.
-    graceful_timeout: float = 0.0
+    #: seconds a stalled request waits before Fault.STALL_THEN_RESET / STALL_THEN_CLOSE acts
+    stall: float = 0.2
 
     def __init__(self, *, port: int = 0, workdir: str | Path | None = None) -> None:
         if workdir is None:
@@ -359,7 +343,10 @@ class _FakeServer:
         self.requests: list[Recorded] = []
         self._cond = threading.Condition()
         self._scripts: dict[str, collections.deque[Answer]] = {}
+        self._faults: dict[str, collections.deque[Fault]] = {}
+        self.not_processed: list[tuple[str, Fault]] = []  # (token, fault) of requests never processed
         self._default: Answer | None = None
+        self._wire: WireServer | None = None
         self._running = False
         self._shutdown: trio.Event | None = None
         self._stopped: trio.Event | None = None
@@ -394,6 +381,46 @@ class _FakeServer:
         with self._cond:
             self._scripts.setdefault(token, collections.deque()).extend(converted)
 
+    def fault(self, token: str, *faults: Fault) -> None:
+        """Queue connection-level misbehaviours for requests to ``token``
+        (tests/pushwire.py's :class:`Fault`), one consumed per request; a request
+        refused or above a GOAWAY is never processed, so it is not recorded (see
+        :attr:`not_processed`), and its scripted answer stays queued."""
+        with self._cond:
+            self._faults.setdefault(token, collections.deque()).extend(faults)
+
+    def _token_of(self, req: _Request) -> str:
+        """The push target a request names (APNs: the path; FCM: message.token)."""
+        raise NotImplementedError
+
+    def _take_fault(self, req: _Request) -> Fault | None:
+        with self._cond:
+            if not self._faults:
+                return None
+            queue = self._faults.get(self._token_of(req))
+            return queue.popleft() if queue else None
+
+    def _note_not_processed(self, req: _Request, fault: Fault) -> None:
+        with self._cond:
+            self.not_processed.append((self._token_of(req), fault))
+            self._cond.notify_all()
+
+    def close_connections(self, goaway: bool = True) -> None:
+        """Close the open HTTP/2 connections, with a GOAWAY (as a provider closing an
+        idle connection does) or as a bare TCP close; the port stays open."""
+        wire, token = self._wire, self._trio_token
+        if wire is None or token is None:
+            return
+        if self._loop_thread == threading.get_ident():
+            wire.close_connections(goaway)
+        else:
+            token.run_sync_soon(wire.close_connections, goaway)
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since the fake started."""
+        return self._wire.connections_accepted if self._wire is not None else 0
+
     @property
     def default(self) -> Answer | None:
         """The answer to every well-formed request with no scripted answer left
@@ -416,6 +443,8 @@ class _FakeServer:
         with self._cond:
             self.requests.clear()
             self._scripts.clear()
+            self._faults.clear()
+            self.not_processed.clear()
             self._default = None
 
     # ---- recording / waiting
@@ -455,23 +484,6 @@ class _FakeServer:
 
     # ---- serving (trio)
 
-    def _config(self) -> Config:
-        cfg = Config()
-        cfg.bind = [f"127.0.0.1:{self.port}"]
-        cfg.certfile = str(self.cert_file)
-        cfg.keyfile = str(self.key_file)
-        # TLS offers h2 and http/1.1; the APNs fake refuses HTTP/1.x requests itself.
-        cfg.alpn_protocols = ["h2", "http/1.1"]
-        cfg.errorlog = _hypercorn_log
-        cfg.accesslog = None
-        cfg.loglevel = "WARNING"
-        cfg.graceful_timeout = self.graceful_timeout
-        cfg.keep_alive_timeout = 600  # APNs and Google keep idle connections open for long
-        cfg.include_server_header = False
-        cfg.ssl_handshake_timeout = 10
-        cfg.h2_max_concurrent_streams = 1000
-        return cfg
-
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop() (or cancellation). ``await nursery.start(fake.serve)``
         returns base_url once the port is bound."""
@@ -482,16 +494,16 @@ class _FakeServer:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._loop_thread = threading.get_ident()
         shutdown = self._shutdown
+        handlers = Handlers(fault=self._take_fault, answer=self._answer,
+                            not_processed=self._note_not_processed, stall=lambda: self.stall)
+        self._wire = WireServer(handlers, str(self.cert_file), str(self.key_file), self.port)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    partial(
-                        hypercorn.trio.serve, self._asgi, self._config(),
-                        shutdown_trigger=shutdown.wait, mode="asgi",
-                    )
-                )
+                await nursery.start(self._wire.serve)
                 self._running = True
                 task_status.started(self.base_url)
+                await shutdown.wait()
+                nursery.cancel_scope.cancel()  # drop every connection: the gateway is down
         finally:
             self._running = False
             self._loop_thread = None
@@ -579,51 +591,14 @@ class _FakeServer:
         if self._cleanup is not None:
             self._cleanup()
 
-    # ---- ASGI
+    # ---- answering (called by tests/pushwire.py's server)
 
-    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        req = _Request(
-            method=scope["method"],
-            path=scope["path"],
-            query=scope.get("query_string", b"").decode("latin-1"),
-            http_version=scope["http_version"],
-            header_list=[(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]],
-            body=b"".join(chunks),
-        )
+    def _answer(self, req: _Request) -> _Response:
         try:
-            resp = self._handle(req)
+            return self._handle(req)
         except Exception:
             log.exception("%s failed on %s %s", type(self).__name__, req.method, req.path)
-            resp = _Response(500, {"content-type": "text/plain"}, b"fake failed, see log")
-        if resp.delay > 0:
-            await trio.sleep(resp.delay)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": resp.status,
-                "headers": [(k.encode(), v.encode()) for k, v in resp.headers.items()]
-                + [(b"content-length", str(len(resp.body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": resp.body})
+            return _Response(500, {"content-type": "text/plain"}, b"fake failed, see log")
 
     def _new_record(self, req: _Request) -> Recorded:
         body: Any = None
@@ -844,6 +819,10 @@ class FakeApns(_FakeServer):
             return 400, "BadPayload"
         return None
 
+    def _token_of(self, req: _Request) -> str:
+        m = _APNS_PATH.match(req.path)
+        return m.group("token") if m else ""
+
     def _handle(self, req: _Request) -> _Response:
         rec = self._new_record(req)
         failed = self._check(req, rec)
@@ -1057,6 +1036,13 @@ class FakeFcm(_FakeServer):
         return ans
 
     # ---- routing
+
+    def _token_of(self, req: _Request) -> str:
+        try:
+            message = json.loads(req.body).get("message")
+        except (ValueError, AttributeError):
+            return ""
+        return str(message.get("token", "")) if isinstance(message, dict) else ""
 
     def _handle(self, req: _Request) -> _Response:
         if req.path == "/token":
@@ -1319,5 +1305,5 @@ class FakeFcm(_FakeServer):
 
 __all__ = [
     "APNS_MAX_PAYLOAD", "APNS_REASONS", "APNS_VOIP_MAX_PAYLOAD", "Answer", "FCM_ERRORS", "FCM_SCOPE",
-    "FakeApns", "FakeFcm", "Recorded", "running",
+    "FakeApns", "FakeFcm", "Fault", "Recorded", "running",
 ]

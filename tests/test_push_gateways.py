@@ -69,6 +69,18 @@ def test_auth_expired_renews_once_then_rejects() -> None:
     assert _step("auth_expired", auth_renewed=True) == Step(Outcome.REJECTED)
 
 
+def test_unknown_fate_is_never_sent_again() -> None:
+    # A request that left without an answer may have rung the phone: no retry, ever.
+    assert _step("unknown") == Step(Outcome.SENT_UNCONFIRMED)
+    assert _step("unknown", retries=3, now=1.0) == Step(Outcome.SENT_UNCONFIRMED)
+
+
+def test_not_processed_is_sent_again_at_once_then_backs_off() -> None:
+    assert _step("not_processed") == Step(None, 0.0)
+    assert _step("not_processed", retries=1) == Step(None, pytest.approx(0.4))
+    assert _step("not_processed", retries=1, now=29.7) == Step(Outcome.FAILED)  # deadline first
+
+
 def test_backoff_doubles_from_0_2_to_5_with_jitter() -> None:
     assert [backoff(n, 1.0) for n in range(7)] == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
     assert backoff(0, 0.0) == pytest.approx(0.1)  # jitter keeps at least half

@@ -17,7 +17,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.pushfakes import FCM_SCOPE, Answer, FakeApns, FakeFcm, running
+from tests.pushfakes import FCM_SCOPE, Answer, FakeApns, FakeFcm, Fault, running
 
 DEVICE = "a1b2c3d4" * 8  # 64 hex digits, like an APNs device token
 TOPIC = "com.example.app.voip"
@@ -228,6 +228,30 @@ async def test_apns_delayed_answer(apns: FakeApns) -> None:
         t0 = trio.current_time()
         r = await push(c, apns, apns.make_provider_token())
     assert r.status_code == 200 and trio.current_time() - t0 >= 0.3
+
+
+async def test_apns_faults_seen_by_an_independent_client(apns: FakeApns) -> None:
+    """The connection-level faults, as httpx sees them: refused and GOAWAY'd requests
+    are not processed (not recorded), the others are."""
+    tok = apns.make_provider_token()
+    apns.fault(DEVICE, Fault.REFUSE_STREAM, Fault.CLOSE_AFTER_ANSWER, Fault.STALL_THEN_RESET)
+    apns.stall = 0.05
+    async with h2(apns) as c:
+        with pytest.raises(httpx.RemoteProtocolError):  # RST_STREAM REFUSED_STREAM
+            await push(c, apns, tok)
+        assert apns.requests == [] and apns.not_processed == [(DEVICE, Fault.REFUSE_STREAM)]
+        assert (await push(c, apns, tok)).status_code == 200  # then GOAWAY and a close
+        with pytest.raises(httpx.RemoteProtocolError):  # processed, then RST_STREAM INTERNAL_ERROR
+            await push(c, apns, tok)
+        assert [r.status for r in apns.requests] == [200, 200]
+        accepted = apns.connections_accepted
+        assert accepted == 2  # the GOAWAY made httpx open a new connection
+        apns.fault(DEVICE, Fault.GOAWAY_BEFORE)
+        # httpcore resends a request above GOAWAY's last-stream-id on a new connection
+        # itself (ConnectionNotAvailable): one push recorded, not processed once.
+        assert (await push(c, apns, tok)).status_code == 200
+    assert len(apns.requests) == 3 and apns.not_processed[-1] == (DEVICE, Fault.GOAWAY_BEFORE)
+    assert apns.connections_accepted == accepted + 1
 
 
 # --------------------------------------------------------------------------- FCM

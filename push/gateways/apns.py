@@ -58,6 +58,12 @@ Decisions:
   ``retry``, honouring ``retry-after`` when APNs sends one.
 - Certificate authentication: with ``cert_file`` and no signing key, the client
   presents that TLS certificate and sends no ``authorization`` header.
+- No answer: a request APNs provably did not process (refused stream, above a
+  GOAWAY's last-stream-id, no connection) is sent again at once; one that left
+  without an answer (connection lost after the request was written, any other
+  stream reset, no answer within 10 s) is *not*: a second VoIP push is a second
+  CallKit call on the phone. It ends as ``sent_unconfirmed``, and the relay holds
+  the call as if the push had been accepted (see :mod:`push.gateways.http2`).
 """
 
 from __future__ import annotations
@@ -69,7 +75,6 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -81,6 +86,7 @@ from push.gateways.base import (
     post,
     protect_logs,
 )
+from push.gateways.http2 import Http2Client
 from push.model import Attempt, PushMessage
 
 PRODUCTION_URL = "https://api.push.apple.com"
@@ -93,6 +99,8 @@ TOKEN_REFRESH_MAX = 3300
 TOKEN_REFRESH_DEFAULT = 1800
 # Seconds one request may take when the deadline does not cut it shorter.
 REQUEST_TIMEOUT = 10.0
+# apns-topic values remembered (one per app a service pushes to; a handful).
+TOPICS_CACHED = 64
 # Service labels RFC 8599 / Linphone / Flexisip put after the bundle id in pn-param.
 _SERVICE_LABELS = frozenset({"voip", "remote", "apns"})
 # Reasons that mean "this device token is no use for this topic": stop using it.
@@ -148,14 +156,13 @@ def _load_signing_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
 
 
 class ApnsGateway:
-    """APNs client with one long-lived HTTP/2 connection pool.
+    """APNs client over one long-lived HTTP/2 connection (:mod:`push.gateways.http2`).
 
     Token auth: ``key_file`` (path of the ``.p8``) or ``key_pem``, plus ``key_id`` and
     ``team_id``. Certificate auth: ``cert_file`` (and ``cert_key_file`` when the key
     is not in the same PEM), no signing key. ``ca_file`` replaces the system trust
     store (tests). ``token_refresh`` (seconds) is clamped into [1200, 3300].
-    ``clock`` gives the wall-clock ``iat`` of the JWT. ``proxy``: an HTTP(S) proxy URL
-    (``HTTPS_PROXY`` and friends are not read: the configuration says it or nothing).
+    ``clock`` gives the wall-clock ``iat`` of the JWT.
     """
 
     provider = "apns"
@@ -173,7 +180,6 @@ class ApnsGateway:
         ca_file: str | Path | None = None,
         token_refresh: float = TOKEN_REFRESH_DEFAULT,
         clock: Callable[[], float] = time.time,
-        proxy: str | None = None,
     ) -> None:
         if key_file is not None and key_pem is not None:
             raise ValueError("give the APNs signing key as key_file or key_pem, not both")
@@ -199,12 +205,10 @@ class ApnsGateway:
         if cert_file is not None:
             tls.load_cert_chain(str(cert_file), str(cert_key_file) if cert_key_file is not None else None)
         protect_logs()
-        # http1=False: with http2=True alone httpx falls back to HTTP/1.1 when ALPN
-        # does not pick h2; APNs speaks HTTP/2 only, so fail loudly instead.
-        self._client = httpx.AsyncClient(
-            http1=False, http2=True, verify=tls, timeout=httpx.Timeout(REQUEST_TIMEOUT),
-            proxy=proxy, trust_env=False,
-        )
+        # HTTP/2 only (ALPN "h2", no HTTP/1.1 fallback: APNs speaks HTTP/2 only).
+        self._client = Http2Client(self._base, tls, request_timeout=REQUEST_TIMEOUT)
+        self._bearer: tuple[int, bytes] = (0, b"")  # (token generation, b"bearer <JWT>")
+        self._topics: dict[str, bytes] = {}  # registered topic -> apns-topic, bounded below
 
     @property
     def token_auth(self) -> bool:
@@ -225,21 +229,35 @@ class ApnsGateway:
             self._token.set(token, iat + self._refresh)
         return token, self._token.generation
 
+    def _topic(self, topic: str) -> bytes:
+        """``apns-topic`` for a registered topic, remembered: a service has a few apps."""
+        value = self._topics.get(topic)
+        if value is None:
+            if len(self._topics) >= TOPICS_CACHED:
+                self._topics.clear()
+            value = self._topics[topic] = voip_topic(topic).encode("utf-8", "surrogateescape")
+        return value
+
     async def send_once(self, msg: PushMessage) -> Attempt:
-        headers = {
-            "apns-push-type": "voip",
-            "apns-topic": voip_topic(msg.target.apns_topic),
-            "apns-priority": "10",
-            "apns-expiration": str(max(0, int(msg.sent_at + msg.ttl))),
-            "apns-collapse-id": collapse_id(msg.call_id),
-            "content-type": "application/json",
-        }
+        headers = [
+            (b"apns-push-type", b"voip"),
+            (b"apns-topic", self._topic(msg.target.apns_topic)),
+            (b"apns-priority", b"10"),
+            (b"content-type", b"application/json"),
+        ]
+        per_request = (
+            (b"apns-expiration", b"%d" % max(0, int(msg.sent_at + msg.ttl))),
+            (b"apns-collapse-id", collapse_id(msg.call_id).encode("ascii")),
+        )
         generation = 0
         if self._key is not None:
             token, generation = self._provider_token()
-            headers["authorization"] = f"bearer {token}"
-        url = f"{self._base}/3/device/{quote(msg.target.token, safe='')}"
-        attempt = await post(self._client, url, voip_payload(msg), headers, classify, self._clock)
+            if self._bearer[0] != generation:
+                self._bearer = (generation, f"bearer {token}".encode("ascii"))
+            headers.append((b"authorization", self._bearer[1]))
+        path = f"/3/device/{quote(msg.target.token, safe='')}"
+        attempt = await post(self._client, path, voip_payload(msg), headers, classify, self._clock,
+                             per_request)
         if attempt.kind == "auth_expired":
             self._token.refused(generation)
         return attempt

@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
 import trio
 
+from push.gateways.http2 import Http2Client, RequestNotProcessed, RequestOutcomeUnknown
 from push.model import Attempt, Outcome, PushMessage, PushResult
 
 log = logging.getLogger("push")
@@ -55,7 +55,12 @@ RETRY_AFTER_MAX = 3600.0
 REASON_MAX = 64
 _REASON_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
-KINDS = ("ok", "unregistered", "retry", "rejected", "auth_expired")
+# What an attempt came to (Attempt.kind). "retry": not processed, try again after a
+# back-off (429, 5xx, the FCM token endpoint unreachable); "not_processed": the
+# provider provably did not process it (RST_STREAM REFUSED_STREAM, above GOAWAY's
+# last-stream-id, no connection): again at once; "unknown": the request left and no
+# answer came, so it may have been processed.
+KINDS = ("ok", "unregistered", "retry", "not_processed", "unknown", "rejected", "auth_expired")
 
 
 class Gateway(Protocol):
@@ -102,22 +107,33 @@ def next_step(
     jitter: float,
     dry_run: bool = False,
 ) -> Step:
-    """The retry policy. ``retries``: how many back-off retries were already made;
-    ``auth_renewed``: whether this push already renewed its credentials once;
-    ``now``/``deadline`` on trio's clock."""
+    """The retry policy. ``retries``: how many retries were already made (not
+    counting a credentials renewal); ``auth_renewed``: whether this push already
+    renewed its credentials once; ``now``/``deadline`` on trio's clock.
+
+    A push whose fate is unknown is never sent again: both providers deliver a
+    duplicate (APNs ``apns-collapse-id`` and FCM ``collapse_key`` only merge
+    notifications still *waiting* for an offline device), and a second VoIP push
+    is a second CallKit call — the phone rings twice. It ends as
+    ``sent_unconfirmed``, which the relay treats as sent: it holds the call for the
+    phone rather than dropping it. A push the provider provably did not process is
+    sent again at once the first time, then after the usual back-off (a provider
+    refusing every stream must not be hammered)."""
     kind = attempt.kind
     if kind == "ok":
         return Step(Outcome.DRY_RUN if dry_run else Outcome.SENT)
     if kind == "unregistered":
         return Step(Outcome.UNREGISTERED)
+    if kind == "unknown":
+        return Step(Outcome.SENT_UNCONFIRMED)
     if kind == "auth_expired":
         # One fresh token per push: if the provider refuses that one too, the
         # problem is the credentials themselves, not their age.
         if auth_renewed:
             return Step(Outcome.REJECTED)
         return Step(None, 0.0, renew_credentials=True)
-    if kind == "retry":
-        delay = backoff(retries, jitter)
+    if kind in ("retry", "not_processed"):
+        delay = 0.0 if kind == "not_processed" and retries == 0 else backoff(retries, jitter)
         if attempt.retry_after is not None:
             delay = max(delay, min(attempt.retry_after, RETRY_AFTER_MAX))
         if now + delay >= deadline:
@@ -144,7 +160,11 @@ async def deliver(
     while True:
         attempt = await _send_bounded(gateway, msg, deadline)
         history.append(attempt)
-        log.info(
+        # A first attempt that worked is the common case, and the service logs the
+        # push's outcome anyway: that line only at DEBUG (INFO logging is a visible
+        # share of a busy relay's CPU).
+        log.log(
+            logging.DEBUG if attempt.kind == "ok" and len(history) == 1 else logging.INFO,
             "event=push_attempt provider=%s attempt=%d kind=%s status=%s reason=%s",
             gateway.provider, len(history), attempt.kind,
             "-" if attempt.status is None else attempt.status, attempt.reason or "-",
@@ -263,17 +283,22 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 async def post(
-    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str],
+    client: Http2Client, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
     classify: Callable[[int, bytes, float | None], Attempt], clock: Callable[[], float],
+    per_request: tuple[tuple[bytes, bytes], ...] = (),
 ) -> Attempt:
-    """One POST to a provider, its answer classified by the provider's table; no
-    answer at all is a :func:`network_attempt`."""
+    """One POST to a provider, its answer classified by the provider's table. No
+    answer is ``not_processed`` or ``unknown``, as the HTTP/2 facts say
+    (:mod:`push.gateways.http2`). ``headers`` repeat across pushes, ``per_request``
+    ones do not (see :meth:`~push.gateways.http2.H2Session.open`)."""
     try:
-        resp = await client.post(url, content=body, headers=headers)
-    except (httpx.HTTPError, OSError) as exc:
-        return network_attempt(exc)
+        resp = await client.request(path, headers, body, per_request)
+    except RequestNotProcessed as exc:
+        return Attempt("not_processed", None, exc.reason)
+    except RequestOutcomeUnknown as exc:
+        return Attempt("unknown", None, exc.reason)
     retry_after = parse_retry_after(resp.headers.get("retry-after"), clock())
-    return classify(resp.status_code, resp.content, retry_after)
+    return classify(resp.status, resp.body, retry_after)
 
 
 def network_attempt(exc: BaseException) -> Attempt:

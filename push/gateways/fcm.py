@@ -58,6 +58,14 @@ Decisions:
 - The project is the gateway's (``project_id``, default the service account's); a
   device's pn-param is not used to pick one, since a service account can only send
   for its own project.
+- No answer: as with APNs (:mod:`push.gateways.apns`), a send FCM provably did not
+  process is sent again at once, one that left without an answer is not and ends as
+  ``sent_unconfirmed``. A duplicate high-priority data message wakes the app twice
+  and shows a second incoming call unless the app itself drops the repeated
+  Call-ID; ``collapse_key`` merges only messages still waiting for an offline
+  device. So the rule is the same: never twice.
+- Sends go over HTTP/2 (:mod:`push.gateways.http2`); the access-token request, a
+  few per hour, goes through httpx to the account's ``token_uri``.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jwt
@@ -84,6 +93,7 @@ from push.gateways.base import (
     post,
     protect_logs,
 )
+from push.gateways.http2 import Http2Client
 from push.model import Attempt, PushMessage
 
 FCM_URL = "https://fcm.googleapis.com"
@@ -185,14 +195,13 @@ def _load_service_account(
 
 
 class FcmGateway:
-    """FCM HTTP v1 client with one long-lived HTTP/2 connection pool (FCM and the
-    token endpoint each get their own connection in it).
+    """FCM HTTP v1 client: sends over one long-lived HTTP/2 connection
+    (:mod:`push.gateways.http2`), access tokens through an httpx client of its own.
 
     ``service_account_file`` (path of the JSON key Google gives) or
     ``service_account`` (the parsed dict). ``project_id`` defaults to the account's.
     ``token_uri`` from the account is honoured (tests point it at a fake).
     ``clock``: wall clock for the assertion's ``iat``/``exp`` and the token's expiry.
-    ``proxy``: an HTTP(S) proxy URL (environment variables are not read).
     """
 
     provider = "fcm"
@@ -206,7 +215,6 @@ class FcmGateway:
         project_id: str | None = None,
         ca_file: str | Path | None = None,
         clock: Callable[[], float] = time.time,
-        proxy: str | None = None,
     ) -> None:
         account = _load_service_account(service_account_file, service_account)
         try:
@@ -224,7 +232,7 @@ class FcmGateway:
         if not project:
             raise ValueError("FCM needs a project_id (none in the service account)")
         self._project = str(project)
-        self._send_url = f"{base_url.rstrip('/')}/v1/projects/{self._project}/messages:send"
+        self._send_path = f"/v1/projects/{quote(self._project, safe='')}/messages:send"
         self._clock = clock
         self._token = CachedToken()
         self._lock = trio.Lock()
@@ -234,9 +242,10 @@ class FcmGateway:
         tls = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
         protect_logs()
         self._client = httpx.AsyncClient(
-            http2=True, verify=tls, timeout=httpx.Timeout(REQUEST_TIMEOUT), proxy=proxy,
-            trust_env=False,
+            http2=True, verify=tls, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False,
         )
+        self._sender = Http2Client(base_url.rstrip("/"), tls, request_timeout=REQUEST_TIMEOUT)
+        self._bearer: tuple[int, bytes] = (0, b"")  # (token generation, b"Bearer <token>")
 
     @property
     def project_id(self) -> str:
@@ -303,9 +312,11 @@ class FcmGateway:
         if isinstance(got, Attempt):
             return got
         token, generation = got
+        if self._bearer[0] != generation:
+            self._bearer = (generation, f"Bearer {token}".encode("ascii", "replace"))
         body = json.dumps(fcm_message(msg), separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {"authorization": f"Bearer {token}", "content-type": "application/json; charset=UTF-8"}
-        attempt = await post(self._client, self._send_url, body, headers, classify, self._clock)
+        headers = [(b"authorization", self._bearer[1]), (b"content-type", b"application/json; charset=UTF-8")]
+        attempt = await post(self._sender, self._send_path, body, headers, classify, self._clock)
         if attempt.kind == "auth_expired":
             self._token.refused(generation)
         return attempt
@@ -314,4 +325,5 @@ class FcmGateway:
         self._token.drop()
 
     async def aclose(self) -> None:
+        await self._sender.aclose()
         await self._client.aclose()
