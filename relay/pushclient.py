@@ -12,12 +12,8 @@ from typing import Protocol
 
 import httpx
 
-from push.model import Outcome, PushTarget
+from push.model import PushTarget
 from push.service import DeviceUpdate, PushService, WakeRequest
-
-# Outcomes after which the phone may ring: the relay answers 180 and waits.
-DELIVERED = frozenset({Outcome.SENT.value, Outcome.DRY_RUN.value})
-
 
 # HTTP connection pools of HttpPush. A wake holds its connection until the push is
 # out, up to the ring timeout (+5 s) while a provider is down; over HTTP/1.1 (plain

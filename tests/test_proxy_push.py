@@ -476,3 +476,14 @@ def test_the_registrars_granted_expiry_bounds_a_move() -> None:
     assert one(pbx_bye(routes, 50.0, w)).flow == PHONE_NEW
     w.proxy.on_timer(70.0)
     assert one(pbx_bye(routes, 70.0, w)).status == 430
+
+
+def test_a_push_whose_answer_was_lost_still_rings_and_waits() -> None:
+    """sent_unconfirmed (the push left, its answer did not come back) may have woken the
+    phone: the caller hears ringing and the INVITE waits, as for a confirmed push."""
+    w = World()
+    _, wake = held_call(w)
+    ringing = one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT_UNCONFIRMED, 2.5)))
+    assert (ringing.flow, ringing.status) == (PBX_TCP, 180)
+    _, released = register(w, PHONE_NEW, now=4.0)
+    assert [(o.flow, o.req.method) for o in released] == [(PHONE_NEW, "INVITE")]

@@ -12,8 +12,9 @@ from push.model import PROVIDERS, Outcome, PushTarget
 
 __all__ = ["PROVIDERS", "DELIVERED", "Outcome", "PushTarget", "WakeRequest"]
 
-# Outcomes after which the phone may ring: the relay answers 180 and waits.
-DELIVERED = frozenset({Outcome.SENT, Outcome.DRY_RUN})
+# Outcomes after which the phone may ring: the relay answers 180 and waits. A push whose
+# answer was lost after it left (sent_unconfirmed) may well ring the phone: the call waits.
+DELIVERED = frozenset({Outcome.SENT, Outcome.SENT_UNCONFIRMED, Outcome.DRY_RUN})
 
 
 @dataclass(frozen=True, slots=True)
