@@ -8,6 +8,7 @@ import os
 import secrets
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ class RelayService:
         async with trio.open_nursery() as nursery:
             if self.forwarder is not None:
                 self.forwarder.attach(nursery)
-            self.dispatch.run(self.proxy.start(trio.current_time()))
+            self.dispatch.run(self.proxy.start(trio.current_time(), time.time()))
             await self._listen(nursery)
             await self._load_directory()
             await self.push.start(nursery)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.proxy.core import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH
+from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, dialog_id
 from relay.proxy.flow import Flow
 from relay.proxy.identity import OUR_BRANCH
 from relay.proxy.transaction import LINGER, T1, TIMER_B, TIMER_C
@@ -101,7 +101,7 @@ def test_invite_is_trying_at_once_and_forwarded_to_the_pbx(world: World) -> None
     ours, theirs = req.vias()
     assert (ours.transport, ours.host, ours.port) == ("TCP", ADVERTISE, 5060)
     assert ours.branch and ours.branch.startswith(OUR_BRANCH)
-    assert world.proxy.tokens.verify(ours.params["pf"] or "") == (PHONE_UDP, "")
+    assert world.proxy.tokens.back(ours.params["pf"] or "", 1.0) == PHONE_UDP
     # RFC 3581: the phone asked for rport, so both received and rport are set
     assert (theirs.host, theirs.port, theirs.branch) == ("192.168.1.20", 5062, "z9hG4bKphone1")
     assert theirs.params["received"] == "192.0.2.20"
@@ -116,7 +116,9 @@ def test_invite_is_trying_at_once_and_forwarded_to_the_pbx(world: World) -> None
     assert rr[1].endswith(f"@{ADVERTISE}:5060;lr;ftag=ftag1>")
     assert route_user(rr[0]) == route_user(rr[1])
     # the phone sent it: kind "c", and the serial of the PBX
-    assert world.proxy.tokens.verify(route_user(rr[0])) == (PHONE_UDP, f"{TOKEN_FROM_PHONE}.{SERIAL}")
+    # bound to this dialog: its Call-ID and the caller's From tag
+    assert world.proxy.tokens.read(route_user(rr[0]), 1.0) == Claim(
+        TOKEN_FROM_PHONE, PHONE_UDP, SERIAL, dialog_id("call-1@test", "ftag1"))
     # what the proxy does not touch goes on byte for byte
     assert req.body == SDP.encode()
     assert PHONE_CONTACT.encode() + b"\r\n" in fwd.data
@@ -328,7 +330,7 @@ def test_phone_register_is_forwarded_with_path(world: World) -> None:
     assert len(path) == 1
     # no ftag on a Path: requests along it always go to the phone
     assert path[0].startswith("<sip:") and path[0].endswith(f"@{ADVERTISE}:5060;transport=tcp;lr>")
-    assert world.proxy.tokens.verify(route_user(path[0])) == (PHONE_UDP, f"{TOKEN_PATH}.{SERIAL}")
+    assert world.proxy.tokens.read(route_user(path[0]), 1.0) == Claim(TOKEN_PATH, PHONE_UDP, SERIAL, "")
     assert not req.has("record-route")
     assert not req.has("route")
     assert req.top_via().branch.startswith(OUR_BRANCH)  # type: ignore[union-attr]
@@ -363,13 +365,14 @@ def test_pbx_invite_along_path_reaches_the_phone_flow(world: World) -> None:
     assert not req.has("route")
     ours = req.top_via()
     assert (ours.transport, ours.host, ours.port) == ("UDP", ADVERTISE, 5060)
-    assert world.proxy.tokens.verify(ours.params["pf"] or "") == (PBX_TCP, "")
+    assert world.proxy.tokens.back(ours.params["pf"] or "", 1.0) == PBX_TCP
     rr = req.get_all("record-route")
     assert len(rr) == 2
     assert rr[0].endswith(f"@{ADVERTISE}:5060;lr;ftag={PBX_TAG}>")  # facing the phone (UDP)
     assert rr[1].endswith(f";transport=tcp;lr;ftag={PBX_TAG}>")  # facing the PBX (TCP)
     # the PBX sent it: kind "s"; the phone's flow is still the one the token names
-    assert world.proxy.tokens.verify(route_user(rr[0])) == (PHONE_UDP, f"{TOKEN_FROM_PBX}.{SERIAL}")
+    claim = world.proxy.tokens.read(route_user(rr[0]), 1.0)
+    assert (claim.kind, claim.flow, claim.serial) == (TOKEN_FROM_PBX, PHONE_UDP, SERIAL)
     assert req.get("max-forwards") == "69"
 
     ringing = one(world.feed(response_to(fwd.data, 180, "Ringing"), PHONE_UDP, 2.1))
@@ -617,10 +620,35 @@ def test_record_route_token_never_leads_to_a_third_flow(world: World) -> None:
     # Whatever From tag a stranger puts in, a dialog token leads to the phone it
     # names or to the PBX of its serial.
     _, pbx_routes = phone_call(world)
-    for from_tag in ("ftag1", "uas1", "other"):
+    for from_tag, to_tag in (("ftag1", "t"), ("uas1", "ftag1")):
         data = dialog_request("MESSAGE", pbx_routes, flow=STRANGER, uri="sip:x@192.0.2.250",
-                              from_tag=from_tag, to_tag="t")
+                              from_tag=from_tag, to_tag=to_tag)
         assert one(world.feed(data, STRANGER)).flow in (PHONE_UDP, PBX_TCP)
+
+
+def test_record_route_token_works_only_in_its_own_dialog(world: World) -> None:
+    """A token copied out of a dialog (another Call-ID, or neither tag the dialog's
+    creator's) routes nothing: 403 to the sender, nothing anywhere else."""
+    _, pbx_routes = phone_call(world)
+    for call_id, from_tag, to_tag in (("call-1", "other", "t"), ("other-call", "ftag1", "uas1")):
+        data = dialog_request("BYE", pbx_routes, flow=STRANGER, uri="sip:x@192.0.2.250",
+                              from_tag=from_tag, to_tag=to_tag, call_id=call_id)
+        assert refusal(world, data, STRANGER).status == 403
+    assert world.proxy.counters.get("forbidden_total", "token_other_dialog") == 2
+
+
+def test_record_route_token_expires_after_a_day(world: World) -> None:
+    phone_routes, _ = phone_call(world)  # at t = 1 s
+    register_pbx(world.proxy, PBX_TCP, now=85_000.0)  # the PBX stayed registered all along
+
+    def bye(cseq: int) -> bytes:
+        return dialog_request("BYE", phone_routes, flow=PHONE_UDP, uri=PBX_TARGET, from_tag="ftag1",
+                              to_tag="uas1", cseq=cseq)
+
+    assert one(world.feed(bye(3), PHONE_UDP, 86_000.0)).flow == PBX_TCP  # a day, rounded up to the hour
+    late = one(world.feed(bye(5), PHONE_UDP, 90_001.0))
+    assert (late.flow, late.status) == (PHONE_UDP, 403)
+    assert world.proxy.counters.get("forbidden_total", "token_expired") == 1
 
 
 def test_max_forwards_zero_is_483(world: World) -> None:
@@ -1045,3 +1073,15 @@ def test_stateless_refusal_repeats_its_to_tag(world: World) -> None:
     first = refusal(world, data)
     again = refusal(world, data)
     assert again.data == first.data
+
+
+def test_path_token_lasts_the_registration_it_was_minted_for(world: World) -> None:
+    """The phone asked for 600 s (Expires in its REGISTER): its Path works for that, plus
+    an hour's margin, rounded up to the hour; then the PBX gets 403, not the phone."""
+    path = register_phone(world)  # at t = 1 s, Expires: 600
+    register_pbx(world.proxy, PBX_TCP, now=6_000.0)
+    ok = world.feed(pbx_invite(path, branch="z9hG4bKp1", call_id="c1"), PBX_TCP, 7_000.0)
+    assert [o.flow for o in ok] == [PBX_TCP, PHONE_UDP]
+    late = one(world.feed(pbx_invite(path, branch="z9hG4bKp2", call_id="c2"), PBX_TCP, 7_201.0))
+    assert (late.flow, late.status) == (PBX_TCP, 403)
+    assert world.proxy.counters.get("forbidden_total", "token_expired") == 1

@@ -23,7 +23,7 @@ from relay.proxy.counters import Counters
 from relay.proxy.devices import PendingRegister, PhoneDevices
 from relay.proxy.effects import Effect, Send
 from relay.proxy.flow import Flow
-from relay.proxy.flowtoken import BadToken, FlowTokens
+from relay.proxy.flowtoken import BadToken, ExpiredToken, FlowTokens
 from relay.proxy.forwarding import (
     Branches,
     Hop,
@@ -42,12 +42,21 @@ from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
 from relay.proxy.pushwire import Outcome
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
+from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, RouteTokens
 from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
     TxnKey,
 )
-from relay.proxy.wake import Binding, path_device_of, path_user, register_bindings, uri_push_target, user_of
+from relay.proxy.wake import (
+    Binding,
+    path_device_of,
+    path_user,
+    register_bindings,
+    requested_expires,
+    uri_push_target,
+    user_of,
+)
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr, Via
 from relay.sip.message import Request, Response, SipMessage
@@ -60,10 +69,6 @@ COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 # Methods whose out-of-dialog request creates a dialog: the relay must stay on
 # its route (Record-Route, RFC 3261 §16.6 item 4).
 DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
-# What a flow token's payload ("<kind>.<serial>") says about the route it is in.
-TOKEN_PATH = "p"  # Path of a phone's REGISTER: requests on it go to the phone
-TOKEN_FROM_PHONE = "c"  # Record-Route of a request the phone sent (ftag = its From tag)
-TOKEN_FROM_PBX = "s"  # Record-Route of a request the PBX sent
 # INVITE transactions in flight at most (each ~2 KB). Beyond, new INVITEs get
 # 503 + Retry-After (RFC 3261 §21.5.4) instead of the relay growing without bound.
 MAX_TRANSACTIONS = 100_000
@@ -97,7 +102,8 @@ class Proxy:
         self.cfg = config
         self.counters = Counters()
         self.identity = RelayIdentity(config.domain, config.advertise, config.ports, config.local_names)
-        self.tokens = FlowTokens(hashlib.sha256(b"flow" + key).digest())
+        self.tokens = RouteTokens(FlowTokens(hashlib.sha256(b"flow" + key).digest()))
+        self._wall_offset = 0.0  # wall clock minus ``now``: tokens carry wall-clock expiries
         branch_key = hashlib.sha256(b"branch" + key).digest()
         self.branches = Branches(branch_key)
         self.replies = Replies(branch_key, self.counters)
@@ -114,9 +120,12 @@ class Proxy:
         self.drain_until: float | None = None  # set while draining: new calls get 503
 
     # ------------------------------------------------------------------ events
-    def start(self, now: float) -> list[Effect]:
-        """Before the first message: bind the media port reserve."""
+    def start(self, now: float, wall: float | None = None) -> list[Effect]:
+        """Before the first message: learn the wall clock (``wall`` at ``now``) and bind
+        the media port reserve."""
         self._next_sweep = now
+        if wall is not None:
+            self._wall_offset = wall - now
         return [] if self.media is None else list(self.media.sessions.start())
 
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Effect]:
@@ -236,14 +245,23 @@ class Proxy:
     ) -> list[Effect]:
         """A request on a route we made: a Path (to a phone) or a Record-Route (in a dialog)."""
         try:
-            phone_flow, payload = self.tokens.verify(token)
-        except BadToken:
-            self.counters.inc("forbidden_total", "bad_token")
+            claim = self.tokens.read(token, now + self._wall_offset)
+        except BadToken as e:
+            reason = "token_expired" if isinstance(e, ExpiredToken) else "bad_token"
+            self.counters.inc("forbidden_total", reason)
             return list(self.replies.refuse(req, source, 403, "Forbidden"))
-        kind, _, serial = payload.partition(".")
-        path_device = ""
-        if kind == TOKEN_PATH:
-            serial, _, path_device = serial.partition(".")
+        if not claim.fits(req, ftag):
+            # A Record-Route token copied into another dialog (RFC 5626 §5.2 flow tokens
+            # bound to what they were minted for): it routes nothing.
+            self.counters.inc("forbidden_total", "token_other_dialog")
+            return list(self.replies.refuse(req, source, 403, "Forbidden"))
+        return self._route_claim(req, source, via, claim, ftag, mf, now)
+
+    def _route_claim(
+        self, req: Request, source: Flow, via: Via, claim: Claim, ftag: str | None, mf: int, now: float,
+    ) -> list[Effect]:
+        kind, serial, phone_flow = claim.kind, claim.serial, claim.flow
+        path_device = claim.rest if claim.is_path() else ""
         pbx = self.registrar.lookup(serial, now) if serial else None
         if kind != TOKEN_PATH:
             phone_flow = self.devices.follow(phone_flow, serial, now)
@@ -319,7 +337,7 @@ class Proxy:
         if looped(req, loop):
             return self._refused_on_the_way(held, self.replies.refuse(req, hop.source, 482, "Loop Detected"))
         decrement_max_forwards(req, hop.mf)
-        bindings = self._add_route_entries(hop)
+        bindings = self._add_route_entries(hop, now)
         effects: list[Effect] = []
         if self.media is not None:
             media_effects, refusal = self.media.on_request(req, hop.source, hop.target, hop.to_phone, now)
@@ -331,7 +349,7 @@ class Proxy:
             self.devices.note_register(branch, hop.serial, user_of(req.get("to")), hop.source, bindings, now)
         # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
         upstream = [h for h in req.headers if h.name in COPIED] if req.method == "INVITE" else []
-        our_via = self.identity.via(hop.target, branch, self.tokens.mint(hop.source))
+        our_via = self.identity.via(hop.target, branch, self.tokens.via(hop.source, now + self._wall_offset))
         req.insert_before("Via", our_via)
         data = req.serialise()
         self.counters.inc("requests_forwarded_total")
@@ -341,10 +359,11 @@ class Proxy:
             return [*effects, Send(hop.target, data)]
         return [*effects, *self.invites.start(hop, branch, our_via, upstream, data, now, held)]
 
-    def _add_route_entries(self, hop: Hop) -> list[Binding]:
+    def _add_route_entries(self, hop: Hop, now: float) -> list[Binding]:
         """Path on a phone's REGISTER (RFC 3327), Record-Route on a dialog-forming
         request (§16.6 item 4); the REGISTER's device bindings, when it has any."""
         req = hop.req
+        wall = now + self._wall_offset
         if req.method == "REGISTER":
             # Requests from the PBX to this phone come back through us, on this very
             # flow (RFC 5626 §5.1). With push parameters, the token also names the
@@ -354,13 +373,13 @@ class Proxy:
             push_b = next((b for b in bindings if b.target is not None), None)
             device = ""
             if push_b is not None and push_b.target is not None and self.cfg.push:
-                device = "." + path_device_of(push_b.target, user_of(req.get("to")))
-            token = self.tokens.mint(hop.phone_flow, f"{TOKEN_PATH}.{hop.serial}{device}")
+                device = path_device_of(push_b.target, user_of(req.get("to")))
+            token = self.tokens.path(hop.phone_flow, hop.serial, device, requested_expires(req), wall)
             req.insert_before("Path", f"<{self.identity.uri(token, hop.target)};lr>")
             return bindings
         if req.method in DIALOG_FORMING:
             kind = TOKEN_FROM_PBX if hop.to_phone else TOKEN_FROM_PHONE
-            token = self.tokens.mint(hop.phone_flow, f"{kind}.{hop.serial}")
+            token = self.tokens.record_route(hop.phone_flow, kind, hop.serial, req, wall)
             ftag = req.from_tag
             rr = f";lr;ftag={ftag}>" if ftag else ";lr>"
             # Double Record-Route when the two sides use different sockets
@@ -418,7 +437,7 @@ class Proxy:
             self.counters.inc("dropped_total", "response_not_ours")
             return []
         try:
-            back, _ = self.tokens.verify(via.params.get("pf") or "")
+            back = self.tokens.back(via.params.get("pf") or "", now + self._wall_offset)
         except BadToken:
             self.counters.inc("dropped_total", "response_bad_token")
             return []

@@ -1,10 +1,12 @@
 """Signed flow tokens for Path, Record-Route and Via (RFC 5626 §5.2).
 
-A token names a flow the relay has seen (transport, peer address, our socket)
-and the PBX serial the dialog or registration belongs to. It is HMAC-signed so
-that nobody can forge a token that points the relay at an address of their
-choosing: the relay only ever sends to flows it minted a token for or to a
-registered PBX — it is never an open relay.
+A token names a flow the relay has seen (transport, peer address, our socket),
+what it was minted for (a payload the proxy writes: the PBX serial, and the dialog
+or device it belongs to) and when it stops being good. It is HMAC-signed so that
+nobody can forge a token that points the relay at an address of their choosing:
+the relay only ever sends to flows it minted a token for or to a registered PBX —
+it is never an open relay — and a token copied from one dialog or registration is
+good for nothing else, and for a bounded time.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from relay.proxy.flow import TRANSPORTS, Flow
 # 80-bit truncated HMAC-SHA256: forging one takes ~2**80 tries, each a SIP
 # message on the wire; RFC 5626 §5.2 asks only that tokens be unguessable.
 MAC_SIZE = 10
-_HEAD = struct.Struct("!BHH")  # transport index | v6 flag, remote port, local port
+_HEAD = struct.Struct("!BHHI")  # transport index | v6 flags, remote port, local port, expiry
+# Expiry times are rounded up to this many seconds: a token stays the same for an hour,
+# so the messages of a call (each carries the same tokens) hit the caches below.
+GRAIN = 3600
 
 
 class BadToken(Exception):
     """The token was not minted by this relay (or its key changed)."""
+
+
+class ExpiredToken(BadToken):
+    """A token the relay minted, past its expiry."""
 
 
 # Tokens minted and verified recently, so that the messages of a call (each one
@@ -37,37 +46,43 @@ class FlowTokens:
         if len(key) < 16:
             raise ValueError("flow token key must be at least 16 bytes")
         self._key = key
-        self._minted: dict[tuple[Flow, str], str] = {}
-        self._verified: dict[str, tuple[Flow, str]] = {}
+        self._minted: dict[tuple[Flow, str, int], str] = {}
+        self._verified: dict[str, tuple[Flow, str, int]] = {}
 
-    def mint(self, flow: Flow, serial: str = "") -> str:
-        token = self._minted.get((flow, serial))
+    def mint(self, flow: Flow, payload: str, until: float) -> str:
+        """A token naming ``flow`` and ``payload``, good until ``until`` (wall-clock
+        seconds, rounded up to GRAIN)."""
+        expires = min(int(-(-until // GRAIN) * GRAIN), 0xFFFFFFFF)
+        token = self._minted.get((flow, payload, expires))
         if token is not None:
             return token
         rip = _pack(flow.remote_ip)
         lip = _pack(flow.local_ip)
         kind = TRANSPORTS.index(flow.transport) | (0x10 if len(rip) == 16 else 0)
         kind |= 0x20 if len(lip) == 16 else 0
-        body = _HEAD.pack(kind, flow.remote_port, flow.local_port) + rip + lip + serial.encode()
+        body = _HEAD.pack(kind, flow.remote_port, flow.local_port, expires) + rip + lip + payload.encode()
         mac = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
         token = base64.urlsafe_b64encode(mac + body).rstrip(b"=").decode("ascii")
         if len(self._minted) >= CACHE_SIZE:
             self._minted.clear()
-        self._minted[(flow, serial)] = token
+        self._minted[(flow, payload, expires)] = token
         return token
 
-    def verify(self, token: str) -> tuple[Flow, str]:
-        """(flow, serial) of a token we minted, else BadToken."""
+    def verify(self, token: str, now: float) -> tuple[Flow, str]:
+        """(flow, payload) of a token we minted that is still good at ``now`` (wall
+        clock); else BadToken (ExpiredToken for one that was good once)."""
         known = self._verified.get(token)
-        if known is not None:
-            return known
-        result = self._verify(token)
-        if len(self._verified) >= CACHE_SIZE:
-            self._verified.clear()
-        self._verified[token] = result
-        return result
+        if known is None:
+            known = self._verify(token)
+            if len(self._verified) >= CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = known
+        flow, payload, expires = known
+        if now > expires:
+            raise ExpiredToken("expired")
+        return flow, payload
 
-    def _verify(self, token: str) -> tuple[Flow, str]:
+    def _verify(self, token: str) -> tuple[Flow, str, int]:
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError) as e:
@@ -82,7 +97,7 @@ class FlowTokens:
         good = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
         if not hmac.compare_digest(mac, good):
             raise BadToken("bad signature")
-        kind, rport, lport = _HEAD.unpack_from(body)
+        kind, rport, lport, expires = _HEAD.unpack_from(body)
         at = _HEAD.size
         rlen = 16 if kind & 0x10 else 4
         llen = 16 if kind & 0x20 else 4
@@ -93,7 +108,7 @@ class FlowTokens:
             transport = TRANSPORTS[kind & 0x0F]
         except (UnicodeDecodeError, IndexError) as e:
             raise BadToken("bad payload") from e
-        return Flow(transport, _text(rip), rport, _text(lip), lport), serial
+        return Flow(transport, _text(rip), rport, _text(lip), lport), serial, expires
 
 
 def _pack(ip: str) -> bytes:

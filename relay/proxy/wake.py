@@ -95,6 +95,24 @@ def register_bindings(req: Request, default_expires: int = 3600) -> list[Binding
     return out
 
 
+def requested_expires(req: Request, default: int = 3600) -> int:
+    """The longest registration a REGISTER asks for (RFC 3261 §10.2.1.1: each Contact's
+    ``expires``, else the Expires header, else ``default``)."""
+    try:
+        header = req.get("expires")
+        values = [NameAddr.parse(v).params.get("expires") for v in req.get_all("contact") if v.strip() != "*"]
+    except SipParseError:
+        return default
+    asked = [v if v is not None else header for v in values] or [header]
+    longest = 0
+    for value in asked:
+        try:
+            longest = max(longest, int(value) if value is not None else default)
+        except ValueError:
+            continue
+    return longest
+
+
 def _target_hash(target: PushTarget) -> str:
     digest = hashlib.sha256(f"{target.provider}|{target.param}|{target.token}".encode()).digest()
     return base64.urlsafe_b64encode(digest[:9]).decode()
