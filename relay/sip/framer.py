@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from relay.sip import limits
@@ -47,8 +48,15 @@ class StreamFramer:
         # How far the buffer has been searched for CRLFCRLF without finding it,
         # so a header that trickles in byte by byte is not rescanned each time.
         self._scanned = 0
+        # (offset of the body, Content-Length) of the message whose header
+        # section is complete but whose body is still arriving: read once, so
+        # a body that trickles in does not make us re-read the header section
+        # on every read (each octet of a stream is looked at a bounded number
+        # of times, whatever the chunking).
+        self._pending: tuple[int, int] | None = None
 
     def feed(self, data: bytes | bytearray) -> list[StreamEvent]:
+        """The messages and pings completed by ``data``, in order (FramingLost: see the class)."""
         if self._lost is not None:
             raise self._lost
         self._buf += data
@@ -80,57 +88,63 @@ class StreamFramer:
                     break  # maybe the start of a ping
                 del buf[:1]
                 continue
-            end = buf.find(HEADER_END, max(0, self._scanned - 3))
-            if end < 0:
-                if len(buf) > limits.MAX_HEADER_SECTION:
-                    raise FramingLost("header section too large", status=513)
-                self._scanned = len(buf)
+            framed = self._pending or self._head(buf)
+            if framed is None:
                 break
-            body_at = end + 4
-            try:
-                cl = _stream_content_length(bytes(buf[:end]))
-                if body_at + cl > limits.MAX_MESSAGE_SIZE:
-                    raise FramingLost("message too large", status=513)
-            except FramingLost as e:
-                # Enough to answer 400/513 before closing (RFC 4475 ncl, mcl01).
-                e.message = _readable(bytes(buf[:end]))
-                raise
+            body_at, cl = framed
             if len(buf) < body_at + cl:
+                self._pending = framed
                 break
             raw = bytes(buf[: body_at + cl])
             del buf[: body_at + cl]
             self._scanned = 0
+            self._pending = None
             try:
                 events.append(parse_message(raw, datagram=False))
             except SipParseError as e:
                 events.append(Invalid(e))
 
+    def _head(self, buf: bytearray) -> tuple[int, int] | None:
+        """(offset of the body, Content-Length) once the header section is complete."""
+        end = buf.find(HEADER_END, max(0, self._scanned - 3))
+        if end < 0:
+            if len(buf) > limits.MAX_HEADER_SECTION:
+                raise FramingLost("header section too large", status=513)
+            self._scanned = len(buf)
+            return None
+        body_at = end + 4
+        try:
+            cl = _stream_content_length(bytes(buf[:end]))
+            if body_at + cl > limits.MAX_MESSAGE_SIZE:
+                raise FramingLost("message too large", status=513)
+        except FramingLost as e:
+            # Enough to answer 400/513 before closing (RFC 4475 ncl, mcl01).
+            e.message = _readable(bytes(buf[:end]))
+            raise
+        return body_at, cl
+
     @property
     def buffered(self) -> int:
+        """Octets received and not yet handed out as events."""
         return len(self._buf)
 
 
+# A Content-Length field (full or compact name, RFC 3261 §7.3.3) at the start of
+# a header line, and its value: everything up to a CRLF that is not followed by
+# WSP. RFC 3261 §7.3.1: a field may be folded onto continuation lines (HCOLON
+# ends in SWS), so "Content-Length:\r\n 5" is 5. One C search over the header
+# section, whatever its number of lines.
+_CONTENT_LENGTH = re.compile(
+    rb"\r\n(?:content-length|l)[ \t]*:((?:[^\r]++|\r(?!\n)|\r\n(?=[ \t]))*+)", re.IGNORECASE
+)
+
+
 def _stream_content_length(head: bytes) -> int:
-    # RFC 3261 §7.3.1: a field may be folded onto continuation lines (HCOLON
-    # ends in SWS), so "Content-Length:\r\n 5" is 5.
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n")[1:]:
-        if line[:1] in (b" ", b"\t"):
-            if fields:
-                fields[-1] += line
-            continue
-        fields.append(line)
-    found: list[bytes] = []
-    for line in fields:
-        colon = line.find(b":")
-        if colon <= 0:
-            continue
-        name = line[:colon].strip().lower()
-        if name in (b"content-length", b"l"):
-            found.append(line[colon + 1 :].strip())
-    if len(found) != 1:
+    found = _CONTENT_LENGTH.finditer(head)
+    first = next(found, None)
+    if first is None or next(found, None) is not None:
         raise FramingLost("Content-Length missing or repeated on a stream")
-    v = found[0]
+    v = first[1].replace(b"\r\n", b"").strip()
     if not v.isdigit() or len(v) > 10:
         raise FramingLost("bad Content-Length")
     return int(v)
