@@ -74,20 +74,10 @@ class StreamFramer:
     def _frame(self, events: list[StreamEvent]) -> None:
         buf = self._buf
         while buf:
-            # Leading CRLFs between messages: CRLFCRLF is a ping; a lone CRLF is
-            # a pong or padding and is skipped (RFC 5626 §3.5.1, RFC 3261 §7.5).
-            if buf[:1] == b"\r" or buf[:1] == b"\n":
-                if buf[:4] == b"\r\n\r\n":
-                    events.append(Ping())
-                    del buf[:4]
-                    continue
-                if buf[:2] == b"\r\n" and len(buf) >= 4:
-                    del buf[:2]
-                    continue
-                if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
-                    break  # maybe the start of a ping
-                del buf[:1]
-                continue
+            if self._pending is None and not _skip_padding(buf, events):
+                break  # maybe the start of a ping
+            if not buf:
+                break
             framed = self._pending or self._head(buf)
             if framed is None:
                 break
@@ -148,6 +138,38 @@ def _stream_content_length(head: bytes) -> int:
     if not v.isdigit() or len(v) > 10:
         raise FramingLost("bad Content-Length")
     return int(v)
+
+
+# Leading CRLFs between messages: CRLFCRLF is a ping; a lone CRLF is a pong or
+# padding and is skipped (RFC 5626 §3.5.1, RFC 3261 §7.5); so is a lone CR or
+# LF. Read left to right, a ping first, then a CRLF, then one octet; a CRLF or
+# an octet only while 4 octets are left to look at (fewer could be the start
+# of a ping, still arriving). One C match consumes the whole run of them,
+# however long: a peer sending megabytes of line ends costs C time, not a
+# Python step per octet.
+_PADDING = re.compile(rb"(?:\r\n\r\n|\r\n(?=.{2})|[\r\n](?=.{3}))*+", re.DOTALL)
+_PADDING_TOKEN = re.compile(rb"\r\n\r\n|\r\n|[\r\n]")
+_PING_OCTETS = b"\r\n\r\n"
+_PING = Ping()
+
+
+def _skip_padding(buf: bytearray, events: list[StreamEvent]) -> bool:
+    """Consume the line ends at the start of ``buf``, a Ping for each CRLFCRLF.
+
+    False when what is left (under 4 octets) may be the start of a ping.
+    """
+    m = _PADDING.match(buf)
+    end = 0 if m is None else m.end()
+    if end:
+        # The same left-to-right reading over the consumed run, in C.
+        pings = _PADDING_TOKEN.findall(buf, 0, end).count(_PING_OCTETS)
+        events.extend([_PING] * pings)
+        del buf[:end]
+    while buf and buf[0] in b"\r\n":  # fewer than 4 octets are left
+        if _PING_OCTETS.startswith(bytes(buf)):
+            return False
+        del buf[:1]
+    return True
 
 
 def _readable(head: bytes) -> SipMessage | None:

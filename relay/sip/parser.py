@@ -238,10 +238,18 @@ def _split_lists(msg: SipMessage) -> dict[str, list[str]]:
             continue
         if h.name in _VALIDATED_LISTS:
             values = split_commas(h.value)
+            if not values and h.name == "via":
+                # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
+                # proxy stamps and strips the first value of the first field.
+                raise SipParseError("Via field without a value")
             lists.setdefault(h.name, []).extend(values)
             n = len(values)
         else:
-            n = len(split_commas(h.value)) if "," in h.value else (1 if h.value else 0)
+            value = h.value
+            if "," in value or '"' in value:  # quotes checked here, not in the proxy
+                n = len(split_commas(value))
+            else:
+                n = 1 if value else 0
         total = counts[h.name] = counts.get(h.name, 0) + n
         if total > cap[1]:
             raise SipLimitExceeded(cap[0], f"too many {_LIST_NAMES[h.name]} values")
