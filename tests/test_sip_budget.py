@@ -82,27 +82,32 @@ def hostile_messages(draw: st.DrawFn) -> bytes:
 
 def read_like_the_proxy(m: SipMessage) -> int:
     """What the proxy reads of a message: every list, each value parsed, the top
-    Via, From/To, the loose-routing walk and removal, and the bytes out."""
+    Via, From/To, the loose-routing walk and removal, and the bytes out. A list
+    the parser only counts (Route, Record-Route, Path …) may still hold a broken
+    quoted string: reading it raises SipParseError, which the proxy turns into
+    a counted drop, as it does here."""
     seen = 0
-    for name in ("via", "route", "record-route", "path", "contact"):
-        for value in m.get_all(name):  # checked by the parser: never raises here
+    for name in ("via", "contact", "route", "record-route", "path", "proxy-require", "supported"):
+        try:
+            values = m.get_all(name)
+        except SipParseError:
+            continue
+        for value in values:
             seen += 1
             try:
-                if name != "via":
+                if name in ("contact", "route", "record-route", "path"):
                     SipUri.parse(NameAddr.parse(value).uri)
             except SipParseError:
                 pass
-    for name in ("proxy-require", "supported"):
-        try:
-            seen += len(m.get_all(name))
-        except SipParseError:  # not a list the parser checks: the proxy's answer is 400
-            pass
     m.top_via()
     if isinstance(m, Request):
         m.from_()
         m.to()
-    routes = m.get_all("route")
-    m.pop_first_values("route", len(routes) // 2)
+    try:
+        routes = m.get_all("route")
+        m.pop_first_values("route", len(routes) // 2)
+    except SipParseError:
+        pass
     m.serialise()
     return seen
 

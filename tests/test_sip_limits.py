@@ -99,6 +99,35 @@ def test_empty_list_fields_hold_no_value() -> None:
     assert m.get_all("route") == ["<sip:a.example.com;lr>"]
 
 
+def test_a_route_with_a_broken_quote_is_counted_not_refused() -> None:
+    # Route is only counted by the parser (the proxy reads it, and answers a
+    # broken one); with an unterminated quote every comma counts as a separator
+    broken = b'Route: "' + b", ".join([b"<sip:p.example.com;lr>"] * limits.MAX_ROUTES)
+    m = parse_message(request(broken))
+    with pytest.raises(SipParseError):
+        m.get_all("route")
+    assert refused(request(broken + b", <sip:q.example.com>")).limit == "MAX_ROUTES"
+
+
+def test_a_response_contact_is_counted_not_validated() -> None:
+    # a response is forwarded as it is: a Contact the relay does not read stays
+    m = parse_message(response(b'Contact: "broken <sip:a@b>'))
+    assert m.get("contact") == '"broken <sip:a@b>'
+    contacts = b"Contact: " + b", ".join([b"<sip:u@h>"] * (limits.MAX_CONTACTS + 1))
+    assert refused(response(contacts)).limit == "MAX_CONTACTS"
+
+
+@pytest.mark.parametrize("via", [b"Via:", b"Via: ,", b"v: , ,"])
+def test_a_via_field_without_a_value_is_400(via: bytes) -> None:
+    # RFC 3261 §20.42: at least one via-parm; the proxy rewrites the first value
+    # of the first Via field (received/rport) and strips it from responses
+    with pytest.raises(SipParseError) as info:
+        parse_message(request(via))
+    assert info.value.status == 400
+    with pytest.raises(SipParseError):
+        parse_message(response(via))
+
+
 # -- separators across the message -----------------------------------------------------
 
 

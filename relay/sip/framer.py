@@ -142,15 +142,21 @@ def _stream_content_length(head: bytes) -> int:
 
 # Leading CRLFs between messages: CRLFCRLF is a ping; a lone CRLF is a pong or
 # padding and is skipped (RFC 5626 §3.5.1, RFC 3261 §7.5); so is a lone CR or
-# LF. Read left to right, a ping first, then a CRLF, then one octet; a CRLF or
-# an octet only while 4 octets are left to look at (fewer could be the start
-# of a ping, still arriving). One C match consumes the whole run of them,
-# however long: a peer sending megabytes of line ends costs C time, not a
-# Python step per octet.
-_PADDING = re.compile(rb"(?:\r\n\r\n|\r\n(?=.{2})|[\r\n](?=.{3}))*+", re.DOTALL)
-_PADDING_TOKEN = re.compile(rb"\r\n\r\n|\r\n|[\r\n]")
+# LF. The run is read left to right — a ping first, then a CRLF, then one octet
+# — and a CRLF or a lone octet only while 4 octets are left to look at: fewer
+# may be the start of a ping still arriving. A run of any length costs a few C
+# calls, not a Python step per octet (a peer can send megabytes of them):
+# - read left to right, a run's pings are exactly its non-overlapping CRLFCRLFs
+#   from the left (a CRLF token never starts inside one), so bytes.count finds
+#   them;
+# - only the end of a run that is all the buffer holds needs the step-by-step
+#   reading, and that reading can start a few octets before the end: after
+#   "\n\n" or "\r\r" (no token spans such a pair), or, where the octets
+#   alternate CR LF CR LF…, every 4 octets (each is a ping).
+_RUN = re.compile(rb"[\r\n]*+")
 _PING_OCTETS = b"\r\n\r\n"
 _PING = Ping()
+_STEP_TAIL = 12  # a run this short is read step by step from its start
 
 
 def _skip_padding(buf: bytearray, events: list[StreamEvent]) -> bool:
@@ -158,17 +164,48 @@ def _skip_padding(buf: bytearray, events: list[StreamEvent]) -> bool:
 
     False when what is left (under 4 octets) may be the start of a ping.
     """
-    m = _PADDING.match(buf)
+    m = _RUN.match(buf)
     end = 0 if m is None else m.end()
-    if end:
-        # The same left-to-right reading over the consumed run, in C.
-        pings = _PADDING_TOKEN.findall(buf, 0, end).count(_PING_OCTETS)
-        events.extend([_PING] * pings)
+    if end == 0:
+        return True
+    if end < len(buf):  # a message follows: the whole run is read
+        events.extend([_PING] * buf.count(_PING_OCTETS, 0, end))
         del buf[:end]
-    while buf and buf[0] in b"\r\n":  # fewer than 4 octets are left
-        if _PING_OCTETS.startswith(bytes(buf)):
+        return True
+    start = _tail_start(buf)
+    events.extend([_PING] * buf.count(_PING_OCTETS, 0, start))
+    del buf[:start]
+    return _step(buf, events)
+
+
+def _tail_start(run: bytearray) -> int:
+    """A position within the last 14 octets of ``run`` (all CR/LF) where the
+    left-to-right reading from the start is certain to stand."""
+    n = len(run)
+    if n <= _STEP_TAIL:
+        return 0
+    # The last "\n\n" or "\r\r" that starts before n-9: the reading stands
+    # between its two octets; from there to n-8 the octets alternate.
+    pair = max(run.rfind(b"\n\n", 0, n - 7), run.rfind(b"\r\r", 0, n - 7))
+    at = pair + 1
+    if run[at : at + 1] == b"\n":
+        at += 1  # a lone LF; what follows starts with CR
+    # Alternating from ``at``: a ping every 4 octets, as far as they fit before n-8.
+    return at + 4 * max(0, (n - 11 - at) // 4)
+
+
+def _step(buf: bytearray, events: list[StreamEvent]) -> bool:
+    """The reading one token at a time, over the last octets of a run (at most 14)."""
+    while buf and buf[0] in b"\r\n":
+        if buf[:4] == _PING_OCTETS:
+            events.append(_PING)
+            del buf[:4]
+        elif buf[:2] == b"\r\n" and len(buf) >= 4:
+            del buf[:2]
+        elif len(buf) < 4 and _PING_OCTETS.startswith(bytes(buf)):
             return False
-        del buf[:1]
+        else:
+            del buf[:1]
     return True
 
 

@@ -232,11 +232,13 @@ def _split_lists(msg: SipMessage) -> dict[str, list[str]]:
     """
     lists: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
+    # A response is forwarded as it is: only its Vias are read (and so checked).
+    validated = _VALIDATED_LISTS if isinstance(msg, Request) else _VIA_ONLY
     for h in msg.headers:
         cap = limits.LIST_LIMITS.get(h.name)
         if cap is None:
             continue
-        if h.name in _VALIDATED_LISTS:
+        if h.name in validated:
             values = split_commas(h.value)
             if not values and h.name == "via":
                 # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
@@ -245,18 +247,27 @@ def _split_lists(msg: SipMessage) -> dict[str, list[str]]:
             lists.setdefault(h.name, []).extend(values)
             n = len(values)
         else:
-            value = h.value
-            if "," in value or '"' in value:  # quotes checked here, not in the proxy
-                n = len(split_commas(value))
-            else:
-                n = 1 if value else 0
+            n = _count_values(h.value)
         total = counts[h.name] = counts.get(h.name, 0) + n
         if total > cap[1]:
             raise SipLimitExceeded(cap[0], f"too many {_LIST_NAMES[h.name]} values")
     return lists
 
 
+def _count_values(value: str) -> int:
+    """How many values a list field holds, never raising: a field the proxy reads
+    later (Route, Record-Route, Path) is not refused here for being malformed,
+    only for being too long; with an unterminated quote, every comma counts."""
+    if "," not in value:
+        return 1 if value else 0
+    try:
+        return len(split_commas(value))
+    except SipParseError:
+        return value.count(",") + 1
+
+
 _VALIDATED_LISTS = frozenset({"via", "contact"})
+_VIA_ONLY = frozenset({"via"})
 _LIST_NAMES = {"via": "Via", "route": "Route", "record-route": "Record-Route", "path": "Path",
                "contact": "Contact"}
 
