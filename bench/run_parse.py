@@ -14,7 +14,9 @@ disturbed by whatever else shares the machine).
    MAX_ROUTES entries are refused by the parser (513); --lifted also measures
    the same counts with the Route limit lifted (monkeypatched here, relay/
    untouched), so that the proxy's own loop shows: parse alone must grow
-   linearly, and so must parse + core once the core walks the route set once.
+   linearly, and so must parse + core once the core walks the route set once;
+   --lifted also times that walk alone, as the core does it at d9440f1 and
+   as it does it with SipMessage.pop_first_values (what the core should call).
 2. The costliest shapes tests/test_sip_budget.py and tests/test_sdp.py look
    for, each at its limit: parse, SDP anchoring, stream framing.
 
@@ -38,6 +40,8 @@ from core_replay import HOST, UAC, make_proxy  # noqa: E402
 from relay.media.sdp import NO_PORTS, SdpError, anchor_sdp  # noqa: E402
 from relay.sip import SipParseError, StreamFramer, limits, parse_message  # noqa: E402
 from relay.sip.framer import FramingLost  # noqa: E402
+from relay.sip.headers import NameAddr  # noqa: E402
+from relay.sip.uri import SipUri  # noqa: E402
 
 PER_FIELD = 20  # Route entries per field: 1,000 entries in 50 fields, under MAX_HEADERS
 
@@ -115,6 +119,44 @@ def routes(counts: list[int], repeat: int, lifted: bool) -> None:
               f"{(pc - p) / n:>7.2f}  {outcome(data)}")
 
 
+def walk_rescanning(data: bytes) -> Callable[[], object]:
+    """The core's loose-routing loop at d9440f1: read the route set, parse its
+    first entry, pop it (one rewrite), read the set again — per entry."""
+    def run() -> object:
+        msg = parse_message(data)
+        while True:
+            top = msg.get_all("route")
+            if not top or SipUri.parse(NameAddr.parse(top[0]).uri).host != HOST:
+                return msg
+            msg.pop_first_value("route")
+    return run
+
+
+def walk_once(data: bytes) -> Callable[[], object]:
+    """The same walk with the primitives meant for it: the route set read once,
+    each entry parsed once, the entries taken removed in one pass."""
+    def run() -> object:
+        msg = parse_message(data)
+        ours = 0
+        for value in msg.get_all("route"):
+            if SipUri.parse(NameAddr.parse(value).uri).host != HOST:
+                break
+            ours += 1
+        msg.pop_first_values("route", ours)
+        return msg
+    return run
+
+
+def walks(counts: list[int], repeat: int) -> None:
+    print("== the loose-routing walk alone (parse + strip every Route entry naming the relay)")
+    print(f"   {'entries':>7} {'rescanning µs':>14} {'/entry':>7} {'one pass µs':>12} {'/entry':>7}")
+    for n in counts:
+        data = route_invite(n)
+        old = per_call(walk_rescanning(data), repeat)
+        new = per_call(walk_once(data), repeat)
+        print(f"   {n:>7} {old:>14.1f} {old / n:>7.2f} {new:>12.1f} {new / n:>7.2f}")
+
+
 def lift_route_limit() -> None:
     limits.LIST_LIMITS["route"] = ("MAX_ROUTES", 10**6)
 
@@ -131,6 +173,12 @@ def sip(*fields: bytes) -> bytes:
     return b"\r\n".join([START, *BASE, *fields, b"Content-Length: 0"]) + b"\r\n\r\n"
 
 
+def big_datagram() -> bytes:
+    head = sip(*[b"X-C: " + b"," * 250 + b"x" * 7600] * 4)
+    body = b"b" * (limits.MAX_MESSAGE_SIZE - len(head) - 8)
+    return head.replace(b"Content-Length: 0", b"Content-Length: %d" % len(body)) + body
+
+
 SIP_SHAPES: dict[str, bytes] = {
     "plain INVITE": sip(),
     "70 Vias, 13 params each": sip(*[b"Via: SIP/2.0/UDP h%d;branch=z9hG4bK%d" % (i, i) + b";p=1" * 13
@@ -139,10 +187,12 @@ SIP_SHAPES: dict[str, bytes] = {
     "one field folded over 1,000 lines": sip(b"X: a" + b"\r\n b" * (limits.MAX_LINES - 20)),
     "32 Contacts, 30 params each": sip(*[b"Contact: <sip:a@b" + b";x" * 15 + b">" + b";y" * 15]
                                        * limits.MAX_CONTACTS),
-    "16 KiB of escaped quotes": sip(b'Contact: "' + b'\\"' * 8000 + b'" <sip:a@b>'),
-    "16 KiB of '<' in a Route": sip(b"Route: ," + b"<" * 16000),
-    "64 KiB datagram, 1,024 commas": sip(*[b"X-C: " + b"," * 1000 + b"x" * 7000] * 4,
-                                         b"X-D: " + b"," * 10),
+    "16 KiB of escaped quotes, folded": sip(b'Contact: "' + b'\\"' * 3900 + b"\r\n " + b'\\"' * 3900
+                                            + b'" <sip:a@b>'),
+    "16 KiB of '<' in a Route, folded": sip(b"Route: ," + b"<" * 7900 + b"\r\n " + b"<" * 7900),
+    "64 Routes with quoted display names": sip(b"Route: " + b", ".join(
+        [b'"a, b; \\"c\\"" <sip:relay.test;lr;x=1>'] * limits.MAX_ROUTES)),
+    "32 KiB header, 1,000 commas, 32 KiB body": big_datagram(),
 }
 
 SDP_HEAD = [b"v=0", b"o=- 1 1 IN IP4 192.0.2.1", b"s=-", b"c=IN IP4 192.0.2.1", b"t=0 0"]
@@ -187,12 +237,12 @@ def shapes(repeat: int) -> None:
     for name, data in SIP_SHAPES.items():
         res = parse_only(data)()
         kind = f"refused {res.status}" if isinstance(res, SipParseError) else "parsed"
-        print(f"   {name:<36} {len(data):>6} octets {per_call(parse_only(data), repeat):>8.1f} µs  {kind}")
+        print(f"   {name:<42} {len(data):>6} octets {per_call(parse_only(data), repeat):>8.1f} µs  {kind}")
     print("== costliest SDP bodies, anchor_sdp (scan + rewrite)")
     for name, data in SDP_SHAPES.items():
         res = anchor(data)()
         kind = f"refused ({res.reason[:40]})" if isinstance(res, SdpError) else "anchored"
-        print(f"   {name:<36} {len(data):>6} octets {per_call(anchor(data), repeat):>8.1f} µs  {kind}")
+        print(f"   {name:<42} {len(data):>6} octets {per_call(anchor(data), repeat):>8.1f} µs  {kind}")
     print("== stream framing (StreamFramer.feed), per stream")
     message = sip(b"X-Pad: y").replace(b"Content-Length: 0", b"Content-Length: 4000") + b"b" * 4000
     streams = {
@@ -218,6 +268,7 @@ def main() -> int:
     if a.lifted:
         lift_route_limit()
         routes([10, 100, 1000], a.repeat, lifted=True)
+        walks([10, 100, 1000], a.repeat)
     shapes(a.repeat)
     src = os.environ.get("BENCH_RELAY_SRC")
     print("  reproduce: " + (f"BENCH_RELAY_SRC={src} " if src else "")
