@@ -217,12 +217,13 @@ def _check_size_limits(msg: SipMessage, head: bytes) -> None:
         raise SipLimitExceeded("MAX_COMMAS", "too many comma-separated values")
     if head.count(b";") > limits.MAX_SEMICOLONS:
         raise SipLimitExceeded("MAX_SEMICOLONS", "too many parameters")
-    for h in msg.headers:
-        if len(h.value) > limits.MAX_HEADER_VALUE:
-            raise SipLimitExceeded("MAX_HEADER_VALUE", "header value too long")
+    if len(head) > limits.MAX_HEADER_VALUE:  # else no value can be that long
+        for h in msg.headers:
+            if len(h.value) > limits.MAX_HEADER_VALUE:
+                raise SipLimitExceeded("MAX_HEADER_VALUE", "header value too long")
 
 
-def _split_lists(msg: SipMessage) -> dict[str, list[str]]:
+def _split_lists(msg: SipMessage, fields: list[Header]) -> dict[str, list[str]]:
     """The values of every list with a limit (limits.LIST_LIMITS), each field split once.
 
     Over a limit → SipLimitExceeded (513). Via and Contact values are returned
@@ -234,10 +235,8 @@ def _split_lists(msg: SipMessage) -> dict[str, list[str]]:
     counts: dict[str, int] = {}
     # A response is forwarded as it is: only its Vias are read (and so checked).
     validated = _VALIDATED_LISTS if isinstance(msg, Request) else _VIA_ONLY
-    for h in msg.headers:
-        cap = limits.LIST_LIMITS.get(h.name)
-        if cap is None:
-            continue
+    for h in fields:
+        cap = limits.LIST_LIMITS[h.name]
         if h.name in validated:
             values = split_commas(h.value)
             if not values and h.name == "via":
@@ -275,16 +274,20 @@ _LIST_NAMES = {"via": "Via", "route": "Route", "record-route": "Record-Route", "
 def _validate(msg: SipMessage) -> None:
     """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
     found: dict[str, str] = {}
+    list_fields: list[Header] = []
     for h in msg.headers:
         name = h.name
-        if name in SINGLE_VALUED and name in found:
-            raise SipParseError(f"more than one {name}")
-        if name not in found:
+        if name in found:
+            if name in SINGLE_VALUED:
+                raise SipParseError(f"more than one {name}")
+        else:
             found[name] = h.value
+        if name in limits.LIST_LIMITS:
+            list_fields.append(h)
     for name in ("call-id", "cseq", "from", "to", "via"):
         if name not in found:
             raise SipParseError(f"missing {name}")
-    lists = _split_lists(msg)
+    lists = _split_lists(msg, list_fields)
     cseq = found["cseq"].split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
