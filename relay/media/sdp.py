@@ -167,11 +167,14 @@ class MediaStream:
 
     @property
     def disabled(self) -> bool:
+        """Port 0: a disabled or rejected stream, which takes no port."""
         return self.port == 0
 
 
 @dataclass(frozen=True, slots=True)
 class Sdp:
+    """What the relay reads of a body: the session-level c= and each m= section."""
+
     session_conn: str | None   # address of the session-level c=, if any
     media: list[MediaStream]
 
@@ -333,6 +336,7 @@ class _Scanner:
         self.addresses = 0
 
     def scan(self) -> _Layout:
+        """The layout of the whole body (roles, addresses, sections) and what it says."""
         # RFC 8866 §5: a description begins with "v=" (§5.1: version 0).
         if not self.lines or self.lines[0][0] != b"v=0":
             raise SdpError("does not begin with v=0")

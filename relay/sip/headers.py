@@ -164,10 +164,12 @@ class Via:
 
     @property
     def branch(self) -> str | None:
+        """The branch parameter (RFC 3261 §8.1.1.7), None when absent."""
         return self.params.get("branch")
 
     @classmethod
     def parse(cls, value: str) -> Via:
+        """Parse one Via value; SipParseError when malformed, 513 over MAX_PARAMS."""
         semi = value.find(";")
         head, ptext = (value, "") if semi < 0 else (value[:semi], value[semi + 1 :])
         # "SIP / 2.0 / UDP host:port" — LWS is allowed around the slashes.
@@ -184,6 +186,7 @@ class Via:
         return cls(transport, host, port, parse_params(ptext))
 
     def sent_by(self) -> str:
+        """``host[:port]`` as written (transaction matching, RFC 3261 §17.2.3)."""
         return f"{format_host(self.host)}:{self.port}" if self.port else format_host(self.host)
 
 
@@ -223,6 +226,7 @@ def _port(text: str) -> int:
 
 
 def format_host(host: str) -> str:
+    """A host as written in a URI or Via: IPv6 in brackets (RFC 3261 §25.1)."""
     return f"[{host}]" if ":" in host else host
 
 

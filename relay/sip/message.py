@@ -67,6 +67,7 @@ class SipMessage:
 
     @from_tag.setter
     def from_tag(self, tag: str | None) -> None:
+        """Remember the From tag read elsewhere (the parser reads it while validating)."""
         self._from_tag = tag
 
     # -- reading ---------------------------------------------------------
