@@ -5,19 +5,28 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
 from relay.media.sdp import (
     ICE_ATTRIBUTES,
+    MAX_ICE_CANDIDATES,
     MAX_MEDIA_STREAMS,
     MAX_PORT_COUNT,
+    MAX_SDP_ADDRESSES,
+    MAX_SDP_ATTRIBUTES,
+    MAX_SDP_LINE_LENGTH,
+    MAX_SDP_LINES,
     MAX_SDP_SIZE,
     NO_PORTS,
+    WORK_PER_BODY,
     SdpError,
+    SdpLimitExceeded,
+    anchor_sdp,
     parse_sdp,
     rewrite_sdp,
 )
+from tests.workmeter import work_of
 
 RELAY = "203.0.113.10"
 RELAY6 = "2001:db8:ffff::10"
@@ -638,9 +647,93 @@ def test_refused(data: bytes, reason: str) -> None:
 def test_limits_are_inclusive() -> None:
     streams = [b"m=audio %d RTP/AVP 0" % (4000 + 2 * i) for i in range(MAX_MEDIA_STREAMS)]
     assert len(parse_sdp(body(*HEAD, *streams)).media) == MAX_MEDIA_STREAMS
-    prefix = body(*HEAD, b"m=audio 4000 RTP/AVP 0", b"a=x:")
-    pad = MAX_SDP_SIZE - len(prefix) - 2
-    assert len(parse_sdp(prefix[:-2] + b"y" * pad + b"\r\n").media) == 1
+    # a body of exactly MAX_SDP_SIZE octets, in lines of at most MAX_SDP_LINE_LENGTH
+    head = body(*HEAD, b"m=audio 4000 RTP/AVP 0")
+    line = b"a=x:" + b"y" * (MAX_SDP_LINE_LENGTH - 4) + b"\r\n"
+    full, rest = divmod(MAX_SDP_SIZE - len(head), len(line))
+    data = head + line * full + b"a=x:" + b"y" * (rest - 6) + b"\r\n"
+    assert len(data) == MAX_SDP_SIZE
+    assert len(parse_sdp(data).media) == 1
+
+
+def sdp_limit(data: bytes) -> SdpLimitExceeded:
+    with pytest.raises(SdpLimitExceeded) as info:
+        parse_sdp(data)
+    return info.value
+
+
+def streams(n: int) -> list[bytes]:
+    return [b"m=audio %d RTP/AVP 0" % (4000 + 2 * i) for i in range(n)]
+
+
+def test_media_streams_limit_is_typed() -> None:
+    assert len(parse_sdp(body(*HEAD, *streams(MAX_MEDIA_STREAMS))).media) == MAX_MEDIA_STREAMS
+    e = sdp_limit(body(*HEAD, *streams(MAX_MEDIA_STREAMS + 1)))
+    assert e.limit == "MAX_MEDIA_STREAMS"
+    assert isinstance(e, SdpError)  # the media layer's 488, unchanged
+
+
+def test_lines_limit() -> None:
+    filler = [b"b=AS:64"] * (MAX_SDP_LINES - len(HEAD) - 1)
+    assert len(parse_sdp(body(*HEAD, b"m=audio 4000 RTP/AVP 0", *filler)).media) == 1
+    assert sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", *filler, b"b=AS:64")).limit == "MAX_SDP_LINES"
+    # empty lines count too: they are lines a peer makes us step over
+    assert sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", *[b""] * MAX_SDP_LINES)).limit == (
+        "MAX_SDP_LINES")
+
+
+def test_line_length_limit() -> None:
+    at = b"a=x:" + b"y" * (MAX_SDP_LINE_LENGTH - 4)
+    assert len(parse_sdp(body(*HEAD, b"m=audio 4000 RTP/AVP 0", at)).media) == 1
+    e = sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", at + b"y"))
+    assert e.limit == "MAX_SDP_LINE_LENGTH"
+    # the last line, without a line ending, is held to it too
+    assert sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", at + b"y", trailing=False)).limit == (
+        "MAX_SDP_LINE_LENGTH")
+
+
+@pytest.mark.parametrize("session_level", [True, False])
+def test_attributes_per_level(session_level: bool) -> None:
+    attrs = [b"a=x-%d" % i for i in range(MAX_SDP_ATTRIBUTES)]
+
+    def offer(extra: list[bytes]) -> bytes:
+        if session_level:
+            return body(*HEAD, *attrs, *extra, b"m=audio 4000 RTP/AVP 0")
+        return body(*HEAD, b"m=audio 4000 RTP/AVP 0", *attrs, *extra)
+
+    assert len(parse_sdp(offer([])).media) == 1
+    assert sdp_limit(offer([b"a=sendonly"])).limit == "MAX_SDP_ATTRIBUTES"
+
+
+def test_each_level_counts_its_own_attributes() -> None:
+    attrs = [b"a=x-%d" % i for i in range(MAX_SDP_ATTRIBUTES)]
+    two = body(*HEAD, *attrs, b"m=audio 4000 RTP/AVP 0", *attrs)
+    assert len(parse_sdp(two).media) == 1
+
+
+def test_ice_candidates_limit() -> None:
+    cand = b"a=candidate:1 1 UDP 2130706431 10.0.1.1 8998 typ host"
+    per = MAX_ICE_CANDIDATES // 2
+    offer = body(*HEAD, *[line for m in streams(2) for line in [m, *[cand] * per]])
+    out = rewrite_sdp(offer, RELAY, [(9000, 9001), (9002, 9003)])
+    assert b"candidate" not in out
+    assert sdp_limit(offer + cand + b"\r\n").limit == "MAX_ICE_CANDIDATES"
+
+
+def test_addresses_limit() -> None:
+    # one c= at session level (HEAD), then c= and a=rtcp with an address per section
+    per_section = [b"c=IN IP4 192.0.2.7", b"a=rtcp:53020 IN IP4 192.0.2.7"]
+    offer = body(*HEAD, *[line for m in streams(MAX_MEDIA_STREAMS) for line in [m, *per_section]])
+    assert len(parse_sdp(offer).media) == MAX_MEDIA_STREAMS  # what a real body can need
+    repeated = [b"c=IN IP4 192.0.2.%d" % i for i in range(MAX_SDP_ADDRESSES - 1)]
+    assert len(parse_sdp(body(*HEAD, b"m=audio 4000 RTP/AVP 0", *repeated)).media) == 1
+    e = sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", *repeated, b"c=IN IP4 192.0.2.99"))
+    assert e.limit == "MAX_SDP_ADDRESSES"
+
+
+def test_size_limit_is_typed() -> None:
+    assert sdp_limit(body(*HEAD, b"m=audio 4000 RTP/AVP 0", b"a=" + b"x" * MAX_SDP_SIZE)).limit == (
+        "MAX_SDP_SIZE")
 
 
 def test_unknown_lines_and_text_pass_through() -> None:
@@ -947,3 +1040,43 @@ def test_mutated_sdp_only_raises_sdp_error(offer: bytes, at: int, junk: bytes) -
             continue
         ports = [NO_PORTS if m.disabled else (20000 + 2 * m.index, None) for m in s.media]
         rewrite_sdp(data, RELAY6, ports)
+
+
+# -- a fixed work budget per body (WORK_PER_BODY) -------------------------------------------
+
+# Lines a hostile body is made of: every kind the scan treats apart, at both levels.
+HOSTILE_LINES = st.sampled_from([
+    b"", b"b=AS:64", b"a=x", b"a=sendonly", b"a=rtcp:9", b"a=rtcp:9 IN IP6 2001:db8::1",
+    b"a=rtcp:9 IN IP4 " + b"a" * 60 + b".example", b"c=IN IP4 192.0.2.1", b"c=IN IP6 ::1",
+    b"a=candidate:1 1 UDP 2130706431 10.0.1.1 8998 typ host", b"a=ice-ufrag:x", b"m=audio 4000 RTP/AVP 0",
+    b"m=video 0 RTP/AVP " + b"96 " * 600, b"a=fmtp:96 " + b"x" * 3000, b"a=" + b":" * 2000,
+])
+
+
+@st.composite
+def hostile_bodies(draw: st.DrawFn) -> bytes:
+    lines = [*HEAD, b"m=audio 4000 RTP/AVP 0"]
+    for _ in range(draw(st.integers(1, 4))):
+        lines += [draw(HOSTILE_LINES)] * draw(st.integers(1, 600))
+    return body(*lines, eol=draw(st.sampled_from([b"\r\n", b"\n"])))
+
+
+def _anchor(data: bytes) -> bytes:
+    return anchor_sdp(data, RELAY, lambda sdp: [
+        NO_PORTS if m.disabled else (20000 + 2 * m.index, 20001 + 2 * m.index) for m in sdp.media])
+
+
+@given(hostile_bodies())
+@settings(max_examples=150, deadline=None, phases=[p for p in settings.default.phases if p.name != "explain"],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_anchoring_any_body_stays_within_the_budget(data: bytes) -> None:
+    outcome, work = work_of(lambda: _anchor(data))
+    assert isinstance(outcome, bytes | SdpError), outcome
+    target(float(work), label="anchor work")
+    assert work <= WORK_PER_BODY, (work, len(data))
+
+
+def test_sipp_offer_is_a_small_part_of_the_budget() -> None:
+    out, work = work_of(lambda: _anchor(SIPP))
+    assert isinstance(out, bytes)
+    assert work < WORK_PER_BODY // 20

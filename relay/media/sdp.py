@@ -32,10 +32,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 # -- limits ---------------------------------------------------------------------------
+# Each bounds what one body can cost or make the relay hold. Over one, the body is
+# refused with SdpLimitExceeded (an SdpError: the caller answers 488, see above).
 
 # The largest SDP body we read. It cannot be larger than the SIP message carrying
 # it (relay.sip.limits.MAX_MESSAGE_SIZE, 65,535 octets, Kamailio's BUF_SIZE); the
@@ -43,19 +45,62 @@ from typing import Final, Literal
 # with audio, video and a few dozen codecs and candidates is 2-4 KiB.
 MAX_SDP_SIZE: Final = 65_535
 
-# m= lines per SDP. Each enabled m= line is a request for a port pair from the
-# relay's range (10000-20000 by default: 5,000 pairs), so a peer must not be able
-# to ask for hundreds with one message. SIP calls carry one to four streams:
-# audio, video, a second "slides" video (RFC 4796 a=content), BFCP, T.38 or T.140.
-# 16 leaves room for multi-stream video endpoints; over it the body is refused.
-MAX_MEDIA_STREAMS: Final = 16
+# Lines per body. Each costs a step of the scan; a SIP phone sends 10-40 (SIPp's
+# offer 7, baresip's audio+video offer with ICE ~45), a WebRTC audio+video offer
+# ~150. pjmedia (pjsip's SDP parser) holds at most 16 m= sections of 68
+# attributes each by default (PJMEDIA_MAX_SDP_MEDIA, PJMEDIA_MAX_SDP_ATTR).
+MAX_SDP_LINES: Final = 512
+
+# One line's content. The longest lines seen are a=fingerprint with SHA-512 (~200
+# octets), a=crypto with MKI and lifetime (~110), H.264/H.265 a=fmtp with
+# parameter sets (~300); 4 KiB is ten times that. Lines are only read by C code
+# (patterns, splits), so this bounds what one line can hold rather than CPU.
+MAX_SDP_LINE_LENGTH: Final = 4096
+
+# m= lines per SDP. Each enabled m= line is a request for two port pairs from the
+# relay's range (one per side; 10000-20000 by default: 5,000 pairs), so a peer must
+# not be able to ask for many with one message: 16 (pjmedia's default) let one
+# INVITE hold 32 pairs. A phone sends 1-3 (audio, video, a T.38 or T.140 stream);
+# a room system 5 (audio, main video, slides video with RFC 4796 a=content, BFCP,
+# far-end camera control). Over it the body is refused.
+MAX_MEDIA_STREAMS: Final = 6
+
+# a= lines at one level (session level, or one m= section). pjmedia holds 68 by
+# default (PJMEDIA_MAX_SDP_ATTR = 2 * PJMEDIA_MAX_SDP_FMT + 4); Asterisk builds it
+# with 132 because WebRTC offers with many codecs and their rtcp-fb lines need
+# it. A SIP phone's audio section has 5-20.
+MAX_SDP_ATTRIBUTES: Final = 128
+
+# a=candidate lines per body (RFC 8839 §5.1). They are removed, never forwarded
+# (see ICE_ATTRIBUTES), so this only bounds the work: pjnath keeps 16 candidates
+# per session by default (PJ_ICE_MAX_CAND), Asterisk builds it with 32 for
+# WebRTC; 64 is twice that.
+MAX_ICE_CANDIDATES: Final = 64
+
+# Lines that carry an address (c=, and a=rtcp with one), per body. Each address is
+# checked with the ipaddress module, the costliest step of a scan (~3-8 µs each,
+# ten times a plain line). A body needs one c= per level and one a=rtcp per m=
+# section (RFC 3605): 13 with MAX_MEDIA_STREAMS. Several c= in one section are
+# for layered multicast only (RFC 8866 §5.7), not SIP telephony. No precedent
+# found (pjmedia keeps one c= per level). 32 leaves room.
+MAX_SDP_ADDRESSES: Final = 32
 
 # The "/<number of ports>" of an m= line (RFC 8866 §5.14, hierarchically layered
 # coding). rewrite_sdp keeps it, so the relay must then serve that many port pairs
 # for the stream (see rewrite_sdp). Layered coding over several ports is not seen
 # in SIP calls (scalable codecs signal their layers inside one RTP session); 4
-# keeps the worst case of one SDP at MAX_MEDIA_STREAMS * 4 = 64 pairs.
+# keeps the worst case of one SDP at MAX_MEDIA_STREAMS * 4 = 24 pairs (the media
+# layer rejects such streams outright today).
 MAX_PORT_COUNT: Final = 4
+
+# The work budget: Python line events in this module that anchoring one body
+# (anchor_sdp: scan and rewrite) may cost, whatever it holds. Both passes step
+# once per line, at most MAX_SDP_LINES of them; what a line holds is read by C
+# code (patterns, splits), and the one costly step per line, an address, is
+# capped by MAX_SDP_ADDRESSES. tests/test_sdp.py searches for the costliest
+# bodies with hypothesis and holds them under this: the worst found ~16,000
+# (500 lines of b=), ~0.5 ms of CPU here; SIPp's offer costs ~400.
+WORK_PER_BODY: Final = 30_000
 
 # What rewrite_sdp takes for a stream without ports: a disabled stream (port 0 in
 # the body), or one the relay rejects.
@@ -88,6 +133,14 @@ class SdpError(Exception):
         self.reason = reason
 
 
+class SdpLimitExceeded(SdpError):
+    """A body over one of the limits above; ``limit`` is the constant's name."""
+
+    def __init__(self, limit: str, reason: str) -> None:
+        super().__init__(reason)
+        self.limit = limit
+
+
 # -- model ------------------------------------------------------------------------------
 
 
@@ -114,11 +167,14 @@ class MediaStream:
 
     @property
     def disabled(self) -> bool:
+        """Port 0: a disabled or rejected stream, which takes no port."""
         return self.port == 0
 
 
 @dataclass(frozen=True, slots=True)
 class Sdp:
+    """What the relay reads of a body: the session-level c= and each m= section."""
+
     session_conn: str | None   # address of the session-level c=, if any
     media: list[MediaStream]
 
@@ -183,11 +239,14 @@ def _split_lines(body: bytes) -> list[tuple[bytes, bytes]]:
     RFC 8866 §5: lines end in CRLF, and parsers "SHOULD be tolerant and also accept
     lines terminated with a single newline character". A CR anywhere else, or a NUL,
     is refused (§9: text fields exclude NUL, CR and LF): a peer that reads a bare CR
-    as a line break would see lines we did not.
+    as a line break would see lines we did not. MAX_SDP_LINES and
+    MAX_SDP_LINE_LENGTH are checked as the lines are met.
     """
     lines: list[tuple[bytes, bytes]] = []
     pos, end = 0, len(body)
     while pos < end:
+        if len(lines) == MAX_SDP_LINES:
+            raise SdpLimitExceeded("MAX_SDP_LINES", f"more than {MAX_SDP_LINES} lines")
         nl = body.find(b"\n", pos)
         if nl < 0:
             content, eol, pos = body[pos:], b"", end
@@ -195,6 +254,9 @@ def _split_lines(body: bytes) -> list[tuple[bytes, bytes]]:
             content, eol, pos = body[pos:nl - 1], b"\r\n", nl + 1
         else:
             content, eol, pos = body[pos:nl], b"\n", nl + 1
+        if len(content) > MAX_SDP_LINE_LENGTH:
+            raise SdpLimitExceeded("MAX_SDP_LINE_LENGTH",
+                                   f"line {len(lines) + 1} longer than {MAX_SDP_LINE_LENGTH} octets")
         if b"\r" in content or b"\x00" in content:
             raise SdpError(f"line {len(lines) + 1}: bare CR or NUL")
         lines.append((content, eol))
@@ -237,147 +299,170 @@ def _attribute_name(content: bytes) -> bytes:
     return content[2:].split(b":", 1)[0].rstrip(b" ")
 
 
-def _scan(body: bytes) -> _Layout:
-    if len(body) > MAX_SDP_SIZE:
-        raise SdpError(f"SDP larger than {MAX_SDP_SIZE} octets")
-    lines = _split_lines(body)
-    # RFC 8866 §5: a description begins with "v=" (§5.1: version 0).
-    if not lines or lines[0][0] != b"v=0":
-        raise SdpError("does not begin with v=0")
+@dataclass(slots=True)
+class _Level:
+    """What one level (the session, or one m= section) says, as its lines are read."""
 
-    roles: list[_Role] = []
-    conns: dict[int, _Conn] = {}
-    rtcp_tails: dict[int, bytes] = {}
-    sections: list[_Section] = []
-    session_conn: _Conn | None = None
-    session_dir: Direction | None = None
-    session_flags: set[bytes] = set()
+    conn: _Conn | None = None            # its c= (the last one, when it repeats)
+    direction: Direction | None = None   # its direction attribute (the last one)
+    flags: set[bytes] = field(default_factory=set)   # its attribute names
+    attributes: int = 0                  # its a= lines, for MAX_SDP_ATTRIBUTES
 
-    # per m= section, collected as we go
-    m_fields: list[re.Match[bytes]] = []
-    m_conn: list[_Conn | None] = []
-    m_rtcp: list[_Conn | None] = []
-    m_rtcp_port: list[int | None] = []
-    m_dir: list[Direction | None] = []
-    m_flags: list[set[bytes]] = []
-    last_field: list[int] = []    # last non-empty line of the section
-    first_attr: list[int | None] = []
 
-    for i, (content, _eol) in enumerate(lines):
+@dataclass(slots=True)
+class _Media:
+    """One m= section while it is read."""
+
+    fields: re.Match[bytes]              # its m= line
+    section: _Section
+    level: _Level = field(default_factory=_Level)
+    rtcp_port: int | None = None         # the first a=rtcp
+    rtcp_conn: _Conn | None = None       # the address that a=rtcp gave, if any
+    last_field: int = 0                  # last line of the section that stays
+    first_attr: int | None = None        # first a= line of the section that stays
+
+
+class _Scanner:
+    """One pass over the lines of a body: a role per line, and what each level says."""
+
+    def __init__(self, lines: list[tuple[bytes, bytes]]) -> None:
+        self.lines = lines
+        self.roles: list[_Role] = []
+        self.conns: dict[int, _Conn] = {}        # line index of a c= / a=rtcp → its address
+        self.rtcp_tails: dict[int, bytes] = {}   # line index of an a=rtcp → what follows the port
+        self.session = _Level()
+        self.media: list[_Media] = []
+        self.candidates = 0
+        self.addresses = 0
+
+    def scan(self) -> _Layout:
+        """The layout of the whole body (roles, addresses, sections) and what it says."""
+        # RFC 8866 §5: a description begins with "v=" (§5.1: version 0).
+        if not self.lines or self.lines[0][0] != b"v=0":
+            raise SdpError("does not begin with v=0")
+        for i, (content, _eol) in enumerate(self.lines):
+            self.roles.append(self._line(i, content))
+        if not self.media:
+            raise SdpError("no m= line")
+        sdp = Sdp(
+            session_conn=self.session.conn.address if self.session.conn else None,
+            media=[self._stream(n, media) for n, media in enumerate(self.media)],
+        )
+        sections = [media.section for media in self.media]
+        return _Layout(self.lines, self.roles, self.conns, self.rtcp_tails, sections, sdp)
+
+    def _line(self, i: int, content: bytes) -> _Role:
         if i > 0 and content == b"":
             # Empty lines are not SDP, but a trailing one is common; kept as they are.
-            roles.append("keep")
-            continue
+            return "keep"
         # RFC 8866 §5: <type>=<value>, type one case-significant letter. Every type
         # is lower case; an upper-case one is refused because an endpoint that
         # reads "C=" as "c=" would learn an address we did not rewrite.
         kind, sep = content[:1], content[1:2]
         if sep != b"=" or not (b"a" <= kind <= b"z"):
             raise SdpError(f"line {i + 1}: not <type>=<value>")
-        n = len(sections) - 1          # current m= section, -1 at session level
-        role: _Role = "keep"
-
         if kind == b"v" and i > 0:
             raise SdpError(f"line {i + 1}: a second v= (one session per body)")
-
-        elif kind == b"m":
-            if len(sections) == MAX_MEDIA_STREAMS:
-                raise SdpError(f"more than {MAX_MEDIA_STREAMS} m= lines")
-            m = _M_LINE.fullmatch(content)
-            if m is None:
-                raise SdpError(f"line {i + 1}: bad m= line")
-            _port(m["port"], f"line {i + 1}: m=")
-            count = 1 if m["count"] is None else int(m["count"])
-            if not 1 <= count <= MAX_PORT_COUNT:
-                raise SdpError(f"line {i + 1}: m= port count {count} outside 1..{MAX_PORT_COUNT}")
-            sections.append(_Section(i, m.span("port"), b""))
-            m_fields.append(m)
-            m_conn.append(None)
-            m_rtcp.append(None)
-            m_rtcp_port.append(None)
-            m_dir.append(None)
-            m_flags.append(set())
-            last_field.append(i)
-            first_attr.append(None)
-            role = "media"
-            n += 1
-
-        elif kind == b"c":
-            c = _C_LINE.fullmatch(content)
-            if c is None:
-                raise SdpError(f"line {i + 1}: bad c= line")
-            conn = _address(c["net"], c["type"], c["addr"], f"line {i + 1}: c=")
-            conns[i] = conn
-            # RFC 8866 §5.7: one c= per level; a second one at the same level is
-            # rewritten like the first, and the last one read is what we report.
-            if n < 0:
-                session_conn = conn
-            else:
-                m_conn[n] = conn
-            role = "conn"
-
+        if kind == b"m":
+            return self._media_line(i, content)
+        media = self.media[-1] if self.media else None
+        level = media.level if media else self.session
+        role: _Role = "keep"
+        if kind == b"c":
+            role = self._conn_line(i, content, level)
         elif kind == b"a":
-            name = _attribute_name(content)
-            if name in ICE_ATTRIBUTES:
-                role = "drop"
-            elif name == b"rtcp":
-                # RFC 3605 §2.1 defines a=rtcp at media level only. At session level
-                # it means nothing and may carry the peer's address: dropped.
-                if n < 0:
-                    role = "drop"
-                else:
-                    r = _RTCP.fullmatch(content)
-                    if r is None:
-                        raise SdpError(f"line {i + 1}: bad a=rtcp")
-                    rport = _port(r["port"], f"line {i + 1}: a=rtcp")
-                    if r["net"] is not None:
-                        conns[i] = _address(r["net"], r["type"], r["addr"], f"line {i + 1}: a=rtcp")
-                        rtcp_tails[i] = content[r.end("port"):]
-                    # Several a=rtcp in one section are all rewritten alike; the
-                    # first is the one reported.
-                    if m_rtcp_port[n] is None:
-                        m_rtcp_port[n] = rport
-                        m_rtcp[n] = conns.get(i)
-                    sections[n].has_rtcp = True
-                    role = "rtcp"
-            else:
-                value = name.decode("latin-1")
-                flags = session_flags if n < 0 else m_flags[n]
-                if value in DIRECTIONS and content[2:].rstrip(b" ") == name:
-                    # last one wins when a level (wrongly) repeats a direction
-                    direction: Direction = value  # type: ignore[assignment]
-                    if n < 0:
-                        session_dir = direction
-                    else:
-                        m_dir[n] = direction
-                flags.add(name)
-        if n >= 0:
-            if role != "drop":
-                last_field[n] = i
-            if kind == b"a" and role != "drop" and first_attr[n] is None:
-                first_attr[n] = i
-        roles.append(role)
+            role = self._attribute(i, content, media, level)
+        if media is not None and role != "drop":
+            media.last_field = i
+            if kind == b"a" and media.first_attr is None:
+                media.first_attr = i
+        return role
 
-    if not sections:
-        raise SdpError("no m= line")
+    def _media_line(self, i: int, content: bytes) -> _Role:
+        if len(self.media) == MAX_MEDIA_STREAMS:
+            raise SdpLimitExceeded("MAX_MEDIA_STREAMS", f"more than {MAX_MEDIA_STREAMS} m= lines")
+        m = _M_LINE.fullmatch(content)
+        if m is None:
+            raise SdpError(f"line {i + 1}: bad m= line")
+        _port(m["port"], f"line {i + 1}: m=")
+        count = 1 if m["count"] is None else int(m["count"])
+        if not 1 <= count <= MAX_PORT_COUNT:
+            raise SdpError(f"line {i + 1}: m= port count {count} outside 1..{MAX_PORT_COUNT}")
+        self.media.append(_Media(m, _Section(i, m.span("port"), b""), last_field=i))
+        return "media"
 
-    media: list[MediaStream] = []
-    for n, m in enumerate(m_fields):
-        section = sections[n]
-        effective = m_conn[n] or session_conn
+    def _conn_line(self, i: int, content: bytes, level: _Level) -> _Role:
+        c = _C_LINE.fullmatch(content)
+        if c is None:
+            raise SdpError(f"line {i + 1}: bad c= line")
+        # RFC 8866 §5.7: one c= per level; a second one at the same level is
+        # rewritten like the first, and the last one read is what we report.
+        level.conn = self.conns[i] = self._address(c, f"line {i + 1}: c=")
+        return "conn"
+
+    def _address(self, line: re.Match[bytes], what: str) -> _Conn:
+        """The address of a c= or a=rtcp line: counted (MAX_SDP_ADDRESSES), then read."""
+        self.addresses += 1
+        if self.addresses > MAX_SDP_ADDRESSES:
+            raise SdpLimitExceeded("MAX_SDP_ADDRESSES", f"{what}: more than {MAX_SDP_ADDRESSES} addresses")
+        return _address(line["net"], line["type"], line["addr"], what)
+
+    def _attribute(self, i: int, content: bytes, media: _Media | None, level: _Level) -> _Role:
+        level.attributes += 1
+        if level.attributes > MAX_SDP_ATTRIBUTES:
+            raise SdpLimitExceeded("MAX_SDP_ATTRIBUTES",
+                                   f"line {i + 1}: more than {MAX_SDP_ATTRIBUTES} a= lines at one level")
+        name = _attribute_name(content)
+        if name in ICE_ATTRIBUTES:
+            if name == b"candidate":
+                self.candidates += 1
+                if self.candidates > MAX_ICE_CANDIDATES:
+                    raise SdpLimitExceeded("MAX_ICE_CANDIDATES",
+                                           f"more than {MAX_ICE_CANDIDATES} ICE candidates")
+            return "drop"
+        if name == b"rtcp":
+            # RFC 3605 §2.1 defines a=rtcp at media level only. At session level
+            # it means nothing and may carry the peer's address: dropped.
+            return "drop" if media is None else self._rtcp(i, content, media)
+        value = name.decode("latin-1")
+        if value in DIRECTIONS and content[2:].rstrip(b" ") == name:
+            # last one wins when a level (wrongly) repeats a direction
+            level.direction = value  # type: ignore[assignment]
+        level.flags.add(name)
+        return "keep"
+
+    def _rtcp(self, i: int, content: bytes, media: _Media) -> _Role:
+        r = _RTCP.fullmatch(content)
+        if r is None:
+            raise SdpError(f"line {i + 1}: bad a=rtcp")
+        rport = _port(r["port"], f"line {i + 1}: a=rtcp")
+        if r["net"] is not None:
+            self.conns[i] = self._address(r, f"line {i + 1}: a=rtcp")
+            self.rtcp_tails[i] = content[r.end("port"):]
+        # Several a=rtcp in one section are all rewritten alike; the first is the
+        # one reported.
+        if media.rtcp_port is None:
+            media.rtcp_port = rport
+            media.rtcp_conn = self.conns.get(i)
+        media.section.has_rtcp = True
+        return "rtcp"
+
+    def _stream(self, n: int, media: _Media) -> MediaStream:
+        """The n-th m= section with the session-level defaults applied."""
+        m, section, level = media.fields, media.section, media.level
+        effective = level.conn or self.session.conn
         port = int(m["port"])
         if effective is None and port != 0:
             # RFC 8866 §5.7: a c= in each media description or one at session level
             raise SdpError(f"m= line {n}: no c= for an enabled stream")
         # An a=rtcp we add goes first among the attributes (RFC 8866 §5: a= lines
         # come last in a section), or after the section's last line if it has none.
-        fa = first_attr[n]
-        section.insert_at = fa if fa is not None else last_field[n] + 1
-        section.eol = lines[section.m_line][1] or next((e for _, e in lines if e), b"\r\n")
-        flags = m_flags[n] | session_flags
-        direction = m_dir[n] or session_dir or "sendrecv"
-        rtcp_conn = m_rtcp[n]
-        media.append(MediaStream(
+        section.insert_at = media.first_attr if media.first_attr is not None else media.last_field + 1
+        section.eol = self.lines[section.m_line][1] or next((e for _, e in self.lines if e), b"\r\n")
+        flags = level.flags | self.session.flags
+        direction = level.direction or self.session.direction or "sendrecv"
+        rtcp_conn = media.rtcp_conn
+        return MediaStream(
             index=n,
             kind=m["kind"].decode("ascii"),
             port=port,
@@ -386,17 +471,21 @@ def _scan(body: bytes) -> _Layout:
             fmts=tuple(f.decode("ascii") for f in m["fmts"].split()),
             conn=effective.address if effective else None,
             family=effective.family if effective else None,
-            rtcp_port=m_rtcp_port[n],
+            rtcp_port=media.rtcp_port,
             rtcp_addr=rtcp_conn.address if rtcp_conn else None,
-            rtcp_mux=b"rtcp-mux" in m_flags[n],   # RFC 5761 §5.1.1: media level
+            rtcp_mux=b"rtcp-mux" in level.flags,   # RFC 5761 §5.1.1: media level
             direction=direction,
             held=direction in ("sendonly", "inactive") or (effective is not None and effective.unspecified),
             crypto=b"crypto" in flags,
             fingerprint=b"fingerprint" in flags,
             zrtp=b"zrtp-hash" in flags,
-        ))
-    sdp = Sdp(session_conn=session_conn.address if session_conn else None, media=media)
-    return _Layout(lines, roles, conns, rtcp_tails, sections, sdp)
+        )
+
+
+def _scan(body: bytes) -> _Layout:
+    if len(body) > MAX_SDP_SIZE:
+        raise SdpLimitExceeded("MAX_SDP_SIZE", f"SDP larger than {MAX_SDP_SIZE} octets")
+    return _Scanner(_split_lines(body)).scan()
 
 
 def parse_sdp(body: bytes) -> Sdp:

@@ -1,4 +1,4 @@
-"""The one error the SIP parser raises."""
+"""The errors the SIP parser raises: SipParseError, and SipLimitExceeded for a limit."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ class SipParseError(Exception):
         self.reason = reason
         self.status = status
         self.message = message
+
+
+class SipLimitExceeded(SipParseError):
+    """A message over one of the named limits of relay/sip/limits.py.
+
+    ``limit`` is the constant's name (e.g. "MAX_ROUTES"), for tests and counters
+    to tell limits apart without reading ``reason``; ``status`` is 513 (414 for
+    the Request-URI), see limits.py.
+    """
+
+    def __init__(self, limit: str, reason: str, status: int = 513,
+                 message: SipMessage | None = None):
+        super().__init__(reason, status, message)
+        self.limit = limit

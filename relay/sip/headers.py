@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.sip.errors import SipParseError
+from relay.sip import limits
+from relay.sip.errors import SipLimitExceeded, SipParseError
 
 # RFC 3261 §7.3.3 and the IANA registry: compact form → full name.
 COMPACT_FORMS: dict[str, str] = {
@@ -35,10 +36,15 @@ COMPACT_FORMS: dict[str, str] = {
 # (RFC 4475 §3.3.8 multi01.dat, §3.3.9 mcl01.dat).
 SINGLE_VALUED = frozenset({"to", "from", "call-id", "cseq", "max-forwards", "content-length"})
 
-# token characters (RFC 3261 §25.1).
-TOKEN_CHARS = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
-)
+# token (RFC 3261 §25.1).
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+# An unquoted display name: tokens separated by LWS (RFC 3261 §25.1 display-name).
+_UNQUOTED_DISPLAY = re.compile(r"[A-Za-z0-9\-.!%*_+`'~ \t]*")
+
+
+def is_token(text: str) -> bool:
+    """``token`` (RFC 3261 §25.1): one C match, whatever the length."""
+    return _TOKEN.fullmatch(text) is not None
 
 
 def is_digits(text: str) -> bool:
@@ -66,53 +72,70 @@ def canonical_name(raw_name: str) -> str:
     return name
 
 
-_COMMA_SPECIAL = re.compile(r'[",<>\\]')
+# Scanning a header value. Each pattern matches, in C and without backtracking
+# (possessive quantifiers), a run of text up to the next separator that is not
+# inside a quoted string (RFC 3261 §25.1: quoted-string = DQUOTE *(qdtext /
+# quoted-pair) DQUOTE) or, for lists, inside <...>. So Python steps once per
+# separator, never once per character: the number of steps a value can cost is
+# capped by limits.MAX_COMMAS / MAX_SEMICOLONS, its length only costs C time.
+# A '<' opens a URI that runs to the next '>' (RFC 3261 §20: name-addr; an
+# addr-spec has no '<' or '>' of its own), so '<' does not nest.
+_QUOTED = r'"(?:[^"\\]++|\\.)*+"'
+_LIST_ELEMENT = re.compile(r'(?:[^",<]++|' + _QUOTED + r'|<[^>]*+>?)*+', re.DOTALL)
+_PARAM_ELEMENT = re.compile(r'(?:[^";]++|' + _QUOTED + r')*+', re.DOTALL)
+_BEFORE_LT = re.compile(r'(?:[^"<]++|' + _QUOTED + r')*+', re.DOTALL)
 
 
 def split_commas(value: str) -> list[str]:
-    """Split a header value at commas outside quotes and <...> (RFC 3261 §7.3.1)."""
+    """Split a header value at commas outside quotes and <...> (RFC 3261 §7.3.1).
+
+    Empty elements are dropped; an unterminated quoted string → SipParseError.
+    """
     if '"' not in value and "<" not in value:
         # Via, Allow, Supported, Require…: nothing can hide a comma (the hot path:
         # every message has Vias).
         return [p for p in (x.strip() for x in value.split(",")) if p]
-    parts: list[str] = []
-    depth = 0
-    quoted = False
-    escaped_at = -1
-    start = 0
-    # Only the few special characters are visited, not every character.
-    for m in _COMMA_SPECIAL.finditer(value):
-        i = m.start()
-        ch = value[i]
-        if quoted:
-            if i == escaped_at:
-                continue
-            if ch == "\\":
-                escaped_at = i + 1  # quoted-pair: the next character is literal
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth == 0:
-            parts.append(value[start:i].strip())
-            start = i + 1
-    if quoted:
-        raise SipParseError("unterminated quoted string")
-    parts.append(value[start:].strip())
-    return [p for p in parts if p]
+    return [p for p in (x.strip() for x in _split(_LIST_ELEMENT, value, ",")) if p]
+
+
+def _split(element: re.Pattern[str], text: str, sep: str) -> list[str]:
+    """``text`` cut at each ``sep`` that ``element`` stops at (one C match per piece)."""
+    out: list[str] = []
+    pos = 0
+    end = len(text)
+    while True:
+        stop = _run_end(element, text, pos)
+        out.append(text[pos:stop])
+        if stop == end:
+            return out
+        if text[stop] != sep:  # an opening '"' without its closing one
+            raise SipParseError("unterminated quoted string")
+        pos = stop + 1
+
+
+def _run_end(element: re.Pattern[str], text: str, pos: int) -> int:
+    """Where ``element`` (which also matches the empty string) stops, from ``pos``."""
+    m = element.match(text, pos)
+    return pos if m is None else m.end()
 
 
 def parse_params(text: str) -> dict[str, str | None]:
-    """Parse ``;name=value;flag`` (leading ';' optional). Names lower-cased."""
+    """Parse ``;name=value;flag`` (leading ';' optional). Names lower-cased.
+
+    More than ``limits.MAX_PARAMS`` parameters → SipLimitExceeded (513).
+    """
+    items = _split_outside_quotes(text, ";")
+    if len(items) > limits.MAX_PARAMS + 1:  # +1: the empty part before a leading ';'
+        raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
     params: dict[str, str | None] = {}
-    for item in _split_outside_quotes(text, ";"):
+    count = 0
+    for item in items:
         item = item.strip()
         if not item:
             continue
+        count += 1
+        if count > limits.MAX_PARAMS:
+            raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
         if "=" in item:
             k, v = item.split("=", 1)
             params[k.strip().lower()] = v.strip()
@@ -122,29 +145,12 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` (';') outside quoted strings (quoted-pair aware)."""
     if '"' not in text:
         return text.split(sep)
-    out: list[str] = []
-    quoted = False
-    start = 0
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == sep:
-            out.append(text[start:i])
-            start = i + 1
-        i += 1
-    if quoted:
-        raise SipParseError("unterminated quoted string")
-    out.append(text[start:])
-    return out
+    if sep != ";":
+        raise ValueError(f"no scanner for {sep!r}")
+    return _split(_PARAM_ELEMENT, text, sep)
 
 
 @dataclass(slots=True)
@@ -158,10 +164,12 @@ class Via:
 
     @property
     def branch(self) -> str | None:
+        """The branch parameter (RFC 3261 §8.1.1.7), None when absent."""
         return self.params.get("branch")
 
     @classmethod
     def parse(cls, value: str) -> Via:
+        """Parse one Via value; SipParseError when malformed, 513 over MAX_PARAMS."""
         semi = value.find(";")
         head, ptext = (value, "") if semi < 0 else (value[:semi], value[semi + 1 :])
         # "SIP / 2.0 / UDP host:port" — LWS is allowed around the slashes.
@@ -178,6 +186,7 @@ class Via:
         return cls(transport, host, port, parse_params(ptext))
 
     def sent_by(self) -> str:
+        """``host[:port]`` as written (transaction matching, RFC 3261 §17.2.3)."""
         return f"{format_host(self.host)}:{self.port}" if self.port else format_host(self.host)
 
 
@@ -217,6 +226,7 @@ def _port(text: str) -> int:
 
 
 def format_host(host: str) -> str:
+    """A host as written in a URI or Via: IPv6 in brackets (RFC 3261 §25.1)."""
     return f"[{host}]" if ":" in host else host
 
 
@@ -230,6 +240,7 @@ class NameAddr:
 
     @classmethod
     def parse(cls, value: str) -> NameAddr:
+        """Parse one value of From, To, Contact, Route, Record-Route or Path."""
         value = value.strip()
         lt = _find_lt(value)
         if lt >= 0:
@@ -239,40 +250,37 @@ class NameAddr:
             display = value[:lt].strip() or None
             if display is not None and not display.startswith('"'):
                 # an unquoted display name is a run of tokens (RFC 4475 baddn.dat)
-                if any(
-                    ord(c) > 127 or (c not in " \t" and ord(c) not in TOKEN_CHARS)
-                    for c in display
-                ):
+                if _UNQUOTED_DISPLAY.fullmatch(display) is None:
                     raise SipParseError("bad display name")
-            uri = value[lt + 1 : gt].strip()
+            uri = check_uri_length(value[lt + 1 : gt].strip())
             return cls(display, uri, parse_params(value[gt + 1 :]))
         # addr-spec form: header params start at the first ';' (RFC 3261 §20)
         semi = value.find(";")
         uri, ptext = (value, "") if semi < 0 else (value[:semi].rstrip(), value[semi + 1 :])
         if not uri or " " in uri or "\t" in uri:
             raise SipParseError("bad URI")
-        return cls(None, uri, parse_params(ptext))
+        return cls(None, check_uri_length(uri), parse_params(ptext))
 
     @property
     def tag(self) -> str | None:
+        """The ``tag`` parameter (From/To), None when absent."""
         return self.params.get("tag")
 
 
+def check_uri_length(uri: str) -> str:
+    """``uri``, or SipLimitExceeded (513) when it is over ``limits.MAX_URI_LENGTH``."""
+    if len(uri) > limits.MAX_URI_LENGTH:
+        raise SipLimitExceeded("MAX_URI_LENGTH", "URI too long")
+    return uri
+
+
 def _find_lt(value: str) -> int:
-    quoted = False
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            return i
-        i += 1
-    if quoted:
+    """Index of the first '<' outside quoted strings, or -1 (one C match)."""
+    if '"' not in value:
+        return value.find("<")
+    stop = _run_end(_BEFORE_LT, value, 0)
+    if stop == len(value):
+        return -1
+    if value[stop] == '"':
         raise SipParseError("unterminated quoted string")
-    return -1
+    return stop

@@ -12,10 +12,12 @@ ERRORS = "surrogateescape"  # every octet survives a decode/encode round trip
 
 
 def to_str(b: bytes) -> str:
+    """Octets to text, every octet kept (surrogateescape)."""
     return b.decode(ENCODING, ERRORS)
 
 
 def to_bytes(s: str) -> bytes:
+    """Text back to the octets it was read from."""
     return s.encode(ENCODING, ERRORS)
 
 
@@ -35,6 +37,7 @@ class Header:
         self.raw = raw
 
     def serialise(self) -> bytes:
+        """The field on the wire: as received unless built or changed here."""
         if self.raw is not None:
             return self.raw
         return to_bytes(f"{self.raw_name}: {self.value}") + CRLF
@@ -64,6 +67,7 @@ class SipMessage:
 
     @from_tag.setter
     def from_tag(self, tag: str | None) -> None:
+        """Remember the From tag read elsewhere (the parser reads it while validating)."""
         self._from_tag = tag
 
     # -- reading ---------------------------------------------------------
@@ -75,7 +79,12 @@ class SipMessage:
         return None
 
     def get_all(self, name: str) -> list[str]:
-        """Every value of ``name``, repeated headers and comma lists flattened."""
+        """Every value of ``name``, repeated headers and comma lists flattened.
+
+        One pass, each field split once: O(size of those fields). A caller that
+        walks a list (e.g. the Route set) reads it once with this and changes it
+        once (``pop_first_values``), never re-reads it per element.
+        """
         out: list[str] = []
         for h in self.headers:
             if h.name == name:
@@ -83,34 +92,42 @@ class SipMessage:
         return out
 
     def has(self, name: str) -> bool:
+        """Whether a header called ``name`` (full lower-case name) is present."""
         return any(h.name == name for h in self.headers)
 
     @property
     def call_id(self) -> str:
+        """The Call-ID ("" when missing: only a parse error reads it then)."""
         return self.get("call-id") or ""
 
     @property
     def cseq(self) -> tuple[int, str]:
+        """(sequence number, method) of CSeq."""
         num, method = (self.get("cseq") or "0 ?").split(None, 1)
         return int(num), method.strip()  # methods are case-sensitive (RFC 3261 §7.1)
 
     def vias(self) -> list[Via]:
+        """Every Via value, parsed, top first."""
         return [Via.parse(v) for v in self.get_all("via")]
 
     def top_via(self) -> Via:
+        """The first Via value, parsed (only the first Via field is split)."""
         for h in self.headers:
             if h.name == "via":
                 return Via.parse(split_commas(h.value)[0])
         raise LookupError("no Via")
 
     def from_(self) -> NameAddr:
+        """The From header, parsed."""
         return NameAddr.parse(self.get("from") or "")
 
     def to(self) -> NameAddr:
+        """The To header, parsed."""
         return NameAddr.parse(self.get("to") or "")
 
     # -- changing --------------------------------------------------------
     def insert(self, name: str, value: str, index: int = 0) -> None:
+        """Insert a new header field at ``index`` (the top by default)."""
         self.headers.insert(index, Header(name, value))
 
     def insert_before(self, name: str, value: str) -> None:
@@ -123,9 +140,11 @@ class SipMessage:
         self.insert(name, value)
 
     def append(self, name: str, value: str) -> None:
+        """Add a new header field at the end."""
         self.headers.append(Header(name, value))
 
     def remove(self, name: str) -> None:
+        """Remove every header field called ``name`` (full lower-case name)."""
         self.headers = [h for h in self.headers if h.name != name]
 
     def set(self, name: str, value: str) -> None:
@@ -139,23 +158,45 @@ class SipMessage:
         self.append(name, value)
 
     def pop_first_value(self, name: str) -> str | None:
-        """Remove the first comma-separated value of the first ``name`` header."""
-        for i, h in enumerate(self.headers):
-            if h.name == name:
-                values = split_commas(h.value)
-                if len(values) <= 1:
-                    del self.headers[i]
-                else:
-                    self.headers[i] = Header(h.raw_name, ", ".join(values[1:]))
-                return values[0] if values else None
-        return None
+        """Remove the first comma-separated value of ``name`` and return it (None if none)."""
+        taken = self.pop_first_values(name, 1)
+        return taken[0] if taken else None
+
+    def pop_first_values(self, name: str, n: int) -> list[str]:
+        """Remove the first ``n`` values of ``name`` (full lower-case name) in one pass.
+
+        Values are counted across the fields of that name in order, as
+        ``get_all`` lists them, and returned (fewer when there are fewer).
+        Fields wholly consumed go, empty ones among them too; a field partly
+        consumed is rewritten once with the values it keeps; every other field
+        keeps its bytes. One pass over the headers, each split at most once: a
+        proxy stripping k of its own Route entries (RFC 3261 §16.4) calls this
+        once with n=k instead of k times with n=1 (each a split and a rewrite).
+        """
+        taken: list[str] = []
+        if n <= 0:
+            return taken
+        kept: list[Header] = []
+        for h in self.headers:
+            if h.name != name or len(taken) >= n:
+                kept.append(h)
+                continue
+            values = split_commas(h.value)
+            need = n - len(taken)
+            taken.extend(values[:need])
+            if len(values) > need:
+                kept.append(Header(h.raw_name, ", ".join(values[need:])))
+        self.headers = kept
+        return taken
 
     def set_body(self, body: bytes) -> None:
+        """Replace the body and its Content-Length."""
         self.body = body
         self.set("Content-Length", str(len(body)))
 
     # -- writing ---------------------------------------------------------
     def serialise(self) -> bytes:
+        """The message on the wire: untouched header fields byte for byte."""
         parts = [self.start_line, CRLF]
         parts.extend(h.serialise() for h in self.headers)
         parts.append(CRLF)
@@ -163,10 +204,13 @@ class SipMessage:
         return b"".join(parts)
 
     def iter_headers(self, name: str) -> Iterator[Header]:
+        """The header fields called ``name``, in order."""
         return (h for h in self.headers if h.name == name)
 
 
 class Request(SipMessage):
+    """A SIP request: method and Request-URI as written on the request line."""
+
     __slots__ = ("method", "uri")
 
     def __init__(
@@ -178,6 +222,7 @@ class Request(SipMessage):
         self.uri = uri
 
     def set_uri(self, uri: str) -> None:
+        """Replace the Request-URI (and the request line)."""
         self.uri = uri
         self.start_line = to_bytes(f"{self.method} {uri} SIP/2.0")
 
@@ -186,6 +231,8 @@ class Request(SipMessage):
 
 
 class Response(SipMessage):
+    """A SIP response: status code and reason phrase."""
+
     __slots__ = ("status", "reason")
 
     def __init__(
@@ -204,8 +251,8 @@ class Response(SipMessage):
 REASONS = {
     100: "Trying", 180: "Ringing", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    416: "Unsupported URI Scheme", 420: "Bad Extension", 423: "Interval Too Brief",
-    430: "Flow Failed", 480: "Temporarily Unavailable",
+    414: "Request-URI Too Long", 416: "Unsupported URI Scheme", 420: "Bad Extension",
+    423: "Interval Too Brief", 430: "Flow Failed", 480: "Temporarily Unavailable",
     481: "Call/Transaction Does Not Exist", 482: "Loop Detected", 483: "Too Many Hops",
     487: "Request Terminated", 500: "Server Internal Error", 501: "Not Implemented",
     503: "Service Unavailable", 505: "Version Not Supported", 513: "Message Too Large",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 
 from relay.sip import limits
-from relay.sip.errors import SipParseError
+from relay.sip.errors import SipLimitExceeded, SipParseError
 from relay.sip.headers import (
     SINGLE_VALUED,
-    TOKEN_CHARS,
     NameAddr,
     Via,
     is_digits,
+    is_token,
     split_commas,
 )
 from relay.sip.message import Header, Request, Response, SipMessage, to_str
@@ -48,13 +48,17 @@ def parse_message(data: bytes, *, datagram: bool = True) -> SipMessage:
     head, body_at = split_head(data, datagram)
     if body_at > limits.MAX_HEADER_SECTION:
         raise SipParseError("header section too large", status=513)
-    lines = head.split(b"\r\n")
-    start = lines[0]
+    eol = head.find(b"\r\n")
+    start = head if eol < 0 else head[:eol]
     if len(start) > limits.MAX_LINE_LENGTH:
         raise SipParseError("start line too long")
-    headers = _parse_headers(head, len(start) + 2)
+    try:
+        headers = _parse_headers(head, len(start) + 2)
+    except _Truncated as t:
+        raise _answerable_limit(t.error, start, t.headers) from None
     msg = _start(start, headers)
     try:
+        _check_size_limits(msg, head)
         cl = _content_length(msg)
         rest = data[body_at:]
         if cl is None:
@@ -72,14 +76,33 @@ def parse_message(data: bytes, *, datagram: bool = True) -> SipMessage:
     return msg
 
 
+class _Truncated(Exception):
+    """A header section over MAX_LINES or MAX_HEADERS, and the fields read before it."""
+
+    def __init__(self, error: SipLimitExceeded, headers: list[Header]):
+        super().__init__(error.reason)
+        self.error = error
+        self.headers = headers
+
+
 def _parse_headers(head: bytes, offset: int) -> list[Header]:
+    """The header fields of ``head`` from ``offset``, folded lines joined.
+
+    One step per physical line, at most MAX_LINES of them: the limit is checked
+    as the lines are met, so a header section of thousands of short lines costs
+    no more than MAX_LINES steps before it is refused.
+    """
     headers: list[Header] = []
     n = len(head)
     pos = offset
     if pos >= n + 2:
         return headers
     current_start = -1
+    lines = 1  # the start line
     while pos <= n:
+        lines += 1
+        if lines > limits.MAX_LINES:
+            raise _Truncated(SipLimitExceeded("MAX_LINES", "too many header lines"), headers)
         eol = head.find(b"\r\n", pos)
         if eol < 0:
             eol = n
@@ -90,16 +113,28 @@ def _parse_headers(head: bytes, offset: int) -> list[Header]:
                 raise SipParseError("continuation line before any header")
         else:
             if current_start >= 0:
-                headers.append(_header(head[current_start:pos]))
-                if len(headers) > limits.MAX_HEADERS:
-                    raise SipParseError("too many header fields", status=513)
+                _append(headers, head[current_start:pos])
             current_start = pos
         pos = eol + 2
     if current_start >= 0:
-        headers.append(_header(head[current_start:n] + b"\r\n"))
-    if len(headers) > limits.MAX_HEADERS:
-        raise SipParseError("too many header fields", status=513)
+        _append(headers, head[current_start:n] + b"\r\n")
     return headers
+
+
+def _append(headers: list[Header], raw: bytes) -> None:
+    if len(headers) == limits.MAX_HEADERS:
+        raise _Truncated(SipLimitExceeded("MAX_HEADERS", "too many header fields"), headers)
+    headers.append(_header(raw))
+
+
+def _answerable_limit(error: SipLimitExceeded, start: bytes, headers: list[Header]) -> SipLimitExceeded:
+    """``error``, with the message read so far when it is enough to answer it (RFC 3261 §8.2.6)."""
+    try:
+        msg = _start(start, headers)
+    except SipParseError:
+        return error
+    error.message = msg if _answerable(msg) else None
+    return error
 
 
 def _header(raw: bytes) -> Header:
@@ -136,7 +171,7 @@ def _start(line: bytes, headers: list[Header]) -> SipMessage:
         req = _answerable_stub(parts, headers, line)
         raise SipParseError("malformed request line", message=req)
     method, uri, version = parts
-    if not method or any(ord(c) > 127 or ord(c) not in TOKEN_CHARS for c in method):
+    if not is_token(method):
         raise SipParseError("bad method")
     req = Request(method, uri, headers, start_line=line)
     if version.upper() != _VERSION:
@@ -145,12 +180,15 @@ def _start(line: bytes, headers: list[Header]) -> SipMessage:
         raise SipParseError("bad SIP version", message=req)
     if not uri or uri.startswith("<") or ":" not in uri:
         raise SipParseError("bad Request-URI", message=req)
+    if len(uri) > limits.MAX_URI_LENGTH:
+        raise SipLimitExceeded("MAX_URI_LENGTH", "Request-URI Too Long", 414,
+                               message=req if _answerable(req) else None)
     return req
 
 
 def _answerable_stub(parts: list[str], headers: list[Header], line: bytes) -> Request | None:
     method = parts[0] if parts and parts[0] else None
-    if method is None or any(ord(c) > 127 or ord(c) not in TOKEN_CHARS for c in method):
+    if method is None or not is_token(method):
         return None
     req = Request(method, "sip:invalid", headers, start_line=line)
     return req if _answerable(req) else None
@@ -171,33 +209,105 @@ def _content_length(msg: SipMessage) -> int | None:
     return cl
 
 
+def _check_size_limits(msg: SipMessage, head: bytes) -> None:
+    """MAX_COMMAS, MAX_SEMICOLONS (over the whole header section), MAX_HEADER_VALUE."""
+    # Two scans in C bound every later split: no list or parameter walk of this
+    # message can visit more separators than these.
+    if head.count(b",") > limits.MAX_COMMAS:
+        raise SipLimitExceeded("MAX_COMMAS", "too many comma-separated values")
+    if head.count(b";") > limits.MAX_SEMICOLONS:
+        raise SipLimitExceeded("MAX_SEMICOLONS", "too many parameters")
+    if len(head) > limits.MAX_HEADER_VALUE:  # else no value can be that long
+        for h in msg.headers:
+            if len(h.value) > limits.MAX_HEADER_VALUE:
+                raise SipLimitExceeded("MAX_HEADER_VALUE", "header value too long")
+
+
+def _split_lists(msg: SipMessage, fields: list[Header]) -> dict[str, list[str]]:
+    """The values of every list with a limit (limits.LIST_LIMITS), each field split once.
+
+    Over a limit → SipLimitExceeded (513). Via and Contact values are returned
+    for validation; Route, Record-Route and Path are only counted (the proxy
+    reads them), and a field without a comma holds one value, so the common
+    case costs no split.
+    """
+    lists: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    # A response is forwarded as it is: only its Vias are read (and so checked).
+    validated = _VALIDATED_LISTS if isinstance(msg, Request) else _VIA_ONLY
+    for h in fields:
+        cap = limits.LIST_LIMITS[h.name]
+        if h.name in validated:
+            values = split_commas(h.value)
+            if not values and h.name == "via":
+                # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
+                # proxy stamps and strips the first value of the first field.
+                raise SipParseError("Via field without a value")
+            lists.setdefault(h.name, []).extend(values)
+            n = len(values)
+        else:
+            n = _count_values(h.value)
+        total = counts[h.name] = counts.get(h.name, 0) + n
+        if total > cap[1]:
+            raise SipLimitExceeded(cap[0], f"too many {_LIST_NAMES[h.name]} values")
+    return lists
+
+
+def _count_values(value: str) -> int:
+    """How many values a list field holds, never raising: a field the proxy reads
+    later (Route, Record-Route, Path) is not refused here for being malformed,
+    only for being too long; with an unterminated quote, every comma counts."""
+    if "," not in value:
+        return 1 if value else 0
+    try:
+        return len(split_commas(value))
+    except SipParseError:
+        return value.count(",") + 1
+
+
+_VALIDATED_LISTS = frozenset({"via", "contact"})
+_VIA_ONLY = frozenset({"via"})
+_LIST_NAMES = {"via": "Via", "route": "Route", "record-route": "Record-Route", "path": "Path",
+               "contact": "Contact"}
+
+
 def _validate(msg: SipMessage) -> None:
     """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
     found: dict[str, str] = {}
+    list_fields: list[Header] = []
     for h in msg.headers:
         name = h.name
-        if name in SINGLE_VALUED and name in found:
-            raise SipParseError(f"more than one {name}")
-        if name not in found:
+        if name in found:
+            if name in SINGLE_VALUED:
+                raise SipParseError(f"more than one {name}")
+        else:
             found[name] = h.value
+        if name in limits.LIST_LIMITS:
+            list_fields.append(h)
     for name in ("call-id", "cseq", "from", "to", "via"):
         if name not in found:
             raise SipParseError(f"missing {name}")
+    lists = _split_lists(msg, list_fields)
     cseq = found["cseq"].split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
-    for v in msg.get_all("via"):
+    for v in lists.get("via", ()):
         Via.parse(v)
-    if not isinstance(msg, Request):
-        return  # a response is forwarded as it is: Via and CSeq are all we route on
-    if cseq[1] != msg.method:
+    if isinstance(msg, Request):
+        # a response is forwarded as it is: Via and CSeq are all we route on
+        _validate_request(msg, found, cseq[1], lists.get("contact", []))
+
+
+def _validate_request(msg: Request, found: dict[str, str], cseq_method: str,
+                      contacts: list[str]) -> None:
+    if cseq_method != msg.method:
         raise SipParseError("CSeq method does not match the request line")
     mf = found.get("max-forwards")
     if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
         raise SipParseError("bad Max-Forwards")
     msg.from_tag = NameAddr.parse(found["from"]).tag
     NameAddr.parse(found["to"])
-    for v in msg.get_all("contact"):
+    for v in contacts:
         if v != "*":
             na = NameAddr.parse(v)
             if na.display is None and "<" not in v and "?" in na.uri:

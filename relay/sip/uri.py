@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.sip.errors import SipParseError
-from relay.sip.headers import format_host, parse_params, split_hostport
+from relay.sip.headers import check_uri_length, format_host, parse_params, split_hostport
 
 SIP_SCHEMES = frozenset({"sip", "sips"})
 
 
 @dataclass(slots=True)
 class SipUri:
+    """A sip: or sips: URI, split into what routing reads (user, host, port, params)."""
+
     scheme: str  # lower-case
     user: str | None  # as written (escapes kept)
     host: str  # lower-case, IPv6 without brackets
@@ -21,6 +23,8 @@ class SipUri:
 
     @classmethod
     def parse(cls, text: str) -> SipUri:
+        """Parse a sip:/sips: URI; 416 for another scheme, 513 over MAX_URI_LENGTH."""
+        check_uri_length(text)
         colon = text.find(":")
         if colon <= 0:
             raise SipParseError("URI without scheme")
