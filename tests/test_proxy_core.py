@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, dialog_id
 from relay.proxy.flow import Flow
 from relay.proxy.identity import OUR_BRANCH
+from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, dialog_id
 from relay.proxy.transaction import LINGER, T1, TIMER_B, TIMER_C
 from relay.sip import Request, SipParseError, parse_message
 from tests.proxyharness import (

@@ -73,25 +73,8 @@ def strip_own_routes(req: Request, identity: RelayIdentity) -> tuple[str | None,
         if uri.user:
             token, ftag = uri.user, uri.params.get("ftag")
     if ours:
-        remove_first_values(req, "route", ours)
+        req.pop_first_values("route", ours)
     return token, ftag, ours < len(values)
-
-
-def remove_first_values(req: Request, name: str, count: int) -> None:
-    """Drop the first ``count`` comma-separated values of header ``name`` (across
-    repeated header lines), rewriting each touched line once."""
-    out: list[Header] = []
-    left = count
-    for h in req.headers:
-        if left and h.name == name:
-            values = split_commas(h.value)
-            if len(values) <= left:
-                left -= len(values)
-                continue
-            h = Header(h.raw_name, ", ".join(values[left:]))
-            left = 0
-        out.append(h)
-    req.headers = out
 
 
 def max_forwards(req: Request) -> int:
