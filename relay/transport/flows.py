@@ -56,6 +56,7 @@ class Connection:
         self.fd = fd  # plain TCP: the (non-blocking) socket for the direct path
         self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
         self.queued = 0  # bytes handed to the writer and not yet written
+        self.pending = 0  # messages (or their tails) handed to the writer and not yet written
         self.cancel_scope = trio.CancelScope()
         self.flushed = trio.Event()  # the writer sent everything and stopped
 
@@ -84,12 +85,14 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         self.queued += len(data)
+        self.pending += 1
         return True
 
     async def writer(self) -> None:
         async for data in self._recv:
             await self.stream.send_all(data)
             self.queued -= len(data)
+            self.pending -= 1
         self.flushed.set()
 
 
@@ -106,7 +109,7 @@ class Transports:
 
     def __init__(
         self, on_message: Handler, on_error: ErrorHandler, on_closed: Callable[[Flow], None],
-        counters: Callable[[str], None], timeouts: StreamTimeouts,
+        counters: Callable[..., None], timeouts: StreamTimeouts,
     ):
         self.on_message = on_message
         self.on_error = on_error
@@ -292,6 +295,11 @@ class Transports:
                     nursery.cancel_scope.cancel()
         finally:
             self.conns.pop(flow, None)
+            if conn.pending:
+                # Counted as forwarded by the proxy, never written: say so.
+                self.count("messages_unsent_total", conn.pending)
+                log.warning("event=flow_closed_unsent flow=%s messages=%d bytes=%d",
+                            flow, conn.pending, conn.queued)
             self.on_closed(flow)
             await trio.aclose_forcefully(stream)
             log.debug("event=flow_closed flow=%s", flow)
