@@ -38,7 +38,9 @@ from relay.pushclient import DELIVERED, HttpPush, InProcessPush, PushClient
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr
 from relay.sip.message import Request, SipMessage, make_response
-from relay.transport.flows import StreamTimeouts, Transports
+from relay.transport.events import EventHandlers
+from relay.transport.flows import Transports
+from relay.transport.limits import StreamTimeouts, TransportLimits
 from relay.transport.tlscert import ensure_self_signed, server_context
 
 log = logging.getLogger("relay")
@@ -102,9 +104,13 @@ class RelayService:
             ring_timeout=cfg["push.ring_timeout"],
             udp_asleep_after=cfg["push.udp_asleep_after"],
         )
+        # Addresses of registered PBXs: held to the transport's totals only (refreshed by _timers).
+        self.trusted_sources: set[str] = set()
         self.transports = Transports(
-            self._on_message, self._on_error, self._on_closed, self._count,
+            EventHandlers(self._on_message, self._on_error, self._count, closed=self._on_closed),
             StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
+            TransportLimits.from_section(cfg.values["transport"]),
+            trusted=lambda ip: ip in self.trusted_sources,
         )
         auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
         self.forwarder: UdpForwarder | None = None
@@ -144,7 +150,7 @@ class RelayService:
 
     def _dispatch(self, out: list[Send]) -> None:
         if out:
-            self.transports.send(out)
+            self.transports.send_many((s.flow, s.data) for s in out)
         if self.proxy.push_out:
             self._queue_push_events()
         if self.proxy.next_timer() < self._armed:
@@ -342,7 +348,8 @@ class RelayService:
                 self.proxy.stats.inc("internal_errors_total")
                 log.exception("event=internal_error where=timers")
                 continue
-            self.transports.send(out)
+            self.transports.send_many((s.flow, s.data) for s in out)
+            self.trusted_sources = {r.flow.remote_ip for r in self.proxy.registry.snapshot()}
 
     async def _directory_refresh(self) -> None:
         while True:
@@ -382,7 +389,7 @@ class RelayService:
         lines = []
         counters = dict(self.proxy.stats.c)
         counters["pbx_registered"] = len(self.proxy.registry)
-        counters["flows_open"] = len(self.transports.conns)
+        counters.update(self.transports.gauges())
         counters["invite_transactions"] = len(self.proxy.txns)
         counters["draining"] = int(self.draining)
         if self.media is not None:
@@ -546,7 +553,7 @@ class RelayService:
         tag = hmac.new(self.key, f"drain|{msg.call_id}|{msg.get('via')}".encode(), hashlib.sha256).hexdigest()
         resp = make_response(msg, 503, "Service Unavailable", to_tag=tag[:12],
                              extra=[("Retry-After", str(retry))])
-        self.transports.send([Send(flow, resp.serialise())])
+        self.transports.send(flow, resp.serialise())
 
     async def drain(self) -> None:
         """SIGTERM: refuse new connections and new calls, wait for the calls and INVITEs in
