@@ -265,8 +265,9 @@ class Transports:
     def _udp_dropped(self, ip: str, n: int, now: float) -> None:
         self.count("udp_dropped_total:rate", n)
         if self.notices.due("udp " + ip, now):
-            log.warning("event=udp_rate_limited source=%s rate=%g/s dropped_total=%d",
-                        ip, self.limits.udp_rate_per_source, n)
+            log.warning("event=udp_rate_limited source=%s rate=%g/s (dropped unread, counted in "
+                        "udp_dropped_total; this source is named again in %gs if it goes on)",
+                        ip, self.limits.udp_rate_per_source, self.notices.every)
 
     def _datagram(self, data: bytes, flow: Flow) -> None:
         if stun.is_stun(data):
@@ -316,32 +317,10 @@ class Transports:
         self, sock: trio.socket.SocketType, transport: str, ssl_context: TlsContext,
         handlers: trio.Nursery,
     ) -> None:
-        backoff = AcceptBackoff()
-        while True:
-            try:
-                conn, addr = await sock.accept()
-            except OSError as e:
-                if e.errno in ONE_CONNECTION:
-                    continue
-                await self._accept_failed(backoff, e, transport)
-                continue
-            episode = backoff.succeeded()
-            if episode is not None:
-                log.warning("event=accept_recovered transport=%s failures=%d after=%.1fs errno=%s",
-                            transport, episode.failures, trio.current_time() - episode.started,
-                            errno.errorcode.get(episode.errno, episode.errno))
-            self._admit(conn, addr[0], transport, ssl_context, handlers)
+        def admit(conn: trio.socket.SocketType, ip: str) -> None:
+            self._admit(conn, ip, transport, ssl_context, handlers)
 
-    async def _accept_failed(self, backoff: AcceptBackoff, e: OSError, transport: str) -> None:
-        """No descriptor or memory for a new connection (or an unexpected error): wait,
-        longer each time, and say so once per episode - never a traceback per try."""
-        delay, began = backoff.failed(e.errno or 0, trio.current_time())
-        name = errno.errorcode.get(e.errno or 0, str(e.errno))
-        self.count("accept_failures_total:" + name)
-        if began:
-            log.warning("event=accept_failing transport=%s errno=%s (retrying, backoff up to %gs)",
-                        transport, name, backoff.cap)
-        await trio.sleep(delay)
+        await accept_forever(sock, admit, transport, self.count)
 
     def _admit(
         self, sock: trio.socket.SocketType, ip: str, transport: str, ssl_context: TlsContext,
@@ -349,10 +328,13 @@ class Transports:
     ) -> None:
         trusted = self.is_trusted(ip)
         refused = self.slots.open(ip, trusted, trio.current_time())
+        if refused is None and ssl_context is not None and not self.slots.start_handshake(trusted):
+            self.slots.close(ip)
+            refused = HANDSHAKES
         if refused is not None:
             self._refuse(sock, ip, transport, refused)
             return
-        handlers.start_soon(self._serve_connection, sock, ip, transport, ssl_context, trusted)
+        handlers.start_soon(self._serve_connection, sock, ip, transport, ssl_context)
 
     def _refuse(self, sock: trio.socket.SocketType, ip: str, transport: str, reason: str) -> None:
         """Close a connection over a limit at once (RST), count it, and name the source
@@ -370,14 +352,23 @@ class Transports:
 
     async def _serve_connection(
         self, sock: trio.socket.SocketType, ip: str, transport: str, ssl_context: TlsContext,
-        trusted: bool,
     ) -> None:
         # One connection's failure (a reset before we looked at it, a bug) must
         # never reach the listener's nursery: that would stop the relay.
         tcp = trio.SocketStream(sock)
         try:
-            ctx = ssl_context() if callable(ssl_context) else ssl_context
-            await self._connection(tcp, transport, ctx, trusted)
+            flow = _flow_of(tcp, transport)
+            stream: trio.abc.Stream | None = tcp
+            if ssl_context is not None:
+                try:  # its handshake slot was taken by _admit
+                    ctx = ssl_context() if callable(ssl_context) else ssl_context
+                    stream = await self._handshake(tcp, flow, ctx) if flow is not None else None
+                finally:
+                    self.slots.end_handshake()
+            if flow is None or stream is None:
+                await trio.aclose_forcefully(tcp)
+                return
+            await self._connection(stream, flow, tcp.socket.fileno() if ssl_context is None else None)
         except Exception:
             self.count("internal_errors_total")
             log.exception("event=connection_error transport=%s", transport)
@@ -386,46 +377,23 @@ class Transports:
             self.slots.close(ip)
 
     async def _handshake(
-        self, tcp: trio.SocketStream, flow: Flow, ssl_context: ssl.SSLContext, trusted: bool,
+        self, tcp: trio.SocketStream, flow: Flow, ssl_context: ssl.SSLContext,
     ) -> trio.SSLStream[trio.SocketStream] | None:
-        """The TLS stream once its handshake is done, or None (closed, counted)."""
-        if not self.slots.start_handshake(trusted):
-            self._refuse(tcp.socket, flow.remote_ip, flow.transport, HANDSHAKES)
-            return None
+        """The TLS stream once its handshake is done, or None (counted)."""
         tls = trio.SSLStream(tcp, ssl_context, server_side=True)
-        try:
-            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
-                try:
-                    await tls.do_handshake()
-                    return tls
-                except (trio.BrokenResourceError, ssl.SSLError) as e:
-                    log.info("event=tls_handshake_failed flow=%s err=%s", flow, type(e).__name__)
-            self.count("tls_handshake_failures_total")
-            await trio.aclose_forcefully(tcp)
-            return None
-        finally:
-            self.slots.end_handshake()
+        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+            try:
+                await tls.do_handshake()
+                return tls
+            except (trio.BrokenResourceError, ssl.SSLError) as e:
+                log.info("event=tls_handshake_failed flow=%s err=%s", flow, type(e).__name__)
+        self.count("tls_handshake_failures_total")
+        return None
 
-    async def _connection(
-        self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
-        trusted: bool,
-    ) -> None:
-        try:
-            peer = tcp.socket.getpeername()
-        except OSError:
-            await trio.aclose_forcefully(tcp)
-            return
-        local = tcp.socket.getsockname()
-        flow = Flow(transport, peer[0], peer[1], local[0], local[1])
-        stream: trio.abc.Stream = tcp
-        if ssl_context is not None:
-            tls = await self._handshake(tcp, flow, ssl_context, trusted)
-            if tls is None:
-                return
-            stream = tls
-        conn = Connection(stream, flow, tcp.socket.fileno() if ssl_context is None else None)
+    async def _connection(self, stream: trio.abc.Stream, flow: Flow, fd: int | None) -> None:
+        conn = Connection(stream, flow, fd)
         self.conns[flow] = conn
-        self.count("connections_total:" + transport)
+        self.count("connections_total:" + flow.transport)
         log.debug("event=flow_open flow=%s", flow)
         try:
             self.events.on_opened(flow)
@@ -504,3 +472,44 @@ class Transports:
             else:
                 self.events.on_message(ev, flow)
         events.clear()  # an idle flow must not keep its last message alive
+
+
+def _flow_of(tcp: trio.SocketStream, transport: str) -> Flow | None:
+    """The flow of an accepted connection, or None if the peer is already gone."""
+    try:
+        peer = tcp.socket.getpeername()
+    except OSError:
+        return None
+    local = tcp.socket.getsockname()
+    return Flow(transport, peer[0], peer[1], local[0], local[1])
+
+
+async def accept_forever(
+    sock: trio.socket.SocketType, admit: Callable[[trio.socket.SocketType, str], None],
+    name: str, count: Callable[..., None],
+) -> None:
+    """Accept connections on a listening socket until cancelled, handing each with
+    its peer IP to ``admit`` (which must not block). Out of descriptors or memory,
+    it waits (relay/transport/backoff.py) and says so once per episode, with the
+    count when it recovers - where trio.serve_listeners logs a traceback every 0.1 s."""
+    backoff = AcceptBackoff()
+    while True:
+        try:
+            conn, addr = await sock.accept()
+        except OSError as e:
+            if e.errno in ONE_CONNECTION:
+                continue
+            delay, began = backoff.failed(e.errno or 0, trio.current_time())
+            err = errno.errorcode.get(e.errno or 0, str(e.errno))
+            count("accept_failures_total:" + err)
+            if began:
+                log.warning("event=accept_failing listener=%s errno=%s (retrying, backoff up to %gs)",
+                            name, err, backoff.cap)
+            await trio.sleep(delay)
+            continue
+        episode = backoff.succeeded()
+        if episode is not None:
+            log.warning("event=accept_recovered listener=%s failures=%d after=%.1fs errno=%s",
+                        name, episode.failures, trio.current_time() - episode.started,
+                        errno.errorcode.get(episode.errno, episode.errno))
+        admit(conn, addr[0])
