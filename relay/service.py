@@ -353,7 +353,10 @@ class RelayService:
 
     async def _directory_refresh(self) -> None:
         while True:
-            await self.reload_directory()
+            try:
+                await self.reload_directory()
+            except Exception as e:  # out of descriptors, a locked database: the loaded one stays
+                log.warning("event=directory_reload_failed error=%r (the loaded directory stays)", e)
             await trio.sleep(DIRECTORY_POLL)
 
     async def reload_directory(self, force: bool = False) -> tuple[int, int]:
