@@ -48,6 +48,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "connection_rate_per_source": (float, 50.0),
         "max_tls_handshakes": (int, 128),
         "udp_rate_per_source": (float, 200.0),
+        "udp_ban_seconds": (float, 30.0),
         "exempt": (list, ["127.0.0.1", "::1"]),
     },
     "media": {
@@ -278,6 +279,8 @@ def _validate_transport(cfg: RelayConfig) -> None:
     for k in ("connection_rate_per_source", "udp_rate_per_source"):
         if cfg[f"transport.{k}"] <= 0:
             raise ConfigError(f"{src}: transport.{k} must be > 0")
+    if not 0.0 <= cfg["transport.udp_ban_seconds"] <= 86_400.0:
+        raise ConfigError(f"{src}: transport.udp_ban_seconds must be between 0 and 86400")
     for a in cfg["transport.exempt"]:
         try:
             ipaddress.ip_address(a)

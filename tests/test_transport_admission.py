@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import socket
 from pathlib import Path
 
 import pytest
 
 from relay import config
-from relay.transport import limits
-from relay.transport.admission import PER_SOURCE, RATE, TOTAL, ConnectionSlots, Notices, SourceBuckets
+from relay.transport import limits, sockfilter
+from relay.transport.admission import PER_SOURCE, RATE, TOTAL, Bans, ConnectionSlots, Notices, SourceBuckets
 from relay.transport.backoff import EXHAUSTED, AcceptBackoff
 from relay.transport.limits import TransportLimits
+from relay.transport.sockfilter import drop_program
 
 STRANGER, OTHER, PBX = "203.0.113.5", "203.0.113.6", "198.51.100.1"
 
@@ -160,3 +162,46 @@ def test_bad_transport_keys_are_named(tmp_path: Path, body: str, needle: str) ->
     path.write_text(f"[transport]\n{body}\n")
     with pytest.raises(config.ConfigError, match=needle):
         config.load(path)
+
+
+# --------------------------------------------------------------------- bans
+def test_flooders_are_sources_far_over_their_budget_and_never_trusted() -> None:
+    b = SourceBuckets(10.0, trusted_pbx)
+    for i in range(300):  # 20 admitted, 280 refused in one second: 28x the budget
+        b.admit(STRANGER, i / 300)
+        b.admit(PBX, i / 300)
+    for i in range(40):  # 20 admitted, 20 refused: over budget, not a flood
+        b.admit(OTHER, i / 40)
+    assert b.flooders(1.0, 10.0) == [STRANGER]
+    assert b.flooders(1.0, 10.0) == []  # counting starts again
+
+
+def test_bans_last_their_time_and_are_bounded() -> None:
+    bans = Bans(30.0, max_bans=2)
+    assert bans.update([STRANGER, OTHER, PBX], 0.0) == ([STRANGER, OTHER], [])
+    assert bans.update([STRANGER], 10.0) == ([], [])  # still banned: not again
+    assert bans.update([], 30.0) == ([], [STRANGER, OTHER])
+    assert Bans(0.0).update([STRANGER], 0.0) == ([], [])  # 0 s: never ban
+
+
+def test_socket_filter_drops_the_banned_source_only() -> None:
+    prog = drop_program(["127.0.0.2", "127.0.0.3"])
+    assert len(prog) == 5 and prog[-1] == (0x06, 0, 0, 0)  # load, 2 compares, keep, drop
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as relay_sock:
+        relay_sock.bind(("127.0.0.1", 0))
+        relay_sock.settimeout(0.5)
+        sockfilter.apply(relay_sock, ["127.0.0.2"])
+        senders = {}
+        for src in ("127.0.0.2", "127.0.0.4"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((src, 0))
+            s.sendto(src.encode(), relay_sock.getsockname())
+            senders[src] = s
+        assert relay_sock.recv(100) == b"127.0.0.4"
+        with pytest.raises(TimeoutError):
+            relay_sock.recv(100)
+        sockfilter.apply(relay_sock, [])  # lifted
+        senders["127.0.0.2"].sendto(b"back", relay_sock.getsockname())
+        assert relay_sock.recv(100) == b"back"
+        for s in senders.values():
+            s.close()

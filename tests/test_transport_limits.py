@@ -175,3 +175,30 @@ def test_udp_datagrams_per_source(relay_factory) -> None:  # type: ignore[no-unt
         assert relay.metric('pbx_relay_udp_dropped_total{kind="rate"}') == 1
         assert f"event=udp_rate_limited source={ATTACKER}" in relay.log()
         assert options_barrier(relay, c) == []  # another source is served
+
+
+def test_udp_flooder_is_banned_in_the_kernel_then_let_back(relay_factory) -> None:  # type: ignore[no-untyped-def]
+    from tests.transport_attacks import result, spawn
+
+    relay: RelayProc = relay_factory(transport(udp_ban_seconds=2.0))
+    flood = spawn("udp-flood", "--target", f"{HOST}:{relay.udp}", "--source", ATTACKER,
+                  "--duration", "3", "--rate", "20000")
+    deadline = time.monotonic() + 10
+    while "event=udp_source_banned source=127.0.0.2" not in relay.log():
+        assert time.monotonic() < deadline, relay.log()[-2000:]
+        time.sleep(0.1)
+    assert relay.metric("pbx_relay_udp_sources_banned") == 1
+    seen = relay.metric('pbx_relay_udp_dropped_total{kind="rate"}')
+    with udp_from(CLIENT) as c:
+        assert options_barrier(relay, c) == []  # everyone else is served
+    sent = int(result(flood)["sent"])  # type: ignore[call-overload]
+    # Banned, the flood no longer reaches the relay at all: what it read after the ban
+    # is at most what was already queued in its socket buffer.
+    assert relay.metric('pbx_relay_udp_dropped_total{kind="rate"}') - seen < 10_000 < sent
+    deadline = time.monotonic() + 10
+    while "event=udp_ban_lifted source=127.0.0.2" not in relay.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert relay.metric("pbx_relay_udp_sources_banned") == 0
+    with udp_from(ATTACKER) as a:
+        assert options_barrier(relay, a) == []  # the ban ran out: served again

@@ -20,6 +20,7 @@ class _Bucket:
     stamp: float
     rate: float
     burst: float
+    dropped: int = 0  # refused since the last ``flooders`` call
 
 
 class SourceBuckets:
@@ -64,6 +65,7 @@ class SourceBuckets:
             b.tokens = tokens - 1.0
             return True
         b.tokens = tokens
+        b.dropped += 1
         return False
 
     def _first(self, ip: str, now: float) -> bool:
@@ -95,6 +97,41 @@ class SourceBuckets:
             keep[ip] = b
         self._table = keep
         self._sweep_at = now + self.sweep_every
+
+
+    def flooders(self, elapsed: float, factor: float) -> list[str]:
+        """Untrusted sources refused more than ``factor`` times their whole budget
+        over the last ``elapsed`` seconds (counting starts again at each call)."""
+        out = []
+        for ip, b in self._table.items():
+            if b.dropped and b.dropped > factor * b.rate * elapsed and not self.trusted(ip):
+                out.append(ip)
+            b.dropped = 0
+        return out
+
+
+class Bans:
+    """Sources banned until a time: ``update`` adds the new flooders (at most
+    ``max_bans`` at once) and lifts the bans that ran out."""
+
+    def __init__(self, seconds: float, max_bans: int = limits.MAX_UDP_BANS):
+        self.seconds = seconds
+        self.max_bans = max_bans
+        self.until: dict[str, float] = {}
+
+    def update(self, flooders: list[str], now: float) -> tuple[list[str], list[str]]:
+        """(banned now, lifted now)."""
+        lifted = [ip for ip, t in self.until.items() if t <= now]
+        for ip in lifted:
+            del self.until[ip]
+        banned = []
+        for ip in flooders:
+            if self.seconds <= 0 or len(self.until) >= self.max_bans:
+                break
+            if ip not in self.until:
+                self.until[ip] = now + self.seconds
+                banned.append(ip)
+        return banned, lifted
 
 
 class ConnectionSlots:

@@ -17,8 +17,8 @@ from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
 from relay.sip.framer import FramingLost, Invalid, Ping, StreamEvent, StreamFramer
 from relay.sip.parser import parse_message
-from relay.transport import stun
-from relay.transport.admission import HANDSHAKES, ConnectionSlots, Notices, SourceBuckets
+from relay.transport import sockfilter, stun
+from relay.transport.admission import HANDSHAKES, Bans, ConnectionSlots, Notices, SourceBuckets
 from relay.transport.backoff import ONE_CONNECTION, AcceptBackoff
 from relay.transport.events import TransportEvents
 from relay.transport.limits import (
@@ -29,6 +29,8 @@ from relay.transport.limits import (
     READ_SIZE,
     SEND_QUEUE_BYTES,
     TLS_HANDSHAKE_TIMEOUT,
+    UDP_BAN_CHECK_EVERY,
+    UDP_BAN_FACTOR,
     UDP_BATCH,
     UDP_DROP_BATCH,
     UDP_HEARD_KEEP,
@@ -128,6 +130,8 @@ class Transports:
         self.udp_gate = SourceBuckets(limits.udp_rate_per_source, self.is_trusted)
         self.slots = ConnectionSlots(limits)
         self.notices = Notices()
+        self.bans = Bans(limits.udp_ban_seconds)
+        self._bans_checked = -math.inf
         # stdlib sockets, non-blocking: a sendto never waits (UDP has no
         # back-pressure worth waiting for; a full buffer drops and counts).
         self.udp: dict[tuple[str, int], socket.socket] = {}
@@ -169,6 +173,7 @@ class Transports:
             "flows_queued_bytes": sum(c.queued for c in self.conns.values()),
             "tls_handshakes_in_progress": self.slots.handshakes,
             "udp_sources_tracked": len(self.udp_gate),
+            "udp_sources_banned": len(self.bans.until),
         }
 
     def _forget_quiet_udp(self, now: float) -> None:
@@ -216,10 +221,13 @@ class Transports:
             bound_port = sock.getsockname()[1]
             key = (host, bound_port)
             self.udp[key] = raw
+            if not math.isfinite(self._bans_checked):
+                self._bans_checked = trio.current_time()
             task_status.started(bound_port)
             try:
                 while True:
-                    await trio.lowlevel.wait_readable(raw)
+                    with trio.move_on_after(UDP_BAN_CHECK_EVERY):  # bans end even in silence
+                        await trio.lowlevel.wait_readable(raw)
                     # Drain what is queued before going back to the event loop: one
                     # scheduler round per burst instead of one per datagram.
                     while self._udp_batch(raw, host, bound_port):
@@ -233,6 +241,8 @@ class Transports:
         now = trio.current_time()
         if now >= self._udp_sweep_at:
             self._forget_quiet_udp(now)
+        if now >= self._bans_checked + UDP_BAN_CHECK_EVERY:
+            self._check_bans(now)
         admit = self.udp_gate.admit
         heard = self.udp_heard
         admitted = dropped = 0
@@ -268,6 +278,29 @@ class Transports:
             log.warning("event=udp_rate_limited source=%s rate=%g/s (dropped unread, counted in "
                         "udp_dropped_total; this source is named again in %gs if it goes on)",
                         ip, self.limits.udp_rate_per_source, self.notices.every)
+
+    def _check_bans(self, now: float) -> None:
+        """Ban in the kernel the IPv4 sources that went on flooding; lift the bans
+        that ran out (relay/transport/sockfilter.py)."""
+        elapsed = min(now - self._bans_checked, 10 * UDP_BAN_CHECK_EVERY)
+        self._bans_checked = now
+        flooders = [ip for ip in self.udp_gate.flooders(elapsed, UDP_BAN_FACTOR) if ":" not in ip]
+        banned, lifted = self.bans.update(flooders, now)
+        if not (banned or lifted):
+            return
+        sources = sorted(self.bans.until)
+        for sock in self.udp.values():
+            if sock.family == socket.AF_INET:
+                try:
+                    sockfilter.apply(sock, sources)
+                except OSError as e:  # no BPF here: the gate alone goes on dropping
+                    log.warning("event=udp_ban_failed err=%s", e)
+        for ip in banned:
+            self.count("udp_bans_total")
+            log.warning("event=udp_source_banned source=%s seconds=%g (over %gx its budget; "
+                        "dropped in the kernel from now on)", ip, self.bans.seconds, UDP_BAN_FACTOR)
+        for ip in lifted:
+            log.info("event=udp_ban_lifted source=%s", ip)
 
     def _datagram(self, data: bytes, flow: Flow) -> None:
         if stun.is_stun(data):
