@@ -69,7 +69,7 @@ if os.environ.get("BENCH_FAST_SPLIT") == "1":
 flows.parse_message = wrap("udp_parse", flows.parse_message)
 flows.StreamFramer.feed = wrap("stream_frame_parse", flows.StreamFramer.feed)
 dispatch.Dispatcher.on_message = wrap("on_message", dispatch.Dispatcher.on_message)
-flows.Transports.send = wrap("transports_send", flows.Transports.send)
+flows.Transports.send_many = wrap("transports_send", flows.Transports.send_many)
 
 
 # Cyclic GC pauses (they run inside whichever layer allocated): time per generation.

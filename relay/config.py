@@ -41,6 +41,16 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "pbx_expires_min": (int, 60),
         "pbx_expires_max": (int, 3600),
     },
+    "transport": {
+        "max_connections": (int, 16_384),
+        "connections_reserved": (int, 2_048),
+        "max_connections_per_source": (int, 256),
+        "connection_rate_per_source": (float, 50.0),
+        "max_tls_handshakes": (int, 128),
+        "udp_rate_per_source": (float, 200.0),
+        "udp_ban_seconds": (float, 30.0),
+        "exempt": (list, ["127.0.0.1", "::1"]),
+    },
     "media": {
         "enabled": (bool, True),
         "address": (str, ""),
@@ -227,6 +237,7 @@ def _validate(cfg: RelayConfig) -> None:
     if (cfg["sip.tls_cert"] == "") != (cfg["sip.tls_key"] == ""):
         raise ConfigError(f"{src}: sip.tls_cert and sip.tls_key go together")
     parse_listen(cfg["admin.listen"], "admin.listen", src)
+    _validate_transport(cfg)
     lo, hi = cfg["media.port_min"], cfg["media.port_max"]
     if not 1024 <= lo < hi <= 65535 or hi - lo < 4:
         raise ConfigError(
@@ -256,3 +267,22 @@ def _validate(cfg: RelayConfig) -> None:
         except ValueError:
             raise ConfigError(
                 f"{src}: media.address: {cfg['media.address']!r} is not an IP address") from None
+
+
+def _validate_transport(cfg: RelayConfig) -> None:
+    src = cfg.source
+    for k in ("max_connections", "max_connections_per_source", "max_tls_handshakes"):
+        if cfg[f"transport.{k}"] < 1:
+            raise ConfigError(f"{src}: transport.{k} must be >= 1")
+    if not 0 <= cfg["transport.connections_reserved"] < cfg["transport.max_connections"]:
+        raise ConfigError(f"{src}: transport.connections_reserved: need 0 <= reserved < max_connections")
+    for k in ("connection_rate_per_source", "udp_rate_per_source"):
+        if cfg[f"transport.{k}"] <= 0:
+            raise ConfigError(f"{src}: transport.{k} must be > 0")
+    if not 0.0 <= cfg["transport.udp_ban_seconds"] <= 86_400.0:
+        raise ConfigError(f"{src}: transport.udp_ban_seconds must be between 0 and 86400")
+    for a in cfg["transport.exempt"]:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ConfigError(f"{src}: transport.exempt: {a!r} is not an IP address") from None

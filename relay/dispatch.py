@@ -64,6 +64,11 @@ class Dispatcher:
     def on_keepalive(self, flow: Flow) -> None:
         self.proxy.on_keepalive(flow, trio.current_time())
 
+    def count(self, name: str, n: int = 1) -> None:
+        """The transports' and the forwarder's counters (``name`` or ``name:label``)."""
+        family, _, label = name.partition(":")
+        self.proxy.counters.inc(family, label, n)
+
     def on_wake_result(self, key: tuple[str, ...], outcome: Outcome) -> None:
         self._guarded(lambda: self.proxy.on_wake_result(key, outcome, trio.current_time()), "where=wake")
 

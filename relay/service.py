@@ -32,11 +32,13 @@ from relay.pbx.directory import PbxDirectory
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Send
 from relay.pushlink import PushLink
-from relay.transport.flows import StreamTimeouts, Transports
+from relay.transport.flows import Transports
+from relay.transport.limits import StreamTimeouts, TransportLimits
 from relay.transport.tlscert import ensure_self_signed, server_context
 
 log = logging.getLogger("relay")
 
+TRUST_REFRESH = 0.5  # seconds: how stale the transport's view of customers may be
 DIRECTORY_POLL = 2.0  # seconds between checks for PBXs added or removed by the CLI
 DRAIN_POLL = 0.2  # seconds between two looks at what is left to finish while draining
 # The timer task wakes at least once a second (the proxy's sweep): silent this long, it
@@ -72,6 +74,15 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
     )
 
 
+TRANSPORT_GAUGES = {
+    "flows_open": "TCP/TLS connections open",
+    "flows_queued_bytes": "Bytes queued to TCP/TLS peers beyond their socket buffers",
+    "tls_handshakes_in_progress": "TLS handshakes not finished yet",
+    "udp_sources_tracked": "UDP sources with a rate budget in memory",
+    "udp_sources_banned": "UDP sources banned in the kernel for flooding",
+}
+
+
 class RelayService:
     """Owns the sockets, the tasks and the lifecycle; every SIP decision is the proxy's."""
 
@@ -82,6 +93,10 @@ class RelayService:
         auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
         self.forwarder: UdpForwarder | None = None
         self.media: MediaSessions | None = None
+        # Addresses of registered PBXs and their phones: the transport keeps headroom
+        # for them (relay/transport/admission.py); refreshed by _timers.
+        self.trusted_sources: frozenset[str] = frozenset()
+        self._trusted_at = -math.inf
         if cfg["media.enabled"]:
             self.forwarder = UdpForwarder(cfg.media_address, self._count)
             self.media = MediaSessions(
@@ -90,8 +105,10 @@ class RelayService:
         self.proxy = Proxy(proxy_config(cfg), self.key, auth, self.media)
         self.dispatch = Dispatcher(self.proxy, self._send, self.forwarder)
         self.transports = Transports(
-            self.dispatch, self._count,
+            self.dispatch,
             StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
+            TransportLimits.from_section(cfg.values["transport"]),
+            trusted=self._is_trusted,
         )
         self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result)
         self.bound: dict[str, list[str]] = {}
@@ -108,12 +125,23 @@ class RelayService:
         self.timers_ran_at = 0.0
 
     def _send(self, out: list[Send]) -> None:
-        self.transports.send(out)
+        self.transports.send_many((s.flow, s.data) for s in out)
 
     def _count(self, name: str, n: int = 1) -> None:
-        """The transports' and the forwarder's counters (``name`` or ``name:label``)."""
-        family, _, label = name.partition(":")
-        self.proxy.counters.inc(family, label, n)
+        """The forwarder's counters (``name`` or ``name:label``)."""
+        self.dispatch.count(name, n)
+
+    def _is_trusted(self, ip: str) -> bool:
+        if ip in self.trusted_sources:
+            return True
+        # A PBX that registered a moment ago is trusted at once; a stranger's flood
+        # costs at most one recomputation per TRUST_REFRESH.
+        now = trio.current_time()
+        if now - self._trusted_at < TRUST_REFRESH:
+            return False
+        self._trusted_at = now
+        self.trusted_sources = self.proxy.customer_ips()
+        return ip in self.trusted_sources
 
     # ------------------------------------------------------------------ tasks
     async def serve(
@@ -173,7 +201,10 @@ class RelayService:
     # -------------------------------------------------------------- directory
     async def _directory_refresh(self) -> None:
         while True:
-            await self.reload_directory()
+            try:
+                await self.reload_directory()
+            except Exception as e:  # out of descriptors, a locked database: the loaded one stays
+                log.warning("event=directory_reload_failed error=%r (the loaded directory stays)", e)
             await trio.sleep(DIRECTORY_POLL)
 
     async def _load_directory(self) -> None:
@@ -213,10 +244,11 @@ class RelayService:
     def metrics_text(self) -> tuple[str, str]:
         gauges: dict[str, tuple[str, float]] = {
             "pbx_registered": ("PBXs registered now", len(self.proxy.registrar.registry)),
-            "flows_open": ("TCP/TLS connections open", len(self.transports.conns)),
             "invite_transactions": ("INVITE transactions kept (live and lingering)", len(self.proxy.txns)),
             "draining": ("1 while the relay drains before stopping", int(self.draining)),
         }
+        for name, value in self.transports.gauges().items():
+            gauges[name] = (TRANSPORT_GAUGES[name], value)
         if self.media is not None:
             legs = [leg for s in self.media.sessions.values() for leg in s.legs()]
             gauges["media_sessions"] = ("Calls whose media the relay anchors", len(self.media.sessions))

@@ -193,7 +193,14 @@ class Proxy:
         return self.txns.live_count
 
     def registrations(self) -> list[PbxRegistration]:
+        """The PBX registrations held now."""
         return self.registrar.registry.snapshot()
+
+    def customer_ips(self) -> frozenset[str]:
+        """Source addresses of registered PBXs and of their accepted phones: the
+        transport keeps connection headroom for them under a flood."""
+        pbxs = {r.flow.remote_ip for r in self.registrar.registry.snapshot()}
+        return frozenset(pbxs | self.devices.source_ips())
 
     # ----------------------------------------------------------------- requests
     def _on_request(self, req: Request, source: Flow, now: float) -> list[Effect]:

@@ -170,6 +170,10 @@ class PhoneDevices:
             flow = nxt.flow
         return flow
 
+    def source_ips(self) -> set[str]:
+        """Addresses of the devices the PBXs accepted (the transport's customers)."""
+        return {d.flow.remote_ip for d in self._flows.values()}
+
     def sweep(self, now: float) -> None:
         """Drop REGISTERs never answered, and devices and moves past their expiry."""
         if self._pending:

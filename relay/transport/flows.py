@@ -1,46 +1,56 @@
-"""Listeners and flows: move bytes between sockets and the sans-I/O proxy."""
+"""Listeners and flows: move bytes between sockets and the service above (trio shell)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+import struct
+from collections.abc import Callable, Iterable
 
 import trio
 
-from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
-from relay.sip.framer import FramingLost, Invalid, Ping, StreamFramer
-from relay.sip.message import SipMessage
+from relay.sip.framer import FramingLost, Invalid, Ping, StreamEvent, StreamFramer
 from relay.sip.parser import parse_message
-from relay.transport import stun
+from relay.transport import sockfilter, stun
+from relay.transport.admission import HANDSHAKES, Bans, ConnectionSlots, Notices, SourceBuckets
+from relay.transport.backoff import ONE_CONNECTION, AcceptBackoff
+from relay.transport.events import TransportEvents
+from relay.transport.limits import (
+    FLUSH_TIMEOUT,
+    LISTEN_BACKLOG,
+    MESSAGES_PER_TURN,
+    READ_SIZE,
+    SEND_QUEUE_BYTES,
+    TLS_HANDSHAKE_TIMEOUT,
+    UDP_BAN_CHECK_EVERY,
+    UDP_BAN_FACTOR,
+    UDP_BATCH,
+    UDP_DROP_BATCH,
+    StreamTimeouts,
+    TransportLimits,
+)
 
 log = logging.getLogger("relay.transport")
 
-# Bytes queued for one connection (beyond what its kernel socket buffer holds)
-# before the peer counts as not reading and is closed: a phone on a bad link must
-# not make the relay buffer without bound, but a busy PBX that pauses for a few
-# seconds must survive — 2 MiB is ~2,000 INVITEs, 10 s at 200 calls/s.
-SEND_QUEUE_BYTES = 2 * 1024 * 1024
-READ_SIZE = 65_536
-# Datagrams handled per wake-up of a UDP listener before other tasks get a turn.
-UDP_BATCH = 32
-TLS_HANDSHAKE_TIMEOUT = 10.0
-# How long a connection being closed for lost framing may take to deliver its
-# last answer (400/513) before it is dropped anyway.
-FLUSH_TIMEOUT = 2.0
+# The TLS context a new connection gets: fixed, or asked for at each accept (so that
+# a certificate reloaded on SIGHUP serves new connections, old ones keep theirs).
+TlsContext = ssl.SSLContext | Callable[[], ssl.SSLContext] | None
+# Close with RST, not FIN: a refused connection leaves no TIME_WAIT entry behind.
+_ABORT = struct.pack("ii", 1, 0)
 
 
-@dataclass(slots=True)
-class StreamTimeouts:
-    idle: float = 300.0  # no byte at all (not even a CRLF keepalive) for this long → dead
-    partial: float = 10.0  # half a message waiting for the rest this long → close
+def _nobody(ip: str) -> bool:
+    return False
+
+
+DEFAULT_TIMEOUTS = StreamTimeouts()
+DEFAULT_LIMITS = TransportLimits()
 
 
 class Connection:
@@ -55,6 +65,7 @@ class Connection:
         self.fd = fd  # plain TCP: the (non-blocking) socket for the direct path
         self._send, self._recv = trio.open_memory_channel[bytes](math.inf)
         self.queued = 0  # bytes handed to the writer and not yet written
+        self.pending = 0  # messages (or their tails) handed to the writer and not yet written
         self.cancel_scope = trio.CancelScope()
         self.flushed = trio.Event()  # the writer sent everything and stopped
 
@@ -63,6 +74,7 @@ class Connection:
         self._send.close()
 
     def send(self, data: bytes) -> bool:
+        """Write or queue ``data``; False if the flow is gone or overflowed (it closes)."""
         if self.fd is not None and self.queued == 0:
             try:
                 n = os.write(self.fd, data)
@@ -83,46 +95,41 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         self.queued += len(data)
+        self.pending += 1
         return True
 
     async def writer(self) -> None:
+        """Write what ``send`` queued, in order, until ``finish``."""
         async for data in self._recv:
             await self.stream.send_all(data)
             self.queued -= len(data)
+            self.pending -= 1
         self.flushed.set()
 
 
-class TransportEvents(Protocol):
-    """What the transports report to the shell, synchronously, as it happens."""
-
-    def on_message(self, msg: SipMessage, flow: Flow) -> None:
-        """A whole SIP message arrived on ``flow``."""
-
-    def on_error(self, err: SipParseError, flow: Flow) -> None:
-        """Bytes on ``flow`` that are not valid SIP."""
-
-    def on_opened(self, flow: Flow) -> None:
-        """A TCP/TLS connection was accepted (after its TLS handshake)."""
-
-    def on_closed(self, flow: Flow) -> None:
-        """A TCP/TLS connection ended."""
-
-    def on_keepalive(self, flow: Flow) -> None:
-        """A CRLF keepalive or a STUN binding request: the peer is awake."""
-
-# The TLS context a new connection gets: fixed, or asked for at each accept (so that
-# a certificate reloaded on SIGHUP serves new connections, old ones keep theirs).
-TlsContext = ssl.SSLContext | Callable[[], ssl.SSLContext] | None
-
-
 class Transports:
-    """Owns every socket. ``on_message``/``on_error`` are called synchronously
-    with each parsed message; they answer through ``send``."""
+    """Owns every socket. Reports what arrives to ``events`` (synchronously, from
+    the reading task); the service answers through ``send``/``send_many``.
 
-    def __init__(self, events: TransportEvents, counters: Callable[[str], None], timeouts: StreamTimeouts):
+    ``trusted(ip)`` says whether a source is a customer (a registered PBX, a phone
+    with a live registration): the service keeps it current, the transport asks it
+    when a source connects or is swept (relay/transport/admission.py). Sources in
+    ``limits.exempt`` are trusted too."""
+
+    def __init__(
+        self, events: TransportEvents, timeouts: StreamTimeouts = DEFAULT_TIMEOUTS,
+        limits: TransportLimits = DEFAULT_LIMITS, trusted: Callable[[str], bool] = _nobody,
+    ):
         self.events = events
-        self.count = counters
+        self.count = events.count
         self.timeouts = timeouts
+        self.limits = limits
+        self._trusted = trusted
+        self.udp_gate = SourceBuckets(limits.udp_rate_per_source, self.is_trusted)
+        self.slots = ConnectionSlots(limits)
+        self.notices = Notices()
+        self.bans = Bans(limits.udp_ban_seconds)
+        self._bans_checked = -math.inf
         # stdlib sockets, non-blocking: a sendto never waits (UDP has no
         # back-pressure worth waiting for; a full buffer drops and counts).
         self.udp: dict[tuple[str, int], socket.socket] = {}
@@ -131,6 +138,10 @@ class Transports:
         self.accepting = True
         self._accept_scopes: list[trio.CancelScope] = []
 
+    def is_trusted(self, ip: str) -> bool:
+        """An exempt address or one the service trusts."""
+        return ip in self.limits.exempt or self._trusted(ip)
+
     def stop_accepting(self) -> None:
         """Close every TCP/TLS listening socket (new connections are refused); the
         connections already open, and the UDP sockets, carry on."""
@@ -138,29 +149,47 @@ class Transports:
         for scope in self._accept_scopes:
             scope.cancel()
 
-    # ------------------------------------------------------------------ output
-    def send(self, out: list[Send]) -> None:
-        for s in out:
-            f = s.flow
-            if f.transport == "udp":
-                sock = self.udp.get((f.local_ip, f.local_port))
-                if sock is None:
-                    self.count("dropped_total:no_udp_socket")
-                    continue
-                try:
-                    sock.sendto(s.data, (f.remote_ip, f.remote_port))
-                except (BlockingIOError, OSError) as e:
-                    self.count("send_errors_total:udp")
-                    log.debug("event=udp_send_error flow=%s err=%s", f, e)
-            else:
-                conn = self.conns.get(f)
-                if conn is None or not conn.send(s.data):
-                    self.count("dropped_total:flow_gone")
+    # ------------------------------------------------------------------ state
+    def gauges(self) -> dict[str, int]:
+        """Current sizes for /metrics."""
+        return {
+            "flows_open": len(self.conns),
+            "flows_queued_bytes": sum(c.queued for c in self.conns.values()),
+            "tls_handshakes_in_progress": self.slots.handshakes,
+            "udp_sources_tracked": len(self.udp_gate),
+            "udp_sources_banned": len(self.bans.until),
+        }
+
+    def send(self, flow: Flow, data: bytes) -> bool:
+        """Send ``data`` on ``flow`` (never waits); False, counted, if it cannot go."""
+        if flow.transport == "udp":
+            sock = self.udp.get((flow.local_ip, flow.local_port))
+            if sock is None:
+                self.count("dropped_total:no_udp_socket")
+                return False
+            try:
+                sock.sendto(data, (flow.remote_ip, flow.remote_port))
+            except OSError as e:  # BlockingIOError too: a full buffer drops (UDP)
+                self.count("send_errors_total:udp")
+                log.debug("event=udp_send_error flow=%s err=%s", flow, e)
+                return False
+            return True
+        conn = self.conns.get(flow)
+        if conn is None or not conn.send(data):
+            self.count("dropped_total:flow_gone")
+            return False
+        return True
+
+    def send_many(self, out: Iterable[tuple[Flow, bytes]]) -> None:
+        """``send`` each (flow, data) in order."""
+        for flow, data in out:
+            self.send(flow, data)
 
     # -------------------------------------------------------------------- UDP
     async def serve_udp(
         self, host: str, port: int, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Read one UDP socket until cancelled; ``task_status`` gets the bound port."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         raw = socket.socket(family, socket.SOCK_DGRAM)
         raw.setblocking(False)
@@ -171,26 +200,80 @@ class Transports:
             bound_port = sock.getsockname()[1]
             key = (host, bound_port)
             self.udp[key] = raw
+            if not math.isfinite(self._bans_checked):
+                self._bans_checked = trio.current_time()
             task_status.started(bound_port)
             try:
                 while True:
-                    await trio.lowlevel.wait_readable(raw)
+                    with trio.move_on_after(UDP_BAN_CHECK_EVERY):  # bans end even in silence
+                        await trio.lowlevel.wait_readable(raw)
                     # Drain what is queued before going back to the event loop: one
                     # scheduler round per burst instead of one per datagram.
-                    for _ in range(UDP_BATCH):
-                        try:
-                            data, addr = raw.recvfrom(READ_SIZE)
-                        except BlockingIOError:
-                            break
-                        except OSError as e:  # e.g. ICMP errors reported on the socket
-                            self.count("receive_errors_total:udp")
-                            log.debug("event=udp_receive_error err=%s", e)
-                            break
-                        self._datagram(data, Flow("udp", addr[0], addr[1], host, bound_port))
-                    else:
+                    while self._udp_batch(raw, host, bound_port):
                         await trio.lowlevel.checkpoint()
             finally:
                 self.udp.pop(key, None)
+
+    def _udp_batch(self, raw: socket.socket, host: str, port: int) -> bool:
+        """Handle up to UDP_BATCH admitted datagrams (or UDP_DROP_BATCH dropped ones);
+        True if the batch filled up (more may be waiting)."""
+        now = trio.current_time()
+        if now >= self._bans_checked + UDP_BAN_CHECK_EVERY:
+            self._check_bans(now)
+        admit = self.udp_gate.admit
+        admitted = dropped = 0
+        last_dropped = ""
+        try:
+            while admitted < UDP_BATCH and dropped < UDP_DROP_BATCH:
+                try:
+                    data, addr = raw.recvfrom(READ_SIZE)
+                except BlockingIOError:
+                    return False
+                except OSError as e:  # e.g. ICMP errors reported on the socket
+                    self.count("receive_errors_total:udp")
+                    log.debug("event=udp_receive_error err=%s", e)
+                    return False
+                ip = addr[0]
+                if not admit(ip, now):  # before parsing: a flood costs a lookup each
+                    dropped += 1
+                    last_dropped = ip
+                    continue
+                admitted += 1
+                self._datagram(data, Flow("udp", ip, addr[1], host, port))
+            return True
+        finally:
+            if dropped:
+                self._udp_dropped(last_dropped, dropped, now)
+
+    def _udp_dropped(self, ip: str, n: int, now: float) -> None:
+        self.count("udp_dropped_total:rate", n)
+        if self.notices.due("udp " + ip, now):
+            log.warning("event=udp_rate_limited source=%s rate=%g/s (dropped unread, counted in "
+                        "udp_dropped_total; this source is named again in %gs if it goes on)",
+                        ip, self.limits.udp_rate_per_source, self.notices.every)
+
+    def _check_bans(self, now: float) -> None:
+        """Ban in the kernel the IPv4 sources that went on flooding; lift the bans
+        that ran out (relay/transport/sockfilter.py)."""
+        elapsed = min(now - self._bans_checked, 10 * UDP_BAN_CHECK_EVERY)
+        self._bans_checked = now
+        flooders = [ip for ip in self.udp_gate.flooders(elapsed, UDP_BAN_FACTOR) if ":" not in ip]
+        banned, lifted = self.bans.update(flooders, now)
+        if not (banned or lifted):
+            return
+        sources = sorted(self.bans.until)
+        for sock in self.udp.values():
+            if sock.family == socket.AF_INET:
+                try:
+                    sockfilter.apply(sock, sources)
+                except OSError as e:  # no BPF here: the gate alone goes on dropping
+                    log.warning("event=udp_ban_failed err=%s", e)
+        for ip in banned:
+            self.count("udp_bans_total")
+            log.warning("event=udp_source_banned source=%s seconds=%g (over %gx its budget; "
+                        "dropped in the kernel from now on)", ip, self.bans.seconds, UDP_BAN_FACTOR)
+        for ip in lifted:
+            log.info("event=udp_ban_lifted source=%s", ip)
 
     def _datagram(self, data: bytes, flow: Flow) -> None:
         if stun.is_stun(data):
@@ -198,7 +281,7 @@ class Transports:
             self.count("stun_requests_total")
             self.events.on_keepalive(flow)
             if answer is not None:
-                self.send([Send(flow, answer)])
+                self.send(flow, answer)
             return
         if not data.strip(b"\r\n\x00 "):
             self.count("keepalives_total:udp")
@@ -216,65 +299,113 @@ class Transports:
         self, transport: str, host: str, port: int, ssl_context: TlsContext,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        """Accept TCP (``ssl_context`` None) or TLS connections until cancelled;
+        ``stop_accepting`` closes the listening sockets, open connections carry on."""
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
         bound_port = listeners[0].socket.getsockname()[1]
         accepting = trio.CancelScope()
         self._accept_scopes.append(accepting)
         if not self.accepting:
             accepting.cancel()
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as handlers:  # keeps the connections until they end
             task_status.started(bound_port)
-            with accepting:  # cancelled by stop_accepting(): the listeners close, the nursery
-                await trio.serve_listeners(  # keeps the open connections until they end
-                    lambda s: self._serve_connection(s, transport, ssl_context),  # type: ignore[arg-type]
-                    listeners, handler_nursery=nursery,
-                )
+            try:
+                with accepting:
+                    async with trio.open_nursery() as loops:
+                        for listener in listeners:
+                            loops.start_soon(self._accept_loop, listener.socket, transport,
+                                             ssl_context, handlers)
+            finally:
+                for listener in listeners:
+                    listener.socket.close()
+
+    async def _accept_loop(
+        self, sock: trio.socket.SocketType, transport: str, ssl_context: TlsContext,
+        handlers: trio.Nursery,
+    ) -> None:
+        def admit(conn: trio.socket.SocketType, ip: str) -> None:
+            self._admit(conn, ip, transport, ssl_context, handlers)
+
+        await accept_forever(sock, admit, transport, self.count)
+
+    def _admit(
+        self, sock: trio.socket.SocketType, ip: str, transport: str, ssl_context: TlsContext,
+        handlers: trio.Nursery,
+    ) -> None:
+        trusted = self.is_trusted(ip)
+        refused = self.slots.open(ip, trusted, trio.current_time())
+        if refused is None and ssl_context is not None and not self.slots.start_handshake(trusted):
+            self.slots.close(ip)
+            refused = HANDSHAKES
+        if refused is not None:
+            self._refuse(sock, ip, transport, refused)
+            return
+        handlers.start_soon(self._serve_connection, sock, ip, transport, ssl_context)
+
+    def _refuse(self, sock: trio.socket.SocketType, ip: str, transport: str, reason: str) -> None:
+        """Close a connection over a limit at once (RST), count it, and name the source
+        in the log once per NOTICE_EVERY."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+        except OSError:
+            pass
+        sock.close()
+        self.count("connections_refused_total:" + reason)
+        n = self.notices.due(f"{transport} {ip}", trio.current_time())
+        if n:
+            log.warning("event=connection_refused transport=%s source=%s reason=%s refused=%d",
+                        transport, ip, reason, n)
 
     async def _serve_connection(
-        self, tcp: trio.SocketStream, transport: str, ssl_context: TlsContext,
+        self, sock: trio.socket.SocketType, ip: str, transport: str, ssl_context: TlsContext,
     ) -> None:
         # One connection's failure (a reset before we looked at it, a bug) must
         # never reach the listener's nursery: that would stop the relay.
+        tcp = trio.SocketStream(sock)
+        handed_over = False  # _connection gives the slot back itself
         try:
-            ctx = ssl_context() if callable(ssl_context) else ssl_context
-            await self._connection(tcp, transport, ctx)
+            flow = _flow_of(tcp, transport)
+            stream: trio.abc.Stream | None = tcp
+            if ssl_context is not None:
+                try:  # its handshake slot was taken by _admit
+                    ctx = ssl_context() if callable(ssl_context) else ssl_context
+                    stream = await self._handshake(tcp, flow, ctx) if flow is not None else None
+                finally:
+                    self.slots.end_handshake()
+            if flow is None or stream is None:
+                await trio.aclose_forcefully(tcp)
+                return
+            handed_over = True
+            await self._connection(stream, flow, ip, tcp.socket.fileno() if ssl_context is None else None)
         except Exception:
             self.count("internal_errors_total")
             log.exception("event=connection_error transport=%s", transport)
             await trio.aclose_forcefully(tcp)
+        finally:
+            if not handed_over:
+                self.slots.close(ip)
 
-    async def _connection(
-        self, tcp: trio.SocketStream, transport: str, ssl_context: ssl.SSLContext | None,
-    ) -> None:
-        try:
-            peer = tcp.socket.getpeername()
-        except OSError:
-            await trio.aclose_forcefully(tcp)
-            return
-        local = tcp.socket.getsockname()
-        flow = Flow(transport, peer[0], peer[1], local[0], local[1])
-        stream: trio.abc.Stream = tcp
-        if ssl_context is not None:
-            tls = trio.SSLStream(tcp, ssl_context, server_side=True)
-            with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
-                try:
-                    await tls.do_handshake()
-                except (trio.BrokenResourceError, ssl.SSLError) as e:
-                    self.count("tls_handshake_failures_total")
-                    log.info("event=tls_handshake_failed flow=%s err=%s", flow, type(e).__name__)
-                    await trio.aclose_forcefully(tcp)
-                    return
-            if scope.cancelled_caught:
-                self.count("tls_handshake_failures_total")
-                await trio.aclose_forcefully(tcp)
-                return
-            stream = tls
-        conn = Connection(stream, flow, tcp.socket.fileno() if ssl_context is None else None)
+    async def _handshake(
+        self, tcp: trio.SocketStream, flow: Flow, ssl_context: ssl.SSLContext,
+    ) -> trio.SSLStream[trio.SocketStream] | None:
+        """The TLS stream once its handshake is done, or None (counted)."""
+        tls = trio.SSLStream(tcp, ssl_context, server_side=True)
+        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT):
+            try:
+                await tls.do_handshake()
+                return tls
+            except (trio.BrokenResourceError, ssl.SSLError) as e:
+                log.info("event=tls_handshake_failed flow=%s err=%s", flow, type(e).__name__)
+        self.count("tls_handshake_failures_total")
+        return None
+
+    async def _connection(self, stream: trio.abc.Stream, flow: Flow, ip: str, fd: int | None) -> None:
+        conn = Connection(stream, flow, fd)
         self.conns[flow] = conn
-        self.count("connections_total:" + transport)
-        self.events.on_opened(flow)
+        self.count("connections_total:" + flow.transport)
         log.debug("event=flow_open flow=%s", flow)
         try:
+            self.events.on_opened(flow)
             with conn.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn, nursery.cancel_scope)
@@ -282,6 +413,14 @@ class Transports:
                     nursery.cancel_scope.cancel()
         finally:
             self.conns.pop(flow, None)
+            # The slot goes back in the same step the flow leaves ``conns``: whoever
+            # sees a connection gone may open the next one at once.
+            self.slots.close(ip)
+            if conn.pending:
+                # Counted as forwarded by the proxy, never written: say so.
+                self.count("messages_unsent_total", conn.pending)
+                log.warning("event=flow_closed_unsent flow=%s messages=%d bytes=%d",
+                            flow, conn.pending, conn.queued)
             self.events.on_closed(flow)
             await trio.aclose_forcefully(stream)
             log.debug("event=flow_closed flow=%s", flow)
@@ -321,19 +460,68 @@ class Transports:
                 with trio.move_on_after(FLUSH_TIMEOUT):
                     await conn.flushed.wait()
                 return
-            for ev in events:
-                if isinstance(ev, Ping):
-                    self.count("keepalives_total:" + conn.flow.transport)
-                    self.events.on_keepalive(conn.flow)
-                    conn.send(b"\r\n")  # RFC 5626 §4.4.1 pong
-                elif isinstance(ev, Invalid):
-                    self.events.on_error(ev.error, conn.flow)
-                else:
-                    self.events.on_message(ev, conn.flow)
-            # An idle flow (5,000 PBXs) must not keep its last message alive.
-            data = events = ev = None  # type: ignore[assignment]
+            data = b""  # an idle flow (5,000 PBXs) must not keep its last read alive
+            await self._deliver(conn, events)
             if framer.buffered:
                 if partial_since is None:
                     partial_since = trio.current_time()
             else:
                 partial_since = None
+
+    async def _deliver(self, conn: Connection, events: list[StreamEvent]) -> None:
+        """Hand one read's messages up, MESSAGES_PER_TURN at a time: between two
+        batches every other task (the other connections) gets a turn."""
+        flow = conn.flow
+        for i, ev in enumerate(events):
+            if i and i % MESSAGES_PER_TURN == 0:
+                await trio.lowlevel.checkpoint()
+            if isinstance(ev, Ping):
+                self.count("keepalives_total:" + flow.transport)
+                self.events.on_keepalive(flow)
+                conn.send(b"\r\n")  # RFC 5626 §4.4.1 pong
+            elif isinstance(ev, Invalid):
+                self.events.on_error(ev.error, flow)
+            else:
+                self.events.on_message(ev, flow)
+        events.clear()  # an idle flow must not keep its last message alive
+
+
+def _flow_of(tcp: trio.SocketStream, transport: str) -> Flow | None:
+    """The flow of an accepted connection, or None if the peer is already gone."""
+    try:
+        peer = tcp.socket.getpeername()
+    except OSError:
+        return None
+    local = tcp.socket.getsockname()
+    return Flow(transport, peer[0], peer[1], local[0], local[1])
+
+
+async def accept_forever(
+    sock: trio.socket.SocketType, admit: Callable[[trio.socket.SocketType, str], None],
+    name: str, count: Callable[..., None],
+) -> None:
+    """Accept connections on a listening socket until cancelled, handing each with
+    its peer IP to ``admit`` (which must not block). Out of descriptors or memory,
+    it waits (relay/transport/backoff.py) and says so once per episode, with the
+    count when it recovers - where trio.serve_listeners logs a traceback every 0.1 s."""
+    backoff = AcceptBackoff()
+    while True:
+        try:
+            conn, addr = await sock.accept()
+        except OSError as e:
+            if e.errno in ONE_CONNECTION:
+                continue
+            delay, began = backoff.failed(e.errno or 0, trio.current_time())
+            err = errno.errorcode.get(e.errno or 0, str(e.errno))
+            count("accept_failures_total:" + err)
+            if began:
+                log.warning("event=accept_failing listener=%s errno=%s (retrying, backoff up to %gs)",
+                            name, err, backoff.cap)
+            await trio.sleep(delay)
+            continue
+        episode = backoff.succeeded()
+        if episode is not None:
+            log.warning("event=accept_recovered listener=%s failures=%d after=%.1fs errno=%s",
+                        name, episode.failures, trio.current_time() - episode.started,
+                        errno.errorcode.get(episode.errno, episode.errno))
+        admit(conn, addr[0])
