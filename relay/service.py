@@ -26,7 +26,7 @@ from push.config import PushConfig
 from push.service import DeviceUpdate, PushService
 from relay.admin import as_json, serve_admin
 from relay.config import ConfigError, RelayConfig, parse_listen
-from relay.media.forwarder import UdpForwarder
+from relay.media.kernel import ForwardingBackend, make_backend
 from relay.media.ports import PortAllocator
 from relay.media.session import MediaController
 from relay.pbx.digest import DigestAuth
@@ -107,10 +107,13 @@ class RelayService:
             StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
         )
         auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
-        self.forwarder: UdpForwarder | None = None
+        self.forwarder: ForwardingBackend | None = None
         media: MediaController | None = None
         if cfg["media.enabled"]:
-            self.forwarder = UdpForwarder(cfg.media_address, self._count)
+            self.forwarder, _ = make_backend(
+                cfg["media.backend"], cfg.media_address, self._count,
+                port_range=(cfg["media.port_min"], cfg["media.port_max"]),
+                no_media_timeout=cfg["media.no_media_timeout"])
             media = MediaController(
                 self.forwarder, cfg.media_address,
                 PortAllocator(cfg["media.port_min"], cfg["media.port_max"]),
