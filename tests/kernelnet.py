@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,22 @@ def run(*cmd: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
     return out
 
 
+@contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """This thread (and what it starts) in network namespace ``ns``, then back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
 @dataclass
 class KernelNet:
     prefix: str
@@ -76,7 +92,7 @@ class KernelNet:
     def peers_ns(self) -> str:
         return f"{self.prefix}peers"
 
-    def up(self) -> None:
+    def up(self, forwarding: bool = True) -> None:
         self.down()
         for ns in (self.relay_ns, self.peers_ns):
             run("ip", "netns", "add", ns)
@@ -88,7 +104,7 @@ class KernelNet:
         for ip in (PEER_IP, OTHER_IP):
             run("ip", "addr", "add", f"{ip}/24", "dev", "kmp0", ns=self.peers_ns)
         run("ip", "link", "set", "kmp0", "up", ns=self.peers_ns)
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0",
+        for key in (f"net.ipv4.ip_forward={int(forwarding)}", "net.ipv4.conf.all.send_redirects=0",
                     "net.ipv4.conf.default.send_redirects=0", "net.ipv4.conf.kmr0.send_redirects=0"):
             run("sysctl", "-qw", key, ns=self.relay_ns)
 
@@ -97,20 +113,9 @@ class KernelNet:
             if Path(f"/run/netns/{ns}").exists():
                 run("ip", "netns", "del", ns, check=False)
 
-    @contextmanager
-    def inside_peers(self) -> Iterator[None]:
+    def inside_peers(self) -> AbstractContextManager[None]:
         """This thread (and what it starts) in the peers' namespace, then back."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/run/netns/{self.peers_ns}", os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(home)
-        finally:
-            os.close(target)
-            os.close(home)
+        return inside(self.peers_ns)
 
     def nft(self, *args: str) -> str:
         """``nft args`` in the relay's namespace (what the relay's table holds)."""

@@ -21,7 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernelnet import OTHER_IP, PEER_IP, KernelNet, kernel_relay, start_kernel_relay, why_no_kernel
+from relay.media.kernel import KernelForwarder
+from tests.kernelnet import (
+    OTHER_IP,
+    PEER_IP,
+    KernelNet,
+    inside,
+    kernel_relay,
+    run,
+    start_kernel_relay,
+    why_no_kernel,
+)
 from tests.media_peers import Call, MediaEndpoint, Peers, establish, exchange, hang_up, wait_metric
 from tests.realpeers import RelayProc, stop_relay
 
@@ -227,6 +237,55 @@ def test_clean_stop_removes_the_table(tmp_path: Path) -> None:
         assert "chain forward" in net.relay_table()
         stop_relay(relay)
         assert relay.proc is not None and relay.proc.returncode == 0
+        assert net.relay_table() == ""
+    finally:
+        net.down()
+
+
+def test_without_ip_forwarding_kernel_refuses_to_start_and_auto_falls_back(tmp_path: Path) -> None:
+    """The kernel path routes the rewritten packets: with forwarding off they would
+    vanish. backend = "kernel" then stops at start, saying why; "auto" says why in
+    one warning line and forwards in userspace."""
+    net = KernelNet(f"kf{os.getpid()}-")
+    relay: RelayProc | None = None
+    try:
+        net.up(forwarding=False)
+        with pytest.raises(AssertionError, match="ip_forward"):
+            start_kernel_relay(net, tmp_path / "kernel")
+        relay = start_kernel_relay(net, tmp_path / "auto", backend="auto")
+        warnings = [line for line in relay.log().splitlines() if "event=media_backend" in line]
+        assert len(warnings) == 1, warnings
+        assert "WARNING" in warnings[0] and "backend=userspace" in warnings[0], warnings
+        assert net.relay_table() == ""
+        with net.inside_peers():
+            peers = Peers(relay)
+            try:
+                a, b = peers.endpoint(), peers.endpoint()
+                establish(peers.phone, peers.pbx, a, b)
+                exchange(a, b, 10)
+                assert a.wait_for(10) == 10 and b.wait_for(10) == 10
+                assert relay.metric(USERSPACE) == 2 and relay.metric(KERNEL) == 0
+            finally:
+                peers.close()
+    finally:
+        if relay is not None:
+            stop_relay(relay)
+        net.down()
+
+
+def test_ipv6_table_loads_and_goes(tmp_path: Path) -> None:
+    """An IPv6 media address gets the same table with ip6 maps (what the kernel
+    accepts, not only what nft parses)."""
+    net = KernelNet(f"k6{os.getpid()}-")
+    try:
+        net.up()
+        run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=net.relay_ns)
+        with inside(net.relay_ns):
+            fwd = KernelForwarder("2001:db8::10", lambda n, k: None, (10000, 20000))
+            listing = net.nft("list", "table", "inet", "pbx_relay")
+            fwd.stop()
+        assert "ip6 daddr 2001:db8::10 udp dport 10000-20000 notrack" in listing
+        assert "type ipv6_addr . inet_service . inet_service : mark" in listing
         assert net.relay_table() == ""
     finally:
         net.down()

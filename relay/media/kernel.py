@@ -52,10 +52,11 @@ TABLE = "pbx_relay"
 # 0x5250xxxx free.
 MARK_TAG = 0x5250_0000
 MARK_MASK = 0xFFFF_0000
-# Element counters are read this often at most and at least (seconds): often
-# enough for the no-media timeout (a quarter of it at most, see poll_interval),
-# rarely enough that the dump of all counters (≈ 6 ms per 1,000 streams with
-# libnftables 1.0.6 here) stays a small share of one core.
+# Element counters are read as often as costs at most POLL_SHARE of one core (the
+# dump of all counters takes ≈ 6 ms per 1,000 streams with libnftables 1.0.6
+# here), but at least every POLL_MAX seconds and a quarter of the no-media
+# timeout (which judges silence from them), and not more often than POLL_MIN.
+POLL_SHARE = 0.01
 POLL_MIN = 0.25
 POLL_MAX = 5.0
 # The kernel counts IP packet lengths; legs count UDP payload like the userspace
@@ -75,9 +76,14 @@ class KernelUnavailable(Exception):
 
 
 def poll_interval(no_media_timeout: float) -> float:
-    """Seconds between two reads of the kernel's counters: the no-media timeout
-    judges silence from them, so at most a quarter of it (within POLL_MIN..POLL_MAX)."""
+    """The longest wait between two reads of the kernel's counters: the no-media
+    timeout judges silence from them, so a quarter of it (within POLL_MIN..POLL_MAX)."""
     return min(POLL_MAX, max(POLL_MIN, no_media_timeout / 4))
+
+
+def next_poll(took: float, longest: float) -> float:
+    """Seconds until the next read, given how long the last one ``took``."""
+    return min(longest, max(POLL_MIN, took / POLL_SHARE))
 
 
 def ruleset(address: str, port_min: int, port_max: int) -> str:
@@ -385,17 +391,20 @@ class KernelForwarder:
 
     async def _poll_counters(self) -> None:
         listing = f"list map inet {TABLE} from_port"
+        delay = POLL_MIN
         while True:
-            await trio.sleep(self.poll)
+            await trio.sleep(delay)
             if not self._kernel:
                 continue
             epochs = {p: s.epoch for p, s in self._kernel.items()}
+            started = trio.current_time()
             try:
                 out = await trio.to_thread.run_sync(self._poll_nft.run, listing)
             except NftError as e:
                 self._failed("read", e)
                 continue
             self._apply_counts(parse_counters(out), epochs, trio.current_time())
+            delay = next_poll(trio.current_time() - started, self.poll)
 
     # --------------------------------------------------------------- lifetime
     async def _handovers(self) -> None:
