@@ -392,7 +392,8 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
     # So does the drop-in for the kernel media backend (with nft where it names it).
     shutil.copy(UNITS / "kernel-media.conf", dropin / "kernel-media.conf")
-    nft = Path(rooted(root, "/usr/sbin/nft"))
+    nft = root / "usr/sbin/nft"  # under the fake root, never the host's own nft
+    assert nft.is_relative_to(root), nft
     nft.parent.mkdir(parents=True, exist_ok=True)
     nft.write_text("#!/bin/sh\nexit 0\n")
     nft.chmod(0o755)
