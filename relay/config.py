@@ -57,6 +57,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "port_min": (int, 10000),
         "port_max": (int, 20000),
         "no_media_timeout": (float, 60.0),
+        "backend": (str, "userspace"),
     },
     "admin": {
         "listen": (str, "127.0.0.1:9090"),
@@ -72,6 +73,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
 }
 PUSH_MODES = ("embedded", "remote", "off")
+MEDIA_BACKENDS = ("userspace", "kernel", "auto")  # relay/media/kernel.py make_backend
 ENV_PREFIX = "PBX_RELAY_"
 # Not configuration keys: the variable naming the configuration file itself, and the
 # operator token the operator commands read (relay/operator.py).
@@ -259,6 +261,8 @@ def _validate(cfg: RelayConfig) -> None:
         raise ConfigError(f"{src}: push.ring_timeout must be between 1 and 120 seconds")
     if not 5.0 <= cfg["push.udp_asleep_after"] <= 300.0:
         raise ConfigError(f"{src}: push.udp_asleep_after must be between 5 and 300 seconds")
+    if cfg["media.backend"] not in MEDIA_BACKENDS:
+        raise ConfigError(f"{src}: media.backend must be userspace, kernel or auto")
     if cfg["media.no_media_timeout"] <= 0:
         raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
     if cfg["media.address"]:

@@ -15,7 +15,7 @@ def render(prefix: str, counters: Counters, gauges: Mapping[str, tuple[str, floa
     for metric, label, value in counters.items():
         if metric.name != family:
             family = metric.name
-            lines += [f"# HELP {prefix}{family} {metric.help}", f"# TYPE {prefix}{family} counter"]
+            lines += [f"# HELP {prefix}{family} {metric.help}", f"# TYPE {prefix}{family} {metric.kind}"]
         labels = f'{{{metric.label}="{_escape(label)}"}}' if metric.label else ""
         lines.append(f"{prefix}{family}{labels} {value}")
     for name, (help_text, gauge) in sorted(gauges.items()):

@@ -23,7 +23,7 @@ from pbxutil.sdnotify import Notifier
 from relay.admin import as_json, serve_admin
 from relay.config import ConfigError, RelayConfig, parse_listen
 from relay.dispatch import Dispatcher
-from relay.media.forwarder import UdpForwarder
+from relay.media.kernel import ForwardingBackend, make_backend
 from relay.media.ports import PortPool
 from relay.media.session import MediaSessions
 from relay.metrics import render
@@ -91,14 +91,18 @@ class RelayService:
         self.key = load_key(cfg.state_dir)
         self.directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
         auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
-        self.forwarder: UdpForwarder | None = None
+        self.forwarder: ForwardingBackend | None = None
+        self.media_backend = "off"
         self.media: MediaSessions | None = None
         # Addresses of registered PBXs and their phones: the transport keeps headroom
         # for them (relay/transport/admission.py); refreshed by _timers.
         self.trusted_sources: frozenset[str] = frozenset()
         self._trusted_at = -math.inf
         if cfg["media.enabled"]:
-            self.forwarder = UdpForwarder(cfg.media_address, self._count)
+            self.forwarder, self.media_backend = make_backend(
+                cfg["media.backend"], cfg.media_address, self._count,
+                port_range=(cfg["media.port_min"], cfg["media.port_max"]),
+                no_media_timeout=cfg["media.no_media_timeout"])
             self.media = MediaSessions(
                 cfg.media_address, PortPool(cfg["media.port_min"], cfg["media.port_max"]),
                 cfg["media.no_media_timeout"])
@@ -284,6 +288,10 @@ class RelayService:
         calls, invites = self.in_progress()
         line = (f"{len(self.proxy.registrar.registry)} PBXs registered, {len(self.transports.conns)} "
                 f"TCP/TLS flows, {calls} calls, {invites} INVITEs pending")
+        if self.forwarder is not None:
+            streams = {b: self.proxy.counters.get("media_streams_forwarded", b) for b in ("kernel", "userspace")}
+            line += (f", media ({self.media_backend}): {streams['kernel']} streams in the kernel, "
+                     f"{streams['userspace']} in userspace")
         if self.draining:
             left = max(0, math.ceil(self.drain_until - trio.current_time()))
             return f"Draining ({left} s left at most): {line}"

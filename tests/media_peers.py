@@ -20,12 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tests.realpeers import DOMAIN, RelayProc
 from tests.sipclient import SERIAL, Msg, Pbx, parse, rand
 
 HOST = "127.0.0.1"
 Addr = tuple[str, int]
+T = TypeVar("T")
 FRAME = 160  # octets of G.711 in 20 ms at 8 kHz
 SIP_WAIT = 5.0  # seconds a SIP peer waits for the next message before the test fails
 
@@ -271,11 +273,11 @@ class Dialog:
 class Phone:
     """A softphone over UDP: calls ``sip:<ext>@<serial>.<domain>`` through the relay."""
 
-    def __init__(self, relay: RelayProc, host: str = HOST, serial: str = SERIAL):
+    def __init__(self, relay: RelayProc, host: str | None = None, serial: str = SERIAL):
         self.relay = relay
         self.serial = serial
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        self.sock.bind((host or relay.peer_host, 0))
         self.local: Addr = self.sock.getsockname()
         self.pending: list[Msg] = []  # requests that arrived while we waited for a response
 
@@ -283,7 +285,7 @@ class Phone:
         self.sock.close()
 
     def _send(self, data: bytes) -> None:
-        self.sock.sendto(data, (HOST, self.relay.udp))
+        self.sock.sendto(data, (self.relay.host, self.relay.udp))
 
     def recv(self, timeout: float = SIP_WAIT) -> Msg:
         if not select.select([self.sock], [], [], timeout)[0]:
@@ -511,6 +513,31 @@ class PbxCall:
         """200 to an in-dialog request (BYE, re-INVITE) from the phone."""
         self.ua.send(_response(req, 200, "OK", to_tag=None, contact=self.ua.contact, body=body,
                                record_route=False))
+
+
+class Peers:
+    """A PBX phoned home and a phone, and every endpoint a test opens: all closed
+    at the end whatever happened. Endpoints sit on the relay's ``peer_host``."""
+
+    def __init__(self, relay: RelayProc):
+        self.relay = relay
+        self.opened: list[object] = []
+        self.pbx = self.add(PbxUa(relay))
+        self.phone = self.add(Phone(relay))
+
+    def add(self, thing: T) -> T:
+        self.opened.append(thing)
+        return thing
+
+    def endpoint(self, host: str | None = None, pt: int = 0, random_payload: bool = False) -> MediaEndpoint:
+        return self.add(MediaEndpoint(host or self.relay.peer_host, pt, random_payload))
+
+    def close(self) -> None:
+        for t in reversed(self.opened):
+            try:
+                t.close()  # type: ignore[attr-defined]
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------- whole calls

@@ -49,6 +49,9 @@ class RelayProc:
     netns: str | None = None
     log_path: Path | None = None
     log_level: str = "info"
+    # Where the test's own peers (sockets, SIPp) sit: they reach the relay at ``host``
+    # from this address (a network namespace of their own for the kernel media backend).
+    peer_host: str = "127.0.0.1"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "relay.cli", "--config", str(self.config_path), *args]

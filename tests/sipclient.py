@@ -80,9 +80,9 @@ def request(
 
 
 # --------------------------------------------------------------------- UDP
-def udp_socket() -> socket.socket:
+def udp_socket(host: str = HOST) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((HOST, 0))
+    s.bind((host, 0))
     return s
 
 
@@ -107,7 +107,7 @@ def options_barrier(relay: RelayProc, sock: socket.socket, tries: int = 6) -> li
     data = request("OPTIONS", f"sip:{DOMAIN}", local=sock.getsockname(), call_id=call_id)
     before: list[bytes] = []
     for _ in range(tries):
-        sock.sendto(data, (HOST, relay.udp))
+        sock.sendto(data, (relay.host, relay.udp))
         deadline = time.monotonic() + 0.5
         while (left := deadline - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
             got = sock.recv(70_000)
@@ -123,7 +123,7 @@ def options_barrier(relay: RelayProc, sock: socket.socket, tries: int = 6) -> li
 def assert_healthy(relay: RelayProc) -> None:
     """The relay process runs and answers OPTIONS over UDP with 200."""
     assert relay.alive(), relay.log()[-3000:]
-    with udp_socket() as s:
+    with udp_socket(relay.peer_host) as s:
         assert options_barrier(relay, s) == []
     assert relay.metric("pbx_relay_internal_errors_total") == 0, relay.log()[-3000:]
 
@@ -176,7 +176,7 @@ class Stream:
     """A TCP connection to the relay that frames what comes back by Content-Length."""
 
     def __init__(self, relay: RelayProc):
-        self.sock = socket.create_connection((HOST, relay.tcp), timeout=5)
+        self.sock = socket.create_connection((relay.host, relay.tcp), timeout=5)
         self.buf = b""
         self.eof = False
 

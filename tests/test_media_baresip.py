@@ -108,6 +108,8 @@ COUNTERS = ("media_to_relay", "media_from_relay", "udp_to_private", "udp_elsewhe
 def _watch(ns: str, own_net: str) -> None:
     lo, hi = MEDIA_PORTS
     rules = f"""
+add table ip prmwatch
+delete table ip prmwatch
 table ip prmwatch {{
   counter media_to_relay {{ }}
   counter media_from_relay {{ }}
@@ -339,6 +341,7 @@ class Call:
     phone_heard: Hearing
     pbx_heard: Hearing
     trace_dir: Path
+    backend: str
 
     def report(self) -> str:
         m = self.mid.get
@@ -364,9 +367,13 @@ class Call:
                 f"--- relay log\n{self.relay.log()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def call(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call]:
-    tmp = tmp_path_factory.mktemp("media-baresip")
+@pytest.fixture(scope="module", params=["userspace", "kernel"])
+def call(topo: Topology, tmp_path_factory: pytest.TempPathFactory,
+         request: pytest.FixtureRequest) -> Iterator[Call]:
+    """The call, once per media backend: the relay forwarding in userspace, then
+    with nftables (its table in the relay's namespace, removed when it stops)."""
+    backend = str(request.param)
+    tmp = tmp_path_factory.mktemp(f"media-baresip-{backend}")
     relay = RelayProc(tmp / "relay", RELAY_IP, 5060, 5060, 5061, 9090, netns=topo.pub)
     relay.state_dir.mkdir()
     with pytest.MonkeyPatch.context() as mp:
@@ -388,7 +395,7 @@ def call(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 
         tracers: list[subprocess.Popen[bytes]] = []
         try:
-            start_relay(relay)
+            start_relay(relay, media=f'backend = "{backend}"')
             tracers = _trace(topo, relay, tmp)
             pbx.start(PBX_SECONDS)
             try:
@@ -415,7 +422,7 @@ def call(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
                 t.terminate()
                 t.wait(timeout=5)
     yield Call(relay, phone, pbx, reg, mid, end, phone_udp, pbx_udp,
-               _hear(phone.heard()), _hear(pbx.heard()), tmp)
+               _hear(phone.heard()), _hear(pbx.heard()), tmp, backend)
 
 
 # ------------------------------------------------------------------ the tests
@@ -480,3 +487,12 @@ def test_relay_reports_no_other_media_trouble(call: Call) -> None:
     other = {k: v for k, v in _relay_media_trouble(call.end).items()
              if "send_error" not in k and "unlatched_source" not in k}
     assert not other, call.evidence()
+
+
+def test_the_backend_asked_for_carried_the_audio(call: Call) -> None:
+    """Mid-call, both RTP directions were forwarded by the backend the relay was
+    configured with: with "kernel" the relay only latched the first packets."""
+    m = call.mid.get
+    kernel = m('pbx_relay_media_streams_forwarded{backend="kernel"}', 0)
+    user = m('pbx_relay_media_streams_forwarded{backend="userspace"}', 0)
+    assert (kernel, user) == ((2, 0) if call.backend == "kernel" else (0, 2)), call.report()

@@ -1,5 +1,12 @@
 """Media through a real relay process: RTP/RTCP both ways, latching, SRTP, leaks, re-INVITE, hold.
 
+Every test runs on both media backends: ``userspace`` (the relay on 127.0.0.1,
+as a user would start it) and ``kernel`` (tests/kernelnet.py: the relay in a
+network namespace of its own with nftables forwarding every latched stream, the
+test's peers in another; needs root). With the kernel backend the relay's
+packet counters follow the kernel's a moment later (it reads them a few times
+a second), so counts are waited for rather than read once.
+
 The signalling is done by the plain-socket peers of ``tests/media_peers.py`` (a
 phone over UDP, the PBX on its phone-home TCP connection) or by SIPp; the media
 endpoints are Python UDP sockets whose addresses go into the SDP. Each endpoint
@@ -9,19 +16,21 @@ gets, so every assertion is about what crossed the relay on the wire.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from tests import media_scenarios as ms
 from tests.conftest import needs_sipp
+from tests.kernelnet import OTHER_IP as KERNEL_OTHER_IP
+from tests.kernelnet import kernel_relay, why_no_kernel
 from tests.media_peers import (
     MediaEndpoint,
-    PbxUa,
+    Peers,
     Phone,
     establish,
     exchange,
@@ -47,6 +56,9 @@ NO_DEST = f'{M}media_dropped_total{{reason="no_destination"}}'
 NO_MEDIA = f'{M}media_timeouts_total'
 T = TypeVar("T")
 OTHER_IP = "127.0.0.2"  # another local address: a stranger, or the phone on another network
+_NO_KERNEL = why_no_kernel()
+BACKENDS = ["userspace", pytest.param("kernel", marks=[
+    pytest.mark.netns, pytest.mark.skipif(_NO_KERNEL is not None, reason=_NO_KERNEL or "")])]
 
 
 def _bindable(ip: str) -> bool:
@@ -61,28 +73,32 @@ def _bindable(ip: str) -> bool:
 needs_other_ip = pytest.mark.skipif(not _bindable(OTHER_IP), reason=f"{OTHER_IP} is not bindable here")
 
 
-class Peers:
-    """Everything a test opens, closed at the end whatever happened."""
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
-    def __init__(self, relay: RelayProc):
-        self.relay = relay
-        self.opened: list[object] = []
-        self.pbx = self.add(PbxUa(relay))
-        self.phone = self.add(Phone(relay))
 
-    def add(self, thing: T) -> T:
-        self.opened.append(thing)
-        return thing
+def _relay(backend: str, relay_factory, tmp_path: Path, media: str = "") -> Iterator[RelayProc]:  # type: ignore[no-untyped-def]
+    if backend == "userspace":
+        yield relay_factory(media=media)
+        return
+    with kernel_relay(f"kc{os.getpid()}-", tmp_path / "kernel-relay", media) as (_net, relay):
+        yield relay
 
-    def endpoint(self, host: str = "127.0.0.1", pt: int = 0, random_payload: bool = False) -> MediaEndpoint:
-        return self.add(MediaEndpoint(host, pt, random_payload))
 
-    def close(self) -> None:
-        for t in reversed(self.opened):
-            try:
-                t.close()  # type: ignore[attr-defined]
-            except OSError:
-                pass
+@pytest.fixture
+def relay(backend: str, relay_factory, tmp_path: Path) -> Iterator[RelayProc]:  # type: ignore[no-untyped-def]
+    yield from _relay(backend, relay_factory, tmp_path)
+
+
+@pytest.fixture
+def quick_relay(backend: str, relay_factory, tmp_path: Path) -> Iterator[RelayProc]:  # type: ignore[no-untyped-def]
+    yield from _relay(backend, relay_factory, tmp_path, "no_media_timeout = 2.0")
+
+
+def _other_ip(relay: RelayProc) -> str:
+    """Another address of the peers: a stranger, or the phone on another network."""
+    return OTHER_IP if relay.peer_host == "127.0.0.1" else KERNEL_OTHER_IP
 
 
 @pytest.fixture
@@ -129,7 +145,7 @@ def test_audio_both_ways_through_the_relay(relay: RelayProc, peers: Peers) -> No
     # Each side was told the relay's address, never the other side's.
     assert a.relay_rtp != b.rtp_addr and b.relay_rtp != a.rtp_addr
     assert a.relay_rtp is not None and b.relay_rtp is not None
-    assert a.relay_rtp[0] == b.relay_rtp[0] == "127.0.0.1"
+    assert a.relay_rtp[0] == b.relay_rtp[0] == relay.host
     assert a.relay_rtp != b.relay_rtp
     _unchanged_except_addresses(a.sdp(), call.pbx.offer.body)
     assert relay.metric(SESSIONS) == 1 and relay.metric(PORTS) == 4
@@ -148,6 +164,10 @@ def test_audio_both_ways_through_the_relay(relay: RelayProc, peers: Peers) -> No
     assert [r.src for r in b.received if r.kind == "rtcp"] == [b.relay_rtcp] * 5
 
     # The relay counts exactly what it forwarded: what the two far ends received.
+    forwarded = before.get(PACKETS, 0) + len(a.received) + len(b.received)
+    assert wait_metric(relay, PACKETS, forwarded) == forwarded
+    octets = before.get(OCTETS, 0) + sum(len(r.data) for r in a.received + b.received)
+    assert wait_metric(relay, OCTETS, octets) == octets
     after = relay.metrics()
     assert after[PACKETS] - before.get(PACKETS, 0) == len(a.received) + len(b.received)
     assert after[OCTETS] - before.get(OCTETS, 0) == sum(len(r.data) for r in a.received + b.received)
@@ -171,7 +191,7 @@ def test_sipp_rtp_stream_reaches_the_pbx(relay: RelayProc, peers: Peers, tmp_pat
     b = peers.endpoint(pt=8)
     peers.pbx.pbx.assert_bound()
     run = sipp(tmp_path, "phone", ms.phone_plays_file(tmp_path / "tone.alaw", 8, 2600),
-               f"127.0.0.1:{relay.udp}", local_port=free_port(),
+               f"{relay.host}:{relay.udp}", local_ip=relay.peer_host, local_port=free_port(),
                variables={"serial": SERIAL, "domain": DOMAIN})
     try:
         call = peers.pbx.answer(b.sdp())
@@ -206,9 +226,9 @@ def test_sipp_pbx_rtp_stream_reaches_the_phone(relay: RelayProc, tmp_path: Path)
     frames = 100
     audio = ms.write_alaw_tone(tmp_path / "moh.alaw", frames, hz=300)
     run = sipp(tmp_path, "pbx", ms.pbx_answers_and_plays_file(tmp_path / "moh.alaw", 8),
-               f"127.0.0.1:{relay.tcp}", transport="t1", local_port=free_port(),
+               f"{relay.host}:{relay.tcp}", transport="t1", local_ip=relay.peer_host, local_port=free_port(),
                variables={"serial": SERIAL, "domain": DOMAIN}, auth=(SERIAL, relay.secrets[SERIAL]))
-    phone, a = Phone(relay), MediaEndpoint(pt=8)
+    phone, a = Phone(relay), MediaEndpoint(relay.peer_host, pt=8)
     try:
         relay.wait_registered(SERIAL)
         # SIPp matches the INVITE to its call 1 by Call-ID (tests/sipp_scenarios.py).
@@ -244,7 +264,7 @@ def test_third_party_sender_is_dropped(relay: RelayProc, peers: Peers) -> None:
     call = establish(peers.phone, peers.pbx, a, b)
     assert a.relay_rtp and b.relay_rtp and a.relay_rtcp
     # Before anyone latched: a stranger on another IP guesses the phone's relay port.
-    early = peers.endpoint(OTHER_IP)
+    early = peers.endpoint(_other_ip(relay))
     early.talker.payload = b"INJECTED" * 20
     early.send_rtp(20, a.relay_rtp)
     assert wait_metric(relay, UNLATCHED, 20, timeout=2) == 20
@@ -255,10 +275,11 @@ def test_third_party_sender_is_dropped(relay: RelayProc, peers: Peers) -> None:
     assert b.wait_for(20) == 20 and a.wait_for(20) == 20
     # Latched now. Strangers: another IP at the phone's port, the signalling IP
     # but another port at the PBX's port and at the phone's RTCP port.
-    s1 = peers.endpoint(OTHER_IP)
-    s2 = peers.endpoint("127.0.0.1")
+    s1 = peers.endpoint(_other_ip(relay))
+    s2 = peers.endpoint(relay.peer_host)
     for s in (s1, s2):
         s.talker.payload = b"INJECTED" * 20
+    assert wait_metric(relay, PACKETS, 42) == 42  # 20 RTP each way and one RTCP each
     before = relay.metrics()
 
     def step(_: int) -> None:
@@ -271,6 +292,7 @@ def test_third_party_sender_is_dropped(relay: RelayProc, peers: Peers) -> None:
     pace(500, 300, step)
     b.wait_for(320)
     a.wait_for(320)
+    assert wait_metric(relay, PACKETS, before[PACKETS] + 600) == before[PACKETS] + 600
     after = relay.metrics()
     assert after[UNLATCHED] - before[UNLATCHED] == 900
     assert after[PACKETS] - before[PACKETS] == 600  # only the call's own packets
@@ -372,11 +394,6 @@ def test_thousand_calls_then_cancel_and_reject_leak_nothing(relay: RelayProc, pe
     assert_healthy(relay)
 
 
-@pytest.fixture
-def quick_relay(relay_factory) -> RelayProc:  # type: ignore[no-untyped-def]
-    return relay_factory(media="no_media_timeout = 2.0")  # type: ignore[no-any-return]
-
-
 def test_silent_call_times_out_rtcp_keeps_a_held_call(quick_relay: RelayProc) -> None:
     """no_media_timeout = 2 s: a call whose endpoints stop sending loses its media
     (ports freed); a call on hold that only sends RTCP keeps it."""
@@ -455,9 +472,9 @@ def test_reinvite_with_new_phone_address_keeps_audio(relay: RelayProc, peers: Pe
 
     # Wi-Fi → LTE: a new IP for signalling and media. The old address is refused
     # at once, even before the new one sent anything.
-    moved = peers.add(Phone(relay, host=OTHER_IP))
+    moved = peers.add(Phone(relay, host=_other_ip(relay)))
     call.phone.phone = moved
-    a3 = peers.endpoint(OTHER_IP)
+    a3 = peers.endpoint(_other_ip(relay))
     _, resp = phone_reinvite(call, a3.sdp(version=3), b.sdp(version=3))
     a3.learn(resp.body)
     before = relay.metrics()

@@ -390,6 +390,16 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
     out = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", units[0]],
                          capture_output=True, text=True, timeout=30)
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
+    # So does the drop-in for the kernel media backend (with nft where it names it).
+    shutil.copy(UNITS / "kernel-media.conf", dropin / "kernel-media.conf")
+    nft = root / "usr/sbin/nft"  # under the fake root, never the host's own nft
+    assert nft.is_relative_to(root), nft
+    nft.parent.mkdir(parents=True, exist_ok=True)
+    nft.write_text("#!/bin/sh\nexit 0\n")
+    nft.chmod(0o755)
+    out = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", units[0]],
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
     sysusers = shutil.which("systemd-sysusers")
     if sysusers:
         (root / "etc/sysusers.d").mkdir()
@@ -399,6 +409,18 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert "Creating user 'pbx-relay'" in out.stderr + out.stdout
         assert "Creating user 'pbx-push'" in out.stderr + out.stdout
+
+
+def test_kernel_media_dropin_grants_net_admin_and_netlink_only() -> None:
+    """The capability and address family libnftables needs, nothing more; and a
+    killed relay's table is removed when the service stops."""
+    text = (UNITS / "kernel-media.conf").read_text()
+    lines = [x for x in text.splitlines() if x and not x.startswith("#")]
+    assert lines == ["[Service]", "CapabilityBoundingSet=CAP_NET_ADMIN", "AmbientCapabilities=CAP_NET_ADMIN",
+                     "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+                     "ExecStopPost=-/usr/sbin/nft delete table inet pbx_relay"]
+    sysctl = (UNITS / "kernel-media.sysctl").read_text()
+    assert [x for x in sysctl.splitlines() if x and not x.startswith("#")] == ["net.ipv4.ip_forward = 1"]
 
 
 def test_units_say_what_the_services_need() -> None:

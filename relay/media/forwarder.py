@@ -18,13 +18,25 @@ MAX_PACKET = 2048
 BATCH = 64
 
 
-class UdpForwarder:
-    """MediaBackend that binds two UDP sockets per leg and forwards in Python."""
+# Gauge (via ``count``, +1 on open, -1 on close): RTP streams, one per leg, i.e. one
+# per direction, that this backend forwards. A kernel backend moves them to
+# "media_streams_forwarded:kernel" while the kernel has them (relay/media/kernel.py).
+STREAMS_USERSPACE = "media_streams_forwarded:userspace"
 
-    def __init__(self, address: str, count: Callable[[str, int], None]):
+
+class UdpForwarder:
+    """MediaBackend that binds two UDP sockets per leg and forwards in Python.
+
+    ``on_latch(leg)``, if given, is called when one of the leg's latches takes its
+    first source (the packet that latched it is forwarded as usual): what a
+    kernel backend waits for before it hands the stream over."""
+
+    def __init__(self, address: str, count: Callable[[str, int], None],
+                 on_latch: Callable[[Leg], None] | None = None):
         self.address = address
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.count = count
+        self.on_latch = on_latch
         self._socks: dict[int, socket.socket] = {}  # forwarding, by port
         self._idle: dict[int, tuple[socket.socket, socket.socket]] = {}  # bound, not yet a leg's
         self._nursery: trio.Nursery | None = None
@@ -63,6 +75,7 @@ class UdpForwarder:
         self._socks[leg.port + 1] = rtcp
         self._nursery.start_soon(self._forward, rtp, leg, False)
         self._nursery.start_soon(self._forward, rtcp, leg, True)
+        self.count(STREAMS_USERSPACE, 1)
 
     def close_all(self) -> None:
         """Close every socket, idle or forwarding (the relay is stopping)."""
@@ -82,6 +95,8 @@ class UdpForwarder:
         """Stop forwarding for ``leg``: its sockets close (its reader tasks end)."""
         for idle in self._idle.pop(leg.port, ()):
             idle.close()
+        if leg.port in self._socks:
+            self.count(STREAMS_USERSPACE, -1)
         for port in (leg.port, leg.port + 1):
             s = self._socks.pop(port, None)
             if s is not None:
@@ -93,6 +108,7 @@ class UdpForwarder:
         latch = leg.rtcp if rtcp else leg.rtp
         socks = self._socks
         clock = trio.current_time
+        on_latch = self.on_latch
         try:
             while True:
                 # The leg may have been closed before this task first ran (INVITE
@@ -111,10 +127,13 @@ class UdpForwarder:
                             return
                         self.count("media_receive_errors_total", 1)
                         break
+                    first = latch.latched is None
                     if not latch.accept(src[:2]):
                         leg.dropped += 1
                         self.count("media_dropped_total:unlatched_source", 1)
                         continue
+                    if first and on_latch is not None:
+                        on_latch(leg)
                     leg.packets += 1
                     leg.octets += len(data)
                     leg.last_seen = clock()

@@ -20,6 +20,7 @@ class Metric:
     name: str
     help: str
     label: str = ""
+    kind: str = "counter"  # or "gauge": moved up and down (streams a backend holds)
 
 
 _METRICS = (
@@ -66,6 +67,9 @@ _METRICS = (
     Metric("send_errors_total", "Socket send errors, by transport", "transport"),
     Metric("media_dropped_total", "RTP/RTCP packets dropped, by reason", "reason"),
     Metric("media_receive_errors_total", "RTP/RTCP socket receive errors"),
+    Metric("media_streams_forwarded", "RTP streams (one per leg and direction) forwarded now, by backend",
+           "backend", kind="gauge"),
+    Metric("media_kernel_errors_total", "nftables commands of the kernel media backend that failed"),
 )
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _METRICS}
 
