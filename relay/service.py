@@ -289,9 +289,10 @@ class RelayService:
         line = (f"{len(self.proxy.registrar.registry)} PBXs registered, {len(self.transports.conns)} "
                 f"TCP/TLS flows, {calls} calls, {invites} INVITEs pending")
         if self.forwarder is not None:
-            streams = {b: self.proxy.counters.get("media_streams_forwarded", b) for b in ("kernel", "userspace")}
-            line += (f", media ({self.media_backend}): {streams['kernel']} streams in the kernel, "
-                     f"{streams['userspace']} in userspace")
+            streams = self.proxy.counters.get
+            kernel = streams("media_streams_forwarded", "kernel")
+            user = streams("media_streams_forwarded", "userspace")
+            line += f", media ({self.media_backend}): {kernel} streams in the kernel, {user} in userspace"
         if self.draining:
             left = max(0, math.ceil(self.drain_until - trio.current_time()))
             return f"Draining ({left} s left at most): {line}"

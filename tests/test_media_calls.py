@@ -54,7 +54,6 @@ ENDED = f"{M}media_sessions_ended_total"
 UNLATCHED = f'{M}media_dropped_total{{reason="unlatched_source"}}'
 NO_DEST = f'{M}media_dropped_total{{reason="no_destination"}}'
 NO_MEDIA = f'{M}media_timeouts_total'
-T = TypeVar("T")
 OTHER_IP = "127.0.0.2"  # another local address: a stranger, or the phone on another network
 _NO_KERNEL = why_no_kernel()
 BACKENDS = ["userspace", pytest.param("kernel", marks=[

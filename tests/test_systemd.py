@@ -559,7 +559,8 @@ def test_relay_unit_ready_reload_and_drain(tmp_path: Path, services: list[Servic
     assert served_cert(r.tls) == first
     assert http_get(r.admin, "/healthz") == (200, "ok\n")
     assert svc.notify[ready]["STATUS"] == (
-        "Serving: 0 PBXs registered, 0 TCP/TLS flows, 0 calls, 0 INVITEs pending")
+        "Serving: 0 PBXs registered, 0 TCP/TLS flows, 0 calls, 0 INVITEs pending, "
+        "media (userspace): 0 streams in the kernel, 0 in userspace")
     svc.notify.wait("WATCHDOG", "1", after=ready, timeout=WATCHDOG_USEC / 1e6)
     eventually(lambda: http_get(r.admin, "/readyz") == (200, "ready\n"),
                what="/readyz 200 (the remote push service answers)")
