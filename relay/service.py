@@ -31,6 +31,7 @@ from relay.media.ports import PortAllocator
 from relay.media.session import MediaController
 from relay.pbx.digest import DigestAuth
 from relay.pbx.directory import PbxDirectory
+from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
 from relay.proxy.core import Proxy, ProxyConfig, Send
 from relay.proxy.flow import Flow
 from relay.proxy.wake import DeviceGone, DeviceSeen, PushEvent, WakeDevice
@@ -137,6 +138,7 @@ class RelayService:
         self.drain_until = math.inf
         self.timers_ran_at = 0.0
         self._directory_lock = trio.Lock()
+        self.provisioning: ProvisioningServer | None = None
 
     # --------------------------------------------------------- proxy plumbing
     def _count(self, name: str, n: int = 1) -> None:
@@ -393,6 +395,8 @@ class RelayService:
             # packets/bytes of live legs; ended legs are added when they close
             counters["media_packets_total"] = self.media.packets_total + sum(x.packets for x in legs)
             counters["media_bytes_total"] = self.media.octets_total + sum(x.octets for x in legs)
+        if self.provisioning is not None:
+            counters.update(self.provisioning.counters())
         for key in sorted(counters):
             name, _, label = key.partition(":")
             lbl = f'{{kind="{label}"}}' if label else ""
@@ -403,6 +407,7 @@ class RelayService:
         if cfg["sip.tls_cert"]:
             return Path(cfg["sip.tls_cert"]), Path(cfg["sip.tls_key"])
         ips = [self.cfg.advertise] + [x.host for x in self.cfg.listeners("tls")]
+        ips += [v.rpartition(":")[0].strip("[]") for v in self.cfg["provisioning.listen"]]
         return ensure_self_signed(self.cfg.state_dir / "tls", self.cfg["relay.domain"], ips)
 
     def _load_tls(self, cfg: RelayConfig) -> tuple[ssl.SSLContext, str]:
@@ -417,7 +422,7 @@ class RelayService:
         self, task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.cfg
-        if cfg.listeners("tls"):
+        if cfg.listeners("tls") or cfg["provisioning.enabled"]:
             try:
                 self.tls_context, self.tls_fingerprint = self._load_tls(cfg)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -442,6 +447,11 @@ class RelayService:
                 "/readyz": self.readyz,
             })
             self.bound["admin"] = [f"{admin.host}:{port}"]
+            if cfg["provisioning.enabled"]:
+                self.provisioning = await nursery.start(
+                    serve_provisioning, ProvisioningSettings.from_config(cfg.__getitem__), self._ha1.get,
+                    self._current_tls, cfg.state_dir)
+                self.bound["provisioning"] = self.provisioning.bound
             await self._load_directory_once()
             await self._start_push(nursery)
             nursery.start_soon(self._timers)
@@ -582,6 +592,8 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     if cfg["media.enabled"]:
         lines.append(f"  RTP      {cfg.media_address} ports {cfg['media.port_min']}-{cfg['media.port_max']}")
     lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz  /readyz")
+    for b in bound.get("provisioning", []):
+        lines.append(f"  HTTPS    https://{b}/provisioning/<serial>/<path>  (PBX: pbx-relay link)")
     if "push_api" in bound:
         lines.append(f"  push     API http://{bound['push_api'][0]}/v1  admin http://{bound['push_admin'][0]}/metrics")
     elif cfg["push.mode"] == "remote":
