@@ -40,8 +40,9 @@ case "$cmd" in
     # sip-tester: SIPp plays PBX and softphone; iproute2/nftables/conntrack:
     # the NAT tests build network namespaces with masquerade; baresip-core: a
     # real softphone carrying audio through the relay; systemd: systemd-analyze
-    # and systemd-sysusers check the unit files (a container's image lacks them).
-    apt_install sip-tester iproute2 nftables conntrack baresip-core systemd
+    # and systemd-sysusers check the unit files (a container's image lacks them);
+    # curl: the phone fetching provisioning files through the relay.
+    apt_install sip-tester iproute2 nftables conntrack baresip-core systemd curl
     need_python
     "$VENV/bin/python" -m pip install -q -e '.[test]' >/dev/null
     exec "$VENV/bin/python" -m pytest "$@"
