@@ -101,8 +101,51 @@ async def test_request_head_over_the_limit_gets_431(tmp_path: Path) -> None:
     async with relay(tmp_path) as r, r.client() as phone:
         ok = await phone.get(f"/provisioning/{SERIAL}/x", headers={"user-agent": "u" * 7000})
         big = await phone.get(f"/provisioning/{SERIAL}/x", headers={"user-agent": "u" * 9000})
-    assert ok.status_code == 404  # within the limit: an ordinary answer (PBX offline)
-    assert big.status_code == 431
+        # httpx adds host, accept, accept-encoding, connection, user-agent: 95 + 5 = 100
+        many = [(f"x-{i}", "1") for i in range(95)]
+        at_limit = await phone.get(f"/provisioning/{SERIAL}/x", headers=many)
+        over = await phone.get(f"/provisioning/{SERIAL}/x", headers=[*many, ("x-96", "1")])
+    assert ok.status_code == 404 and at_limit.status_code == 404  # ordinary answers (PBX offline)
+    assert big.status_code == 431 and over.status_code == 431
+
+
+async def test_a_hostile_pbx_side_loses_its_own_link_only(tmp_path: Path) -> None:
+    """A PBX side that answers with a header block over MAX_RESPONSE_HEAD: its link goes
+    (its phone gets 502), another PBX's phones are not touched."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from relay.provisioning.agent import open_link
+
+    with origin(tmp_path) as o:
+        async with relay_online(tmp_path, o.url) as r:
+            stream, initial = await open_link(r.agent_settings(OTHER, o.url))
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+
+            async def hostile() -> None:
+                data = initial
+                while True:
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.RequestReceived):
+                            fields = [(":status", "200")] + [(f"etag-{i}", "v" * 100) for i in range(300)]
+                            conn.send_headers(event.stream_id, fields, end_stream=True)
+                    try:
+                        await stream.send_all(conn.data_to_send())
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return  # the relay dropped it
+                    if not data:
+                        return
+
+            r.nursery.start_soon(hostile)
+            await r.wait_online(OTHER)
+            async with r.client() as phone:
+                assert (await phone.get(f"/provisioning/{OTHER}/x")).status_code == 502
+                assert (await phone.get(f"/provisioning/{SERIAL}/echo")).status_code == 200
+            assert not r.server.table.online(OTHER) and r.server.table.online(SERIAL)
+            await stream.aclose()
 
 
 async def test_slow_pbx_gets_504_and_the_link_carries_on(tmp_path: Path) -> None:

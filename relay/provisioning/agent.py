@@ -26,11 +26,12 @@ import h11
 import httpx
 import trio
 
-from relay.provisioning.forwarding import end_to_end, safe_path
+from relay.provisioning.forwarding import end_to_end, response_fields, safe_path
 from relay.provisioning.handshake import LINK_PATH, authorization, choose_challenge, link_request
 from relay.provisioning.limits import (
     LINK_HANDSHAKE_TIMEOUT,
     MAX_REQUEST_HEAD,
+    MAX_RESPONSE_HEAD,
     MAX_STREAMS_PER_LINK,
     RECEIVE_SIZE,
 )
@@ -77,11 +78,11 @@ class AgentLink:
     def __init__(self, settings: AgentSettings, stream: trio.abc.Stream, client: httpx.AsyncClient,
                  initial: bytes = b""):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
+        conn.initiate_connection()
+        conn.update_settings({  # applied on our side once the relay acknowledges them
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 2 * MAX_REQUEST_HEAD,
         })
-        conn.initiate_connection()
         self.settings = settings
         self.client = client
         self.link = Link(stream, conn, settings.keepalive, f"agent:{settings.serial}", initial)
@@ -137,7 +138,12 @@ class AgentLink:
         sent = False
         try:
             async with self.client.stream(method.decode(), url, headers=headers) as resp:
-                reply = [(b":status", str(resp.status_code).encode()), *end_to_end(resp.headers.raw)]
+                # The relay's allow-list here already: a web server's big cookies or
+                # odd fields never cross the link (nor risk its header size limit).
+                reply = [(b":status", str(resp.status_code).encode()), *response_fields(resp.headers.raw)]
+                if sum(len(n) + len(v) + 32 for n, v in reply) > MAX_RESPONSE_HEAD:
+                    self._respond(stream_id, 502)
+                    return
                 self.link.conn.send_headers(stream_id, reply, end_stream=method == b"HEAD")
                 sent = True
                 self.link.kick()

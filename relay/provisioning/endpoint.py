@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import h2.exceptions
 import h11
 import trio
 
@@ -64,6 +65,7 @@ from relay.provisioning.limits import (
     KEEPALIVE_IDLE,
     LINK_HANDSHAKE_TIMEOUT,
     MAX_LINK_AUTH_ATTEMPTS,
+    MAX_REQUEST_FIELDS,
     MAX_REQUEST_HEAD,
     PHONE_WRITE_TIMEOUT,
     RECEIVE_SIZE,
@@ -173,7 +175,7 @@ class ProvisioningServer:
                         conn.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
                     elif isinstance(event, h11.Request):
                         request = event
-                        if _head_size(event) > MAX_REQUEST_HEAD:
+                        if _head_size(event) > MAX_REQUEST_HEAD or len(event.headers) > MAX_REQUEST_FIELDS:
                             await self._error(conn, stream, 431)
                             return None
                         if event.method not in (b"GET", b"HEAD"):  # its body stays unread: close
@@ -232,18 +234,23 @@ class ProvisioningServer:
                   (b":path", target.path.encode("ascii")),
                   *request_fields(list(request.headers), self.extra),
                   (b"forwarded", forwarded(ip, host).encode("latin-1"))]
-        exchange = link.open(fields)
+        try:
+            exchange = link.open(fields)
+        except h2.exceptions.ProtocolError:  # the link is ending under us
+            self.recorder.record(target.serial, ip, 502)
+            return await self._error(conn, stream, 502)
         status = 502
         try:
             status = await self._relay(conn, stream, exchange, request.method == b"HEAD")
             return True
-        except Aborted as e:
-            self.stats[f"provisioning_aborted_total:{e}"] += 1
+        except (Aborted, *NETWORK_ERRORS) as e:
+            why = str(e) if isinstance(e, Aborted) else "phone_gone"
+            # Logged as what it was for the phone: no file. 499 (nginx's "client closed
+            # request") when the phone went or stopped reading, 502 when the PBX side failed.
+            status = 499 if why in ("phone_gone", "phone_stalled") else 502
+            self.stats[f"provisioning_aborted_total:{why}"] += 1
             log.info("event=provisioning_aborted serial=%s client=%s why=%s",
-                     target.serial, anonymise(ip), e)
-            return False
-        except NETWORK_ERRORS:
-            self.stats["provisioning_aborted_total:phone_gone"] += 1
+                     target.serial, anonymise(ip), why)
             return False
         finally:
             exchange.close()
@@ -338,8 +345,11 @@ class ProvisioningServer:
             log.info("event=link_refused serial=%s reason=max_links_per_serial", serial)
             await self._error(conn, stream, 429, [(b"retry-after", str(RETRY_AFTER).encode())])
             return
-        await self._send(stream, conn.send(h11.InformationalResponse(
-            status_code=101, headers=[(b"upgrade", UPGRADE_TOKEN.encode()), (b"connection", b"Upgrade")])))
+        try:
+            upgrade = [(b"upgrade", UPGRADE_TOKEN.encode()), (b"connection", b"Upgrade")]
+            await self._send(stream, conn.send(h11.InformationalResponse(status_code=101, headers=upgrade)))
+        except (Aborted, *NETWORK_ERRORS):
+            return
         initial, _ = conn.trailing_data
         link = PbxLink(serial, stream, self.settings.keepalive, initial)
         self.table.add(serial, link)

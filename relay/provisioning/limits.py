@@ -13,6 +13,12 @@ fixed ones, each bounding what one peer can make the relay hold.
 # an Authorization: 8 KiB is several times that. Over it → 431 and close.
 MAX_REQUEST_HEAD = 8 * 1024
 
+# Header fields in a phone's request head. Apache's LimitRequestFields is 100; a
+# phone sends about ten. Also bounds what crosses the link: 100 fields of a head
+# within MAX_REQUEST_HEAD stay under the agent's SETTINGS_MAX_HEADER_LIST_SIZE
+# (2 x MAX_REQUEST_HEAD, RFC 9113 §6.5.2 counts 32 octets more per field). Over it → 431.
+MAX_REQUEST_FIELDS = 100
+
 # Seconds a phone has for the TLS handshake and the request head: a slowloris peer
 # must not hold a connection slot. Apache's mod_reqtimeout default is 20-40 s for
 # the head; nginx client_header_timeout is 60 s. A phone sends its GET at once.

@@ -8,7 +8,6 @@ here and the link at most CONNECTION_WINDOW, whatever the file's size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import h2.config
@@ -49,72 +48,88 @@ class Head:
 
 
 class Exchange:
-    """One phone request on a link: its response head, then body chunks."""
+    """One phone request on a link: its response head, then body bytes.
+
+    Body bytes wait in one buffer, never as a queue of frames: the buffer holds at
+    most what the stream's window allowed (h2 refuses DATA beyond it), and empty or
+    tiny frames from a misbehaving PBX side cost nothing here."""
 
     def __init__(self, link: PbxLink, stream_id: int):
         self.link = link
         self.stream_id = stream_id
-        # Unbounded in count, bounded in bytes: h2 refuses DATA beyond the window we
-        # granted, and we grant only what the phone took.
-        self._send, self._recv = trio.open_memory_channel[h2.events.Event | None](math.inf)
-        self.done = False
-        self._unacked = 0
+        self._head: Head | None = None
+        self._body = bytearray()
+        self._ended = False
+        self._failure: Exception | None = None
+        self._received = 0  # flow-controlled bytes in the buffer (padding included)
+        self._taken = 0  # of them, handed to the caller and not yet acknowledged
+        self._wake = trio.Event()
+
+    @property
+    def done(self) -> bool:
+        """The stream is over on the PBX's side (ended, reset or lost)."""
+        return self._ended or self._failure is not None
 
     def deliver(self, event: h2.events.Event | None) -> None:
         """From the link: an h2 event of this stream, or None when the link is gone."""
-        try:
-            self._send.send_nowait(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    async def _next(self) -> h2.events.Event:
-        event = await self._recv.receive()
         if event is None:
-            self.done = True
-            raise LinkLost(self.link.link.reason or "link lost")
-        if isinstance(event, h2.events.StreamReset):
-            self.done = True
-            raise StreamRefused(str(event.error_code))
-        return event
+            self._failure = self._failure or LinkLost(self.link.link.reason or "link lost")
+        elif isinstance(event, h2.events.StreamReset):
+            self._failure = StreamRefused(str(event.error_code))
+        elif isinstance(event, h2.events.ResponseReceived):
+            fields = [(bytes(n), bytes(v)) for n, v in event.headers]
+            status = next(int(v) for n, v in fields if n == b":status")
+            self._head = Head(status, [(n, v) for n, v in fields if not n.startswith(b":")])
+        elif isinstance(event, h2.events.DataReceived):
+            self._body += event.data
+            self._received += event.flow_controlled_length
+        if isinstance(event, h2.events.StreamEnded) or getattr(event, "stream_ended", None) is not None:
+            self._ended = True
+        self._wake.set()
+
+    async def _changed(self) -> None:
+        wake = self._wake
+        await wake.wait()
+        if wake is self._wake:
+            self._wake = trio.Event()
 
     async def head(self) -> Head:
         """Wait for the response head (1xx heads are skipped)."""
-        while True:
-            event = await self._next()
-            if isinstance(event, h2.events.ResponseReceived):
-                fields = [(bytes(n), bytes(v)) for n, v in event.headers]
-                status = next(int(v) for n, v in fields if n == b":status")
-                if event.stream_ended is not None:
-                    self.done = True
-                return Head(status, [(n, v) for n, v in fields if not n.startswith(b":")])
+        while self._head is None:
+            if self._failure is not None:
+                raise self._failure
+            await self._changed()
+        return self._head
 
     async def chunk(self) -> bytes | None:
-        """The next piece of body, None at its end. Call :meth:`consumed` once the
-        phone has it."""
-        while not self.done:
-            event = await self._next()
-            if isinstance(event, h2.events.DataReceived):
-                self._unacked += event.flow_controlled_length
-                if event.stream_ended is not None:
-                    self.done = True
-                if event.data:
-                    return bytes(event.data)
-                self.consumed()  # padding or an empty frame: nothing to wait for
-            elif isinstance(event, h2.events.StreamEnded):
-                self.done = True
-        return None
+        """The body received so far and not taken yet, None at its end. Call
+        :meth:`consumed` once the phone has it."""
+        while not self._body:
+            if self._ended:
+                return None
+            if self._failure is not None:
+                raise self._failure
+            if self._received:  # padding or empty frames only: nothing to hand on
+                self._taken, self._received = self._taken + self._received, 0
+                self.consumed()
+            await self._changed()
+        data = bytes(self._body)
+        self._body.clear()
+        self._taken, self._received = self._taken + self._received, 0
+        return data
 
     def consumed(self) -> None:
-        """The phone took everything delivered so far: give the window back."""
-        if self._unacked:
-            self.link.acknowledge(self.stream_id, self._unacked)
-            self._unacked = 0
+        """The phone took everything handed out so far: give the window back."""
+        if self._taken:
+            self.link.acknowledge(self.stream_id, self._taken)
+            self._taken = 0
 
     def close(self) -> None:
         """Done with it: complete, or the phone went or a limit struck (then the
         stream is reset). Its window goes back to the link either way."""
+        self._taken += self._received
+        self._received = 0
         self.link.finish(self, reset=not self.done)
-        self._send.close()
 
 
 class PbxLink:
@@ -123,13 +138,15 @@ class PbxLink:
     def __init__(self, serial: str, stream: trio.abc.Stream, keepalive: KeepaliveTimes,
                  initial: bytes = b""):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        conn.local_settings = h2.settings.Settings(client=True, initial_values={
+        conn.initiate_connection()
+        # Through update_settings, not initial values: h2 applies a setting to its own
+        # side (the HPACK decoder's limit, stream windows) when the peer acknowledges it.
+        conn.update_settings({
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEAD,
         })
-        conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_WINDOW)
         self.serial = serial
         self.link = Link(stream, conn, keepalive, f"{serial}", initial)
@@ -168,9 +185,7 @@ class PbxLink:
     def finish(self, exchange: Exchange, reset: bool) -> None:
         """Forget ``exchange``; reset its stream if it is still open."""
         self.exchanges.pop(exchange.stream_id, None)
-        if exchange._unacked:
-            self.acknowledge(exchange.stream_id, exchange._unacked)
-            exchange._unacked = 0
+        exchange.consumed()
         if reset and not self.link.closing:
             try:
                 self.link.conn.reset_stream(exchange.stream_id, h2.errors.ErrorCodes.CANCEL)
