@@ -143,7 +143,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000, help="small-file requests per run (3000)")
     ap.add_argument("--small-bytes", type=int, default=2048, help="size of the small file (2048)")
     ap.add_argument("--big-mib", type=int, default=10, help="size of the large file, MiB (10)")
-    ap.add_argument("--big-requests", type=int, default=200, help="large-file requests per run at 100 clients")
+    ap.add_argument("--big-requests", type=int, default=200,
+                    help="large-file requests per run at 100 clients (200)")
     ap.add_argument("--stream-mib", type=int, default=100, help="the file streamed for the memory figure")
     ap.add_argument("--no-pin", action="store_true", help="leave CPU placement to the scheduler")
     ap.add_argument("--out", type=Path, help="output directory (default bench/out/provisioning-<stamp>)")
@@ -211,11 +212,9 @@ def report(results: dict[str, Any]) -> None:
           f"{'relay %':>9}{'agent %':>9}{'origin %':>9}")
     for key in results["small"]:
         s, b = results["small"][key], results["big"][key]
-        cpu = s["cpu"]
+        cpu = "".join(f"{s['cpu'].get(n, {}).get('pct_core', 0):>9.0f}" for n in ("relay", "agent", "origin"))
         print(f"{key:<14}{s['req_s']:>12.0f}{s['mean_latency']:>10}{b['mb_s']:>10.1f}"
-              f"{s['failed'] + b['failed'] + s['5xx'] + b['5xx']:>6}"
-              f"{cpu.get('relay', {}).get('pct_core', 0):>9.0f}{cpu.get('agent', {}).get('pct_core', 0):>9.0f}"
-              f"{cpu.get('origin', {}).get('pct_core', 0):>9.0f}")
+              f"{s['failed'] + b['failed'] + s['5xx'] + b['5xx']:>6}{cpu}")
     st = results["stream"]
     print(f"\nstreaming {st['bytes'] / 2**20:.0f} MiB through the relay (status {st['status']}, "
           f"{st['mb_s']} MB/s): relay RSS {st['rss_before_mib']} MiB before, at most "
