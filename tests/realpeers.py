@@ -143,7 +143,8 @@ listen = "{r.host}:{r.admin}"
 
 def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None = None,
                 provisioning: str = "") -> RelayProc:
-    write_config(r, extra, media, push, provisioning)
+    # provisioning only when asked: tests wrap write_config with the older signature
+    write_config(r, extra, media, push, **({"provisioning": provisioning} if provisioning else {}))
     r.log_path = r.state_dir / "relay.log"
     cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run"]
     if r.netns:
