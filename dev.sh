@@ -41,8 +41,9 @@ case "$cmd" in
     # the NAT tests build network namespaces with masquerade; baresip-core: a
     # real softphone carrying audio through the relay; systemd: systemd-analyze
     # and systemd-sysusers check the unit files (a container's image lacks them);
+    # curl: the phone fetching provisioning files through the relay.
     # libnftables1: the kernel media backend loads it (nftables pulls it in too).
-    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd
+    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl
     need_python
     "$VENV/bin/python" -m pip install -q -e '.[test]' >/dev/null
     exec "$VENV/bin/python" -m pytest "$@"

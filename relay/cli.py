@@ -12,6 +12,7 @@ import trio
 from relay import config as config_mod
 from relay.operator import add_commands as add_operator_commands
 from relay.pbx.directory import DirectoryError, PbxDirectory
+from relay.provisioning.command import add_link_command
 
 DEFAULT_CONFIG_ENV = "PBX_RELAY_CONFIG"
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     conf.add_argument("action", choices=["check"])
     conf.set_defaults(fn=cmd_config)
     add_operator_commands(sub, _load)
+    add_link_command(sub)
     args = p.parse_args(argv)
     if args.command == "pbx" and args.action != "list" and not args.serial:
         p.error(f"pbx {args.action} needs a serial")

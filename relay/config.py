@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay.pbx.digest import ALGORITHMS
+from relay.provisioning.settings import ProvisioningSettings
 
 
 class ConfigError(Exception):
@@ -70,6 +71,23 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "ca_file": (str, ""),
         "ring_timeout": (float, 30.0),
         "udp_asleep_after": (float, 40.0),
+    },
+    # Provisioning through the relay (relay/provisioning, docs/provisioning.md); the
+    # typed view is relay.provisioning.settings.ProvisioningSettings.
+    "provisioning": {
+        "enabled": (bool, True),
+        "listen": (list, ["127.0.0.1:4433"]),
+        "response_timeout": (float, 30.0),
+        "body_idle_timeout": (float, 30.0),
+        "max_body": (int, 1073741824),
+        "max_requests_per_serial": (int, 32),
+        "max_links_per_serial": (int, 4),
+        "max_connections": (int, 1024),
+        "max_connections_per_ip": (int, 128),
+        "link_keepalive": (float, 20.0),
+        "link_keepalive_timeout": (float, 10.0),
+        "access_log_days": (int, 365),
+        "extra_request_headers": (list, []),
     },
 }
 PUSH_MODES = ("embedded", "remote", "off")
@@ -265,6 +283,8 @@ def _validate(cfg: RelayConfig) -> None:
         raise ConfigError(f"{src}: media.backend must be userspace, kernel or auto")
     if cfg["media.no_media_timeout"] <= 0:
         raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
+    for problem in ProvisioningSettings.from_config(cfg.__getitem__).problems():
+        raise ConfigError(f"{src}: {problem}")
     if cfg["media.address"]:
         try:
             ipaddress.ip_address(cfg["media.address"])

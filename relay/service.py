@@ -26,9 +26,10 @@ from relay.dispatch import Dispatcher
 from relay.media.kernel import ForwardingBackend, make_backend
 from relay.media.ports import PortPool
 from relay.media.session import MediaSessions
-from relay.metrics import render
+from relay.metrics import render, render_labelled
 from relay.pbx.digest import DigestAuth
 from relay.pbx.directory import PbxDirectory
+from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Send
 from relay.pushlink import PushLink
@@ -83,6 +84,9 @@ TRANSPORT_GAUGES = {
 }
 
 
+PROVISIONING_LABELS = {"provisioning_requests_total": "outcome", "provisioning_aborted_total": "reason"}
+
+
 class RelayService:
     """Owns the sockets, the tasks and the lifecycle; every SIP decision is the proxy's."""
 
@@ -127,6 +131,7 @@ class RelayService:
         self.draining = False
         self.drain_until = math.inf
         self.timers_ran_at = 0.0
+        self.provisioning: ProvisioningServer | None = None
 
     def _send(self, out: list[Send]) -> None:
         self.transports.send_many((s.flow, s.data) for s in out)
@@ -152,7 +157,7 @@ class RelayService:
         self, task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.cfg
-        if cfg.listeners("tls"):
+        if cfg.listeners("tls") or cfg["provisioning.enabled"]:
             try:
                 self.tls_context, self.tls_fingerprint = self._load_tls(cfg)
             except (OSError, ssl.SSLError, ValueError) as e:
@@ -190,6 +195,11 @@ class RelayService:
             "/readyz": self.readyz,
         })
         self.bound["admin"] = [f"{admin.host}:{port}"]
+        if cfg["provisioning.enabled"]:
+            self.provisioning = await nursery.start(
+                serve_provisioning, ProvisioningSettings.from_config(cfg.__getitem__),
+                self.proxy.registrar.directory_entry, self._current_tls, cfg.state_dir)
+            self.bound["provisioning"] = self.provisioning.bound
 
     async def _timers(self) -> None:
         dispatch = self.dispatch
@@ -264,7 +274,11 @@ class RelayService:
                 "RTP/RTCP bytes relayed", self.media.octets_total + sum(x.octets for x in legs))
             gauges["media_sessions_ended_total"] = ("Media sessions ended, for any reason",
                                                     self.media.ended_total)
-        return "text/plain; version=0.0.4", render("pbx_relay_", self.proxy.counters, gauges)
+        text = render("pbx_relay_", self.proxy.counters, gauges)
+        if self.provisioning is not None:
+            text += render_labelled("pbx_relay_", self.provisioning.counters(), PROVISIONING_LABELS,
+                                    "Provisioning through the relay")
+        return "text/plain; version=0.0.4", text
 
     def readyz(self) -> tuple[str, str, int]:
         """200 once every listener is up and the push service (if any) answers; 503
@@ -303,6 +317,7 @@ class RelayService:
         if cfg["sip.tls_cert"]:
             return Path(cfg["sip.tls_cert"]), Path(cfg["sip.tls_key"])
         ips = [self.cfg.advertise] + [x.host for x in self.cfg.listeners("tls")]
+        ips += [v.rpartition(":")[0].strip("[]") for v in self.cfg["provisioning.listen"]]
         return ensure_self_signed(self.cfg.state_dir / "tls", self.cfg["relay.domain"], ips)
 
     def _load_tls(self, cfg: RelayConfig) -> tuple[ssl.SSLContext, str]:
@@ -347,7 +362,7 @@ class RelayService:
                  self.tls_fingerprint[:16] or "-", directory, ",".join(restart) or "-")
 
     async def _reload_tls(self, cfg: RelayConfig) -> str:
-        if not self.cfg.listeners("tls"):
+        if self.tls_context is None:  # neither SIP over TLS nor provisioning
             return "off"
         try:
             ctx, fingerprint = await trio.to_thread.run_sync(self._load_tls, cfg)
@@ -392,6 +407,8 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     if cfg["media.enabled"]:
         lines.append(f"  RTP      {cfg.media_address} ports {cfg['media.port_min']}-{cfg['media.port_max']}")
     lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz  /readyz")
+    for b in bound.get("provisioning", []):
+        lines.append(f"  HTTPS    https://{b}/provisioning/<serial>/<path>  (PBX: pbx-relay link)")
     if "push_api" in bound:
         lines.append(f"  push     API http://{bound['push_api'][0]}/v1  admin http://{bound['push_admin'][0]}/metrics")
     elif cfg["push.mode"] == "remote":

@@ -106,9 +106,11 @@ class RelayProc:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
 
-def write_config(r: RelayProc, extra: str = "", media: str = "", push: str | None = None) -> Path:
+def write_config(r: RelayProc, extra: str = "", media: str = "", push: str | None = None,
+                 provisioning: str = "") -> Path:
     """``extra``: lines for the [sip] table; ``media``: lines for the [media] table;
-    ``push``: lines for the [push] table (None: no push service, mode = "off")."""
+    ``push``: lines for the [push] table (None: no push service, mode = "off");
+    ``provisioning``: lines for [provisioning] (empty: the port is off)."""
     path = r.state_dir / "relay.toml"
     path.write_text(f"""
 [relay]
@@ -133,13 +135,19 @@ listen = "{r.host}:{r.admin}"
 
 [push]
 {'mode = "off"' if push is None else push}
+
+[provisioning]
+# off unless a test asks: its default port (4433) is one for every relay on this host
+{provisioning or "enabled = false"}
 """)
     r.config_path = path
     return path
 
 
-def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None = None) -> RelayProc:
-    write_config(r, extra, media, push)
+def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None = None,
+                provisioning: str = "") -> RelayProc:
+    # provisioning only when asked: tests wrap write_config with the older signature
+    write_config(r, extra, media, push, **({"provisioning": provisioning} if provisioning else {}))
     r.log_path = r.state_dir / "relay.log"
     cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run"]
     if r.netns:

@@ -52,8 +52,8 @@ def test_pbx_add_list_remove_secret_shown_once_stored_hashed(tmp_path: Path) -> 
 
 def test_run_on_embedded_defaults_starts_fast_and_says_where_it_listens(tmp_path: Path) -> None:
     """The README's `pbx-relay run`: empty state dir, defaults, banner within 2 s."""
-    if not all(_port_free(p) for p in (5060, 5061, 9090, 8443, 9091)):
-        pytest.skip("default ports 5060/5061/9090/8443/9091 are busy on this machine")
+    if not all(_port_free(p) for p in (5060, 5061, 9090, 8443, 9091, 4433)):
+        pytest.skip("default ports 5060/5061/9090/8443/9091/4433 are busy on this machine")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("PBX_RELAY_CONFIG", None)
     t0 = time.monotonic()
@@ -70,6 +70,7 @@ def test_run_on_embedded_defaults_starts_fast_and_says_where_it_listens(tmp_path
         text = "".join(lines)
         assert "SIP UDP  127.0.0.1:5060" in text and "SIP TLS  127.0.0.1:5061" in text
         assert "pbx-relay pbx add" in text
+        assert "HTTPS    https://127.0.0.1:4433/provisioning/<serial>/<path>" in text
         # relay and push service in one process (DESIGN §5)
         assert "push     API http://127.0.0.1:8443/v1  admin http://127.0.0.1:9091/metrics" in text
         print(f"pbx-relay run: banner after {elapsed:.2f} s on an empty state dir")

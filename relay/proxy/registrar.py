@@ -105,6 +105,10 @@ class PbxRegistrar:
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
 
+    def directory_entry(self, serial: str) -> Ha1s | None:
+        """The digest hashes of ``serial`` in the current directory, or None."""
+        return self.directory.get(serial)
+
     def set_directory(self, directory: Mapping[str, Ha1s]) -> None:
         """A new snapshot of the PBX directory; PBXs no longer in it are forgotten now."""
         self.directory = directory
