@@ -20,9 +20,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 from starlette.applications import Starlette
 
-from pbxutil.journal import set_level
-from pbxutil.lifecycle import SIGNALS, supervise
-from pbxutil.sdnotify import Notifier
+from pbxcore.journal import set_level
+from pbxcore.lifecycle import SIGNALS, supervise
+from pbxcore.sdnotify import Notifier
 from push.api import make_admin, make_api
 from push.config import ConfigError, Listen, PushConfig, check_files
 from push.gateways.base import Gateway
@@ -327,7 +327,7 @@ async def run(
     notifier: Notifier | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM; SIGHUP reloads (``reload_config`` reads the
-    configuration again). Tells systemd through ``notifier`` (pbxutil.lifecycle)."""
+    configuration again). Tells systemd through ``notifier`` (pbxcore.lifecycle)."""
     service = build_service(cfg)
     notify = notifier or Notifier.from_environ()
     current = PushConfig(cfg.source, {s: dict(keys) for s, keys in cfg.values.items()}, dict(cfg.from_env))

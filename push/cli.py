@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     credentials. Under systemd (Type=notify) it reports READY/STATUS/WATCHDOG."""
     import trio
 
-    from pbxutil.journal import configure_logging
+    from pbxcore.journal import configure_logging
     from push.app import run
 
     cfg = _load(args)

@@ -27,7 +27,7 @@ def _load(args: argparse.Namespace) -> config_mod.RelayConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve until stopped; SIGHUP reloads what it can, SIGTERM drains (relay.drain_timeout),
     SIGINT stops at once. Under systemd (Type=notify) it reports READY/STATUS/WATCHDOG."""
-    from pbxutil.journal import configure_logging
+    from pbxcore.journal import configure_logging
     from relay.service import run
 
     cfg = _load(args)

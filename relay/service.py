@@ -19,9 +19,9 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from pbxutil.journal import set_level
-from pbxutil.lifecycle import SIGNALS, supervise
-from pbxutil.sdnotify import Notifier
+from pbxcore.journal import set_level
+from pbxcore.lifecycle import SIGNALS, supervise
+from pbxcore.sdnotify import Notifier
 from push.config import PushConfig
 from push.service import DeviceUpdate, PushService
 from relay.admin import as_json, serve_admin
@@ -128,7 +128,7 @@ class RelayService:
         self._push_cfg: PushConfig | None = None
         self._nursery: trio.Nursery | None = None
         self.push_problem: str | None = "not checked yet"  # why /readyz says no, None: fine
-        # Lifecycle (pbxutil.lifecycle): SIGHUP swaps the TLS context new connections get;
+        # Lifecycle (pbxcore.lifecycle): SIGHUP swaps the TLS context new connections get;
         # SIGTERM drains (no new connections or calls, the current ones finish).
         self.tls_context: ssl.SSLContext | None = None
         self.tls_fingerprint = ""
@@ -614,7 +614,7 @@ async def run(
 ) -> None:
     """Serve until stopped: SIGHUP reloads (``reload_config`` reads the configuration
     again), SIGTERM drains first (up to relay.drain_timeout), SIGINT and a second
-    signal stop at once (pbxutil.lifecycle). Tells systemd through ``notifier``."""
+    signal stop at once (pbxcore.lifecycle). Tells systemd through ``notifier``."""
     service = RelayService(cfg)
     notify = notifier or Notifier.from_environ()
 

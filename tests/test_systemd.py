@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from pbxutil.sdnotify import Notifier, keep_watchdog
+from pbxcore.sdnotify import Notifier, keep_watchdog
 from relay import config as relay_config
 from relay.transport.tlscert import ensure_self_signed
 from tests.media_peers import MediaEndpoint, PbxUa, Phone, establish, hang_up
@@ -701,7 +701,7 @@ async def test_watchdog_pings_only_while_the_check_passes(tmp_path: Path) -> Non
 def test_logs_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path: Path) -> None:
     """Under systemd stderr is the journal ($JOURNAL_STREAM names it): "<4>" makes a
     warning a warning for `journalctl -p`, and journald stamps the time itself."""
-    code = ("import logging; from pbxutil.journal import configure_logging; configure_logging('info');"
+    code = ("import logging; from pbxcore.journal import configure_logging; configure_logging('info');"
             "logging.getLogger('relay').warning('event=x'); logging.getLogger('relay').debug('event=y')")
     out = tmp_path / "stderr"
     for journal in (True, False):
