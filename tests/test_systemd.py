@@ -420,18 +420,18 @@ def test_units_say_what_the_services_need() -> None:
         assert argv[0].startswith(PREFIX + "/bin/") and argv[-1] == "run"
         assert argv[argv.index("--config") + 1].startswith(f"/etc/{user}/")
     # Stopping waits for the drain: systemd must not kill the relay in the middle of it.
-    drain = relay_config.SCHEMA["relay"]["drain_timeout"][1]
+    drain = relay_config.RelaySection().drain_timeout
     assert float(one("pbx-relay.service", "TimeoutStopSec")) > drain + 10
     # The production configs shipped next to the units fit them and check out.
     prod = relay_config.load(UNITS / "relay.toml", environ={"PBX_RELAY_PUSH_TOKEN": "t"})
-    assert prod["relay.state_dir"] == "/var/lib/" + one("pbx-relay.service", "StateDirectory")
-    assert prod["relay.drain_timeout"] + 10 < float(one("pbx-relay.service", "TimeoutStopSec"))
-    assert prod["push.mode"] == "remote" and prod["push.token"] == "t"
+    assert prod.relay.state_dir == "/var/lib/" + one("pbx-relay.service", "StateDirectory")
+    assert prod.relay.drain_timeout + 10 < float(one("pbx-relay.service", "TimeoutStopSec"))
+    assert prod.push.mode == "remote" and prod.push.token == "t"
     from push import config as push_config
 
     pcfg = push_config.load(UNITS / "push.toml", environ={})
     assert str(pcfg.state_dir) == "/var/lib/" + one("pbx-push.service", "StateDirectory")
-    assert pcfg.api_listen.port == int(prod["push.url"].rsplit(":", 1)[1])
+    assert pcfg.api_listen.port == int(prod.push.url.rsplit(":", 1)[1])
 
 
 # ====================================================================== runs
