@@ -198,130 +198,139 @@ def _segment(value: str, what: str) -> str:
 # ------------------------------------------------------------------ the API
 
 
-def make_api(
-    service: PushService, secret: bytes | str, *, clock: Callable[[], float] = time.time
-) -> Starlette:
-    """The JWT-protected API over ``service``; ``clock`` checks token expiry."""
+class _Handlers:
+    """The API's routes over one service; each checks the bearer token's scope itself."""
 
-    def claims_of(request: Request) -> Claims:
+    def __init__(self, service: PushService, secret: bytes | str, clock: Callable[[], float]):
+        self.service = service
+        self.secret = secret
+        self.clock = clock
+
+    def claims_of(self, request: Request) -> Claims:
         auth = request.headers.get("authorization")
         if not auth:
             raise _unauthorized("missing bearer token (Authorization: Bearer <jwt>)", error=None)
         kind, _, token = auth.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
             raise _unauthorized("Authorization must be 'Bearer <jwt>'", error="invalid_request")
-        return verify_token(secret, token.strip(), clock())
+        return verify_token(self.secret, token.strip(), self.clock())
 
-    def need(claims: Claims, *scopes: str) -> None:
+    def need(self, claims: Claims, *scopes: str) -> None:
         if not claims.may(*scopes):
             raise _forbidden(f"a {claims.scope} token may not do this (needs {' or '.join(scopes)})")
 
-    def own_serial(claims: Claims, serial: str) -> None:
+    def own_serial(self, claims: Claims, serial: str) -> None:
         if claims.scope == "pbx" and serial != claims.serial:
             raise _forbidden("a pbx token may only touch its own serial's devices and users")
 
-    async def device_or_404(device_id: str) -> Device:
-        device = await service.store.get_device(_segment(device_id, "device_id"))
+    async def device_or_404(self, device_id: str) -> Device:
+        device = await self.service.store.get_device(_segment(device_id, "device_id"))
         if device is None:
             raise ApiError(404, "no such device")
         return device
 
-    async def put_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
+    async def put_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
         update = device_update_from_json(await _json_body(request))
-        own_serial(claims, update.serial)
-        device = await service.register_device(update)
+        self.own_serial(claims, update.serial)
+        device = await self.service.register_device(update)
         return JSONResponse({"device_id": device.device_id})
 
-    async def unregister_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
+    async def unregister_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
         ref = device_ref_from_json(await _json_body(request))
-        own_serial(claims, ref.serial)
-        device_id = service.device_id(ref.target, ref.serial, ref.username)
-        return JSONResponse({"deleted": await service.unregister_device(device_id)})
+        self.own_serial(claims, ref.serial)
+        device_id = self.service.device_id(ref.target, ref.serial, ref.username)
+        return JSONResponse({"deleted": await self.service.unregister_device(device_id)})
 
-    async def list_devices(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
+    async def list_devices(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
         serial = request.query_params.get("serial") or None
         username = request.query_params.get("username") or None
         if claims.scope == "pbx":
             if serial is not None:
-                own_serial(claims, serial)
+                self.own_serial(claims, serial)
             serial = claims.serial
-        return JSONResponse([d.public() for d in await service.store.devices(serial, username)])
+        return JSONResponse([d.public() for d in await self.service.store.devices(serial, username)])
 
-    async def get_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
-        device = await device_or_404(request.path_params["device_id"])
-        own_serial(claims, device.serial)
+    async def get_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
+        device = await self.device_or_404(request.path_params["device_id"])
+        self.own_serial(claims, device.serial)
         return JSONResponse(device.public())
 
-    async def delete_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
-        device = await device_or_404(request.path_params["device_id"])
-        own_serial(claims, device.serial)
-        deleted = await service.unregister_device(device.device_id, "operator" if claims.scope == "operator"
-                                                  else "pbx")
+    async def delete_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
+        device = await self.device_or_404(request.path_params["device_id"])
+        self.own_serial(claims, device.serial)
+        why = "operator" if claims.scope == "operator" else "pbx"
+        deleted = await self.service.unregister_device(device.device_id, why)
         if not deleted:
             raise ApiError(404, "no such device")
         return JSONResponse({"deleted": True})
 
-    async def wake(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
+    async def wake(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
         wire = wake_request_from_json(await _json_body(request))
-        device_id = wire.resolve(service.key)
+        device_id = wire.resolve(self.service.key)
         serial = wire.serial
         if claims.scope == "pbx":
             if serial:
-                own_serial(claims, serial)
+                self.own_serial(claims, serial)
             serial = claims.serial or ""  # the service wakes none of another PBX's devices
-            device = await service.store.get_device(device_id)
+            device = await self.service.store.get_device(device_id)
             if device is not None:
-                own_serial(claims, device.serial)
-        result = await service.wake(WakeRequest(
+                self.own_serial(claims, device.serial)
+        result = await self.service.wake(WakeRequest(
             device_id=device_id, call_id=wire.call_id, caller=wire.caller, callee=wire.callee, src=wire.src,
             ring_timeout=wire.ring_timeout, serial=serial))
         return JSONResponse(wake_result_json(WakeResult(
             device_id, result.outcome, result.status, result.reason, result.attempts, result.latency_ms)))
 
-    def user_of(request: Request, claims: Claims) -> tuple[str, str]:
-        need(claims, "pbx", "operator")
+    def user_of(self, request: Request, claims: Claims) -> tuple[str, str]:
+        self.need(claims, "pbx", "operator")
         serial = _segment(request.path_params["serial"], "serial")
         username = _segment(request.path_params["username"], "username")
-        own_serial(claims, serial)
+        self.own_serial(claims, serial)
         return serial, username
 
-    async def user_log(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
-        return JSONResponse(await service.user_log(serial, username))
+    async def user_log(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
+        return JSONResponse(await self.service.user_log(serial, username))
 
-    async def user_export(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
+    async def user_export(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
         return JSONResponse(
-            await service.export_user(serial, username),
+            await self.service.export_user(serial, username),
             headers={"Content-Disposition": 'attachment; filename="push-export.json"'},
         )
 
-    async def user_erase(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
-        return JSONResponse(await service.erase_user(serial, username))
+    async def user_erase(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
+        return JSONResponse(await self.service.erase_user(serial, username))
 
+
+def make_api(
+    service: PushService, secret: bytes | str, *, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The JWT-protected API over ``service``; ``clock`` checks token expiry."""
+    h = _Handlers(service, secret, clock)
     routes = [
-        Route("/v1/devices", put_device, methods=["PUT"]),
-        Route("/v1/devices", list_devices, methods=["GET"]),
-        Route("/v1/devices/unregister", unregister_device, methods=["POST"]),
-        Route("/v1/devices/{device_id}", get_device, methods=["GET"]),
-        Route("/v1/devices/{device_id}", delete_device, methods=["DELETE"]),
-        Route("/v1/wake", wake, methods=["POST"]),
-        Route("/v1/users/{serial}/{username}/log", user_log, methods=["GET"]),
-        Route("/v1/users/{serial}/{username}/export", user_export, methods=["GET"]),
-        Route("/v1/users/{serial}/{username}", user_erase, methods=["DELETE"]),
+        Route("/v1/devices", h.put_device, methods=["PUT"]),
+        Route("/v1/devices", h.list_devices, methods=["GET"]),
+        Route("/v1/devices/unregister", h.unregister_device, methods=["POST"]),
+        Route("/v1/devices/{device_id}", h.get_device, methods=["GET"]),
+        Route("/v1/devices/{device_id}", h.delete_device, methods=["DELETE"]),
+        Route("/v1/wake", h.wake, methods=["POST"]),
+        Route("/v1/users/{serial}/{username}/log", h.user_log, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}/export", h.user_export, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}", h.user_erase, methods=["DELETE"]),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)
 
