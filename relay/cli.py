@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from pbxcore.cli import EXIT_CODES_HELP, run_command
-from pbxcore.errors import PbxError, ServiceUnavailable
+from pbxcore.cli import EXIT_CODES_HELP, find_leaf, run_command
+from pbxcore.errors import ListenError, PbxError, ServiceUnavailable
 from pbxcore.http import request_json
+from pbxcore.statedir import private_dir
 from relay import config as config_mod
 from relay import operator
 from relay.admin import DIRECTORY_RELOAD
@@ -30,6 +32,12 @@ services hold.
 Options go before or after the command: `pbx-relay run --config relay.toml` and
 `pbx-relay --config relay.toml run` are the same. Without --config (or $PBX_RELAY_CONFIG)
 the built-in defaults apply, with the state in ./state of the source checkout."""
+
+
+def operator_command() -> str:
+    """How the operator runs this command here, for the banner: ``./dev.sh`` from a
+    checkout started by dev.sh (which says so in $PBX_RELAY_COMMAND), else ``pbx-relay``."""
+    return os.environ.get(config_mod.COMMAND_ENV) or PROG
 
 
 def _version() -> str:
@@ -67,11 +75,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     configure_logging(cfg.relay.log_level)
+    private_dir(cfg.state_dir)  # 0700: pbx.sqlite holds digest hashes, relay.key signs flow tokens
     try:
         trio.run(run, cfg, lambda: _load(args))
     except KeyboardInterrupt:
         return 0
+    except BaseException as e:  # noqa: B036 - re-raised, a bind failure named first
+        raise _named_bind_failure(e) or e from None
     return 0
+
+
+# What a listener that cannot bind raises (EADDRINUSE, EADDRNOTAVAIL, EACCES).
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _named_bind_failure(exc: BaseException) -> ListenError | None:
+    """A bare OSError from binding, as a ListenError. The admin endpoint and the push
+    service raise ListenError themselves; until the SIP transports do too (see the
+    lead's note), an unnamed bind failure can only be a SIP listener's."""
+    if find_leaf(exc, ListenError) is not None:
+        return None
+    err = find_leaf(exc, OSError)
+    if not isinstance(err, OSError) or err.errno not in BIND_ERRNOS:
+        return None
+    return ListenError("SIP", "one of sip.udp, sip.tcp, sip.tls", err.errno, err.strerror or "")
 
 
 # ------------------------------------------------------------------ the PBX directory

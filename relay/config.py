@@ -26,6 +26,7 @@ PUSH_MODES = ("embedded", "remote", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRANSPORTS = ("udp", "tcp", "tls")
 CONFIG_ENV = "PBX_RELAY_CONFIG"  # the configuration file's path; not a key
+COMMAND_ENV = "PBX_RELAY_COMMAND"  # how dev.sh runs pbx-relay ("./dev.sh"), for the banner; not a key
 # The operator token the operator commands read (relay/operator.py); not a key.
 OPERATOR_TOKEN_ENV = "PBX_RELAY_OPERATOR_TOKEN"
 MAX_DRAIN_TIMEOUT = 3600.0  # seconds: a stop that waits longer than an hour is a hang
@@ -63,8 +64,9 @@ class SipSection:
     """PEM certificate chain; empty: a self-signed one under <state_dir>/tls."""
     tls_key: str = path_field("")
     """PEM private key of tls_cert (both or neither)."""
-    digest_algorithms: list[str] = field(default_factory=lambda: ["SHA-256", "MD5"])
-    """Digest algorithms offered to PBXs, one challenge each, most preferred first (RFC 8760)."""
+    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5", "SHA-256"])
+    """Digest algorithms offered to PBXs, one challenge each, in this order (RFC 8760); MD5 first
+    because most PBXs and phones read only the first challenge."""
     flow_idle_timeout: float = 300.0
     """Seconds a TCP/TLS flow may stay silent (no keepalive either) before it is closed."""
     partial_message_timeout: float = 10.0
@@ -126,7 +128,7 @@ class RelayConfig(ServiceConfig):
     """The relay's whole configuration: ``cfg.sip.flow_idle_timeout`` and so on."""
 
     ENV_PREFIX = "PBX_RELAY_"
-    ENV_NOT_KEYS = frozenset({CONFIG_ENV, OPERATOR_TOKEN_ENV})
+    ENV_NOT_KEYS = frozenset({CONFIG_ENV, OPERATOR_TOKEN_ENV, COMMAND_ENV})
 
     relay: RelaySection = field(default_factory=RelaySection)
     """``[relay]``"""

@@ -24,7 +24,8 @@ from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
 from push.config import PushConfig
 from push.service import DeviceUpdate, PushService
-from relay.admin import as_json, serve_admin
+from relay.admin import DIRECTORY_RELOAD, as_json, directory_reload_route, serve_admin
+from relay.cli import operator_command
 from relay.config import ConfigError, RelayConfig, parse_listen
 from relay.media.forwarder import UdpForwarder
 from relay.media.ports import PortAllocator
@@ -440,6 +441,7 @@ class RelayService:
                 "/registry": lambda: as_json(self.registry_view()),
                 "/healthz": lambda: ("text/plain", "ok\n"),
                 "/readyz": self.readyz,
+                f"POST {DIRECTORY_RELOAD}": directory_reload_route(lambda: self.reload_directory(force=True), cfg.state_dir, lambda: len(self._ha1)),  # noqa: E501 - contract helper's one-line touch
             })
             self.bound["admin"] = [f"{admin.host}:{port}"]
             await self._load_directory_once()
@@ -593,7 +595,7 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     lines += [
         "",
         "Point a PBX at it:",
-        "  pbx-relay pbx add <serial>        (prints the PBX's secret, once)",
+        f"  {operator_command()} pbx add <serial>        (prints the PBX's secret, once)",
         f"  PBX registers sip:<serial>@{domain}, user <serial>, that secret,",
         f"  over TLS to {adv}:{tls} (or TCP {adv}:{tcp}).",
         "Point a softphone at it:",
