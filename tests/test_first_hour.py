@@ -319,3 +319,12 @@ def test_dev_sh_says_what_it_installs_and_skips_pip_when_nothing_changed(tmp_pat
     print(f"./dev.sh --version with nothing to install: {time.monotonic() - t0:.2f} s")
     assert second.returncode == 0 and second.stderr == ""
     assert second.stdout.startswith("pbx-relay ")
+
+
+def test_the_quick_start_scenarios_are_the_tested_ones() -> None:
+    """README's "First call in five minutes" runs docs/quickstart/*.xml: the same scenarios
+    tests/test_calls_sipp.py proves (a PBX that registers and answers, a phone that calls)."""
+    assert (ROOT / "docs" / "quickstart" / "pbx.xml").read_text() == sc.pbx_answers_phone()
+    assert (ROOT / "docs" / "quickstart" / "phone.xml").read_text() == sc.phone_calls_pbx()
+    readme = (ROOT / "README.md").read_text()
+    assert "./dev.sh pbx add 0123456789" in readme and "docs/quickstart/pbx.xml" in readme
