@@ -38,6 +38,9 @@ REQUEST_TIMEOUT = 5.0
 # once is far above legitimate use and small next to the process's file descriptors.
 MAX_CONNECTIONS = 64
 RECEIVE_CHUNK = 4096
+# After refusing a request early: how long and how much of the rest is read and dropped.
+LINGER_TIME = 1.0
+LINGER_BYTES = 4 * MAX_BODY
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
@@ -118,6 +121,7 @@ async def _handle(stream: trio.SocketStream, routes: Routes) -> None:
         return  # a trickling peer gets nothing but a closed connection
     except _TooLarge as e:
         await _send(stream, AdminAnswer.text(REASONS[e.status], e.status))
+        await _linger(stream)
         return
     except (h11.RemoteProtocolError, trio.BrokenResourceError, UnicodeDecodeError):
         await _send(stream, AdminAnswer.text("bad request", 400))
@@ -131,6 +135,7 @@ async def _receive(stream: trio.SocketStream) -> AdminRequest | None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     head: h11.Request | None = None
     body = bytearray()
+    received = 0
     while True:
         try:
             event = conn.next_event()
@@ -142,8 +147,15 @@ async def _receive(stream: trio.SocketStream) -> AdminRequest | None:
             data = await stream.receive_some(RECEIVE_CHUNK)
             if not data and head is None:
                 return None
+            received += len(data)
+            if head is None and received > MAX_HEAD + RECEIVE_CHUNK:
+                raise _TooLarge(431)  # still no end of the head
             conn.receive_data(data)
         elif isinstance(event, h11.Request):
+            # h11 bounds only a head still incomplete; one that arrived whole is measured here.
+            size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+            if size > MAX_HEAD:
+                raise _TooLarge(431)
             head = event
             length = dict(event.headers).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY:
@@ -173,6 +185,20 @@ async def _answer(request: AdminRequest, routes: Routes) -> AdminAnswer:
         # A bug in one route costs one answer, never the endpoint (nor the service).
         log.exception("event=admin_route_failed method=%s path=%s", request.method, request.path)
         return AdminAnswer.text("internal error", 500)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Read and drop what the peer still sends, briefly, before closing: closing with
+    unread data makes the kernel send RST, and the peer loses the answer (a lingering
+    close, as HTTP servers do after refusing a request early)."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_TIME):
+            dropped = 0
+            while dropped < LINGER_BYTES and (chunk := await stream.receive_some(RECEIVE_CHUNK)):
+                dropped += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 async def _send(stream: trio.SocketStream, answer: AdminAnswer) -> None:
