@@ -16,10 +16,12 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 from pbxcore.errors import EXIT_FAILURE, PbxError
@@ -38,6 +40,33 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
             raise
         print(f"{prog}: {describe(leaf)}", file=sys.stderr)
         return leaf.exit_code if isinstance(leaf, PbxError) else EXIT_FAILURE
+
+
+def package_version() -> str:
+    """The installed version of pbx-relay (both commands ship in it)."""
+    try:
+        return metadata.version("pbx-relay")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+Subcommands = argparse._SubParsersAction  # the type argparse gives add_subparsers() no public name
+
+
+def command_parser(
+    prog: str, description: str, add_common: Callable[[argparse.ArgumentParser], None],
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, Subcommands[argparse.ArgumentParser]]:
+    """A command's parser with --version and the exit codes in its help, the options
+    ``add_common`` adds taken before *and* after the verb: (parser, the parent every verb
+    gets, the verbs). The parent's options default to SUPPRESS, so a verb given no
+    option keeps what was given before it."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    add_common(p)
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    add_common(common)
+    return p, common, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
 
 def describe(exc: BaseException) -> str:

@@ -6,11 +6,10 @@ import argparse
 import os
 import ssl
 import sys
-from importlib import metadata
 from typing import Any
 from urllib.parse import quote
 
-from pbxcore.cli import EXIT_CODES_HELP, iso_time, print_json, run_command
+from pbxcore.cli import command_parser, iso_time, print_json, run_command
 from pbxcore.errors import PbxError
 from pbxcore.http import request_json
 from push import config as config_mod
@@ -164,22 +163,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ main
 
 
-def _version() -> str:
-    try:
-        return metadata.version("pbx-relay")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """pbx-push's argument parser; the common options are taken before and after the verb."""
-    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _common(p)
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    _common(common)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p, common, sub = command_parser(PROG, DESCRIPTION, _common)
     sub.add_parser("run", parents=[common], help="run the push service (API, admin endpoint, purges)",
                    description="Serve the API and the admin endpoint, purge old rows, until stopped. "
                    "SIGHUP reloads gateway credentials, retention and the log level.",

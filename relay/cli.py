@@ -7,10 +7,9 @@ import errno
 import os
 import sys
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
-from pbxcore.cli import EXIT_CODES_HELP, find_leaf, run_command
+from pbxcore.cli import command_parser, find_leaf, run_command
 from pbxcore.errors import ListenError, PbxError, ServiceUnavailable
 from pbxcore.http import request_json
 from pbxcore.statedir import private_dir
@@ -38,13 +37,6 @@ def operator_command() -> str:
     """How the operator runs this command here, for the banner: ``./dev.sh`` from a
     checkout started by dev.sh (which says so in $PBX_RELAY_COMMAND), else ``pbx-relay``."""
     return os.environ.get(config_mod.COMMAND_ENV) or PROG
-
-
-def _version() -> str:
-    try:
-        return metadata.version("pbx-relay")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -163,13 +155,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """pbx-relay's argument parser; the common options are taken before and after the verb."""
-    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    _common(p)
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    _common(common)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p, common, sub = command_parser(PROG, DESCRIPTION, _common)
     run = sub.add_parser("run", parents=[common], help="run the relay and the embedded push service",
                          description="Run the relay (and, with push.mode = \"embedded\", the push service) "
                          "until stopped. It prints what listens where and how to point a PBX and a "
