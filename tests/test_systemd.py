@@ -553,7 +553,10 @@ def test_relay_unit_ready_reload_and_drain(tmp_path: Path, services: list[Servic
     pbx = PbxUa(r)  # registers at once, without waiting for the directory's 2 s poll
     assert served_cert(r.tls) == second
     line = next(x for x in svc.log().splitlines() if "event=reloaded" in x)
-    assert "tls=new" in line and f"tls_sha256={second[:16]}" in line and "pbx_added=1" in line, line
+    # `pbx add` already made the running relay read the directory (POST /v1/directory/reload);
+    # the reload reads it again and finds the PBX there.
+    assert "tls=new" in line and f"tls_sha256={second[:16]}" in line and "pbx_count=1" in line, line
+    assert "event=directory_loaded pbx_count=1 added=1" in svc.log()
 
     # A certificate that does not load: logged, the old one stays, the relay runs on.
     setup.cert.write_text("not a certificate\n")
