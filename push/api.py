@@ -21,10 +21,8 @@ no push token and no JWT ever reaches a log line.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -36,11 +34,23 @@ import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from push.model import PROVIDERS, PushTarget
-from push.service import DeviceUpdate, PushError, PushService, WakeRequest
+from pbxcore.admin import AdminAnswer, AdminRequest, Routes
+from pbxcore.metrics import CONTENT_TYPE
+from pbxcore.wire import (
+    MAX_FIELD,
+    WakeResult,
+    WireError,
+    device_ref_from_json,
+    device_update_from_json,
+    digits,
+    number,
+    wake_request_from_json,
+    wake_result_json,
+)
+from push.service import PushError, PushService, WakeRequest
 from push.store import Device
 
 log = logging.getLogger("push.api")
@@ -52,11 +62,6 @@ REALM = "pbx-push"
 # with a 4 KiB token; 16 KiB is h11's default buffer (and nginx's client_body_buffer_size
 # on 64-bit), far above any legitimate request, small enough that a flood costs nothing.
 MAX_BODY = 16 * 1024
-# Field limits: RFC 8599 tokens (pn-prid) are provider-defined; APNs tokens are 64 hex
-# digits, FCM registration tokens ~160-200 characters; the service caps them at 4096.
-MAX_FIELD = {"provider": 16, "token": 4096, "param": 255, "serial": 64, "username": 256,
-             "transport": 8, "call_id": 256, "caller": 256, "callee": 256, "src": 64, "device_id": 64}
-RING_TIMEOUT_MIN, RING_TIMEOUT_MAX, RING_TIMEOUT_DEFAULT = 1.0, 120.0, 30.0
 # Leeway for exp/nbf against the verifier's clock (RFC 7519 §4.1.4 allows "some small leeway").
 CLOCK_LEEWAY = 30.0
 READY_TIMEOUT = 2.0  # seconds /readyz waits for the store
@@ -124,11 +129,11 @@ def verify_token(secret: bytes | str, token: str, now: float) -> Claims:
     except jwt.InvalidTokenError as e:
         raise _unauthorized(f"invalid token: {_jwt_reason(e)}") from None
     exp, nbf = claims.get("exp"), claims.get("nbf")
-    if not isinstance(exp, int | float) or not _number(exp):
+    if not isinstance(exp, int | float) or not number(exp):
         raise _unauthorized("invalid token: exp is not a number")
     if exp + CLOCK_LEEWAY <= now:
         raise _unauthorized("token expired")
-    if nbf is not None and (not _number(nbf) or nbf - CLOCK_LEEWAY > now):
+    if nbf is not None and (not number(nbf) or nbf - CLOCK_LEEWAY > now):
         raise _unauthorized("token not valid yet")
     scope, sub, serial = claims.get("scope"), claims.get("sub"), claims.get("serial")
     if scope not in SCOPES:
@@ -155,10 +160,6 @@ def _jwt_reason(e: jwt.InvalidTokenError) -> str:
     return type(e).__name__
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # ------------------------------------------------------------------ input
 
 
@@ -167,7 +168,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "Content-Type must be application/json")
     length = request.headers.get("content-length")
-    if length is not None and _digits(length) and int(length) > MAX_BODY:
+    if length is not None and digits(length) and int(length) > MAX_BODY:
         raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     body = bytearray()
     async with aclosing(request.stream()) as chunks:  # closed at once when we stop early
@@ -188,63 +189,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _str(data: dict[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
-    v = data.get(key)
-    if v is None:
-        if required:
-            raise ApiError(400, f"{key} is required")
-        return default
-    if not isinstance(v, str):
-        raise ApiError(400, f"{key} must be a string")
-    if required and not v:
-        raise ApiError(400, f"{key} must not be empty")
-    if len(v) > MAX_FIELD.get(key, 256):
-        raise ApiError(400, f"{key} is longer than {MAX_FIELD.get(key, 256)} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v):
-        raise ApiError(400, f"{key} contains control characters")
-    return v
-
-
-def _digits(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit()`` alone also takes '²' or '١', which int()
-    then refuses (or reads as another number)."""
-    return text.isascii() and text.isdigit()
-
-
-def _target(data: dict[str, Any]) -> PushTarget:
-    provider = _str(data, "provider")
-    if provider not in PROVIDERS:
-        raise ApiError(400, f"provider {provider!r} is not supported ({', '.join(PROVIDERS)})")
-    return PushTarget(provider, _str(data, "token"), _str(data, "param"))
-
-
-def _ip(text: str, key: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise ApiError(400, f"{key} {text!r} is not an IP address") from None
-
-
-def _port(v: object, key: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise ApiError(400, f"{key} must be an integer" if v is not None else f"{key} is required")
-    if not 0 < v < 65536:
-        raise ApiError(400, f"{key} must be 1..65535")
-    return v
-
-
-def _src(text: str) -> str:
-    """"ip:port" (IPv6 as "[ip]:port") or empty."""
-    if not text:
-        return ""
-    host, sep, port = text.rpartition(":")
-    if not sep or not _digits(port):
-        raise ApiError(400, f"src {text!r} is not ip:port")
-    ip = _ip(host.strip("[]") if host.startswith("[") else host, "src")
-    p = _port(int(port), "src port")
-    return f"[{ip}]:{p}" if ":" in ip else f"{ip}:{p}"
-
-
 def _segment(value: str, what: str) -> str:
     if not value or len(value) > MAX_FIELD[what]:
         raise ApiError(400, f"{what} must be 1..{MAX_FIELD[what]} characters")
@@ -254,155 +198,139 @@ def _segment(value: str, what: str) -> str:
 # ------------------------------------------------------------------ the API
 
 
-def make_api(
-    service: PushService, secret: bytes | str, *, clock: Callable[[], float] = time.time
-) -> Starlette:
-    """The JWT-protected API over ``service``; ``clock`` checks token expiry."""
+class _Handlers:
+    """The API's routes over one service; each checks the bearer token's scope itself."""
 
-    def claims_of(request: Request) -> Claims:
+    def __init__(self, service: PushService, secret: bytes | str, clock: Callable[[], float]):
+        self.service = service
+        self.secret = secret
+        self.clock = clock
+
+    def claims_of(self, request: Request) -> Claims:
         auth = request.headers.get("authorization")
         if not auth:
             raise _unauthorized("missing bearer token (Authorization: Bearer <jwt>)", error=None)
         kind, _, token = auth.partition(" ")
         if kind.lower() != "bearer" or not token.strip():
             raise _unauthorized("Authorization must be 'Bearer <jwt>'", error="invalid_request")
-        return verify_token(secret, token.strip(), clock())
+        return verify_token(self.secret, token.strip(), self.clock())
 
-    def need(claims: Claims, *scopes: str) -> None:
+    def need(self, claims: Claims, *scopes: str) -> None:
         if not claims.may(*scopes):
             raise _forbidden(f"a {claims.scope} token may not do this (needs {' or '.join(scopes)})")
 
-    def own_serial(claims: Claims, serial: str) -> None:
+    def own_serial(self, claims: Claims, serial: str) -> None:
         if claims.scope == "pbx" and serial != claims.serial:
             raise _forbidden("a pbx token may only touch its own serial's devices and users")
 
-    async def device_or_404(device_id: str) -> Device:
-        device = await service.store.get_device(_segment(device_id, "device_id"))
+    async def device_or_404(self, device_id: str) -> Device:
+        device = await self.service.store.get_device(_segment(device_id, "device_id"))
         if device is None:
             raise ApiError(404, "no such device")
         return device
 
-    async def put_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
-        data = await _json_body(request)
-        target = _target(data)
-        serial, username = _str(data, "serial"), _str(data, "username")
-        own_serial(claims, serial)
-        update = DeviceUpdate(
-            target=target, serial=serial, username=username, ip=_ip(_str(data, "ip"), "ip"),
-            port=_port(data.get("port"), "port"), transport=_str(data, "transport").lower(),
-        )
-        device = await service.register_device(update)
+    async def put_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
+        update = device_update_from_json(await _json_body(request))
+        self.own_serial(claims, update.serial)
+        device = await self.service.register_device(update)
         return JSONResponse({"device_id": device.device_id})
 
-    async def unregister_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
-        data = await _json_body(request)
-        target = _target(data)
-        serial, username = _str(data, "serial"), _str(data, "username")
-        own_serial(claims, serial)
-        device_id = service.device_id(target, serial, username)
-        return JSONResponse({"deleted": await service.unregister_device(device_id)})
+    async def unregister_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
+        ref = device_ref_from_json(await _json_body(request))
+        self.own_serial(claims, ref.serial)
+        device_id = self.service.device_id(ref.target, ref.serial, ref.username)
+        return JSONResponse({"deleted": await self.service.unregister_device(device_id)})
 
-    async def list_devices(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
+    async def list_devices(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
         serial = request.query_params.get("serial") or None
         username = request.query_params.get("username") or None
         if claims.scope == "pbx":
             if serial is not None:
-                own_serial(claims, serial)
+                self.own_serial(claims, serial)
             serial = claims.serial
-        return JSONResponse([d.public() for d in await service.store.devices(serial, username)])
+        return JSONResponse([d.public() for d in await self.service.store.devices(serial, username)])
 
-    async def get_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
-        device = await device_or_404(request.path_params["device_id"])
-        own_serial(claims, device.serial)
+    async def get_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
+        device = await self.device_or_404(request.path_params["device_id"])
+        self.own_serial(claims, device.serial)
         return JSONResponse(device.public())
 
-    async def delete_device(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "pbx", "operator")
-        device = await device_or_404(request.path_params["device_id"])
-        own_serial(claims, device.serial)
-        deleted = await service.unregister_device(device.device_id, "operator" if claims.scope == "operator"
-                                                  else "pbx")
+    async def delete_device(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "pbx", "operator")
+        device = await self.device_or_404(request.path_params["device_id"])
+        self.own_serial(claims, device.serial)
+        why = "operator" if claims.scope == "operator" else "pbx"
+        deleted = await self.service.unregister_device(device.device_id, why)
         if not deleted:
             raise ApiError(404, "no such device")
         return JSONResponse({"deleted": True})
 
-    async def wake(request: Request) -> Response:
-        claims = claims_of(request)
-        need(claims, "relay", "pbx", "operator")
-        data = await _json_body(request)
-        if "device_id" in data:
-            if "token" in data:
-                raise ApiError(400, "give device_id or provider/token/param/serial/username, not both")
-            device_id = _str(data, "device_id")
-            serial = _str(data, "serial", required=False)
-        else:
-            target = _target(data)
-            serial, username = _str(data, "serial"), _str(data, "username")
-            device_id = service.device_id(target, serial, username)
+    async def wake(self, request: Request) -> Response:
+        claims = self.claims_of(request)
+        self.need(claims, "relay", "pbx", "operator")
+        wire = wake_request_from_json(await _json_body(request))
+        device_id = wire.resolve(self.service.key)
+        serial = wire.serial
         if claims.scope == "pbx":
             if serial:
-                own_serial(claims, serial)
+                self.own_serial(claims, serial)
             serial = claims.serial or ""  # the service wakes none of another PBX's devices
-        ring = data.get("ring_timeout", RING_TIMEOUT_DEFAULT)
-        if not _number(ring) or not RING_TIMEOUT_MIN <= ring <= RING_TIMEOUT_MAX:
-            raise ApiError(400, f"ring_timeout must be a number of seconds, {RING_TIMEOUT_MIN:g}.."
-                                f"{RING_TIMEOUT_MAX:g}")
-        req = WakeRequest(
-            device_id=device_id, call_id=_str(data, "call_id"),
-            caller=_str(data, "caller", required=False), callee=_str(data, "callee", required=False),
-            src=_src(_str(data, "src", required=False)), ring_timeout=float(ring), serial=serial,
-        )
-        if claims.scope == "pbx":
-            device = await service.store.get_device(device_id)
+            device = await self.service.store.get_device(device_id)
             if device is not None:
-                own_serial(claims, device.serial)
-        result = await service.wake(req)
-        return JSONResponse({
-            "device_id": device_id, "outcome": str(result.outcome), "status": result.status,
-            "reason": result.reason, "attempts": result.attempts, "latency_ms": round(result.latency_ms, 3),
-        })
+                self.own_serial(claims, device.serial)
+        result = await self.service.wake(WakeRequest(
+            device_id=device_id, call_id=wire.call_id, caller=wire.caller, callee=wire.callee, src=wire.src,
+            ring_timeout=wire.ring_timeout, serial=serial))
+        return JSONResponse(wake_result_json(WakeResult(
+            device_id, result.outcome, result.status, result.reason, result.attempts, result.latency_ms)))
 
-    def user_of(request: Request, claims: Claims) -> tuple[str, str]:
-        need(claims, "pbx", "operator")
+    def user_of(self, request: Request, claims: Claims) -> tuple[str, str]:
+        self.need(claims, "pbx", "operator")
         serial = _segment(request.path_params["serial"], "serial")
         username = _segment(request.path_params["username"], "username")
-        own_serial(claims, serial)
+        self.own_serial(claims, serial)
         return serial, username
 
-    async def user_log(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
-        return JSONResponse(await service.user_log(serial, username))
+    async def user_log(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
+        return JSONResponse(await self.service.user_log(serial, username))
 
-    async def user_export(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
+    async def user_export(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
         return JSONResponse(
-            await service.export_user(serial, username),
+            await self.service.export_user(serial, username),
             headers={"Content-Disposition": 'attachment; filename="push-export.json"'},
         )
 
-    async def user_erase(request: Request) -> Response:
-        serial, username = user_of(request, claims_of(request))
-        return JSONResponse(await service.erase_user(serial, username))
+    async def user_erase(self, request: Request) -> Response:
+        serial, username = self.user_of(request, self.claims_of(request))
+        return JSONResponse(await self.service.erase_user(serial, username))
 
+
+def make_api(
+    service: PushService, secret: bytes | str, *, clock: Callable[[], float] = time.time
+) -> Starlette:
+    """The JWT-protected API over ``service``; ``clock`` checks token expiry."""
+    h = _Handlers(service, secret, clock)
     routes = [
-        Route("/v1/devices", put_device, methods=["PUT"]),
-        Route("/v1/devices", list_devices, methods=["GET"]),
-        Route("/v1/devices/unregister", unregister_device, methods=["POST"]),
-        Route("/v1/devices/{device_id}", get_device, methods=["GET"]),
-        Route("/v1/devices/{device_id}", delete_device, methods=["DELETE"]),
-        Route("/v1/wake", wake, methods=["POST"]),
-        Route("/v1/users/{serial}/{username}/log", user_log, methods=["GET"]),
-        Route("/v1/users/{serial}/{username}/export", user_export, methods=["GET"]),
-        Route("/v1/users/{serial}/{username}", user_erase, methods=["DELETE"]),
+        Route("/v1/devices", h.put_device, methods=["PUT"]),
+        Route("/v1/devices", h.list_devices, methods=["GET"]),
+        Route("/v1/devices/unregister", h.unregister_device, methods=["POST"]),
+        Route("/v1/devices/{device_id}", h.get_device, methods=["GET"]),
+        Route("/v1/devices/{device_id}", h.delete_device, methods=["DELETE"]),
+        Route("/v1/wake", h.wake, methods=["POST"]),
+        Route("/v1/users/{serial}/{username}/log", h.user_log, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}/export", h.user_export, methods=["GET"]),
+        Route("/v1/users/{serial}/{username}", h.user_erase, methods=["DELETE"]),
     ]
     return Starlette(routes=routes, exception_handlers=_HANDLERS)
 
@@ -410,30 +338,25 @@ def make_api(
 # ------------------------------------------------------------------ admin
 
 
-def make_admin(service: PushService) -> Starlette:
-    """/metrics, /healthz, /readyz: no authentication, meant for loopback."""
+def admin_routes(service: PushService) -> Routes:
+    """/metrics, /healthz, /readyz for pbxcore's admin endpoint: no authentication, meant for loopback."""
 
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(await service.metrics_text(), media_type="text/plain; version=0.0.4")
+    async def metrics(request: AdminRequest) -> AdminAnswer:
+        return AdminAnswer(200, await service.metrics_text(), CONTENT_TYPE)
 
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok\n")
+    async def healthz(request: AdminRequest) -> AdminAnswer:
+        return AdminAnswer.text("ok")
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(request: AdminRequest) -> AdminAnswer:
         try:
             with trio.fail_after(READY_TIMEOUT):
                 await service.store.counts()
         except Exception as e:  # any store failure means "not ready", never a 500
             log.warning("event=not_ready error=%s", type(e).__name__)
-            return PlainTextResponse("store not answering\n", status_code=503)
-        return PlainTextResponse("ready\n")
+            return AdminAnswer.text("store not answering", 503)
+        return AdminAnswer.text("ready")
 
-    routes = [
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-    ]
-    return Starlette(routes=routes, exception_handlers=_HANDLERS)
+    return {("GET", "/metrics"): metrics, ("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz}
 
 
 # ------------------------------------------------------------------ errors
@@ -444,7 +367,8 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
-async def _push_error(request: Request, exc: Exception) -> Response:
+async def _bad_input(request: Request, exc: Exception) -> Response:
+    # PushError and WireError messages name the field, never echo a token.
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
@@ -464,7 +388,8 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 _HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
     ApiError: _api_error,
-    PushError: _push_error,
+    PushError: _bad_input,
+    WireError: _bad_input,
     HTTPException: _http_error,
     Exception: _internal_error,
 }

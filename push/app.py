@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
+import copy
 import logging
 import os
 import secrets
@@ -20,11 +20,16 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 from starlette.applications import Starlette
 
-from pbxutil.journal import set_level
-from pbxutil.lifecycle import SIGNALS, supervise
-from pbxutil.sdnotify import Notifier
-from push.api import make_admin, make_api
-from push.config import ConfigError, Listen, PushConfig, check_files
+from pbxcore.admin import serve_admin
+from pbxcore.cli import find_leaf
+from pbxcore.config import changed_keys
+from pbxcore.errors import ConfigError, ListenError
+from pbxcore.journal import set_level
+from pbxcore.lifecycle import SIGNALS, supervise
+from pbxcore.sdnotify import Notifier
+from pbxcore.statedir import private_dir
+from push.api import admin_routes, make_api
+from push.config import Listen, PushConfig, check_files
 from push.gateways.base import Gateway
 from push.service import DAY, PushService, PushSettings
 from push.store import SqliteStore
@@ -45,7 +50,7 @@ RELOADABLE = frozenset({"push.log_level", "push.log_retention_days", "push.devic
 
 def _create_once(path: Path, data: bytes) -> bytes:
     """Write ``data`` to a new file, mode 0600, unless a concurrent start made it first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -69,8 +74,8 @@ def load_api_secret(cfg: PushConfig) -> bytes:
     """The JWT secret: api.jwt_secret when set, else <state_dir>/api.secret (64 hex
     digits made on first use; the text itself is the secret, so it can be copied into
     PBX_PUSH_API_JWT_SECRET elsewhere)."""
-    if cfg["api.jwt_secret"]:
-        return str(cfg["api.jwt_secret"]).encode()
+    if cfg.api.jwt_secret:
+        return cfg.api.jwt_secret.encode()
     path = cfg.state_dir / "api.secret"
     if path.exists():
         text = path.read_bytes().strip()
@@ -87,10 +92,8 @@ def build_gateways(cfg: PushConfig, key: bytes | None = None) -> dict[str, Gatew
     is the service key, so that its log lines name devices by their usual id)."""
     from push.gateways.log import LogGateway
 
-    def opt(key: str) -> str | None:
-        return str(cfg[key]) or None
-
     gateways: dict[str, Gateway] = {}
+    apns, fcm = cfg.apns, cfg.fcm
     try:
         if cfg.apns_mode == "log":
             gateways["apns"] = LogGateway("apns", device_key=key)
@@ -98,9 +101,9 @@ def build_gateways(cfg: PushConfig, key: bytes | None = None) -> dict[str, Gatew
             from push.gateways.apns import ApnsGateway
 
             gateways["apns"] = ApnsGateway(
-                base_url=cfg["apns.base_url"], key_file=opt("apns.key_file"), key_id=cfg["apns.key_id"],
-                team_id=cfg["apns.team_id"], cert_file=opt("apns.cert_file"),
-                cert_key_file=opt("apns.cert_key_file"), ca_file=opt("apns.ca_file"),
+                base_url=apns.base_url, key_file=apns.key_file or None, key_id=apns.key_id,
+                team_id=apns.team_id, cert_file=apns.cert_file or None,
+                cert_key_file=apns.cert_key_file or None, ca_file=apns.ca_file or None,
             )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{cfg.where('apns.key_file' if cfg.apns_mode == 'token' else 'apns.cert_file')}:"
@@ -112,8 +115,8 @@ def build_gateways(cfg: PushConfig, key: bytes | None = None) -> dict[str, Gatew
             from push.gateways.fcm import FcmGateway
 
             gateways["fcm"] = FcmGateway(
-                service_account_file=cfg["fcm.service_account"], base_url=cfg["fcm.base_url"],
-                ca_file=opt("fcm.ca_file"),
+                service_account_file=fcm.service_account, base_url=fcm.base_url,
+                ca_file=fcm.ca_file or None,
             )
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{cfg.where('fcm.service_account')}: cannot set up FCM: {e}") from None
@@ -130,14 +133,9 @@ def build_service(
     (``gateways`` replaces them, e.g. in tests)."""
     check_files(cfg)
     key = load_key(cfg.state_dir)
-    settings = PushSettings(
-        log_retention=cfg["push.log_retention_days"] * DAY,
-        device_stale_after=cfg["push.device_stale_days"] * DAY,
-        purge_interval=cfg["push.purge_interval"],
-    )
     store = SqliteStore(cfg.state_dir / "push.sqlite", key)
-    return PushService(store, gateways if gateways is not None else build_gateways(cfg, key), key, settings,
-                       clock=clock)
+    return PushService(store, gateways if gateways is not None else build_gateways(cfg, key), key,
+                       _settings(cfg), clock=clock)
 
 
 @dataclass
@@ -151,7 +149,7 @@ class Running:
     secret: bytes = field(default=b"", repr=False)  # the JWT secret (tests mint tokens with it)
 
 
-def _hypercorn_config(listen: Listen, cfg: PushConfig | None = None) -> HypercornConfig:
+def _hypercorn_config(listen: Listen, cfg: PushConfig) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [str(listen)]
     hc.backlog = 1024  # bursts of new connections (the relay's client pools up to 1000)
@@ -161,36 +159,25 @@ def _hypercorn_config(listen: Listen, cfg: PushConfig | None = None) -> Hypercor
     hc.errorlog = logging.getLogger("push.http")
     hc.include_server_header = False
     hc.graceful_timeout = 2.0
-    if cfg is not None and cfg.api_tls:
-        hc.certfile = cfg["api.tls_cert"]
-        hc.keyfile = cfg["api.tls_key"]
+    if cfg.api_tls:
+        hc.certfile = cfg.api.tls_cert
+        hc.keyfile = cfg.api.tls_key
     return hc
 
 
-async def _start_http(nursery: trio.Nursery, app: Starlette, hc: HypercornConfig, key: str) -> list[str]:
+async def _start_http(nursery: trio.Nursery, app: Starlette, hc: HypercornConfig, what: str) -> list[str]:
     """Start hypercorn on ``hc.bind``; its bound URLs. A bind failure becomes one
-    OSError naming the address and the key (hypercorn wraps it in exception groups)."""
+    ListenError naming ``what`` and the address (hypercorn wraps it in exception groups)."""
     # Starlette's ASGI signature is looser than hypercorn's protocol types; they agree at run time.
     server = partial(hypercorn_serve, cast(ASGIFramework, app), hc)
     try:
         binds: list[str] = await nursery.start(server)
     except (OSError, BaseExceptionGroup) as e:
-        err = _oserror(e)
-        if err is None:
+        err = find_leaf(e, OSError)
+        if not isinstance(err, OSError):
             raise
-        raise OSError(err.errno, f"cannot listen on {hc.bind[0]} ({key}): {err.strerror or err}") from e
+        raise ListenError.from_oserror(what, hc.bind[0], err) from None
     return binds
-
-
-def _oserror(exc: BaseException) -> OSError | None:
-    if isinstance(exc, OSError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = _oserror(sub)
-            if found is not None:
-                return found
-    return None
 
 
 def _hostport(bind: str) -> str:
@@ -212,17 +199,15 @@ async def serve(
     try:
         secret = load_api_secret(cfg)
         api = make_api(service, secret)
-        admin = make_admin(service)
         async with trio.open_nursery() as nursery:
             api_hc = _hypercorn_config(cfg.api_listen, cfg)
-            api_binds = await _start_http(nursery, api, api_hc, "api.listen")
-            admin_hc = _hypercorn_config(cfg.admin_listen)
-            admin_binds = await _start_http(nursery, admin, admin_hc, "admin.listen")
+            api_binds = await _start_http(nursery, api, api_hc, "push API")
+            routes = admin_routes(service)
+            admin: str = await nursery.start(serve_admin, "push admin", cfg.admin_listen, routes)
             nursery.start_soon(service.run_purges)
             running = Running(
-                service=service,
-                addresses={"api": _hostport(api_binds[0]), "admin": _hostport(admin_binds[0])},
-                api_url=api_binds[0], admin_url=admin_binds[0], secret=secret,
+                service=service, addresses={"api": _hostport(api_binds[0]), "admin": admin},
+                api_url=api_binds[0], admin_url=f"http://{admin}", secret=secret,
             )
             log.info("event=push_listening api=%s admin=%s", running.addresses["api"],
                      running.addresses["admin"])
@@ -252,17 +237,17 @@ def banner(cfg: PushConfig, running: Running) -> str:
         extra = "" if mode == "live" else f"  (log only, nothing sent: {hints.get(provider, 'configure it')})"
         name = {"apns": "APNs", "fcm": "FCM"}.get(provider, provider)
         lines.append(f"  {name:<7} {mode}{extra}")
-    lines.append(f"  state   {cfg.state_dir}  (push log kept {cfg['push.log_retention_days']:g} days)")
-    if not cfg.api_tls and not ipaddress.ip_address(cfg.api_listen.host).is_loopback:
+    lines.append(f"  state   {cfg.state_dir}  (push log kept {cfg.push.log_retention_days:g} days)")
+    if not cfg.api_tls and not cfg.is_loopback_only():
         lines.append("  WARNING the API listens beyond loopback without TLS: set api.tls_cert/tls_key")
     return "\n".join(lines)
 
 
 def _settings(cfg: PushConfig) -> PushSettings:
     return PushSettings(
-        log_retention=cfg["push.log_retention_days"] * DAY,
-        device_stale_after=cfg["push.device_stale_days"] * DAY,
-        purge_interval=cfg["push.purge_interval"],
+        log_retention=cfg.push.log_retention_days * DAY,
+        device_stale_after=cfg.push.device_stale_days * DAY,
+        purge_interval=cfg.push.purge_interval,
     )
 
 
@@ -275,7 +260,7 @@ async def reload(
     rebuilt from their files (the APNs .p8 key or certificate, the FCM service account);
     gateways that do not build keep the old ones. Other changed keys are named as
     needing a restart. Updates ``current`` to what now runs; never raises."""
-    level_changed = set_level(fresh["push.log_level"]) if log_level else False
+    level_changed = set_level(fresh.push.log_level) if log_level else False
     service.settings = _settings(fresh)
     applied = set(RELOADABLE)
     gateways = "kept_old"
@@ -287,16 +272,16 @@ async def reload(
     else:
         old, service.gateways = service.gateways, new
         nursery.start_soon(_retire, old)
-        applied |= {f"{s}.{k}" for s in RELOADABLE_SECTIONS for k in fresh.values[s]}
+        applied |= {f"{s}.{k}" for s in RELOADABLE_SECTIONS for k in fresh.as_dict()[s]}
         gateways = ",".join(f"{p}:{m}" for p, m in gateway_modes(service).items())
-    restart = [f"{s}.{k}" for s, keys in fresh.values.items() for k, v in keys.items()
-               if current.values[s][k] != v and f"{s}.{k}" not in RELOADABLE and s not in RELOADABLE_SECTIONS]
+    restart = [k for k in changed_keys(current, fresh)
+               if k not in RELOADABLE and k.partition(".")[0] not in RELOADABLE_SECTIONS]
     for dotted in applied:
         section, key = dotted.split(".")
-        current.values[section][key] = fresh.values[section][key]
+        setattr(current.section(section), key, getattr(fresh.section(section), key))
     log.info("event=reloaded log_level=%s%s gateways=%s log_retention_days=%g restart_needed=%s",
-             fresh["push.log_level"], "(changed)" if level_changed else "", gateways,
-             fresh["push.log_retention_days"], ",".join(restart) or "-")
+             fresh.push.log_level, "(changed)" if level_changed else "", gateways,
+             fresh.push.log_retention_days, ",".join(restart) or "-")
 
 
 async def _retire(gateways: Mapping[str, Gateway]) -> None:
@@ -327,10 +312,10 @@ async def run(
     notifier: Notifier | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM; SIGHUP reloads (``reload_config`` reads the
-    configuration again). Tells systemd through ``notifier`` (pbxutil.lifecycle)."""
+    configuration again). Tells systemd through ``notifier`` (pbxcore.lifecycle)."""
     service = build_service(cfg)
     notify = notifier or Notifier.from_environ()
-    current = PushConfig(cfg.source, {s: dict(keys) for s, keys in cfg.values.items()}, dict(cfg.from_env))
+    current = copy.deepcopy(cfg)
 
     async def check() -> str | None:
         await service.store.counts()  # the watchdog pings only while the store answers

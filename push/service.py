@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
 
+from pbxcore.errors import PbxError
+from pbxcore.metrics import MetricSet, Plain
+from pbxcore.wire import DeviceUpdate
 from push.gateways.base import Gateway, deliver
 from push.model import PROVIDERS, Outcome, PushMessage, PushResult, PushTarget
 from push.store import Device, LogRow, Store
+
+__all__ = ["DeviceUpdate", "Metrics", "PushError", "PushService", "PushSettings", "WakeRequest"]
 
 log = logging.getLogger("push")
 
@@ -28,7 +32,7 @@ DAY = 86400.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class PushError(Exception):
+class PushError(PbxError):
     """Bad input from a caller (API or relay): becomes a 4xx with this message."""
 
 
@@ -41,19 +45,9 @@ class PushSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceUpdate:
-    """A device's registration as the relay saw it (RFC 8599 Contact parameters)."""
-
-    target: PushTarget
-    serial: str
-    username: str
-    ip: str
-    port: int
-    transport: str
-
-
-@dataclass(frozen=True, slots=True)
 class WakeRequest:
+    """A wake-up with its device resolved to an id (from a pbxcore.wire.WakeRequest)."""
+
     device_id: str
     call_id: str
     caller: str
@@ -74,37 +68,44 @@ class _Pushed:
 
 
 class Metrics:
-    """Counters and one histogram; rendered in Prometheus text by :meth:`render`."""
+    """The push service's metrics (``pbx_push_*``), each declared once with its help text."""
 
     def __init__(self) -> None:
-        self.c: Counter[str] = Counter()
-        self.latency: dict[str, list[int]] = {}  # provider → bucket counts (+Inf last)
-        self.latency_sum: dict[str, float] = defaultdict(float)
+        m = self.set = MetricSet("pbx_push")
+        self.device_updates = m.counter("device_updates_total",
+                                        "Device registrations accepted (new or moved).")
+        self.devices_deleted = m.counter(
+            "devices_deleted_total", "Devices deleted, by why: request, unregistered (the provider said "
+            "the token is dead), operator, pbx.", ["reason"])
+        self.pushes = m.counter(
+            "pushes_total", "Wake-ups asked for, by provider and outcome (duplicate: a second ask for "
+            "the same call and device, nothing sent).", ["provider", "outcome"])
+        self.erasures = m.counter("erasures_total", "Users erased (GDPR Art. 17).")
+        self.purged = m.counter("purged_total", "Rows deleted by the retention purge, by table.", ["table"])
+        self.purge_errors = m.counter("purge_errors_total", "Purges that failed (retried next interval).")
+        self.latency = m.histogram(
+            "latency_seconds", "Seconds from a wake-up request to the provider's final answer.",
+            LATENCY_BUCKETS, ["provider"])
+        self._store: Mapping[str, int] = {}
+        m.export(STORE_METRICS, lambda: self._store)
 
     def observe(self, provider: str, seconds: float) -> None:
-        buckets = self.latency.setdefault(provider, [0] * (len(LATENCY_BUCKETS) + 1))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-        buckets[-1] += 1
-        self.latency_sum[provider] += seconds
+        """One push's latency."""
+        self.latency.labels(provider).observe(seconds)
 
-    def render(self, gauges: Mapping[str, int]) -> str:
-        lines = []
-        for key in sorted(self.c):
-            name, _, labels = key.partition(":")
-            lines.append(f"pbx_push_{name}{{{labels}}} {self.c[key]}" if labels
-                         else f"pbx_push_{name} {self.c[key]}")
-        for name, value in sorted(gauges.items()):
-            lines.append(f"pbx_push_{name} {value}")
-        lines.append("# TYPE pbx_push_latency_seconds histogram")
-        for provider, buckets in sorted(self.latency.items()):
-            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), buckets, strict=True):
-                lines.append(f'pbx_push_latency_seconds_bucket{{provider="{provider}",le="{bound}"}} {n}')
-            total = self.latency_sum[provider]
-            lines.append(f'pbx_push_latency_seconds_sum{{provider="{provider}"}} {total:.6f}')
-            lines.append(f'pbx_push_latency_seconds_count{{provider="{provider}"}} {buckets[-1]}')
-        return "\n".join(lines) + "\n"
+    def render(self, store_counts: Mapping[str, int]) -> str:
+        """Prometheus text, with the store's counts (:meth:`Store.counts`) as of now."""
+        self._store = store_counts
+        return self.set.render().decode()
+
+
+# What Store.counts() reports, exported at scrape time.
+STORE_METRICS = (
+    Plain("devices", "Devices registered now.", "gauge"),
+    Plain("push_log_rows", "Push log rows kept now (7 days at most).", "gauge"),
+    Plain("wal_checkpoint_failures_total", "WAL checkpoints that failed (retried after the next purge)."),
+    Plain("wal_checkpoint_pending", "1 while a WAL checkpoint waits to be retried.", "gauge"),
+)
 
 
 class PushService:
@@ -146,7 +147,7 @@ class PushService:
             transport=update.transport, updated_at=self.clock(),
         )
         moved = await self.store.upsert_device(device)
-        self.metrics.c["device_updates_total"] += 1
+        self.metrics.device_updates.inc()
         log.info("event=device_registered device=%s provider=%s serial=%s moved=%s",
                  device.device_id, t.provider, update.serial, moved)
         return device
@@ -154,7 +155,7 @@ class PushService:
     async def unregister_device(self, device_id: str, why: str = "request") -> bool:
         gone = await self.store.delete_device(device_id)
         if gone:
-            self.metrics.c[f'devices_deleted_total:reason="{why}"'] += 1
+            self.metrics.devices_deleted.labels(why).inc()
             log.info("event=device_deleted device=%s reason=%s", device_id, why)
         return gone
 
@@ -187,13 +188,13 @@ class PushService:
                 with trio.move_on_at(deadline):
                     await first.done.wait()
                 if not first.done.is_set():
-                    self.metrics.c[f'pushes_total:provider="{device.provider}",outcome="duplicate"'] += 1
+                    self.metrics.pushes.labels(device.provider, "duplicate").inc()
                     return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
                                       latency_ms=(trio.current_time() - started) * 1000.0)
                 if first.result is None:
                     continue  # the first ask was cancelled: look again (and push if nobody does)
             # One push per call per device: a second ask is not a second push.
-            self.metrics.c[f'pushes_total:provider="{device.provider}",outcome="duplicate"'] += 1
+            self.metrics.pushes.labels(device.provider, "duplicate").inc()
             return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
                               latency_ms=(trio.current_time() - started) * 1000.0)
         pushed = self._recent[key] = _Pushed(started)
@@ -245,7 +246,7 @@ class PushService:
             latency_ms=round(result.latency_ms, 3),
         )
         await self.store.add_log(row, now + self.settings.log_retention)
-        self.metrics.c[f'pushes_total:provider="{provider or "none"}",outcome="{result.outcome}"'] += 1
+        self.metrics.pushes.labels(provider or "none", str(result.outcome)).inc()
         if device is not None and result.attempts:
             self.metrics.observe(provider, result.latency_ms / 1000)
         log.info("event=push call_id=%s device=%s provider=%s outcome=%s status=%s attempts=%d "
@@ -270,7 +271,7 @@ class PushService:
 
     async def erase_user(self, serial: str, username: str) -> dict[str, int]:
         devices, rows = await self.store.erase_user(serial, username)
-        self.metrics.c["erasures_total"] += 1
+        self.metrics.erasures.inc()
         log.info("event=user_erased serial=%s devices=%d log_rows=%d", serial, devices, rows)
         return {"devices": devices, "push_log_rows": rows}
 
@@ -279,8 +280,8 @@ class PushService:
         now = self.clock()
         logs, devices = await self.store.purge(
             now - self.settings.log_retention, now - self.settings.device_stale_after)
-        self.metrics.c['purged_total:table="push_log"'] += logs
-        self.metrics.c['purged_total:table="devices"'] += devices
+        self.metrics.purged.labels("push_log").inc(logs)
+        self.metrics.purged.labels("devices").inc(devices)
         if logs or devices:
             log.info("event=purge push_log_rows=%d devices=%d", logs, devices)
         return logs, devices
@@ -291,7 +292,7 @@ class PushService:
             try:
                 await self.purge_once()
             except Exception:
-                self.metrics.c["purge_errors_total"] += 1
+                self.metrics.purge_errors.inc()
                 log.exception("event=purge_failed")
             await trio.sleep(self.settings.purge_interval)
 

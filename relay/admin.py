@@ -1,59 +1,76 @@
-"""Loopback HTTP endpoint: /metrics (Prometheus text), /registry (live PBX bindings), /healthz, /readyz."""
+"""The relay's admin routes on pbxcore's admin stack: the old route-table shape, the directory reload route.
+
+SHIM: relay/service.py still hands :func:`serve_admin` its routes as ``path →
+zero-argument callable`` answering ``(content type, body[, status])``; the lead
+moves its route table to :data:`pbxcore.admin.Routes` (``(method, path) →
+async handler``) when the shell is rewritten, and this module shrinks to the
+relay's own route handlers.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 import trio
 
-log = logging.getLogger("relay.admin")
+from pbxcore.admin import AdminAnswer, AdminRequest, Handler, Routes
+from pbxcore.admin import serve_admin as serve_routes
+from pbxcore.config import Listen
 
-MAX_REQUEST = 8192
-STATUS_LINES = {200: "200 OK", 503: "503 Service Unavailable"}
-# A route answers (content type, body), or (content type, body, status) for other than 200.
-Route = Callable[[], tuple[str, str] | tuple[str, str, int]]
+# A route of the old shape answers (content type, body), or (content type, body, status).
+LegacyRoute = Callable[[], tuple[str, str] | tuple[str, str, int]]
+DIRECTORY_RELOAD = "/v1/directory/reload"  # POST: the relay reads the PBX directory now
 
 
 async def serve_admin(
-    host: str, port: int, routes: dict[str, Route],
+    host: str, port: int, routes: Mapping[str, LegacyRoute | Handler],
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A deliberately tiny HTTP/1.0-style server: GET only, one request per connection."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        buf = b""
-        with trio.move_on_after(5):
-            while b"\r\n\r\n" not in buf and len(buf) < MAX_REQUEST:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                buf += chunk
-        line = buf.split(b"\r\n", 1)[0].decode("latin-1").split()
-        if len(line) < 2 or line[0] != "GET":
-            status, ctype, body = "405 Method Not Allowed", "text/plain", "GET only\n"
-        elif line[1].split("?")[0] in routes:
-            answer = routes[line[1].split("?")[0]]()
-            ctype, body = answer[0], answer[1]
-            status = STATUS_LINES[answer[2] if len(answer) == 3 else 200]
+    """SHIM: serve ``routes`` on ``host:port``; a key "/path" is a legacy GET route, a
+    key "METHOD /path" a :data:`pbxcore.admin.Handler`. ``task_status`` gets the port."""
+    table: dict[tuple[str, str], Handler] = {}
+    for key, route in routes.items():
+        if key.startswith("/"):
+            table[("GET", key)] = _legacy(route)  # type: ignore[arg-type]
         else:
-            status, ctype, body = "404 Not Found", "text/plain", "not found\n"
-        data = body.encode()
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        try:
-            await stream.send_all(head.encode() + data)
-        except trio.BrokenResourceError:
-            pass
-        await stream.aclose()
+            method, _, path = key.partition(" ")
+            table[(method, path)] = route  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        bound: str = await nursery.start(_serve, Listen(host, port), table)
+        task_status.started(int(bound.rpartition(":")[2]))
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
+
+async def _serve(listen: Listen, table: Routes, task_status: trio.TaskStatus[str]) -> None:
+    await serve_routes("admin", listen, table, task_status=task_status)
+
+
+def _legacy(route: LegacyRoute) -> Handler:
+    async def handler(request: AdminRequest) -> AdminAnswer:
+        answer = route()
+        status = answer[2] if len(answer) == 3 else 200
+        return AdminAnswer(status, answer[1], answer[0])
+
+    return handler
 
 
 def as_json(obj: object) -> tuple[str, str]:
+    """SHIM: a legacy route's JSON answer."""
     return "application/json", json.dumps(obj, indent=1) + "\n"
+
+
+def directory_reload_route(
+    reload: Callable[[], Awaitable[tuple[int, int]]], state_dir: Path, pbx_count: Callable[[], int],
+) -> Handler:
+    """POST /v1/directory/reload: read the PBX directory now (``reload()``, the relay's
+    ``reload_directory(force=True)``) and answer once it is applied, with the state
+    directory it was read from, so that ``pbx-relay pbx add`` can tell a relay that
+    reads another directory (``{"state_dir", "pbx_count", "added", "removed"}``)."""
+
+    async def handler(request: AdminRequest) -> AdminAnswer:
+        added, removed = await reload()
+        return AdminAnswer.json({"state_dir": str(state_dir.resolve()), "pbx_count": pbx_count(),
+                                 "added": added, "removed": removed})
+
+    return handler

@@ -1,4 +1,4 @@
-"""The pbx-relay command: run the relay, manage the PBX directory, check a config."""
+"""The pbx-relay command: run the relay, manage the PBX directory, check a config, operator verbs."""
 
 from __future__ import annotations
 
@@ -6,117 +6,190 @@ import argparse
 import errno
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-import trio
-
+from pbxcore.cli import command_parser, find_leaf, run_command
+from pbxcore.errors import ListenError, PbxError, ServiceUnavailable
+from pbxcore.http import request_json
+from pbxcore.statedir import private_dir
 from relay import config as config_mod
-from relay.operator import add_commands as add_operator_commands
-from relay.pbx.directory import DirectoryError, PbxDirectory
+from relay import operator
+from relay.admin import DIRECTORY_RELOAD
+from relay.pbx.directory import SERIAL_RULE, DirectoryError, PbxDirectory
 from relay.provisioning.command import add_link_command
 
-DEFAULT_CONFIG_ENV = "PBX_RELAY_CONFIG"
+PROG = "pbx-relay"
+DEFAULT_CONFIG_ENV = config_mod.CONFIG_ENV
+RELOAD_TIMEOUT = 10.0  # seconds the running relay has to read the directory after `pbx add`
+DIRECTORY_POLL = 2.0  # relay/service.py's DIRECTORY_POLL: how soon a relay without the route notices
+
+DESCRIPTION = """\
+The pbx-relay command: run the SIP/RTP relay (with the push service embedded), manage
+its PBX directory, check its configuration, and inspect or erase what the running
+services hold.
+
+Options go before or after the command: `pbx-relay run --config relay.toml` and
+`pbx-relay --config relay.toml run` are the same. Without --config (or $PBX_RELAY_CONFIG)
+the built-in defaults apply, with the state in ./state of the source checkout."""
+
+
+def operator_command() -> str:
+    """How the operator runs this command here, for the banner: ``./dev.sh`` from a
+    checkout started by dev.sh (which says so in $PBX_RELAY_COMMAND), else ``pbx-relay``."""
+    return os.environ.get(config_mod.COMMAND_ENV) or PROG
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"relay.toml (default: ${DEFAULT_CONFIG_ENV}, else the built-in defaults)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="override relay.state_dir (relative to the current directory)")
 
 
 def _load(args: argparse.Namespace) -> config_mod.RelayConfig:
     overrides = {}
     if getattr(args, "state_dir", None):
         overrides["relay.state_dir"] = args.state_dir
-    path = args.config or os.environ.get(DEFAULT_CONFIG_ENV) or None
+    path = getattr(args, "config", None) or os.environ.get(DEFAULT_CONFIG_ENV) or None
     return config_mod.load(path, overrides)
+
+
+# ------------------------------------------------------------------ run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve until stopped; SIGHUP reloads what it can, SIGTERM drains (relay.drain_timeout),
     SIGINT stops at once. Under systemd (Type=notify) it reports READY/STATUS/WATCHDOG."""
-    from pbxutil.journal import configure_logging
+    import trio
+
+    from pbxcore.journal import configure_logging
     from relay.service import run
 
     cfg = _load(args)
-    configure_logging(cfg["relay.log_level"])
+    configure_logging(cfg.relay.log_level)
+    private_dir(cfg.state_dir)  # 0700: pbx.sqlite holds digest hashes, relay.key signs flow tokens
     try:
         trio.run(run, cfg, lambda: _load(args))
     except KeyboardInterrupt:
         return 0
-    except BaseException as e:  # noqa: B036 - re-raised unless it is one we explain
-        # Errors from inside the task tree arrive wrapped in exception groups.
-        leaf = _leaf(e, (config_mod.ConfigError, OSError))
-        if leaf is None:
-            raise
-        if isinstance(leaf, config_mod.ConfigError):
-            print(f"pbx-relay: {leaf}", file=sys.stderr)
-            return 2
-        bind = isinstance(leaf, OSError) and leaf.errno in (
-            errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
-        print(f"pbx-relay: {'cannot listen: ' if bind else ''}{leaf}", file=sys.stderr)
-        return 1
+    except BaseException as e:  # noqa: B036 - re-raised, a bind failure named first
+        raise _named_bind_failure(e) or e from None
     return 0
 
 
-def _leaf(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    if isinstance(exc, kinds):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = _leaf(sub, kinds)
-            if found is not None:
-                return found
-    return None
+# What a listener that cannot bind raises (EADDRINUSE, EADDRNOTAVAIL, EACCES).
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _named_bind_failure(exc: BaseException) -> ListenError | None:
+    """A bare OSError from binding, as a ListenError. The admin endpoint and the push
+    service raise ListenError themselves; until the SIP transports do too (see the
+    lead's note), an unnamed bind failure can only be a SIP listener's."""
+    if find_leaf(exc, ListenError) is not None:
+        return None
+    err = find_leaf(exc, OSError)
+    if not isinstance(err, OSError) or err.errno not in BIND_ERRNOS:
+        return None
+    return ListenError("SIP", "one of sip.udp, sip.tcp, sip.tls", err.errno, err.strerror or "")
+
+
+# ------------------------------------------------------------------ the PBX directory
 
 
 def cmd_pbx(args: argparse.Namespace) -> int:
+    """pbx add|list|remove: the PBX directory the relay authenticates PBXs against."""
     cfg = _load(args)
     directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
+    if args.action == "show":
+        return operator.cmd_pbx_show(args, cfg)
+    if args.action == "list":
+        for serial, realm, _created in directory.list():
+            print(f"{serial}\t{realm}")
+        return 0
     if args.action == "add":
-        try:
-            secret = directory.add(args.serial, cfg["relay.domain"])
-        except DirectoryError as e:
-            print(f"pbx-relay: {e}", file=sys.stderr)
-            return 1
+        secret = directory.add(args.serial, cfg.relay.domain)
         print(f"serial   {args.serial}")
         print(f"secret   {secret}")
-        print(f"register sip:{args.serial}@{cfg['relay.domain']} (digest user {args.serial})")
+        print(f"register sip:{args.serial}@{cfg.relay.domain} (digest user {args.serial})")
         print("The secret is shown once and stored only as a digest hash.")
-        return 0
-    if args.action == "remove":
-        if directory.remove(args.serial):
-            print(f"removed {args.serial}")
-            return 0
-        print(f"pbx-relay: no PBX {args.serial}", file=sys.stderr)
-        return 1
-    for serial, realm, _created in directory.list():
-        print(f"{serial}\t{realm}")
+    elif not directory.remove(args.serial):
+        raise DirectoryError(f"no PBX {args.serial}")
+    else:
+        print(f"removed {args.serial}")
+    tell_running_relay(cfg)
     return 0
 
 
+def tell_running_relay(cfg: config_mod.RelayConfig, warn: Callable[[str], None] | None = None) -> bool:
+    """Ask the relay at admin.listen to read the directory now (POST /v1/directory/reload;
+    it answers once applied). True when it did. A relay that keeps its state elsewhere,
+    or none answering, is said on stderr: the change waits for a relay that reads it."""
+    say = warn or (lambda text: print(f"{PROG}: {text}", file=sys.stderr))
+    url = f"http://{cfg.admin_listen.client_address()}{DIRECTORY_RELOAD}"
+    try:
+        answer = request_json(url, what="the relay's admin endpoint", method="POST", timeout=RELOAD_TIMEOUT)
+    except ServiceUnavailable:
+        return False  # no relay runs here: the next one to start reads the directory
+    except PbxError:
+        # An older relay without the route, or one that could not read the file now.
+        say(f"note: the relay at {url} did not reload; it reads the directory within {DIRECTORY_POLL:g} s")
+        return False
+    theirs = Path(str(answer.get("state_dir", ""))) if isinstance(answer, dict) else None
+    if theirs is not None and theirs != cfg.state_dir.resolve():
+        say(f"warning: the relay at {cfg.admin_listen.client_address()} keeps its state in {theirs}, "
+            f"not {cfg.state_dir.resolve()}: it does not see this change (give this command the relay's "
+            "--config or --state-dir)")
+        return False
+    return True
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    """config check: load the file (and its environment overrides) and say ok."""
     cfg = _load(args)
     print(f"{cfg.source}: ok")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pbx-relay", description=__doc__)
-    p.add_argument("-c", "--config", help=f"relay.toml (default: ${DEFAULT_CONFIG_ENV} or built-in defaults)")
-    p.add_argument("--state-dir", help="override relay.state_dir")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the relay on 127.0.0.1 with embedded defaults").set_defaults(fn=cmd_run)
-    pbx = sub.add_parser("pbx", help="manage the PBX directory")
-    pbx.add_argument("action", choices=["add", "list", "remove"])
-    pbx.add_argument("serial", nargs="?")
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """pbx-relay's argument parser; the common options are taken before and after the verb."""
+    p, common, sub = command_parser(PROG, DESCRIPTION, _common)
+    run = sub.add_parser("run", parents=[common], help="run the relay and the embedded push service",
+                         description="Run the relay (and, with push.mode = \"embedded\", the push service) "
+                         "until stopped. It prints what listens where and how to point a PBX and a "
+                         "softphone at it. SIGHUP reloads, SIGTERM drains, Ctrl-C stops at once.")
+    run.set_defaults(fn=cmd_run)
+    pbx = sub.add_parser("pbx", parents=[common], help="the PBX directory: add, list, remove, show",
+                         description="Manage the PBXs allowed to phone home. `add` prints the new PBX's "
+                         "secret once (only digest hashes are kept) and makes a running relay read the "
+                         "directory at once, so the PBX can register as soon as the command returns.")
+    pbx.add_argument("action", choices=["add", "list", "remove", "show"],
+                     help="add SERIAL (prints its secret once), list, remove SERIAL, show SERIAL "
+                     "(online or not, its devices: from the running services)")
+    pbx.add_argument("serial", nargs="?", help=f"the PBX's serial: {SERIAL_RULE}")
+    operator.json_option(pbx)
+    operator.token_option(pbx)
     pbx.set_defaults(fn=cmd_pbx)
-    conf = sub.add_parser("config", help="check a configuration file")
-    conf.add_argument("action", choices=["check"])
+    conf = sub.add_parser("config", parents=[common], help="check a configuration file",
+                          description="Load the configuration (file and PBX_RELAY_* variables) and say "
+                          "ok, or name the file and the key that is wrong (exit 2).")
+    conf.add_argument("action", choices=["check"], help="check: validate and say ok")
     conf.set_defaults(fn=cmd_config)
-    add_operator_commands(sub, _load)
+    operator.add_commands(sub, _load, parents=[common])
     add_link_command(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pbx-relay``."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.command == "pbx" and args.action != "list" and not args.serial:
         p.error(f"pbx {args.action} needs a serial")
-    try:
-        return int(args.fn(args))
-    except config_mod.ConfigError as e:
-        print(f"pbx-relay: {e}", file=sys.stderr)
-        return 2
+    return run_command(PROG, lambda: int(args.fn(args)))
 
 
 if __name__ == "__main__":

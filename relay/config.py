@@ -1,133 +1,244 @@
-"""relay.toml: every key, its type and default; a bad file is one error naming the key."""
+"""relay.toml as typed sections: every key, its type, default and meaning; checks across keys.
+
+config/relay.toml documents each key for operators and holds the same defaults (a
+test compares them). Loading, environment overrides (``PBX_RELAY_<SECTION>_<KEY>``)
+and the one-line errors are :mod:`pbxcore.config`'s.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pbxcore import config as loader
+from pbxcore.config import Listen, ServiceConfig, path_field
+from pbxcore.errors import ConfigError
 from relay.pbx.digest import ALGORITHMS
 from relay.provisioning.settings import ProvisioningSettings
+from relay.transport import limits
 
+__all__ = ["ConfigError", "Listen", "RelayConfig", "load", "parse_listen"]
 
-class ConfigError(Exception):
-    pass
-
-
-# section → key → (type, default). config/relay.toml documents each one; a test
-# checks that the two agree.
-SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "relay": {
-        "domain": (str, "relay.localhost"),
-        "advertise": (str, ""),
-        "state_dir": (str, "./state"),
-        "log_level": (str, "info"),
-        "drain_timeout": (float, 30.0),
-    },
-    "sip": {
-        "udp": (list, ["127.0.0.1:5060"]),
-        "tcp": (list, ["127.0.0.1:5060"]),
-        "tls": (list, ["127.0.0.1:5061"]),
-        "tls_cert": (str, ""),
-        "tls_key": (str, ""),
-        "digest_algorithms": (list, ["SHA-256", "MD5"]),
-        "flow_idle_timeout": (float, 300.0),
-        "partial_message_timeout": (float, 10.0),
-        "pbx_expires_default": (int, 3600),
-        "pbx_expires_min": (int, 60),
-        "pbx_expires_max": (int, 3600),
-    },
-    "transport": {
-        "max_connections": (int, 16_384),
-        "connections_reserved": (int, 2_048),
-        "max_connections_per_source": (int, 256),
-        "connection_rate_per_source": (float, 50.0),
-        "max_tls_handshakes": (int, 128),
-        "udp_rate_per_source": (float, 200.0),
-        "udp_ban_seconds": (float, 30.0),
-        "exempt": (list, ["127.0.0.1", "::1"]),
-    },
-    "media": {
-        "enabled": (bool, True),
-        "address": (str, ""),
-        "port_min": (int, 10000),
-        "port_max": (int, 20000),
-        "no_media_timeout": (float, 60.0),
-        "backend": (str, "userspace"),
-    },
-    "admin": {
-        "listen": (str, "127.0.0.1:9090"),
-    },
-    "push": {
-        "mode": (str, "embedded"),
-        "config": (str, ""),
-        "url": (str, ""),
-        "token": (str, ""),
-        "ca_file": (str, ""),
-        "ring_timeout": (float, 30.0),
-        "udp_asleep_after": (float, 40.0),
-    },
-    # Provisioning through the relay (relay/provisioning, docs/provisioning.md); the
-    # typed view is relay.provisioning.settings.ProvisioningSettings.
-    "provisioning": {
-        "enabled": (bool, True),
-        "listen": (list, ["127.0.0.1:4433"]),
-        "response_timeout": (float, 30.0),
-        "body_idle_timeout": (float, 30.0),
-        "max_body": (int, 1073741824),
-        "max_requests_per_serial": (int, 32),
-        "max_links_per_serial": (int, 4),
-        "max_connections": (int, 1024),
-        "max_connections_per_ip": (int, 128),
-        "link_keepalive": (float, 20.0),
-        "link_keepalive_timeout": (float, 10.0),
-        "access_log_days": (int, 365),
-        "extra_request_headers": (list, []),
-    },
-}
 PUSH_MODES = ("embedded", "remote", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TRANSPORTS = ("udp", "tcp", "tls")
 MEDIA_BACKENDS = ("userspace", "kernel", "auto")  # relay/media/kernel.py make_backend
-ENV_PREFIX = "PBX_RELAY_"
-# Not configuration keys: the variable naming the configuration file itself, and the
-# operator token the operator commands read (relay/operator.py).
-ENV_NOT_KEYS = frozenset({"PBX_RELAY_CONFIG", "PBX_RELAY_OPERATOR_TOKEN"})
+MAX_BAN_SECONDS = 86_400.0  # a day: longer is the firewall's (fail2ban's) job
+CONFIG_ENV = "PBX_RELAY_CONFIG"  # the configuration file's path; not a key
+COMMAND_ENV = "PBX_RELAY_COMMAND"  # how dev.sh runs pbx-relay ("./dev.sh"), for the banner; not a key
+# The operator token the operator commands read (relay/operator.py); not a key.
+OPERATOR_TOKEN_ENV = "PBX_RELAY_OPERATOR_TOKEN"
+MAX_DRAIN_TIMEOUT = 3600.0  # seconds: a stop that waits longer than an hour is a hang
+RING_TIMEOUT_RANGE = (1.0, 120.0)  # seconds; APNs/FCM keep a VoIP push about that long
+UDP_ASLEEP_RANGE = (5.0, 300.0)  # seconds; awake phones send UDP keepalives every 15-30 s
 
 
 @dataclass
-class Listen:
-    host: str
-    port: int
+class RelaySection:
+    """``[relay]``: who the relay is and where it keeps its state."""
 
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    domain: str = "relay.localhost"
+    """SIP domain and digest realm: PBXs register ``sip:<serial>@<domain>``."""
+    advertise: str = ""
+    """Host or IP written into Via, Record-Route and Path; empty: the first non-wildcard listen address."""
+    state_dir: str = path_field("./state")
+    """pbx.sqlite, relay.key, tls/ and (embedded) push/; relative to the config file's directory."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    drain_timeout: float = 30.0
+    """Seconds a SIGTERM waits for calls in progress (0-3600)."""
 
 
 @dataclass
-class RelayConfig:
-    source: str
-    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+class SipSection:
+    """``[sip]``: listeners, TLS, digest and the timers of flows and PBX registrations."""
 
+    udp: list[str] = field(default_factory=lambda: ["127.0.0.1:5060"])
+    """UDP listen addresses, "IP:port"; empty: no UDP."""
+    tcp: list[str] = field(default_factory=lambda: ["127.0.0.1:5060"])
+    """TCP listen addresses."""
+    tls: list[str] = field(default_factory=lambda: ["127.0.0.1:5061"])
+    """TLS listen addresses."""
+    tls_cert: str = path_field("")
+    """PEM certificate chain; empty: a self-signed one under <state_dir>/tls."""
+    tls_key: str = path_field("")
+    """PEM private key of tls_cert (both or neither)."""
+    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5", "SHA-256"])
+    """Digest algorithms offered to PBXs, one challenge each, in this order (RFC 8760); MD5 first
+    because most PBXs and phones read only the first challenge."""
+    flow_idle_timeout: float = 300.0
+    """Seconds a TCP/TLS flow may stay silent (no keepalive either) before it is closed."""
+    partial_message_timeout: float = 10.0
+    """Seconds a TCP/TLS peer may leave half a message unfinished."""
+    pbx_expires_default: int = 3600
+    """Seconds of a PBX registration that names no expiry."""
+    pbx_expires_min: int = 60
+    """Shortest PBX registration accepted (shorter: 423 with Min-Expires)."""
+    pbx_expires_max: int = 3600
+    """Longest PBX registration granted (longer is cut down in the 200 OK)."""
+
+
+@dataclass
+class MediaSection:
+    """``[media]``: RTP anchoring."""
+
+    enabled: bool = True
+    """Anchor every call's RTP/RTCP at the relay (SDP rewritten, latching)."""
+    address: str = ""
+    """IP media sockets bind to and SDP names; empty: the advertised IP, else 127.0.0.1."""
+    port_min: int = 10000
+    """First RTP port (inclusive)."""
+    port_max: int = 20000
+    """End of the RTP port range (exclusive)."""
+    no_media_timeout: float = 60.0
+    """Seconds without RTP or RTCP either way after which a call's media is torn down."""
+    backend: str = "userspace"
+    """userspace, kernel (nftables; CAP_NET_ADMIN) or auto (kernel when it can run); docs/media.md."""
+
+
+@dataclass
+class TransportSection:
+    """``[transport]``: per-source admission (relay/transport/limits.py says why each default)."""
+
+    max_connections: int = limits.MAX_CONNECTIONS
+    """TCP/TLS connections open at once, in total."""
+    connections_reserved: int = limits.CONNECTIONS_RESERVED
+    """Of max_connections, kept for registered PBXs and their phones."""
+    max_connections_per_source: int = limits.MAX_CONNECTIONS_PER_SOURCE
+    """TCP/TLS connections open at once from one untrusted IP."""
+    connection_rate_per_source: float = limits.CONNECTION_RATE_PER_SOURCE
+    """New connections per second from one untrusted IP (2 s burst)."""
+    max_tls_handshakes: int = limits.MAX_TLS_HANDSHAKES
+    """TLS handshakes in progress at once from untrusted sources."""
+    udp_rate_per_source: float = limits.UDP_RATE_PER_SOURCE
+    """UDP datagrams per second from one untrusted IP before the rest is dropped unread."""
+    udp_ban_seconds: float = limits.UDP_BAN_SECONDS
+    """Seconds a UDP source that keeps flooding is banned in the kernel (0-86400; 0: never)."""
+    exempt: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    """Source IPs never limited per source (only by the totals)."""
+
+
+@dataclass
+class ProvisioningSection:
+    """``[provisioning]``: provisioning files through the relay (docs/provisioning.md)."""
+
+    enabled: bool = True
+    """Serve GET /provisioning/<serial>/<path> over HTTPS and accept `pbx-relay link` agents."""
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:4433"])
+    """HTTPS listen addresses, "IP:port"."""
+    response_timeout: float = 30.0
+    """Seconds the PBX has to start answering a request (then 504)."""
+    body_idle_timeout: float = 30.0
+    """Seconds a response body may stall before it is cut."""
+    max_body: int = 1073741824
+    """Largest response body carried, in bytes."""
+    max_requests_per_serial: int = 32
+    """Requests in flight to one PBX at once (then 503)."""
+    max_links_per_serial: int = 4
+    """Links one PBX may hold open."""
+    max_connections: int = 1024
+    """HTTPS connections open at once, in total."""
+    max_connections_per_ip: int = 128
+    """HTTPS connections open at once from one IP."""
+    link_keepalive: float = 20.0
+    """Seconds between PINGs on an idle link."""
+    link_keepalive_timeout: float = 10.0
+    """Seconds a PING may wait for its answer before the link is dropped."""
+    access_log_days: int = 365
+    """Days an access-log row is kept (anonymised address, serial, status)."""
+    extra_request_headers: list[str] = field(default_factory=list)
+    """Request headers carried to the PBX besides the standard ones."""
+
+
+@dataclass
+class AdminSection:
+    """``[admin]``: the loopback HTTP endpoint."""
+
+    listen: str = "127.0.0.1:9090"
+    """/metrics, /registry, /healthz, /readyz and the directory reload, "IP:port"."""
+
+
+@dataclass
+class PushLinkSection:
+    """``[push]``: where the push service is and how long a woken call waits."""
+
+    mode: str = "embedded"
+    """embedded (in this process), remote (a pbx-push at url) or off."""
+    config: str = path_field("")
+    """push.toml of the embedded push service; empty: its defaults under <state_dir>/push."""
+    url: str = ""
+    """The remote push service's API (https, or http on loopback)."""
+    token: str = ""
+    """Bearer token of scope relay for url; set it as $PBX_RELAY_PUSH_TOKEN."""
+    ca_file: str = path_field("")
+    """CA bundle (PEM) for url's certificate; empty: the system's."""
+    ring_timeout: float = 30.0
+    """Seconds (1-120) an INVITE waits for a woken phone."""
+    udp_asleep_after: float = 40.0
+    """Seconds (5-300) of silence after which a UDP phone with push parameters is asleep."""
+
+
+@dataclass(kw_only=True)
+class RelayConfig(ServiceConfig):
+    """The relay's whole configuration: ``cfg.sip.flow_idle_timeout`` and so on."""
+
+    ENV_PREFIX = "PBX_RELAY_"
+    ENV_NOT_KEYS = frozenset({CONFIG_ENV, OPERATOR_TOKEN_ENV, COMMAND_ENV})
+
+    relay: RelaySection = field(default_factory=RelaySection)
+    """``[relay]``"""
+    sip: SipSection = field(default_factory=SipSection)
+    """``[sip]``"""
+    transport: TransportSection = field(default_factory=TransportSection)
+    """``[transport]``"""
+    media: MediaSection = field(default_factory=MediaSection)
+    """``[media]``"""
+    admin: AdminSection = field(default_factory=AdminSection)
+    """``[admin]``"""
+    push: PushLinkSection = field(default_factory=PushLinkSection)
+    """``[push]``"""
+    provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
+    """``[provisioning]``"""
+
+    # -- shim: relay/service.py still reads cfg["section.key"] and writes cfg.values;
+    # -- the lead removes both when the shell moves to attribute access.
     def __getitem__(self, dotted: str) -> Any:
+        """SHIM (relay/service.py): ``cfg["sip.udp"]`` is ``cfg.sip.udp``."""
         section, key = dotted.split(".")
         return self.values[section][key]
 
+    @property
+    def values(self) -> dict[str, Any]:
+        """SHIM (relay/service.py): ``{section: {key: value}}`` that writes through."""
+        return {name: loader.SectionView(self.section(name)) for name in self.sections()}
+
+    # -- derived values
     def listeners(self, transport: str) -> list[Listen]:
-        return [parse_listen(v, f"sip.{transport}", self.source) for v in self[f"sip.{transport}"]]
+        """The parsed listen addresses of ``transport`` ("udp", "tcp" or "tls")."""
+        key = f"sip.{transport}"
+        return [loader.parse_listen(v, self.where(key)) for v in getattr(self.sip, transport)]
+
+    @property
+    def admin_listen(self) -> Listen:
+        """admin.listen, parsed."""
+        return loader.parse_listen(self.admin.listen, self.where("admin.listen"))
 
     @property
     def state_dir(self) -> Path:
-        return Path(self["relay.state_dir"])
+        """relay.state_dir, absolute."""
+        return Path(self.relay.state_dir)
 
     @property
     def advertise(self) -> str:
-        if self["relay.advertise"]:
-            return str(self["relay.advertise"])
-        for t in ("udp", "tcp", "tls"):
+        """relay.advertise, else the first listen address that is not a wildcard, else 127.0.0.1."""
+        if self.relay.advertise:
+            return self.relay.advertise
+        for t in TRANSPORTS:
             for listen in self.listeners(t):
                 if listen.host not in ("0.0.0.0", "::"):
                     return listen.host
@@ -137,176 +248,121 @@ class RelayConfig:
     def media_address(self) -> str:
         """The IP media sockets bind to and SDP names: media.address, else the
         advertised address when it is an IP, else 127.0.0.1."""
-        if self["media.address"]:
-            return str(self["media.address"])
+        if self.media.address:
+            return self.media.address
         try:
             ipaddress.ip_address(self.advertise)
             return self.advertise
         except ValueError:
             return "127.0.0.1"
 
+    def embedded_push_source(self) -> tuple[str | None, dict[str, Any]]:
+        """push.toml of the embedded push service and what the relay sets in it: without
+        a push.toml, its state lives in <state_dir>/push."""
+        path = self.push.config or None
+        return path, ({} if path else {"push.state_dir": str(self.state_dir / "push")})
 
-def parse_listen(value: str, key: str, source: str) -> Listen:
-    host, sep, port = str(value).rpartition(":")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        p = int(port)
-        if not sep or not 0 <= p < 65536:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{source}: {key}: {value!r} is not IP:port") from None
-    return Listen(host, p)
+    # -- checks across keys
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first key that is wrong."""
+        self._validate_relay()
+        self._validate_sip()
+        self._validate_transport()
+        self._validate_media()
+        self._validate_push()
+        for problem in ProvisioningSettings.from_config(self.__getitem__).problems():
+            raise ConfigError(f"{self.source}: {problem}")
+        _ = self.admin_listen
 
+    def _validate_relay(self) -> None:
+        r, w = self.relay, self.where
+        if not r.domain or " " in r.domain or r.domain.startswith("."):
+            raise ConfigError(f"{w('relay.domain')}: {r.domain!r} is not a domain name")
+        if r.log_level not in LOG_LEVELS:
+            raise ConfigError(f"{w('relay.log_level')} must be debug, info, warning or error")
+        if not 0.0 <= r.drain_timeout <= MAX_DRAIN_TIMEOUT:
+            raise ConfigError(f"{w('relay.drain_timeout')} must be between 0 and 3600 seconds")
 
-def env_overrides(
-    environ: Mapping[str, str], prefix: str, schema: dict[str, dict[str, tuple[type, Any]]],
-    skip: frozenset[str] = frozenset(),
-) -> dict[str, tuple[str, Any]]:
-    """``<PREFIX><SECTION>_<KEY>`` variables → {"section.key": (variable, value)}.
+    def _validate_sip(self) -> None:
+        s, w = self.sip, self.where
+        for t in TRANSPORTS:
+            self.listeners(t)
+        for a in s.digest_algorithms:
+            if a not in ALGORITHMS:
+                raise ConfigError(f"{w('sip.digest_algorithms')}: unknown algorithm {a!r} (MD5, SHA-256)")
+        if not s.digest_algorithms:
+            raise ConfigError(f"{w('sip.digest_algorithms')}: needs at least one algorithm")
+        for k in ("flow_idle_timeout", "partial_message_timeout"):
+            if getattr(s, k) <= 0:
+                raise ConfigError(f"{w('sip.' + k)} must be > 0")
+        if not 0 < s.pbx_expires_min <= s.pbx_expires_default <= s.pbx_expires_max:
+            raise ConfigError(f"{self.source}: sip.pbx_expires_*: need 0 < min <= default <= max")
+        if (s.tls_cert == "") != (s.tls_key == ""):
+            raise ConfigError(f"{w('sip.tls_cert')} and sip.tls_key go together")
 
-    Values are read as TOML literals when they are one (``5``, ``true``,
-    ``["a", "b"]``), else as plain strings — secrets stay out of files this way."""
-    out: dict[str, tuple[str, Any]] = {}
-    for var, raw in environ.items():
-        if not var.startswith(prefix) or var in skip:
-            continue
-        rest = var[len(prefix):].lower()
-        section = next((s for s in schema if rest.startswith(s + "_")), None)
-        if section is None or rest[len(section) + 1:] not in schema[section]:
-            raise ConfigError(f"${var}: no such configuration key")
-        try:
-            value: Any = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        if schema[section][rest[len(section) + 1:]][0] is str:
-            value = raw
-        out[f"{section}.{rest[len(section) + 1:]}"] = (var, value)
-    return out
+    def _validate_media(self) -> None:
+        m, w = self.media, self.where
+        if not 1024 <= m.port_min < m.port_max <= 65535 or m.port_max - m.port_min < 4:
+            raise ConfigError(
+                f"{self.source}: media.port_min/port_max: need 1024 <= min < max <= 65535, room for 2 pairs")
+        if m.backend not in MEDIA_BACKENDS:
+            raise ConfigError(f"{w('media.backend')} must be userspace, kernel or auto")
+        if m.no_media_timeout <= 0:
+            raise ConfigError(f"{w('media.no_media_timeout')} must be > 0")
+        if m.address:
+            try:
+                ipaddress.ip_address(m.address)
+            except ValueError:
+                raise ConfigError(f"{w('media.address')}: {m.address!r} is not an IP address") from None
+
+    def _validate_transport(self) -> None:
+        t, w = self.transport, self.where
+        for k in ("max_connections", "max_connections_per_source", "max_tls_handshakes"):
+            if getattr(t, k) < 1:
+                raise ConfigError(f"{w('transport.' + k)} must be >= 1")
+        if not 0 <= t.connections_reserved < t.max_connections:
+            raise ConfigError(f"{w('transport.connections_reserved')}: need 0 <= reserved < max_connections")
+        for k in ("connection_rate_per_source", "udp_rate_per_source"):
+            if getattr(t, k) <= 0:
+                raise ConfigError(f"{w('transport.' + k)} must be > 0")
+        if not 0.0 <= t.udp_ban_seconds <= MAX_BAN_SECONDS:
+            raise ConfigError(f"{w('transport.udp_ban_seconds')} must be between 0 and 86400")
+        for a in t.exempt:
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                raise ConfigError(f"{w('transport.exempt')}: {a!r} is not an IP address") from None
+
+    def _validate_push(self) -> None:
+        p, w = self.push, self.where
+        if p.mode not in PUSH_MODES:
+            raise ConfigError(f"{w('push.mode')} must be embedded, remote or off")
+        if p.mode == "remote" and not (p.url and p.token):
+            raise ConfigError(f'{self.source}: push.url and push.token are needed with push.mode = "remote"')
+        if p.url:
+            parts = urlsplit(p.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{w('push.url')}: {p.url!r} is not an http(s) URL")
+            if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+                # Push tokens and the relay's bearer token would cross the network in clear.
+                raise ConfigError(f"{w('push.url')}: plain http is allowed on loopback only; use https")
+        lo, hi = RING_TIMEOUT_RANGE
+        if not lo <= p.ring_timeout <= hi:
+            raise ConfigError(f"{w('push.ring_timeout')} must be between {lo:g} and {hi:g} seconds")
+        lo, hi = UDP_ASLEEP_RANGE
+        if not lo <= p.udp_asleep_after <= hi:
+            raise ConfigError(f"{w('push.udp_asleep_after')} must be between {lo:g} and {hi:g} seconds")
 
 
 def load(
-    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None,
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RelayConfig:
-    """Defaults, then the file, then ``PBX_RELAY_<SECTION>_<KEY>`` environment
-    variables, then ``overrides`` ({"section.key": value})."""
-    source = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    values = {s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()}
-    for section, body in raw.items():
-        if section not in SCHEMA:
-            raise ConfigError(f"{source}: unknown section [{section}]")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{source}: {section} must be a table")
-        for key, value in body.items():
-            values[section][key] = _check(section, key, value, source)
-    env = os.environ if environ is None else environ
-    for dotted, (var, value) in env_overrides(env, ENV_PREFIX, SCHEMA, ENV_NOT_KEYS).items():
-        section, key = dotted.split(".")
-        values[section][key] = _check(section, key, value, f"${var}")
-    for dotted, value in (overrides or {}).items():
-        section, key = dotted.split(".")
-        values[section][key] = _check(section, key, value, source)
-    cfg = RelayConfig(source, values)
-    _validate(cfg)
-    return cfg
+    """Defaults, then the file, then ``PBX_RELAY_<SECTION>_<KEY>`` variables, then
+    ``overrides`` ({"section.key": value}); see :func:`pbxcore.config.load`."""
+    return loader.load(RelayConfig, path, overrides, environ)
 
 
-def _check(section: str, key: str, value: Any, source: str) -> Any:
-    if key not in SCHEMA[section]:
-        raise ConfigError(f"{source}: unknown key {section}.{key}")
-    typ = SCHEMA[section][key][0]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
-        raise ConfigError(f"{source}: {section}.{key} must be a {typ.__name__}, got {value!r}")
-    return value
-
-
-def _validate(cfg: RelayConfig) -> None:
-    src = cfg.source
-    for t in ("udp", "tcp", "tls"):
-        cfg.listeners(t)
-    for a in cfg["sip.digest_algorithms"]:
-        if a not in ALGORITHMS:
-            raise ConfigError(f"{src}: sip.digest_algorithms: unknown algorithm {a!r} (MD5, SHA-256)")
-    if not cfg["sip.digest_algorithms"]:
-        raise ConfigError(f"{src}: sip.digest_algorithms: needs at least one algorithm")
-    for k in ("flow_idle_timeout", "partial_message_timeout"):
-        if cfg[f"sip.{k}"] <= 0:
-            raise ConfigError(f"{src}: sip.{k} must be > 0")
-    lo, default, hi = (cfg[f"sip.pbx_expires_{x}"] for x in ("min", "default", "max"))
-    if not 0 < lo <= default <= hi:
-        raise ConfigError(f"{src}: sip.pbx_expires_*: need 0 < min <= default <= max")
-    domain = cfg["relay.domain"]
-    if not domain or " " in domain or domain.startswith("."):
-        raise ConfigError(f"{src}: relay.domain: {domain!r} is not a domain name")
-    if cfg["relay.log_level"] not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"{src}: relay.log_level must be debug, info, warning or error")
-    if not 0.0 <= cfg["relay.drain_timeout"] <= 3600.0:
-        raise ConfigError(f"{src}: relay.drain_timeout must be between 0 and 3600 seconds")
-    if (cfg["sip.tls_cert"] == "") != (cfg["sip.tls_key"] == ""):
-        raise ConfigError(f"{src}: sip.tls_cert and sip.tls_key go together")
-    parse_listen(cfg["admin.listen"], "admin.listen", src)
-    _validate_transport(cfg)
-    lo, hi = cfg["media.port_min"], cfg["media.port_max"]
-    if not 1024 <= lo < hi <= 65535 or hi - lo < 4:
-        raise ConfigError(
-            f"{src}: media.port_min/port_max: need 1024 <= min < max <= 65535, room for 2 pairs")
-    if cfg["push.mode"] not in PUSH_MODES:
-        raise ConfigError(f"{src}: push.mode must be embedded, remote or off")
-    if cfg["push.mode"] == "remote" and not (cfg["push.url"] and cfg["push.token"]):
-        raise ConfigError(f"{src}: push.url and push.token are needed with push.mode = \"remote\"")
-    url = cfg["push.url"]
-    if url:
-        parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname
-        if scheme not in ("http", "https") or not host:
-            raise ConfigError(f"{src}: push.url: {url!r} is not an http(s) URL")
-        if scheme == "http" and host not in ("127.0.0.1", "::1", "localhost"):
-            # Push tokens and the relay's bearer token would cross the network in clear.
-            raise ConfigError(f"{src}: push.url: plain http is allowed on loopback only; use https")
-    if not 1.0 <= cfg["push.ring_timeout"] <= 120.0:
-        raise ConfigError(f"{src}: push.ring_timeout must be between 1 and 120 seconds")
-    if not 5.0 <= cfg["push.udp_asleep_after"] <= 300.0:
-        raise ConfigError(f"{src}: push.udp_asleep_after must be between 5 and 300 seconds")
-    if cfg["media.backend"] not in MEDIA_BACKENDS:
-        raise ConfigError(f"{src}: media.backend must be userspace, kernel or auto")
-    if cfg["media.no_media_timeout"] <= 0:
-        raise ConfigError(f"{src}: media.no_media_timeout must be > 0")
-    for problem in ProvisioningSettings.from_config(cfg.__getitem__).problems():
-        raise ConfigError(f"{src}: {problem}")
-    if cfg["media.address"]:
-        try:
-            ipaddress.ip_address(cfg["media.address"])
-        except ValueError:
-            raise ConfigError(
-                f"{src}: media.address: {cfg['media.address']!r} is not an IP address") from None
-
-
-def _validate_transport(cfg: RelayConfig) -> None:
-    src = cfg.source
-    for k in ("max_connections", "max_connections_per_source", "max_tls_handshakes"):
-        if cfg[f"transport.{k}"] < 1:
-            raise ConfigError(f"{src}: transport.{k} must be >= 1")
-    if not 0 <= cfg["transport.connections_reserved"] < cfg["transport.max_connections"]:
-        raise ConfigError(f"{src}: transport.connections_reserved: need 0 <= reserved < max_connections")
-    for k in ("connection_rate_per_source", "udp_rate_per_source"):
-        if cfg[f"transport.{k}"] <= 0:
-            raise ConfigError(f"{src}: transport.{k} must be > 0")
-    if not 0.0 <= cfg["transport.udp_ban_seconds"] <= 86_400.0:
-        raise ConfigError(f"{src}: transport.udp_ban_seconds must be between 0 and 86400")
-    for a in cfg["transport.exempt"]:
-        try:
-            ipaddress.ip_address(a)
-        except ValueError:
-            raise ConfigError(f"{src}: transport.exempt: {a!r} is not an IP address") from None
+def parse_listen(value: str, key: str, source: str) -> Listen:
+    """SHIM (relay/service.py): :func:`pbxcore.config.parse_listen` with the old arguments."""
+    return loader.parse_listen(value, f"{source}: {key}")

@@ -19,7 +19,7 @@ from relay.media.session import MediaBackend
 from relay.proxy.core import Proxy
 from relay.proxy.effects import DeviceGone, DeviceSeen, Effect, Send, Wake
 from relay.proxy.flow import Flow
-from relay.proxy.pushwire import Outcome
+from pbxcore.wire import WakeOutcome
 from relay.sip.errors import SipParseError
 from relay.sip.message import SipMessage
 
@@ -69,7 +69,7 @@ class Dispatcher:
         family, _, label = name.partition(":")
         self.proxy.counters.inc(family, label, n)
 
-    def on_wake_result(self, key: tuple[str, ...], outcome: Outcome) -> None:
+    def on_wake_result(self, key: tuple[str, ...], outcome: WakeOutcome) -> None:
         self._guarded(lambda: self.proxy.on_wake_result(key, outcome, trio.current_time()), "where=wake")
 
     def on_timer(self) -> None:
@@ -97,7 +97,7 @@ class Dispatcher:
             if self.push is not None:
                 self.push(e)
             elif isinstance(e, Wake):
-                self.run(self.proxy.on_wake_result(e.key, Outcome.FAILED, trio.current_time()))
+                self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
             return
         assert self.backend is not None and not isinstance(e, Send), "media effects need a media backend"
         bound = carry_out(self.backend, e)

@@ -23,18 +23,19 @@ the API does not return them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import ssl
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from relay.config import RelayConfig, parse_listen
+from pbxcore.cli import address, iso_time, print_json, table
+from pbxcore.errors import PbxError, StateError, Unauthorized
+from pbxcore.http import request_json
+from relay.config import OPERATOR_TOKEN_ENV, RelayConfig
 
-TOKEN_ENV = "PBX_RELAY_OPERATOR_TOKEN"
+TOKEN_ENV = OPERATOR_TOKEN_ENV
 TOKEN_SUB = "pbx-relay-cli"  # the ``sub`` of the operator tokens minted here
 ADMIN_TIMEOUT = 5.0  # seconds for the relay's admin endpoint
 HTTP_TIMEOUT = 30.0  # seconds for the push API (an export of a busy user may take a moment)
@@ -43,7 +44,7 @@ LoadConfig = Callable[[argparse.Namespace], RelayConfig]
 Command = Callable[[argparse.Namespace, RelayConfig], int]
 
 
-class OperatorError(Exception):
+class OperatorError(PbxError):
     """A failure to report as one ``pbx-relay: <message>`` line, exit 1."""
 
 
@@ -52,13 +53,7 @@ class OperatorError(Exception):
 
 def admin_url(cfg: RelayConfig) -> str:
     """The relay's admin endpoint, as a client reaches it (a wildcard bind → loopback)."""
-    listen = parse_listen(cfg["admin.listen"], "admin.listen", cfg.source)
-    return "http://" + _client_host(listen.host, listen.port)
-
-
-def _client_host(host: str, port: int) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "http://" + cfg.admin_listen.client_address()
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def push_api(cfg: RelayConfig, token: str | None = None) -> PushApi:
     ``token`` (``--token``) wins; else ``$PBX_RELAY_OPERATOR_TOKEN``; else, embedded
     only, an operator token minted from the push state's API secret."""
     token = token or os.environ.get(TOKEN_ENV) or None
-    mode = cfg["push.mode"]
+    mode = cfg.push.mode
     if mode == "off":
         raise OperatorError(f'push is off (push.mode = "off" in {cfg.source}): no devices are kept')
     if mode == "remote":
@@ -84,81 +79,46 @@ def push_api(cfg: RelayConfig, token: str | None = None) -> PushApi:
             raise OperatorError(
                 f'push.mode = "remote": give an operator token with --token or ${TOKEN_ENV} '
                 "(on the push host: pbx-push token --scope operator); push.token has scope relay")
-        ca_file = cfg["push.ca_file"]
+        ca_file = cfg.push.ca_file
         try:
             verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         except OSError as e:
-            raise OperatorError(f"{cfg.source}: push.ca_file: cannot use {ca_file}: "
-                                f"{e.strerror or _one_line(e)}") from None
-        return PushApi(str(cfg["push.url"]).rstrip("/"), token, verify, remote=True)
+            raise OperatorError(
+                f"{cfg.where('push.ca_file')}: cannot use {ca_file}: {e.strerror or e}") from None
+        return PushApi(cfg.push.url.rstrip("/"), token, verify, remote=True)
+    return _embedded_push_api(cfg, token)
 
+
+def _embedded_push_api(cfg: RelayConfig, token: str | None) -> PushApi:
     from push import config as push_config
     from push.api import mint_token
     from push.app import load_api_secret
-    from push.cli import CLI_TOKEN_TTL, _default_url, _verify
+    from push.cli import CLI_TOKEN_TTL
 
-    # As relay/service.py's _start_push resolves the embedded service's config.
-    path = cfg["push.config"] or None
-    overrides = {} if path else {"push.state_dir": str(cfg.state_dir / "push")}
-    pcfg = push_config.load(path, overrides)
-    verify = _verify(pcfg, argparse.Namespace(ca_file=None, url=None))
+    pcfg = push_config.load(*cfg.embedded_push_source())  # as relay/service.py starts it
+    verify: ssl.SSLContext | bool = pcfg.api_verify() if pcfg.api_tls else True
     if not token:
         secret_file = pcfg.state_dir / "api.secret"
-        if not pcfg["api.jwt_secret"] and not secret_file.exists():
+        if not pcfg.api.jwt_secret and not secret_file.exists():
             # Never create it here: a file made by another user (root) would lock the service out.
             raise OperatorError(
                 f"the push service has not run yet: no {secret_file} (is `pbx-relay run` up?)")
         try:
             secret = load_api_secret(pcfg)
         except PermissionError:
-            raise OperatorError(
+            raise StateError(
                 f"cannot read {secret_file}: permission denied (run as the service's user)") from None
         token = mint_token(secret, "operator", TOKEN_SUB, ttl=CLI_TOKEN_TTL)
-    return PushApi(_default_url(pcfg), token, verify)
+    return PushApi(pcfg.api_url, token, verify)
 
 
 # ------------------------------------------------------------------ HTTP
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _request(
-    base: str, path: str, what: str, hint: str, *, method: str = "GET", token: str | None = None,
-    verify: ssl.SSLContext | bool = True, params: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT,
-) -> Any:
-    """The JSON body of a 200 answer; anything else is an :class:`OperatorError`."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with httpx.Client(verify=verify, timeout=timeout, trust_env=False) as client:
-            resp = client.request(method, base + path, params=params, headers=headers)
-    except httpx.HTTPError as e:
-        extra = ""
-        if "CERTIFICATE_VERIFY_FAILED" in str(e):
-            extra = " (set push.ca_file)"
-        elif isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
-            extra = f" ({hint})"
-        raise OperatorError(f"cannot reach {what} at {base}: {_one_line(e)}{extra}") from None
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    if resp.status_code != 200:
-        message = body.get("error") if isinstance(body, dict) else None
-        raise OperatorError(f"{what} at {base}: HTTP {resp.status_code}: "
-                            f"{_one_line(Exception(message or resp.reason_phrase))}")
-    if body is None:
-        raise OperatorError(f"{what} at {base}{path}: the answer is not JSON (the right address?)")
-    return body
-
-
 def registry(cfg: RelayConfig) -> dict[str, dict[str, Any]]:
     """serial → live binding (transport, ip, port, expires_in), from the running relay."""
-    rows = _request(admin_url(cfg), "/registry", "the relay's admin endpoint", "is `pbx-relay run` up?",
-                    timeout=ADMIN_TIMEOUT)
+    rows = request_json(admin_url(cfg) + "/registry", what="the relay's admin endpoint",
+                        hint="is `pbx-relay run` up?", timeout=ADMIN_TIMEOUT)
     if not isinstance(rows, list):
         raise OperatorError(f"{admin_url(cfg)}/registry: not a JSON list")
     return {str(r["serial"]): r for r in rows}
@@ -168,15 +128,14 @@ def push_call(
     cfg: RelayConfig, args: argparse.Namespace, method: str, path: str,
     params: dict[str, str] | None = None,
 ) -> Any:
+    """The push API's JSON answer to ``method path``, with the operator's token."""
     api = push_api(cfg, getattr(args, "token", None))
     hint = "is the push service up?" if api.remote else "is `pbx-relay run` up?"
     try:
-        return _request(api.url, path, "the push service", hint, method=method, token=api.token,
-                        verify=api.verify, params=params)
-    except OperatorError as e:
-        if ": HTTP 401:" in str(e) or ": HTTP 403:" in str(e):
-            raise OperatorError(f"{e} (needs an operator token: --token or ${TOKEN_ENV})") from None
-        raise
+        return request_json(api.url + path, what="the push service", method=method, token=api.token,
+                            verify=api.verify, params=params, timeout=HTTP_TIMEOUT, hint=hint)
+    except Unauthorized as e:
+        raise Unauthorized(f"{e} (needs an operator token: --token or ${TOKEN_ENV})") from None
 
 
 def directory(cfg: RelayConfig) -> dict[str, tuple[str, float]]:
@@ -192,33 +151,11 @@ def directory(cfg: RelayConfig) -> dict[str, tuple[str, float]]:
 # ------------------------------------------------------------------ output
 
 
-def _iso(t: float | None) -> str:
-    if t is None:
-        return "-"
-    from push.cli import _iso as iso
-
-    return iso(t)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [list(header)] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
-
-
-def _address(transport: str, ip: str, port: int) -> str:
-    return f"{transport}:[{ip}]:{port}" if ":" in ip else f"{transport}:{ip}:{port}"
-
-
 def _devices_table(devices: list[dict[str, Any]]) -> str:
-    return _table(
+    return table(
         ["device_id", "provider", "serial", "username", "address", "updated_at"],
         [[d["device_id"], d["provider"], d["serial"], d["username"],
-          _address(d["transport"], d["ip"], d["port"]), _iso(d["updated_at"])] for d in devices],
+          address(d["transport"], d["ip"], d["port"]), iso_time(d["updated_at"])] for d in devices],
     )
 
 
@@ -242,13 +179,13 @@ def cmd_pbxs(args: argparse.Namespace, cfg: RelayConfig) -> int:
             "port": b["port"] if b else None, "expires_in": b["expires_in"] if b else None,
         })
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
-    print(_table(
+    print(table(
         ["serial", "state", "address", "expires_in", "created"],
         [[p["serial"], "online" if p["online"] else "offline",
-          _address(p["transport"], p["ip"], p["port"]) if p["online"] else "-",
-          f"{p['expires_in']} s" if p["online"] else "-", _iso(p["created"])] for p in out],
+          address(p["transport"], p["ip"], p["port"]) if p["online"] else "-",
+          f"{p['expires_in']} s" if p["online"] else "-", iso_time(p["created"])] for p in out],
     ))
     print(f"{len(known)} in the directory, {len(live)} online")
     return 0
@@ -261,11 +198,11 @@ def cmd_pbx_show(args: argparse.Namespace, cfg: RelayConfig) -> int:
     if entry is None and live is None:
         raise OperatorError(f"no PBX {serial} in the directory")
     devices = None
-    if cfg["push.mode"] != "off":
+    if cfg.push.mode != "off":
         devices = push_call(cfg, args, "GET", "/v1/devices", {"serial": serial})
     realm, created = entry if entry else (None, None)
     if args.json:
-        _print_json({
+        print_json({
             "serial": serial, "realm": realm, "created": created, "online": live is not None,
             "registration": None if live is None else {
                 k: live[k] for k in ("transport", "ip", "port", "expires_in")},
@@ -274,11 +211,11 @@ def cmd_pbx_show(args: argparse.Namespace, cfg: RelayConfig) -> int:
         return 0
     print(f"serial      {serial}")
     print(f"realm       {realm or '- (not in the directory)'}")
-    print(f"created     {_iso(created)}")
+    print(f"created     {iso_time(created)}")
     if live is None:
         print("state       offline")
     else:
-        print(f"state       online from {_address(live['transport'], live['ip'], live['port'])}, "
+        print(f"state       online from {address(live['transport'], live['ip'], live['port'])}, "
               f"registration expires in {live['expires_in']} s")
     if devices is None:
         print("devices     - (push is off)")
@@ -293,7 +230,7 @@ def cmd_devices(args: argparse.Namespace, cfg: RelayConfig) -> int:
     params = {k: v for k, v in (("serial", args.serial), ("username", args.username)) if v}
     devices = push_call(cfg, args, "GET", "/v1/devices", params)
     if args.json:
-        _print_json(devices)
+        print_json(devices)
     else:
         print(_devices_table(devices))
     return 0
@@ -302,23 +239,23 @@ def cmd_devices(args: argparse.Namespace, cfg: RelayConfig) -> int:
 def cmd_device(args: argparse.Namespace, cfg: RelayConfig) -> int:
     device = push_call(cfg, args, "GET", f"/v1/devices/{quote(args.device_id, safe='')}")
     if args.json:
-        _print_json(device)
+        print_json(device)
         return 0
     for key in ("device_id", "provider", "param", "serial", "username"):
         print(f"{key:<11} {device[key]}")
-    print(f"{'address':<11} {_address(device['transport'], device['ip'], device['port'])}")
-    print(f"{'updated_at':<11} {_iso(device['updated_at'])}")
+    print(f"{'address':<11} {address(device['transport'], device['ip'], device['port'])}")
+    print(f"{'updated_at':<11} {iso_time(device['updated_at'])}")
     return 0
 
 
 def cmd_log(args: argparse.Namespace, cfg: RelayConfig) -> int:
     rows = push_call(cfg, args, "GET", _user_path(args) + "/log")
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
-    print(_table(
+    print(table(
         ["at", "caller", "callee", "provider", "outcome", "status", "attempts", "src", "dst"],
-        [[_iso(r["at"]), r["caller"] or "-", r["callee"] or "-", r["provider"] or "-", r["outcome"],
+        [[iso_time(r["at"]), r["caller"] or "-", r["callee"] or "-", r["provider"] or "-", r["outcome"],
           "-" if r["status"] is None else r["status"], r["attempts"], r["src"] or "-", r["dst"] or "-"]
          for r in rows],
     ))
@@ -326,14 +263,14 @@ def cmd_log(args: argparse.Namespace, cfg: RelayConfig) -> int:
 
 
 def cmd_export(args: argparse.Namespace, cfg: RelayConfig) -> int:
-    _print_json(push_call(cfg, args, "GET", _user_path(args) + "/export"))
+    print_json(push_call(cfg, args, "GET", _user_path(args) + "/export"))
     return 0
 
 
 def cmd_erase(args: argparse.Namespace, cfg: RelayConfig) -> int:
     counts = push_call(cfg, args, "DELETE", _user_path(args))
     if args.json:
-        _print_json(counts)
+        print_json(counts)
     else:
         print(f"erased {args.serial}/{args.username}: {counts['devices']} device(s), "
               f"{counts['push_log_rows']} push log row(s)")
@@ -344,75 +281,61 @@ def cmd_erase(args: argparse.Namespace, cfg: RelayConfig) -> int:
 
 
 def _guarded(fn: Command, load_config: LoadConfig) -> Callable[[argparse.Namespace], int]:
-    """Load the relay's config (its errors go to main: exit 2), run ``fn``; a
-    failure is one line on stderr and exit 1 (a bad push.toml: exit 2)."""
+    """Load the relay's config, run ``fn``; errors go to pbxcore.cli.run_command."""
 
     def run(args: argparse.Namespace) -> int:
-        from push.config import ConfigError as PushConfigError
-
-        cfg = load_config(args)
-        try:
-            return fn(args, cfg)
-        except PushConfigError as e:
-            print(f"pbx-relay: {_one_line(e)}", file=sys.stderr)
-            return 2
-        except (OperatorError, OSError) as e:
-            print(f"pbx-relay: {_one_line(e)}", file=sys.stderr)
-            return 1
+        return fn(args, load_config(args))
 
     return run
 
 
+def token_option(parser: argparse.ArgumentParser) -> None:
+    """``--token``: an operator token for the push API."""
+    parser.add_argument("--token", metavar="JWT",
+                        help=f"operator token for the push API (default: ${TOKEN_ENV}; "
+                        'needed with push.mode = "remote")')
+
+
+def json_option(parser: argparse.ArgumentParser) -> None:
+    """``--json``: machine-readable output."""
+    parser.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
 def add_commands(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], load_config: LoadConfig,
+    parents: Sequence[argparse.ArgumentParser] = (),
 ) -> None:
-    """Register the operator verbs on pbx-relay's subcommands, and ``show`` on its
-    ``pbx`` command (added after the directory actions it already has)."""
+    """Register the operator verbs (pbxs, devices, device, log, export, erase) on
+    pbx-relay's subcommands; ``parents`` carry the options every verb takes."""
     token = argparse.ArgumentParser(add_help=False)
-    token.add_argument("--token", help=f"operator token for the push API (default: ${TOKEN_ENV}; "
-                                       'needed with push.mode = "remote")')
+    token_option(token)
     as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="JSON instead of a table")
+    json_option(as_json)
+    common = list(parents)
 
-    pbxs = sub.add_parser("pbxs", parents=[as_json],
-                          help="PBXs in the directory and which are online (from the running relay)")
+    pbxs = sub.add_parser("pbxs", parents=[*common, as_json],
+                          help="PBXs in the directory and which are online (from the running relay)",
+                          description="The PBX directory joined with the running relay's live registry "
+                          "(its admin endpoint, admin.listen): serial, online or not, from where.")
     pbxs.set_defaults(fn=_guarded(cmd_pbxs, load_config))
-
-    pbx = sub.choices.get("pbx")
-    if pbx is None:
-        pbx = sub.add_parser("pbx", help="show a PBX")
-        pbx.add_argument("action", choices=["show"])
-        pbx.add_argument("serial")
-        previous: Callable[[argparse.Namespace], int] | None = None
-    else:
-        action = next(a for a in pbx._actions if a.dest == "action")
-        action.choices = [*(action.choices or ()), "show"]
-        previous = pbx.get_default("fn")
-    pbx.add_argument("--json", action="store_true", help="pbx show: JSON")
-    pbx.add_argument("--token", help=f"pbx show: operator token for the push API (default: ${TOKEN_ENV})")
-    show = _guarded(cmd_pbx_show, load_config)
-
-    def pbx_fn(args: argparse.Namespace) -> int:
-        if args.action == "show" or previous is None:
-            return show(args)
-        return previous(args)
-
-    pbx.set_defaults(fn=pbx_fn)
-
-    dev = sub.add_parser("devices", parents=[as_json, token],
-                         help="registered push devices (never their push tokens)")
-    dev.add_argument("--serial", help="only this PBX's")
-    dev.add_argument("--username", help="only this user's")
+    dev = sub.add_parser("devices", parents=[*common, as_json, token],
+                         help="registered push devices (never their push tokens)",
+                         description="Devices the push service holds: id, provider, PBX, user, current "
+                         "address. Push tokens are never shown.")
+    dev.add_argument("--serial", help="only this PBX's devices")
+    dev.add_argument("--username", help="only this user's devices")
     dev.set_defaults(fn=_guarded(cmd_devices, load_config))
-    one = sub.add_parser("device", parents=[as_json, token], help="one push device")
-    one.add_argument("device_id")
+    one = sub.add_parser("device", parents=[*common, as_json, token], help="one push device",
+                         description="One device the push service holds, by its id (from `devices`).")
+    one.add_argument("device_id", help="the device's id, as `devices` shows it")
     one.set_defaults(fn=_guarded(cmd_device, load_config))
-    for name, fn, text, parents in (
+    for name, fn, text, extra in (
         ("log", cmd_log, "a user's push log (kept 7 days)", [as_json, token]),
         ("export", cmd_export, "everything held about a user, as JSON (GDPR Art. 15/20)", [token]),
         ("erase", cmd_erase, "delete everything held about a user (GDPR Art. 17)", [as_json, token]),
     ):
-        u = sub.add_parser(name, parents=parents, help=text)
-        u.add_argument("serial", help="the user's PBX")
+        u = sub.add_parser(name, parents=[*common, *extra], help=text,
+                           description=text[0].upper() + text[1:] + ".")
+        u.add_argument("serial", help="the user's PBX (its serial)")
         u.add_argument("username", help="the user (extension) on that PBX")
         u.set_defaults(fn=_guarded(fn, load_config))

@@ -12,8 +12,18 @@ from typing import Protocol
 
 import httpx
 
-from push.model import PushTarget
-from push.service import DeviceUpdate, PushService, WakeRequest
+from pbxcore.wire import (
+    DeviceUpdate,
+    PushTarget,
+    WakeOutcome,
+    WakeRequest,
+    device_update_json,
+    target_json,
+    wake_request_json,
+    wake_result_from_json,
+)
+from push.service import PushService
+from push.service import WakeRequest as ResolvedWake
 
 # HTTP connection pools of HttpPush. A wake holds its connection until the push is
 # out, up to the ring timeout (+5 s) while a provider is down; over HTTP/1.1 (plain
@@ -33,17 +43,16 @@ class PushClient(Protocol):
 
     async def device_gone(self, target: PushTarget, serial: str, username: str) -> None: ...
 
-    async def wake(
-        self, target: PushTarget, serial: str, username: str, call_id: str, caller: str, callee: str,
-        src: str, ring_timeout: float,
-    ) -> str:
-        """Send the push; return its outcome (push.model.Outcome value)."""
+    async def wake(self, req: WakeRequest) -> WakeOutcome:
+        """Send the push; return what it came to."""
         ...
 
     async def aclose(self) -> None: ...
 
 
 class InProcessPush:
+    """The push service in this process (``pbx-relay run``): calls, no HTTP."""
+
     def __init__(self, service: PushService):
         self.service = service
 
@@ -53,14 +62,12 @@ class InProcessPush:
     async def device_gone(self, target: PushTarget, serial: str, username: str) -> None:
         await self.service.unregister_device(self.service.device_id(target, serial, username))
 
-    async def wake(
-        self, target: PushTarget, serial: str, username: str, call_id: str, caller: str, callee: str,
-        src: str, ring_timeout: float,
-    ) -> str:
-        result = await self.service.wake(WakeRequest(
-            self.service.device_id(target, serial, username), call_id, caller, callee, src, ring_timeout,
-            serial=serial))
-        return result.outcome.value
+    async def wake(self, req: WakeRequest) -> WakeOutcome:
+        """Wake through the service's own call (it resolves the device by its key)."""
+        result = await self.service.wake(ResolvedWake(
+            req.resolve(self.service.key), req.call_id, req.caller, req.callee, req.src, req.ring_timeout,
+            serial=req.serial))
+        return result.outcome
 
     async def aclose(self) -> None:
         pass
@@ -83,32 +90,19 @@ class HttpPush:
         self._devices = client(DEVICE_LIMITS)
         self._wakes = client(WAKE_LIMITS)
 
-    @staticmethod
-    def _device(target: PushTarget, serial: str, username: str) -> dict[str, str]:
-        return {"provider": target.provider, "token": target.token, "param": target.param,
-                "serial": serial, "username": username}
-
     async def device_seen(self, update: DeviceUpdate) -> None:
-        r = await self._devices.put("/v1/devices", json={
-            **self._device(update.target, update.serial, update.username),
-            "ip": update.ip, "port": update.port, "transport": update.transport,
-        })
+        r = await self._devices.put("/v1/devices", json=device_update_json(update))
         r.raise_for_status()
 
     async def device_gone(self, target: PushTarget, serial: str, username: str) -> None:
-        r = await self._devices.post("/v1/devices/unregister", json=self._device(target, serial, username))
+        r = await self._devices.post("/v1/devices/unregister", json=target_json(target, serial, username))
         r.raise_for_status()
 
-    async def wake(
-        self, target: PushTarget, serial: str, username: str, call_id: str, caller: str, callee: str,
-        src: str, ring_timeout: float,
-    ) -> str:
-        r = await self._wakes.post("/v1/wake", json={
-            **self._device(target, serial, username), "call_id": call_id, "caller": caller,
-            "callee": callee, "src": src, "ring_timeout": ring_timeout,
-        }, timeout=ring_timeout + 5.0)
+    async def wake(self, req: WakeRequest) -> WakeOutcome:
+        """POST /v1/wake; the answer's outcome."""
+        r = await self._wakes.post("/v1/wake", json=wake_request_json(req), timeout=req.ring_timeout + 5.0)
         r.raise_for_status()
-        return str(r.json()["outcome"])
+        return wake_result_from_json(r.json()).outcome
 
     async def aclose(self) -> None:
         try:

@@ -17,11 +17,12 @@ import httpx
 import trio
 
 from push.config import PushConfig
-from push.service import DeviceUpdate, PushService
+from pbxcore.wire import DeviceUpdate
+from push.service import PushService
 from relay.config import RelayConfig
 from relay.proxy.counters import Counters
 from relay.proxy.effects import DeviceGone, DeviceSeen, PushEffect, Wake
-from relay.proxy.pushwire import Outcome
+from pbxcore.wire import WakeOutcome
 from relay.pushclient import HttpPush, InProcessPush, PushClient
 
 log = logging.getLogger("relay")
@@ -32,7 +33,7 @@ PUSH_PROBE_EVERY = 5.0  # seconds between two checks that the push service answe
 PUSH_PROBE_TIMEOUT = 3.0
 PUSH_PROBE_PATH = "/v1/devices/readiness-probe"
 
-WakeResult = Callable[[tuple[str, ...], Outcome], None]
+WakeResult = Callable[[tuple[str, ...], WakeOutcome], None]
 
 
 class _QuietProbe(logging.Filter):
@@ -67,14 +68,14 @@ class PushLink:
         dropped wake-up is reported failed at once: the held call must not wait for nothing."""
         if self.client is None:
             if isinstance(effect, Wake):
-                self.on_wake_result(effect.key, Outcome.FAILED)
+                self.on_wake_result(effect.key, WakeOutcome.FAILED)
             return
         try:
             self._in.send_nowait(effect)
         except trio.WouldBlock:
             self.counters.inc("push_events_dropped_total")
             if isinstance(effect, Wake):
-                self.on_wake_result(effect.key, Outcome.FAILED)
+                self.on_wake_result(effect.key, WakeOutcome.FAILED)
 
     # ------------------------------------------------------------------ tasks
     async def start(self, nursery: trio.Nursery) -> None:
@@ -134,17 +135,14 @@ class PushLink:
             elif isinstance(effect, DeviceGone):
                 await client.device_gone(effect.target, effect.serial, effect.username)
             else:
-                r = effect.request
-                outcome = await client.wake(r.target, r.serial, r.username, r.call_id, r.caller, r.callee,
-                                            r.src, r.ring_timeout)
-                self.on_wake_result(effect.key, Outcome(outcome))
+                self.on_wake_result(effect.key, await client.wake(effect.request))
         except Exception as e:
             # The push service down or refusing: count it, never log the effect
             # (it holds the push token), and let a held call end with 480.
             self.counters.inc("push_errors_total")
             log.warning("event=push_error kind=%s error=%s", type(effect).__name__, type(e).__name__)
             if isinstance(effect, Wake):
-                self.on_wake_result(effect.key, Outcome.FAILED)
+                self.on_wake_result(effect.key, WakeOutcome.FAILED)
 
     # -------------------------------------------------------------- embedded
     def _embedded_source(self) -> tuple[str | None, dict[str, Any]]:

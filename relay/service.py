@@ -17,10 +17,11 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from pbxutil.journal import set_level
-from pbxutil.lifecycle import SIGNALS, supervise
-from pbxutil.sdnotify import Notifier
-from relay.admin import as_json, serve_admin
+from pbxcore.journal import set_level
+from pbxcore.lifecycle import SIGNALS, supervise
+from pbxcore.sdnotify import Notifier
+from relay.admin import DIRECTORY_RELOAD, as_json, directory_reload_route, serve_admin
+from relay.cli import operator_command
 from relay.config import ConfigError, RelayConfig, parse_listen
 from relay.dispatch import Dispatcher
 from relay.media.kernel import ForwardingBackend, make_backend
@@ -123,7 +124,7 @@ class RelayService:
         self._directory_stamp = -1.0
         self._directory_size = 0
         self._directory_lock = trio.Lock()
-        # Lifecycle (pbxutil.lifecycle): SIGHUP swaps the TLS context new connections get;
+        # Lifecycle (pbxcore.lifecycle): SIGHUP swaps the TLS context new connections get;
         # SIGTERM drains (no new connections or calls, the current ones finish).
         self.tls_context: ssl.SSLContext | None = None
         self.tls_fingerprint = ""
@@ -193,6 +194,8 @@ class RelayService:
             "/registry": lambda: as_json(self.registry_view()),
             "/healthz": lambda: ("text/plain", "ok\n"),
             "/readyz": self.readyz,
+            f"POST {DIRECTORY_RELOAD}": directory_reload_route(
+                lambda: self.reload_directory(force=True), cfg.state_dir, lambda: self._directory_size),
         })
         self.bound["admin"] = [f"{admin.host}:{port}"]
         if cfg["provisioning.enabled"]:
@@ -420,7 +423,7 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     lines += [
         "",
         "Point a PBX at it:",
-        "  pbx-relay pbx add <serial>        (prints the PBX's secret, once)",
+        f"  {operator_command()} pbx add <serial>        (prints the PBX's secret, once)",
         f"  PBX registers sip:<serial>@{domain}, user <serial>, that secret,",
         f"  over TLS to {adv}:{tls} (or TCP {adv}:{tcp}).",
         "Point a softphone at it:",
@@ -441,7 +444,7 @@ async def run(
 ) -> None:
     """Serve until stopped: SIGHUP reloads (``reload_config`` reads the configuration
     again), SIGTERM drains first (up to relay.drain_timeout), SIGINT and a second
-    signal stop at once (pbxutil.lifecycle). Tells systemd through ``notifier``."""
+    signal stop at once (pbxcore.lifecycle). Tells systemd through ``notifier``."""
     service = RelayService(cfg)
     notify = notifier or Notifier.from_environ()
 

@@ -15,7 +15,7 @@ from relay.pbx.digest import ALGORITHMS, DigestAuth, ha1
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Effect, Send
 from relay.proxy.flow import Flow
-from relay.proxy.pushwire import Outcome
+from pbxcore.wire import WakeOutcome
 from relay.sip import Request, Response, SipMessage, SipUri, parse_message
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr
@@ -80,7 +80,7 @@ class RecordingProxy(Proxy):
     def on_timer(self, now: float) -> list[Effect]:
         return self.keep(super().on_timer(now))
 
-    def on_wake_result(self, key: tuple[str, ...], outcome: Outcome, now: float) -> list[Effect]:
+    def on_wake_result(self, key: tuple[str, ...], outcome: WakeOutcome, now: float) -> list[Effect]:
         return self.keep(super().on_wake_result(key, outcome, now))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from relay.proxy.effects import DeviceGone, DeviceSeen, Wake
 from relay.proxy.flow import Flow
-from relay.proxy.pushwire import Outcome, PushTarget
+from pbxcore.wire import WakeOutcome, PushTarget
 from relay.proxy.wake import push_target, register_bindings
 from relay.sip import Request, parse_message
 from tests.proxyharness import (
@@ -136,7 +136,7 @@ def test_invite_for_a_sleeping_phone_is_held_woken_and_forwarded_on_its_new_flow
         TARGET, SERIAL, "201", "call-in@test", "100", "201")
     assert r.src == PBX_TCP.remote and r.ring_timeout == 30.0
 
-    ringing = one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 2.5)))
+    ringing = one(outs(w.proxy.on_wake_result(wake.key, WakeOutcome.SENT, 2.5)))
     assert (ringing.flow, ringing.status) == (PBX_TCP, 180)
     assert "tag=" in (ringing.msg.get("to") or "")
     # a retransmitted INVITE gets the 180 again and wakes nobody twice
@@ -165,7 +165,7 @@ def test_invite_for_a_sleeping_phone_is_held_woken_and_forwarded_on_its_new_flow
 def test_cancel_during_the_hold_reaches_the_phone_after_it_wakes() -> None:
     w = World()
     path, wake = held_call(w)
-    one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 2.5)))
+    one(outs(w.proxy.on_wake_result(wake.key, WakeOutcome.SENT, 2.5)))
     cancel = request("CANCEL", f"sip:201@192.168.1.20:5062;transport=tcp;{PN}", flow=PBX_TCP,
                      via_host="10.1.1.1", branch="z9hG4bKpbx1", from_uri=f"sip:100@{PBX_DOMAIN}",
                      from_tag="pbxtag", to_uri=f"sip:201@{PBX_DOMAIN}", call_id="call-in")
@@ -206,7 +206,7 @@ def test_no_registration_within_the_ring_timeout_is_480_and_later_nothing_is_sen
     assert w.feed(ack, PBX_TCP, 33.0) == []  # the ACK of our own 480 stops here
     _, released = register(w, PHONE_NEW, now=40.0)
     assert released == []
-    assert outs(w.proxy.on_wake_result(wake.key, Outcome.SENT, 41.0)) == []
+    assert outs(w.proxy.on_wake_result(wake.key, WakeOutcome.SENT, 41.0)) == []
 
 
 def test_cancelled_hold_that_times_out_is_487() -> None:
@@ -223,7 +223,7 @@ def test_cancelled_hold_that_times_out_is_487() -> None:
 def test_push_that_could_not_be_sent_ends_the_hold_with_480_at_once() -> None:
     w = World()
     _, wake = held_call(w)
-    final = one(outs(w.proxy.on_wake_result(wake.key, Outcome.FAILED, 3.0)))
+    final = one(outs(w.proxy.on_wake_result(wake.key, WakeOutcome.FAILED, 3.0)))
     assert (final.flow, final.status) == (PBX_TCP, 480)
     assert w.proxy.counters.get("push_holds_total", "push_failed") == 1
     _, released = register(w, PHONE_NEW, now=4.0)
@@ -483,7 +483,7 @@ def test_a_push_whose_answer_was_lost_still_rings_and_waits() -> None:
     phone: the caller hears ringing and the INVITE waits, as for a confirmed push."""
     w = World()
     _, wake = held_call(w)
-    ringing = one(outs(w.proxy.on_wake_result(wake.key, Outcome.SENT_UNCONFIRMED, 2.5)))
+    ringing = one(outs(w.proxy.on_wake_result(wake.key, WakeOutcome.SENT_UNCONFIRMED, 2.5)))
     assert (ringing.flow, ringing.status) == (PBX_TCP, 180)
     _, released = register(w, PHONE_NEW, now=4.0)
     assert [(o.flow, o.req.method) for o in released] == [(PHONE_NEW, "INVITE")]

@@ -48,7 +48,7 @@ def test_config_check_accepts_the_reference_and_names_the_key_of_a_bad_file(tmp_
 
     out = cli("config", "check", env=_env(PBX_PUSH_API_TOKEN_TTL_MAX="soon"))
     assert out.returncode == 2
-    assert "PBX_PUSH_API_TOKEN_TTL_MAX: api.token_ttl_max must be a int" in out.stderr
+    assert "$PBX_PUSH_API_TOKEN_TTL_MAX: api.token_ttl_max must be an integer" in out.stderr
 
 
 def test_token_is_signed_with_the_state_secret_and_bounded(tmp_path: Path) -> None:
@@ -162,6 +162,5 @@ def test_run_names_the_address_it_cannot_listen_on(tmp_path: Path) -> None:
                         '[admin]\nlisten = "127.0.0.1:0"\n')
         out = cli("-c", str(conf), "run")
     assert out.returncode == 1
-    assert out.stderr.endswith(
-        f"pbx-push: cannot listen on 127.0.0.1:{port} (api.listen): Address already in use\n")
+    assert out.stderr == f"pbx-push: cannot listen: push API on 127.0.0.1:{port}: Address already in use\n"
     assert "Traceback" not in out.stderr

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from pbxutil.sdnotify import Notifier, keep_watchdog
+from pbxcore.sdnotify import Notifier, keep_watchdog
 from relay import config as relay_config
 from relay.transport.tlscert import ensure_self_signed
 from tests.media_peers import MediaEndpoint, PbxUa, Phone, establish, hang_up
@@ -442,18 +442,18 @@ def test_units_say_what_the_services_need() -> None:
         assert argv[0].startswith(PREFIX + "/bin/") and argv[-1] == "run"
         assert argv[argv.index("--config") + 1].startswith(f"/etc/{user}/")
     # Stopping waits for the drain: systemd must not kill the relay in the middle of it.
-    drain = relay_config.SCHEMA["relay"]["drain_timeout"][1]
+    drain = relay_config.RelaySection().drain_timeout
     assert float(one("pbx-relay.service", "TimeoutStopSec")) > drain + 10
     # The production configs shipped next to the units fit them and check out.
     prod = relay_config.load(UNITS / "relay.toml", environ={"PBX_RELAY_PUSH_TOKEN": "t"})
-    assert prod["relay.state_dir"] == "/var/lib/" + one("pbx-relay.service", "StateDirectory")
-    assert prod["relay.drain_timeout"] + 10 < float(one("pbx-relay.service", "TimeoutStopSec"))
-    assert prod["push.mode"] == "remote" and prod["push.token"] == "t"
+    assert prod.relay.state_dir == "/var/lib/" + one("pbx-relay.service", "StateDirectory")
+    assert prod.relay.drain_timeout + 10 < float(one("pbx-relay.service", "TimeoutStopSec"))
+    assert prod.push.mode == "remote" and prod.push.token == "t"
     from push import config as push_config
 
     pcfg = push_config.load(UNITS / "push.toml", environ={})
     assert str(pcfg.state_dir) == "/var/lib/" + one("pbx-push.service", "StateDirectory")
-    assert pcfg.api_listen.port == int(prod["push.url"].rsplit(":", 1)[1])
+    assert pcfg.api_listen.port == int(prod.push.url.rsplit(":", 1)[1])
 
 
 # ====================================================================== runs
@@ -576,7 +576,10 @@ def test_relay_unit_ready_reload_and_drain(tmp_path: Path, services: list[Servic
     pbx = PbxUa(r)  # registers at once, without waiting for the directory's 2 s poll
     assert served_cert(r.tls) == second
     line = next(x for x in svc.log().splitlines() if "event=reloaded" in x)
-    assert "tls=new" in line and f"tls_sha256={second[:16]}" in line and "pbx_added=1" in line, line
+    # `pbx add` already made the running relay read the directory (POST /v1/directory/reload);
+    # the reload reads it again and finds the PBX there.
+    assert "tls=new" in line and f"tls_sha256={second[:16]}" in line and "pbx_count=1" in line, line
+    assert "event=directory_loaded pbx_count=1 added=1" in svc.log()
 
     # A certificate that does not load: logged, the old one stays, the relay runs on.
     setup.cert.write_text("not a certificate\n")
@@ -724,7 +727,7 @@ async def test_watchdog_pings_only_while_the_check_passes(tmp_path: Path) -> Non
 def test_logs_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path: Path) -> None:
     """Under systemd stderr is the journal ($JOURNAL_STREAM names it): "<4>" makes a
     warning a warning for `journalctl -p`, and journald stamps the time itself."""
-    code = ("import logging; from pbxutil.journal import configure_logging; configure_logging('info');"
+    code = ("import logging; from pbxcore.journal import configure_logging; configure_logging('info');"
             "logging.getLogger('relay').warning('event=x'); logging.getLogger('relay').debug('event=y')")
     out = tmp_path / "stderr"
     for journal in (True, False):

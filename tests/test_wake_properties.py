@@ -8,7 +8,7 @@ from urllib.parse import quote
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.proxy.pushwire import PushTarget
+from pbxcore.wire import PushTarget
 from relay.proxy.wake import MAX_BINDINGS, push_target, register_bindings, uri_push_target, user_of
 from relay.sip import Request
 from relay.sip.message import Header

@@ -2,6 +2,7 @@
 
 Only H(serial:realm:secret) per algorithm is stored (as Kamailio's ha1
 columns): the secret itself is shown once by ``pbx add`` and never written.
+The file is 0600 in a state directory created 0700 (pbxcore.statedir).
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+from pbxcore.errors import PbxError, StateError
+from pbxcore.statedir import private_dir, private_file
 from relay.pbx.digest import ha1, new_secret
 
 # Serials are the PBX vendor's: digits and letters, maybe '-' or '_'. They
-# become a DNS label (<serial>.<domain>) so stay within RFC 1035 label rules.
+# become a DNS label (<serial>.<domain>) so stay within RFC 1035 label rules
+# (at most 63 characters, letters or digits at both ends).
+SERIAL_MAX = 63
 SERIAL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?$")
+SERIAL_RULE = (f"1-{SERIAL_MAX} characters: letters, digits, '-' and '_', "
+               "starting and ending with a letter or digit")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pbx (
@@ -28,57 +36,94 @@ CREATE TABLE IF NOT EXISTS pbx (
 """
 
 
-class DirectoryError(Exception):
-    pass
+class DirectoryError(PbxError):
+    """A request the directory refuses (bad serial, a PBX that exists or does not)."""
 
 
 def valid_serial(serial: str) -> bool:
+    """The serial follows :data:`SERIAL_RULE`."""
     return bool(SERIAL_RE.match(serial))
 
 
+def serial_problem(serial: str) -> str | None:
+    """Why ``serial`` is refused, in one line that never echoes a long input; None if fine."""
+    if valid_serial(serial):
+        return None
+    short = len(serial) <= SERIAL_MAX and serial.isprintable()
+    shown = repr(serial) if short else f"({len(serial)} characters)"
+    return f"invalid serial {shown}: a serial is {SERIAL_RULE}"
+
+
+def command_line_secret() -> str:
+    """A new secret that never starts with '-' (a command line would read it as an option)."""
+    secret = new_secret()
+    while secret.startswith("-"):
+        secret = new_secret()
+    return secret
+
+
 class PbxDirectory:
-    """Blocking SQLite access; the relay calls it through trio.to_thread."""
+    """Blocking SQLite access; the relay calls it through trio.to_thread. A database
+    that cannot be opened or written is a :class:`StateError` naming the file."""
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute(_SCHEMA)
+        self._run(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5)
-        db.execute("PRAGMA journal_mode=WAL")
+        try:
+            private_file(private_dir(self.path.parent) / self.path.name)
+            db = sqlite3.connect(self.path, timeout=5)
+            db.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.Error) as e:
+            raise self._state_error(e) from None
         return db
+
+    def _state_error(self, e: Exception) -> StateError:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return StateError(f"cannot use the PBX directory {self.path}: {reason} "
+                          f"(the state directory must be writable by this user)")
+
+    def _run(self, sql: str, args: tuple[object, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
+        """(rows, rowcount) of one statement in its own transaction."""
+        db = self._db()
+        try:
+            with db:
+                cur = db.execute(sql, args)
+                return cur.fetchall(), cur.rowcount
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as e:
+            raise self._state_error(e) from None
+        finally:
+            db.close()
 
     def add(self, serial: str, realm: str) -> str:
         """Create the PBX and return its new secret (shown once, never stored)."""
-        if not valid_serial(serial):
-            raise DirectoryError(f"invalid serial {serial!r}: letters, digits, '-', '_'")
-        secret = new_secret()
+        problem = serial_problem(serial)
+        if problem is not None:
+            raise DirectoryError(problem)
+        secret = command_line_secret()
+        row = (serial, realm, ha1("MD5", serial, realm, secret), ha1("SHA-256", serial, realm, secret),
+               time.time())
         try:
-            with self._db() as db:
-                db.execute(
-                    "INSERT INTO pbx VALUES (?, ?, ?, ?, ?)",
-                    (serial, realm, ha1("MD5", serial, realm, secret),
-                     ha1("SHA-256", serial, realm, secret), time.time()),
-                )
-        except sqlite3.IntegrityError as e:
-            raise DirectoryError(f"PBX {serial} already exists") from e
+            self._run("INSERT INTO pbx VALUES (?, ?, ?, ?, ?)", row)
+        except sqlite3.IntegrityError:
+            raise DirectoryError(f"PBX {serial} already exists") from None
         return secret
 
     def remove(self, serial: str) -> bool:
-        with self._db() as db:
-            return db.execute("DELETE FROM pbx WHERE serial = ?", (serial,)).rowcount > 0
+        """Delete the PBX; False when there was none."""
+        return self._run("DELETE FROM pbx WHERE serial = ?", (serial,))[1] > 0
 
     def list(self) -> list[tuple[str, str, float]]:
-        with self._db() as db:
-            return list(db.execute("SELECT serial, realm, created FROM pbx ORDER BY serial"))
+        """(serial, realm, created) of every PBX, by serial."""
+        return self._run("SELECT serial, realm, created FROM pbx ORDER BY serial")[0]
 
     def load(self, realm: str) -> dict[str, dict[str, str]]:
         """serial → {algorithm: HA1} for PBXs created under ``realm``."""
-        with self._db() as db:
-            rows = db.execute("SELECT serial, ha1_md5, ha1_sha256 FROM pbx WHERE realm = ?", (realm,))
-            return {s: {"MD5": m, "SHA-256": s2} for s, m, s2 in rows}
+        rows, _ = self._run("SELECT serial, ha1_md5, ha1_sha256 FROM pbx WHERE realm = ?", (realm,))
+        return {s: {"MD5": m, "SHA-256": s2} for s, m, s2 in rows}
 
     def stamp(self) -> float:
         """Changes whenever the directory does (for cheap reload checks)."""

@@ -65,7 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
 
 def cmd_link(args: argparse.Namespace) -> int:
     """Run the agent until Ctrl-C or SIGTERM."""
-    from pbxutil.journal import configure_logging
+    from pbxcore.journal import configure_logging
 
     try:
         settings = settings_from_args(args)

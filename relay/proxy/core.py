@@ -39,7 +39,7 @@ from relay.proxy.identity import OUR_BRANCH, RelayIdentity
 from relay.proxy.invites import InviteTransactions
 from relay.proxy.liveness import Liveness
 from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
-from relay.proxy.pushwire import Outcome
+from pbxcore.wire import WakeOutcome
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
 from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, RouteTokens
@@ -171,7 +171,7 @@ class Proxy:
         """The PBX directory as it is now (serial → digest hashes)."""
         self.registrar.set_directory(directory)
 
-    def on_wake_result(self, key: TxnKey, outcome: Outcome, now: float) -> list[Effect]:
+    def on_wake_result(self, key: TxnKey, outcome: WakeOutcome, now: float) -> list[Effect]:
         """What came of a ``Wake``."""
         self.counters.inc("push_wakes_total", outcome.value)
         return list(self.holds.on_wake_result(key, outcome, now))

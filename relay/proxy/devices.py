@@ -15,7 +15,7 @@ from relay.proxy.counters import Counters
 from relay.proxy.effects import DeviceGone, DeviceSeen, PushEffect
 from relay.proxy.flow import Flow
 from relay.proxy.liveness import Liveness
-from relay.proxy.pushwire import PushTarget
+from pbxcore.wire import PushTarget
 from relay.proxy.wake import Binding, granted_expires
 from relay.sip.message import Response
 

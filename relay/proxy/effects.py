@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from relay.media.effects import BindPorts, CloseLeg, MediaEffect, OpenLeg, RelatchLeg
 from relay.proxy.flow import Flow
-from relay.proxy.pushwire import PushTarget, WakeRequest
+from pbxcore.wire import PushTarget, WakeRequest
 
 
 @dataclass(frozen=True, slots=True)

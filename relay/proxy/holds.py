@@ -17,7 +17,7 @@ from relay.proxy.counters import Counters
 from relay.proxy.devices import PendingRegister, Registered
 from relay.proxy.effects import Effect, Send, Wake
 from relay.proxy.flow import Flow
-from relay.proxy.pushwire import DELIVERED, Outcome, PushTarget, WakeRequest
+from pbxcore.wire import WakeOutcome, PushTarget, WakeRequest
 from relay.proxy.replies import Replies, txn_key
 from relay.proxy.transaction import (
     InviteTransaction,
@@ -82,21 +82,21 @@ class Holds:
         self._by_target.setdefault(held.target, []).append(txn)
         self._by_caller.setdefault(source, []).append(txn)
         wake = Wake(txn.key, WakeRequest(
-            held.target, held.serial, held.user, req.call_id, user_of(req.get("from")),
-            user_of(req.get("to")), source.remote, self.ring_timeout))
+            req.call_id, caller=user_of(req.get("from")), callee=user_of(req.get("to")), src=source.remote,
+            ring_timeout=self.ring_timeout, serial=held.serial, username=held.user, target=held.target))
         self.counters.inc("push_holds_total", "started")
         log.info("event=push_hold call_id=%s serial=%s provider=%s", req.call_id, held.serial,
                  held.target.provider)
         return [Send(source, txn.last_response), wake]
 
-    def on_wake_result(self, key: TxnKey, outcome: Outcome, now: float) -> list[Effect]:
+    def on_wake_result(self, key: TxnKey, outcome: WakeOutcome, now: float) -> list[Effect]:
         """The push service's answer for a held INVITE: 180 Ringing once the push
         is on its way (Flexisip does the same), 480 when it could not be sent."""
         txn = self.txns.get(key)
         if txn is None or txn.state is not TxnState.HELD:
             return []  # answered, released or timed out meanwhile
         log.info("event=push_result call_id=%s outcome=%s", txn.call_id, outcome.value)
-        if outcome not in DELIVERED:
+        if not outcome.may_ring:
             self.counters.inc("push_holds_total", "push_failed")
             return self.end(txn, now)
         if txn.ringing:

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from relay.proxy.pushwire import PROVIDERS, PushTarget
+from pbxcore.wire import PROVIDERS, PushTarget
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr
 from relay.sip.message import Request, Response

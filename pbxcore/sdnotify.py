@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-log = logging.getLogger("pbxutil.sdnotify")
+log = logging.getLogger("pbxcore.sdnotify")
 
 
 class Notifier:

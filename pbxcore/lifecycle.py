@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from pbxutil.sdnotify import Check, Notifier, keep_watchdog
+from pbxcore.sdnotify import Check, Notifier, keep_watchdog
 
-log = logging.getLogger("pbxutil.lifecycle")
+log = logging.getLogger("pbxcore.lifecycle")
 
 STATUS_EVERY = 10.0  # seconds between STATUS= updates (what `systemctl status` shows)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
