@@ -60,9 +60,10 @@ case "$cmd" in
     # the NAT tests build network namespaces with masquerade; baresip-core: a
     # real softphone carrying audio through the relay; systemd: systemd-analyze
     # and systemd-sysusers check the unit files (a container's image lacks them);
-    # curl: the phone fetching provisioning files through the relay.
+    # curl: the phone fetching provisioning files through the relay; fail2ban: its
+    # fail2ban-regex checks the filter in systemd/fail2ban.
     # libnftables1: the kernel media backend loads it (nftables pulls it in too).
-    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl
+    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl fail2ban
     need_python
     need_packages "[test]"
     exec "$VENV/bin/python" -m pytest "$@"

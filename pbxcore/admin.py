@@ -104,6 +104,7 @@ async def serve_admin(
         try:
             if slots.value == 0:
                 await _send(stream, AdminAnswer.text("busy", 503))
+                await _linger(stream)  # closing with the request unread would reset the answer away
                 return
             async with slots:
                 await _handle(stream, routes)

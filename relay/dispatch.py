@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from pbxcore.wire import WakeOutcome
 from relay.media.backend import carry_out
 from relay.media.session import MediaBackend
 from relay.proxy.core import Proxy
 from relay.proxy.effects import DeviceGone, DeviceSeen, Effect, Send, Wake
 from relay.proxy.flow import Flow
-from pbxcore.wire import WakeOutcome
 from relay.sip.errors import SipParseError
 from relay.sip.message import SipMessage
 

@@ -16,13 +16,12 @@ from typing import Any
 import httpx
 import trio
 
+from pbxcore.wire import DeviceUpdate, WakeOutcome
 from push.config import PushConfig
-from pbxcore.wire import DeviceUpdate
 from push.service import PushService
 from relay.config import RelayConfig
 from relay.proxy.counters import Counters
 from relay.proxy.effects import DeviceGone, DeviceSeen, PushEffect, Wake
-from pbxcore.wire import WakeOutcome
 from relay.pushclient import HttpPush, InProcessPush, PushClient
 
 log = logging.getLogger("relay")

@@ -10,12 +10,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pbxcore.wire import WakeOutcome
 from relay.media.session import MediaSessions
 from relay.pbx.digest import ALGORITHMS, DigestAuth, ha1
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Effect, Send
 from relay.proxy.flow import Flow
-from pbxcore.wire import WakeOutcome
 from relay.sip import Request, Response, SipMessage, SipUri, parse_message
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr

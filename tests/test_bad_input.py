@@ -121,7 +121,7 @@ def test_unknown_serial_offline_pbx_and_foreign_domain(relay_factory) -> None:  
     s.close()
 
     # INVITEs from a phone
-    assert invite(relay, f"sip:100@unknownserial.{DOMAIN}").status == 404
+    assert invite(relay, f"sip:100@unknownserial.{DOMAIN}").status == 480  # as if offline
     assert invite(relay, f"sip:100@{OTHER}.{DOMAIN}").status == 480  # known, not registered
     assert invite(relay, "sip:x@example.com").status == 403  # never an open relay
     assert invite(relay, "sip:x@127.0.0.2:5060").status == 403

@@ -10,6 +10,7 @@ import pytest
 
 from relay.proxy.flow import Flow
 from relay.proxy.identity import OUR_BRANCH
+from relay.proxy.invites import PendingLimits
 from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, dialog_id
 from relay.proxy.transaction import LINGER, T1, TIMER_B, TIMER_C
 from relay.sip import Request, SipParseError, parse_message
@@ -564,8 +565,12 @@ def test_in_dialog_from_phone_while_pbx_offline_is_480(world: World) -> None:
 # --------------------------------------------------------------- refusals
 
 
-def test_unknown_serial_is_404(world: World) -> None:
-    assert refusal(world, phone_invite("sip:201@5555555555.relay.test")).status == 404
+def test_unknown_serial_answers_like_an_offline_one(world: World) -> None:
+    unknown = refusal(world, phone_invite("sip:201@5555555555.relay.test", branch="z9hG4bKu"))
+    offline = refusal(world, phone_invite(f"sip:201@{OTHER_SERIAL}.relay.test", branch="z9hG4bKo"))
+    assert (unknown.status, unknown.msg.reason) == (offline.status, offline.msg.reason) == (
+        480, "Temporarily Unavailable")
+    assert len(unknown.data) - len(offline.data) == len("5555555555") - len(OTHER_SERIAL)
 
 
 def test_known_serial_not_registered_is_480(world: World) -> None:
@@ -689,7 +694,7 @@ def test_invite_to_us_is_404(world: World) -> None:
 
 @pytest.mark.parametrize("uri,status", [
     ("sip:x@example.com", 403),
-    ("sip:201@5555555555.relay.test", 404),
+    ("sip:201@5555555555.relay.test", 480),
     (f"sip:201@{OTHER_SERIAL}.relay.test", 480),
     ("tel:+15551234567", 416),
 ])
@@ -979,7 +984,7 @@ def test_too_many_invite_transactions_is_503_with_retry_after(world: World) -> N
     assert busy.msg.get("retry-after") == "5"
     assert busy.msg.top_via().branch == "z9hG4bKov2"
     assert len(world.proxy.txns) == 2
-    assert world.proxy.counters.get("overload_total") == 1
+    assert world.proxy.counters.get("overload_total", "total") == 1
     # the INVITEs in flight go on: a retransmission is still absorbed
     assert one(world.feed(phone_invite(branch="z9hG4bKov0", call_id="ov0"), PHONE_UDP, 1.5)).status == 100
     # requests other than INVITE are stateless and still forwarded
@@ -1085,3 +1090,23 @@ def test_path_token_lasts_the_registration_it_was_minted_for(world: World) -> No
     late = one(world.feed(pbx_invite(path, branch="z9hG4bKp2", call_id="c2"), PBX_TCP, 7_201.0))
     assert (late.flow, late.status) == (PBX_TCP, 403)
     assert world.proxy.counters.get("forbidden_total", "token_expired") == 1
+
+
+def test_pending_invites_are_capped_per_source_and_the_others_keep_calling() -> None:
+    w = World.__new__(World)
+    w.proxy, w.dead = make_proxy(pending=PendingLimits(per_source=3, per_pbx=5))
+    w.pbx_flow = PBX_TCP
+    register_pbx(w.proxy, PBX_TCP, now=0.0)
+    flood = [w.feed(phone_invite(branch=f"z9hG4bKfl{i}", call_id=f"fl{i}"), PHONE_UDP) for i in range(4)]
+    assert [o[0].status for o in flood] == [100, 100, 100, 503]  # the fourth: over the source's share
+    assert flood[3][0].msg.get("retry-after") and len(flood[3]) == 1
+    assert w.proxy.counters.get("overload_total", "per_source") == 1
+    # another phone still calls the same PBX, up to the PBX's share (5 pending in all)
+    other = [w.feed(phone_invite(flow=PHONE_TCP, branch=f"z9hG4bKot{i}", call_id=f"ot{i}"), PHONE_TCP)
+             for i in range(3)]
+    assert [o[0].status for o in other] == [100, 100, 503]
+    assert w.proxy.counters.get("overload_total", "per_pbx") == 1
+    # the PBX answers one of the flood: that source may call again
+    (back,) = w.feed(response_to(flood[0][1].data, 486, "Busy Here"), PBX_TCP)
+    assert back.status == 486
+    assert w.feed(phone_invite(branch="z9hG4bKfl9", call_id="fl9"), PHONE_UDP)[0].status == 100

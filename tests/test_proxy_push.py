@@ -7,9 +7,9 @@ Every assertion is on the bytes the core returns or the events it hands out.
 
 from __future__ import annotations
 
+from pbxcore.wire import PushTarget, WakeOutcome
 from relay.proxy.effects import DeviceGone, DeviceSeen, Wake
 from relay.proxy.flow import Flow
-from pbxcore.wire import WakeOutcome, PushTarget
 from relay.proxy.wake import push_target, register_bindings
 from relay.sip import Request, parse_message
 from tests.proxyharness import (

@@ -18,13 +18,13 @@ import trio
 
 from pbxcore.admin import AdminRequest
 from pbxcore.metrics import parse as parse_metrics
+from pbxcore.wire import DeviceUpdate, WakeRequest
 from push.api import MAX_BODY, admin_routes, mint_token
 from push.app import Running, build_service, serve
 from push.config import load
 from push.gateways.base import Gateway
 from push.gateways.log import LogGateway
 from push.model import Attempt, PushMessage, PushTarget
-from push.service import DeviceUpdate
 from relay.pushclient import HttpPush, InProcessPush, PushClient
 
 
@@ -494,7 +494,8 @@ async def test_the_relay_s_clients_register_wake_and_unregister(api: Api, kind: 
         await push.device_seen(DeviceUpdate(target, serial, "alice", ip, 5060, "tls"))
 
     async def wake_at(serial: str, call_id: str) -> str:
-        return await push.wake(target, serial, "alice", call_id, "100", "alice", "192.0.2.10:5061", 10.0)
+        req = WakeRequest(call_id, "100", "alice", "192.0.2.10:5061", 10.0, serial, "alice", target)
+        return await push.wake(req)
 
     assert await wake_at("1111111111", "call-1") == "dry_run"
     assert await wake_at("1111111111", "call-1") == "dry_run"  # the same call: the first's outcome
@@ -522,7 +523,8 @@ async def test_slow_wakes_do_not_hold_up_device_updates(
     took: list[float] = []
 
     async def one_wake(i: int) -> None:
-        outcomes.append(await push.wake(target, "1111111111", "alice", f"call-{i}", "100", "alice", "", 60.0))
+        req = WakeRequest(f"call-{i}", "100", "alice", "", 60.0, "1111111111", "alice", target)
+        outcomes.append(await push.wake(req))
 
     async with trio.open_nursery() as wakes:
         for batch in range(15):

@@ -59,7 +59,9 @@ class Rig:
 
     def counted(self, outcome: str) -> int:
         provider = self.targets[0].provider
-        return self.svc.metrics.c[f'pushes_total:provider="{provider}",outcome="{outcome}"']
+        value = self.svc.metrics.set.registry.get_sample_value(
+            "pbx_push_pushes_total", {"provider": provider, "outcome": outcome})
+        return int(value or 0)
 
 
 @pytest.fixture(params=["apns", "fcm"])

@@ -38,7 +38,7 @@ class ProvisioningSettings:
     # Not in [provisioning]: the PBXs' digest realm (relay.domain) and algorithms
     # (sip.digest_algorithms), shared with SIP registration.
     realm: str = "relay.localhost"
-    digest_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    digest_algorithms: tuple[str, ...] = ("MD5", "SHA-256")  # sip.digest_algorithms default
 
     @property
     def keepalive(self) -> KeepaliveTimes:

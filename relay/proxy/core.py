@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pbxcore.wire import WakeOutcome
 from relay.media.session import MediaSessions
 from relay.pbx.digest import DigestAuth
 from relay.proxy.counters import Counters
@@ -36,10 +37,9 @@ from relay.proxy.forwarding import (
 )
 from relay.proxy.holds import COPIED, Held, Holds
 from relay.proxy.identity import OUR_BRANCH, RelayIdentity
-from relay.proxy.invites import InviteTransactions
+from relay.proxy.invites import InviteTransactions, PendingLimits
 from relay.proxy.liveness import Liveness
 from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
-from pbxcore.wire import WakeOutcome
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
 from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, RouteTokens
@@ -92,6 +92,7 @@ class ProxyConfig:
     ring_timeout: float = 30.0  # seconds an INVITE waits for a woken phone, then 480
     udp_asleep_after: float = 40.0  # a UDP phone silent this long (no SIP, CRLF or STUN) sleeps
     max_transactions: int = MAX_TRANSACTIONS
+    pending: PendingLimits = PendingLimits()  # INVITEs pending per source and per PBX
 
 
 class Proxy:
@@ -115,7 +116,8 @@ class Proxy:
         self.devices = PhoneDevices(self.counters, self.liveness, config.push)
         self.media = None if media is None else MediaCalls(media, self.replies, self.counters)
         self.invites = InviteTransactions(self.txns, self.replies, self.counters, self.holds,
-                                          self.media, self._send_response, config.max_transactions)
+                                          self.media, self._send_response, config.max_transactions,
+                                          config.pending)
         self._next_sweep = 0.0
         self.drain_until: float | None = None  # set while draining: new calls get 503
 
@@ -296,8 +298,9 @@ class Proxy:
             target = uri_push_target(req.uri) if self.cfg.push and path_device else None
             user = path_user(path_device, target) if target is not None else None
             if user is not None and target is not None and req.method == "INVITE":
-                if self.invites.overloaded():
-                    return self._refuse_overload(req, hop.source)
+                overload = self.invites.overloaded(hop.source.remote_ip, hop.serial)
+                if overload is not None:
+                    return self._refuse_overload(req, hop.source, overload)
                 held = Held(req, hop.via, hop.serial, hop.mf, target, self.replies.stateless_tag(req), user)
                 return self.holds.hold(req, hop.source, hop.via, held, now)
             if dead:
@@ -314,9 +317,9 @@ class Proxy:
         if serial is None:
             self.counters.inc("forbidden_total", "foreign_domain")
             return list(self.replies.refuse(req, source, 403, "Forbidden"))
-        if not self.registrar.known(serial):
-            return list(self.replies.refuse(req, source, 404, "Not Found"))
-        pbx = self.registrar.lookup(serial, now)
+        # A serial not in the directory gets the answer of one that is offline: a
+        # scanner must not learn which serials exist (issue 10).
+        pbx = self.registrar.lookup(serial, now) if self.registrar.known(serial) else None
         if pbx is None:
             return list(self.replies.refuse(req, source, 480, "Temporarily Unavailable"))
         if pbx.flow == source:
@@ -338,8 +341,10 @@ class Proxy:
         """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send. ``held``:
         a held INVITE being released, whose transaction goes on."""
         req = hop.req
-        if req.method == "INVITE" and held is None and self.invites.overloaded():
-            return self._refuse_overload(req, hop.source)
+        overload = self.invites.overloaded(hop.source.remote_ip, hop.serial) if (
+            req.method == "INVITE" and held is None) else None
+        if overload is not None:
+            return self._refuse_overload(req, hop.source, overload)
         loop = loop_hash(req)
         if looped(req, loop):
             return self._refused_on_the_way(held, self.replies.refuse(req, hop.source, 482, "Loop Detected"))
@@ -410,8 +415,8 @@ class Proxy:
             self.txns.remove(held)
         return list(refusal)
 
-    def _refuse_overload(self, req: Request, source: Flow) -> list[Effect]:
-        self.counters.inc("overload_total")
+    def _refuse_overload(self, req: Request, source: Flow, why: str) -> list[Effect]:
+        self.counters.inc("overload_total", why)
         return list(self.replies.refuse(req, source, 503, "Service Unavailable",
                                         extra=[("Retry-After", str(OVERLOAD_RETRY_AFTER))]))
 
@@ -460,6 +465,8 @@ class Proxy:
         if txn is not None and method == "INVITE":
             return self.invites.on_response(resp, txn, source, now)
         effects: list[Effect] = []
+        if self.media is not None and method == "BYE" and resp.status >= 200:
+            effects += self.media.on_bye_answered(resp)
         if self.media is not None and method in SDP_METHODS and resp.status >= 200:
             # UPDATE/PRACK answers: from the side the response is not going to
             to_pbx = self.registrar.registry.serial_of(back) is not None

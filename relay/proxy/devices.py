@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pbxcore.wire import PushTarget
 from relay.proxy.counters import Counters
 from relay.proxy.effects import DeviceGone, DeviceSeen, PushEffect
 from relay.proxy.flow import Flow
 from relay.proxy.liveness import Liveness
-from pbxcore.wire import PushTarget
 from relay.proxy.wake import Binding, granted_expires
 from relay.sip.message import Response
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pbxcore.wire import PushTarget, WakeRequest
 from relay.media.effects import BindPorts, CloseLeg, MediaEffect, OpenLeg, RelatchLeg
 from relay.proxy.flow import Flow
-from pbxcore.wire import PushTarget, WakeRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pbxcore.wire import PushTarget, WakeOutcome, WakeRequest
 from relay.proxy.counters import Counters
 from relay.proxy.devices import PendingRegister, Registered
 from relay.proxy.effects import Effect, Send, Wake
 from relay.proxy.flow import Flow
-from pbxcore.wire import WakeOutcome, PushTarget, WakeRequest
 from relay.proxy.replies import Replies, txn_key
 from relay.proxy.transaction import (
     InviteTransaction,
@@ -74,7 +74,7 @@ class Holds:
         again (:meth:`release`) or the ring timeout ends (480)."""
         txn = InviteTransaction(
             key=txn_key(req, via), inbound=source, created=now, call_id=req.call_id,
-            upstream=[h for h in req.headers if h.name in COPIED], to_phone=True,
+            upstream=[h for h in req.headers if h.name in COPIED], to_phone=True, serial=held.serial,
             state=TxnState.HELD, give_up_at=now + self.ring_timeout, extra=held,
         )
         txn.last_response = self.replies.upstream(txn, 100, "Trying")

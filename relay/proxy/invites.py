@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from relay.proxy.counters import Counters
 from relay.proxy.effects import Effect, Send
@@ -35,12 +36,30 @@ log = logging.getLogger("relay.calls")
 SendBack = Callable[[bytes, Flow], list[Send]]
 
 
+# INVITEs pending (not answered finally yet, ringing or held for a push) from one source
+# IP, and for one PBX. One source ringing the whole table kept every other caller out
+# (issue 10: an INVITE flood held 100,000 transactions). A large office behind one NAT
+# rings a few hundred phones at once; a PBX with 2,000 calls ringing is past any office
+# this relay serves (Kamailio's pike and Flexisip's DoS protection cap per source too).
+MAX_PENDING_PER_SOURCE = 500
+MAX_PENDING_PER_PBX = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLimits:
+    """Caps on pending INVITEs (see the constants)."""
+
+    per_source: int = MAX_PENDING_PER_SOURCE
+    per_pbx: int = MAX_PENDING_PER_PBX
+
+
 class InviteTransactions:
     """INVITEs the relay keeps state for. ``send_back`` puts a response on the flow it
     goes back on (or drops it when that connection is gone)."""
 
     def __init__(self, txns: TransactionTable, replies: Replies, counters: Counters, holds: Holds,
-                 media: MediaCalls | None, send_back: SendBack, max_transactions: int):
+                 media: MediaCalls | None, send_back: SendBack, max_transactions: int,
+                 limits: PendingLimits | None = None):
         self.txns = txns
         self.replies = replies
         self.counters = counters
@@ -48,10 +67,19 @@ class InviteTransactions:
         self.media = media
         self.send_back = send_back
         self.max_transactions = max_transactions
+        self.limits = limits or PendingLimits()
 
-    def overloaded(self) -> bool:
-        """The table is full: new INVITEs get 503 (RFC 3261 §21.5.4)."""
-        return len(self.txns) >= self.max_transactions
+    def overloaded(self, source_ip: str, serial: str) -> str | None:
+        """Why a new INVITE from ``source_ip`` for PBX ``serial`` gets 503 (RFC 3261
+        §21.5.4), or None: the table is full, that source or that PBX has as many
+        INVITEs pending as it may."""
+        if len(self.txns) >= self.max_transactions:
+            return "total"
+        if self.txns.live_by_source.get(source_ip, 0) >= self.limits.per_source:
+            return "per_source"
+        if self.txns.live_by_serial.get(serial, 0) >= self.limits.per_pbx:
+            return "per_pbx"
+        return None
 
     def absorb(self, req: Request, via: Via, source: Flow) -> list[Effect] | None:
         """What a request that belongs to a kept INVITE transaction gets instead of
@@ -94,7 +122,7 @@ class InviteTransactions:
         req = hop.req
         txn = held or InviteTransaction(
             key=txn_key(req, hop.via), inbound=hop.source, created=now, call_id=req.call_id,
-            upstream=upstream, to_phone=hop.to_phone)
+            upstream=upstream, to_phone=hop.to_phone, serial=hop.serial)
         txn.outbound = hop.target
         txn.forwarded = data
         txn.downstream = Downstream(

@@ -8,6 +8,7 @@ from relay.proxy.counters import Counters
 from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
 from relay.proxy.replies import Replies
+from relay.sip.headers import NameAddr
 from relay.sip.message import Request, Response, SipMessage
 
 SDP_METHODS = frozenset({"INVITE", "ACK", "PRACK", "UPDATE"})
@@ -37,8 +38,13 @@ class MediaCalls:
         """Rewrite the SDP of a request on its way (BYE ends the call's media).
         Returns the media effects and, when the request must not go on, what to
         answer instead (an empty list: drop it silently)."""
-        if req.method == "BYE":
-            return self.sessions.end(req.call_id), None
+        # A BYE ends the media only when it is accepted (``on_bye_answered``): a
+        # stranger's BYE reusing a live call's Call-ID draws a 481 from the far end.
+        if req.method == "INVITE" and _initial(req) and self._live(req.call_id):
+            # A second dialog-creating INVITE on a live call's Call-ID: a merged or
+            # forged request (RFC 3261 §8.2.2.2), never a way into that call's media.
+            self.counters.inc("media_refused_total", "call_id_in_use")
+            return [], self.replies.refuse(req, source, 482, "Loop Detected")
         if req.method not in SDP_METHODS or not has_sdp(req):
             return [], None
         if req.method == "ACK" and req.call_id not in self.sessions.sessions:
@@ -51,7 +57,7 @@ class MediaCalls:
                 req.call_id, PBX if to_phone else PHONE, req.body, source.remote_ip, now,
                 target.remote_ip, offer=req.method in ("INVITE", "UPDATE"))
         except MediaError as e:
-            self.counters.inc("media_refused_total")
+            self.counters.inc("media_refused_total", "no_ports" if isinstance(e, NoPorts) else "unusable_sdp")
             if req.method == "ACK":
                 return [], []  # an ACK cannot be refused; without media it goes nowhere
             if isinstance(e, NoPorts):
@@ -60,6 +66,17 @@ class MediaCalls:
             return [], self.replies.refuse(req, source, 488, "Not Acceptable Here")
         req.set_body(body)
         return effects, None
+
+    def _live(self, call_id: str) -> bool:
+        session = self.sessions.sessions.get(call_id)
+        return session is not None and session.established
+
+    def on_bye_answered(self, resp: Response) -> list[MediaEffect]:
+        """A final response to a BYE: a 2xx ends the call's media, anything else
+        leaves it (the far end did not know that dialog)."""
+        if 200 <= resp.status < 300:
+            return self.sessions.end(resp.call_id)
+        return []
 
     def on_response(
         self, resp: Response, from_side: str, source_ip: str, now: float,
@@ -71,8 +88,8 @@ class MediaCalls:
             return [], True
         try:
             body, effects = self.sessions.on_sdp(resp.call_id, from_side, resp.body, source_ip, now)
-        except MediaError:
-            self.counters.inc("media_refused_total")
+        except MediaError as e:
+            self.counters.inc("media_refused_total", "no_ports" if isinstance(e, NoPorts) else "unusable_sdp")
             return [], False
         resp.set_body(body)
         return effects, True
@@ -98,3 +115,8 @@ class MediaCalls:
             effects += (self.sessions.established(resp.call_id) if resp.status < 300
                         else self.sessions.failed(resp.call_id))
         return effects, ok
+
+
+def _initial(req: Request) -> bool:
+    """No To tag: a request outside any dialog (RFC 3261 §12.2)."""
+    return NameAddr.parse(req.get("to") or "").tag is None

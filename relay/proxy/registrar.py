@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relay.pbx.digest import DigestAuth
+from relay.proxy.authbans import AuthBans
 from relay.proxy.counters import Counters
 from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
@@ -91,6 +92,13 @@ class PbxRegistry:
         return list(self._by_serial.values())
 
 
+# Bytes of a UDP 401 per byte of the REGISTER it answers, at most (while more than one
+# challenge is left to drop). A spoofed bare REGISTER drew 2.6x its size at d9440f1
+# (issue 10); 2x keeps both challenges for a PBX's ordinary REGISTER (Contact,
+# Expires, User-Agent: ~450 bytes) and gives a bare probe one challenge, the first.
+REFLECTION_FACTOR = 2
+
+
 class PbxRegistrar:
     """Answers PBXs' REGISTERs for ``sip:<serial>@<domain>`` and owns the registry and
     the directory snapshot (serial → digest hashes) the shell hands in."""
@@ -104,6 +112,7 @@ class PbxRegistrar:
         self.registry = PbxRegistry()
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
+        self.bans = AuthBans()
 
     def directory_entry(self, serial: str) -> Ha1s | None:
         """The digest hashes of ``serial`` in the current directory, or None."""
@@ -152,8 +161,21 @@ class PbxRegistrar:
             return [self._query(req, serial, source, now)]
         return self._bind(req, serial, contacts[0], expires_hdr, source, now)
 
+    def _failed(self, source: Flow, serial: str, now: float) -> None:
+        banned = self.bans.failed(source.remote_ip, now)
+        if banned is None:
+            return
+        self.counters.inc("pbx_auth_bans_total")
+        # One line per ban, for fail2ban (systemd/fail2ban/filter.d/pbx-relay.conf).
+        log.warning("event=auth_banned source=%s serial=%s failures=%d seconds=%g transport=%s",
+                    banned.ip, serial, banned.failures, banned.seconds, source.transport)
+
     def _authenticate(self, req: Request, serial: str, source: Flow, now: float) -> list[Send] | None:
         """None when the request carries good credentials; else the 401 or 403 to send."""
+        if self.bans.banned(source.remote_ip, now):
+            # Banned for guessing: refused without looking, the right secret too.
+            self.counters.inc("pbx_auth_refused_total", "banned")
+            return self.replies.refuse(req, source, 403, "Forbidden")
         authorization = req.get("authorization")
         bind = f"{source.transport}:{source.remote_ip}"
         verdict = "none"
@@ -163,16 +185,26 @@ class PbxRegistrar:
             if verdict == "ok" and username != serial:
                 verdict = "fail"
         if verdict == "ok":
+            self.bans.succeeded(source.remote_ip)
             return None
         if verdict == "fail":
             # Wrong secret and unknown serial get the same answer: nobody can
             # use the relay to find out which serials exist.
             self.counters.inc("pbx_auth_failures_total")
+            self._failed(source, serial, now)
             return self.replies.refuse(req, source, 403, "Forbidden")
         # RFC 3261 §22.4: challenge; stale=true when only the nonce aged.
-        challenges = self.auth.challenges(now, verdict == "stale", bind)
-        return [self.replies.reply(req, source, 401, "Unauthorized",
-                                   extra=[("WWW-Authenticate", c) for c in challenges])]
+        extra = [("WWW-Authenticate", c) for c in self.auth.challenges(now, verdict == "stale", bind)]
+        answer = self.replies.reply(req, source, 401, "Unauthorized", extra=extra)
+        if source.transport == "udp":
+            # A spoofed source must not turn the relay into an amplifier: over UDP the
+            # challenge stays within REFLECTION_FACTOR x the request, the algorithms
+            # offered last dropped first (the first one is what most clients read).
+            limit = REFLECTION_FACTOR * (req.wire_size or len(req.serialise()))
+            while len(answer.data) > limit and len(extra) > 1:
+                extra.pop()
+                answer = self.replies.reply(req, source, 401, "Unauthorized", extra=extra)
+        return [answer]
 
     def _unbind(self, req: Request, serial: str, source: Flow) -> list[Send]:
         self.registry.unbind(serial)

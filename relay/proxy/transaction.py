@@ -117,6 +117,7 @@ class InviteTransaction:
     call_id: str
     upstream: list[Header]  # Via/From/To/Call-ID/CSeq as received: what our own answers copy
     to_phone: bool = False  # the INVITE went PBX → phone
+    serial: str = ""  # the PBX whose call it is (either direction)
     state: TxnState = TxnState.CALLING
     outbound: Flow | None = None
     forwarded: bytes = b""  # the INVITE as sent downstream: Timer A resends it; dropped once answered
@@ -179,6 +180,9 @@ class TransactionTable:
         self._heap: list[_Entry] = []
         self._seq = 0
         self.live_count = 0  # transactions in a LIVE state, kept as they move
+        # ... and per source IP and per PBX serial (admission caps, issue 10)
+        self.live_by_source: dict[str, int] = {}
+        self.live_by_serial: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._txns)
@@ -193,7 +197,7 @@ class TransactionTable:
         """Keep ``txn`` (and find it by ``branch``, the one it went downstream with)."""
         self._txns[txn.key] = txn
         if txn.live:
-            self.live_count += 1
+            self._count_live(txn, 1)
         if branch:
             self.link_branch(txn, branch)
         self.schedule(txn)
@@ -207,7 +211,7 @@ class TransactionTable:
         was_live = txn.live
         state = txn.move(event)
         if was_live and not txn.live:
-            self.live_count -= 1
+            self._count_live(txn, -1)
             txn.forwarded = b""  # no more Timer A: the INVITE's bytes are not needed
             txn.extra = None
         return state
@@ -223,9 +227,18 @@ class TransactionTable:
         if self._txns.get(txn.key) is txn:
             del self._txns[txn.key]
             if txn.live:
-                self.live_count -= 1
+                self._count_live(txn, -1)
         if self._by_branch.get(txn.our_branch) is txn:
             del self._by_branch[txn.our_branch]
+
+    def _count_live(self, txn: InviteTransaction, step: int) -> None:
+        self.live_count += step
+        for table, key in ((self.live_by_source, txn.inbound.remote_ip), (self.live_by_serial, txn.serial)):
+            n = table.get(key, 0) + step
+            if n > 0:
+                table[key] = n
+            else:
+                table.pop(key, None)
 
     # ------------------------------------------------------------------ timers
     def schedule(self, txn: InviteTransaction) -> None:

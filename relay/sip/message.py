@@ -49,13 +49,16 @@ class Header:
 class SipMessage:
     """Common part of requests and responses."""
 
-    __slots__ = ("start_line", "headers", "body", "_from_tag")
+    __slots__ = ("start_line", "headers", "body", "_from_tag", "wire_size")
 
     def __init__(self, start_line: bytes, headers: list[Header], body: bytes = b""):
         self.start_line = start_line
         self.headers = headers
         self.body = body
         self._from_tag: str | None | bool = False  # False: not read yet
+        # Octets it arrived in (the parser sets it; 0 for a message built here): what
+        # an answer to a datagram is measured against (reflection, issue 10).
+        self.wire_size = 0
 
     @property
     def from_tag(self) -> str | None:

@@ -57,6 +57,7 @@ def parse_message(data: bytes, *, datagram: bool = True) -> SipMessage:
     except _Truncated as t:
         raise _answerable_limit(t.error, start, t.headers) from None
     msg = _start(start, headers)
+    msg.wire_size = len(data)
     try:
         _check_size_limits(msg, head)
         cl = _content_length(msg)

@@ -1,0 +1,88 @@
+"""A live call's media is its dialog's: a stranger reusing its Call-ID cannot end or take it."""
+
+from __future__ import annotations
+
+from relay.media.effects import BindPorts, CloseLeg
+from relay.media.ports import PortPool
+from relay.media.session import MediaSessions
+from relay.proxy.flow import Flow
+from tests.proxyharness import (
+    PBX_DOMAIN,
+    PBX_TCP,
+    PHONE_UDP,
+    STRANGER,
+    Out,
+    feed,
+    make_proxy,
+    register_pbx,
+    request,
+    response_to,
+)
+from tests.test_proxy_core import OUTBOUND, PBX_CONTACT, SDP, phone_invite
+
+ANSWER = SDP.replace("192.168.1.20", "10.1.1.1")
+
+
+class Call:
+    """A phone → PBX call with anchored media, established."""
+
+    def __init__(self) -> None:
+        self.media = MediaSessions("198.51.100.1", PortPool(10_000, 10_100))
+        self.proxy, _ = make_proxy(self.media)
+        for e in self.proxy.start(0.0):  # the shell binds every pair it is asked to
+            if isinstance(e, BindPorts):
+                self.proxy.on_ports_bound(tuple(e.ports), ())
+        register_pbx(self.proxy, PBX_TCP, now=0.0)
+        _, fwd = self.feed(phone_invite(call_id="live"), PHONE_UDP)
+        ok = response_to(fwd.data, 200, "OK", headers=[PBX_CONTACT, "Content-Type: application/sdp"])
+        body = f"Content-Length: {len(ANSWER)}\r\n\r\n{ANSWER}".encode()
+        ok = ok.replace(b"Content-Length: 0\r\n\r\n", body)
+        (back,) = self.feed(ok, PBX_TCP)
+        assert back.status == 200 and back.flow == PHONE_UDP
+        assert self.media.sessions["live@test"].established
+
+    def feed(self, data: bytes, flow: Flow) -> list[Out]:
+        return feed(self.proxy, data, flow, 2.0)
+
+
+def stranger_bye(call: Call) -> list[Out]:
+    data = request("BYE", f"sip:201@{PBX_DOMAIN}", flow=STRANGER, via_host="203.0.113.9", call_id="live",
+                   cseq=2, to_tag="guess", headers=[OUTBOUND])
+    return call.feed(data, STRANGER)
+
+
+def test_a_bye_the_far_end_refuses_leaves_the_media() -> None:
+    call = Call()
+    outs = stranger_bye(call)
+    fwd = next(o for o in outs if o.flow == PBX_TCP)  # the PBX decides whose dialog it is
+    (back,) = call.feed(response_to(fwd.data, 481, "Call/Transaction Does Not Exist"), PBX_TCP)
+    assert back.status == 481 and back.flow == STRANGER
+    assert "live@test" in call.media.sessions
+    assert not any(isinstance(e, CloseLeg) for e in call.proxy.take_effects())
+
+
+def test_a_bye_the_far_end_accepts_ends_the_media() -> None:
+    call = Call()
+    outs = stranger_bye(call)  # any BYE the PBX accepts is that call's BYE
+    fwd = next(o for o in outs if o.flow == PBX_TCP)
+    assert "live@test" in call.media.sessions  # not before the answer
+    call.proxy.take_effects()
+    (back,) = call.feed(response_to(fwd.data, 200, "OK"), PBX_TCP)
+    assert back.status == 200
+    assert "live@test" not in call.media.sessions
+    assert sum(isinstance(e, CloseLeg) for e in call.proxy.take_effects()) == 2
+    assert call.media.ports.in_use == 0
+
+
+def test_a_new_invite_on_a_live_call_id_is_482_and_touches_nothing() -> None:
+    call = Call()
+    legs = [(leg.port, leg.rtp.latched) for leg in call.media.sessions["live@test"].legs()]
+    call.proxy.take_effects()
+    forged = phone_invite(flow=STRANGER, call_id="live", branch="z9hG4bKx", from_tag="evil")
+    outs = call.feed(forged, STRANGER)
+    resp = outs[-1]
+    assert all(o.flow == STRANGER for o in outs)  # nothing reached the PBX
+    assert resp.status == 482 and resp.flow == STRANGER
+    assert [(leg.port, leg.rtp.latched) for leg in call.media.sessions["live@test"].legs()] == legs
+    assert call.proxy.counters.get("media_refused_total", "call_id_in_use") == 1
+    assert not any(isinstance(e, CloseLeg) for e in call.proxy.take_effects())
