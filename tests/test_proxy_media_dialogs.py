@@ -86,3 +86,29 @@ def test_a_new_invite_on_a_live_call_id_is_482_and_touches_nothing() -> None:
     assert [(leg.port, leg.rtp.latched) for leg in call.media.sessions["live@test"].legs()] == legs
     assert call.proxy.counters.get("media_refused_total", "call_id_in_use") == 1
     assert not any(isinstance(e, CloseLeg) for e in call.proxy.take_effects())
+
+
+def test_one_source_gets_its_share_of_the_ports_and_others_keep_calling() -> None:
+    media = MediaSessions("198.51.100.1", PortPool(10_000, 10_100), per_source=2, per_pbx=3)
+    proxy, _ = make_proxy(media)
+    for e in proxy.start(0.0):
+        if isinstance(e, BindPorts):
+            proxy.on_ports_bound(tuple(e.ports), ())
+    register_pbx(proxy, PBX_TCP, now=0.0)
+
+    def call(flow: Flow, n: int) -> list[Out]:
+        return feed(proxy, phone_invite(flow=flow, call_id=f"share{n}", branch=f"z9hG4bKsh{n}"), flow, 1.0)
+
+    first, second, third = call(PHONE_UDP, 1), call(PHONE_UDP, 2), call(PHONE_UDP, 3)
+    assert [o.flow for o in first] == [PHONE_UDP, PBX_TCP] and [o.flow for o in second] == [PHONE_UDP, PBX_TCP]
+    refused = third[-1]
+    assert (refused.status, refused.flow) == (503, PHONE_UDP) and refused.msg.get("retry-after")
+    assert all(o.flow == PHONE_UDP for o in third)  # nothing of it reached the PBX
+    assert proxy.counters.get("media_refused_total", "over_share") == 1
+    # another source still calls, until the PBX's share (3 calls) is full
+    assert call(STRANGER, 4)[-1].flow == PBX_TCP
+    assert call(STRANGER, 5)[-1].status == 503
+    # a call that ends gives its share back
+    (back,) = feed(proxy, response_to(first[-1].data, 486, "Busy Here"), PBX_TCP, 2.0)
+    assert back.status == 486
+    assert call(STRANGER, 6)[-1].flow == PBX_TCP

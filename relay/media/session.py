@@ -120,6 +120,7 @@ class MediaSession:
     created: float
     streams: dict[int, Stream] = field(default_factory=dict)
     established: bool = False
+    owner: Owner | None = None  # whose share of the ports it counts against
 
     def legs(self) -> list[Leg]:
         return [leg for s in self.streams.values() for leg in s.legs.values()]
@@ -154,6 +155,26 @@ class NoPorts(MediaError):
     """The port range is used up: the request deserves 503 with Retry-After."""
 
 
+class OverShare(NoPorts):
+    """The caller's source or the PBX has as many calls anchored as it may (503 too)."""
+
+
+# Calls with anchored media one source IP may open, and one PBX may have. Each call
+# holds at most 2 x limits.MAX_MEDIA_STREAMS port pairs; at d9440f1 156 INVITEs from
+# one phone held all 10,000 ports (issue 10). A source: an office NAT with a hundred
+# calls in progress; a PBX: a thousand calls at once, past any office this relay serves.
+MAX_CALLS_PER_SOURCE = 100
+MAX_CALLS_PER_PBX = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who a call's media is charged to: the PBX and the source IP that opened it."""
+
+    serial: str
+    source_ip: str
+
+
 class UnusableSdp(MediaError):
     """The body is not SDP the relay can anchor: the request deserves 488."""
 
@@ -161,11 +182,16 @@ class UnusableSdp(MediaError):
 class MediaSessions:
     """Every call's media. ``address``: the IP the SDP names for the relay."""
 
-    def __init__(self, address: str, ports: PortPool, no_media_timeout: float = 60.0):
+    def __init__(self, address: str, ports: PortPool, no_media_timeout: float = 60.0,
+                 per_source: int = MAX_CALLS_PER_SOURCE, per_pbx: int = MAX_CALLS_PER_PBX):
         self.address = address
         self.ports = ports
         self.no_media_timeout = no_media_timeout
+        self.per_source = per_source
+        self.per_pbx = per_pbx
         self.sessions: dict[str, MediaSession] = {}
+        self._by_source: dict[str, int] = {}
+        self._by_serial: dict[str, int] = {}
         self.ended_total = 0
         self.packets_total = 0  # of ended sessions; live legs count their own
         self.octets_total = 0
@@ -186,7 +212,7 @@ class MediaSessions:
     # ------------------------------------------------------------- signalling
     def on_sdp(
         self, call_id: str, from_side: str, body: bytes, signal_ip: str, now: float,
-        peer_ip: str = "", offer: bool = False,
+        peer_ip: str = "", offer: bool = False, owner: Owner | None = None,
     ) -> tuple[bytes, list[MediaEffect]]:
         """An offer or answer from ``from_side`` (whose SIP came from ``signal_ip``):
         remember where that side wants media, and return the SDP the other side
@@ -197,18 +223,43 @@ class MediaSessions:
         Raises NoPorts or UnusableSdp; then nothing of this SDP is kept."""
         session = self.sessions.get(call_id)
         if session is None:
-            session = self.sessions[call_id] = MediaSession(call_id, now)
+            session = MediaSession(call_id, now, owner=self._admit(owner))
+            self.sessions[call_id] = session
         learn = _Learning(session, from_side, signal_ip, peer_ip, offer and session.established, self.ports)
         try:
             body = anchor_sdp(body, self.address, learn.allocate)
         except (SdpError, PortsExhausted) as e:
             learn.undo()
             if not session.streams:
-                self.sessions.pop(call_id, None)  # nothing anchored, nothing to keep
+                self._forget(call_id)  # nothing anchored, nothing to keep
             raise (NoPorts(str(e)) if isinstance(e, PortsExhausted) else UnusableSdp(str(e))) from e
         if not session.streams:
-            self.sessions.pop(call_id, None)
+            self._forget(call_id)
         return body, [*learn.effects(), *self._refill()]
+
+    def _admit(self, owner: Owner | None) -> Owner | None:
+        """Charge a new call to ``owner``'s shares; OverShare when one is full."""
+        if owner is None:
+            return None
+        if self._by_source.get(owner.source_ip, 0) >= self.per_source:
+            raise OverShare(f"{owner.source_ip} has {self.per_source} calls anchored")
+        if self._by_serial.get(owner.serial, 0) >= self.per_pbx:
+            raise OverShare(f"PBX {owner.serial} has {self.per_pbx} calls anchored")
+        for table, key in ((self._by_source, owner.source_ip), (self._by_serial, owner.serial)):
+            table[key] = table.get(key, 0) + 1
+        return owner
+
+    def _forget(self, call_id: str) -> MediaSession | None:
+        session = self.sessions.pop(call_id, None)
+        if session is not None and session.owner is not None:
+            o = session.owner
+            for table, key in ((self._by_source, o.source_ip), (self._by_serial, o.serial)):
+                n = table.get(key, 0) - 1
+                if n > 0:
+                    table[key] = n
+                else:
+                    table.pop(key, None)
+        return session
 
     def established(self, call_id: str) -> list[MediaEffect]:
         """A 2xx to an INVITE or UPDATE: the call is up, a pending offer holds."""
@@ -232,7 +283,7 @@ class MediaSessions:
 
     def end(self, call_id: str) -> list[MediaEffect]:
         """The call is over: close every leg (empty when there was no session)."""
-        session = self.sessions.pop(call_id, None)
+        session = self._forget(call_id)
         if session is None:
             return []
         out: list[MediaEffect] = []

@@ -352,7 +352,8 @@ class Proxy:
         bindings = self._add_route_entries(hop, now)
         effects: list[Effect] = []
         if self.media is not None:
-            media_effects, refusal = self.media.on_request(req, hop.source, hop.target, hop.to_phone, now)
+            media_effects, refusal = self.media.on_request(
+                req, hop.source, hop.target, hop.to_phone, now, hop.serial)
             if refusal is not None:
                 return self._refused_on_the_way(held, refusal)
             effects += media_effects

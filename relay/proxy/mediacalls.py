@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay.media.effects import MediaEffect
-from relay.media.session import PBX, PHONE, MediaError, MediaSessions, NoPorts
+from relay.media.session import PBX, PHONE, MediaError, MediaSessions, NoPorts, OverShare, Owner
 from relay.proxy.counters import Counters
 from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
@@ -33,7 +33,7 @@ class MediaCalls:
         self.counters = counters
 
     def on_request(
-        self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float,
+        self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float, serial: str = "",
     ) -> tuple[list[MediaEffect], list[Send] | None]:
         """Rewrite the SDP of a request on its way (BYE ends the call's media).
         Returns the media effects and, when the request must not go on, what to
@@ -55,9 +55,10 @@ class MediaCalls:
         try:
             body, effects = self.sessions.on_sdp(
                 req.call_id, PBX if to_phone else PHONE, req.body, source.remote_ip, now,
-                target.remote_ip, offer=req.method in ("INVITE", "UPDATE"))
+                target.remote_ip, offer=req.method in ("INVITE", "UPDATE"),
+                owner=Owner(serial, source.remote_ip) if serial else None)
         except MediaError as e:
-            self.counters.inc("media_refused_total", "no_ports" if isinstance(e, NoPorts) else "unusable_sdp")
+            self.counters.inc("media_refused_total", _reason(e))
             if req.method == "ACK":
                 return [], []  # an ACK cannot be refused; without media it goes nowhere
             if isinstance(e, NoPorts):
@@ -89,7 +90,7 @@ class MediaCalls:
         try:
             body, effects = self.sessions.on_sdp(resp.call_id, from_side, resp.body, source_ip, now)
         except MediaError as e:
-            self.counters.inc("media_refused_total", "no_ports" if isinstance(e, NoPorts) else "unusable_sdp")
+            self.counters.inc("media_refused_total", _reason(e))
             return [], False
         resp.set_body(body)
         return effects, True
@@ -120,3 +121,9 @@ class MediaCalls:
 def _initial(req: Request) -> bool:
     """No To tag: a request outside any dialog (RFC 3261 §12.2)."""
     return NameAddr.parse(req.get("to") or "").tag is None
+
+
+def _reason(e: MediaError) -> str:
+    if isinstance(e, OverShare):
+        return "over_share"
+    return "no_ports" if isinstance(e, NoPorts) else "unusable_sdp"
