@@ -35,11 +35,11 @@ def test_the_contracts_name_what_issue_9_asks() -> None:
     assert layers["containers"] == ["relay"] and layers["layers"][1:] == ["proxy", "sip"]
     forbidden = {(tuple(c["source_modules"]), tuple(c["forbidden_modules"])) for c in by_name.values()
                  if c["type"] == "forbidden"}
+    core = ("relay.proxy", "relay.sip", "relay.media.session", "relay.media.ports", "relay.media.sdp")
     assert forbidden == {(("push",), ("relay",)), (("relay.proxy", "relay.sip"), ("push",)),
-                         (("pbxcore",), ("relay", "push"))}
-    # Known broken until the lead's core redesign: only the proxy's two push.model imports.
-    ignored = [i for c in contracts for i in c.get("ignore_imports", [])]
-    assert ignored == ["relay.proxy.core -> push.model", "relay.proxy.wake -> push.model"]
+                         (("pbxcore",), ("relay", "push")), (core, ("trio",))}
+    # No exceptions: every contract holds for every import.
+    assert [i for c in contracts for i in c.get("ignore_imports", [])] == []
 
 
 def _package_of(module: str, is_package: bool) -> str:
