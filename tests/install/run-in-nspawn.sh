@@ -143,7 +143,9 @@ systemd-nspawn --boot -D "$M" -M "$NAME" --private-network --register=no --keep-
     --console=read-only > "$WORK/console.log" 2>&1 < /dev/null &
 NSPAWN_PID=$!
 for _ in $(seq 100); do
-  LEADER=$(pgrep -P "$NSPAWN_PID" | head -1 || true)
+  # The container's PID 1 is nspawn's child once it has become systemd (before that the
+  # child is a short-lived copy of nspawn).
+  LEADER=$(pgrep -P "$NSPAWN_PID" -x systemd | head -1 || true)
   [ -n "$LEADER" ] && break
   kill -0 "$NSPAWN_PID" 2>/dev/null || break
   sleep 0.1
