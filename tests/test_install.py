@@ -2,10 +2,11 @@
 
 The script does the work and says where it stopped; this runs it and shows its output
 when it fails. It needs root, systemd-nspawn and debootstrap (installed by the script
-when missing), the Debian mirror and PyPI: about 35 s with its cache warm (the
+when missing), the Debian mirror and PyPI: about 45 s with its cache warm (the
 debootstrap tree and the apt/pip downloads in /var/tmp/pbx-relay-debootstrap-cache),
-about 2 minutes cold. Without root, or where a container cannot boot, it is skipped
-with the reason; ``PBX_INSTALL_TEST=0`` skips it on purpose.
+about 100 s cold (55 s of it debootstrap), measured on this 2-core machine under load 2.
+Without root it is skipped; ``PBX_INSTALL_TEST=0`` skips it on purpose. Where a
+container cannot boot it fails, saying so: the install would not have been tested.
 
 Also here, without a container: the README's install blocks are found by their markers,
 and a failing line stops a block with its README line (tests/install/readme_blocks.py).
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests/install"))
 
 import readme_blocks  # noqa: E402  (tests/install is not a package: the script runs it as a file)
 
-TIMEOUT = 900  # seconds: a cold run (debootstrap, downloads) takes about 2 minutes
+TIMEOUT = 900  # seconds: a cold run (debootstrap, downloads) takes about 100 s
 
 
 def test_readme_install_blocks_are_marked_and_complete() -> None:
@@ -72,8 +73,6 @@ def _cannot_run() -> str | None:
         return "PBX_INSTALL_TEST=0"
     if os.geteuid() != 0:
         return "needs root (debootstrap, systemd-nspawn)"
-    if not Path("/sys/fs/cgroup").is_dir():
-        return "no cgroup file system: systemd cannot boot in a container here"
     return None
 
 
