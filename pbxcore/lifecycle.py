@@ -2,8 +2,10 @@
 
 Signals, the way both units and a terminal use them:
 
-- SIGHUP (``systemctl reload``): RELOADING=1, ``reload()``, READY=1 with a fresh STATUS.
-  A reload never stops the service: ``reload()`` logs what it could not apply.
+- SIGHUP (``systemctl reload``): RELOADING=1, ``reload()``, READY=1 with a fresh STATUS,
+  each reload counted in ``$RUNTIME_DIRECTORY/reloads`` so that the units' ExecReload
+  returns only once it ran (pbxcore.reloadack). A reload never stops the service:
+  ``reload()`` logs what it could not apply.
 - SIGTERM (``systemctl stop``/``restart``): STOPPING=1, then ``drain()`` when the service
   has one (the relay lets calls finish, up to its drain limit), then stop.
 - SIGINT (Ctrl-C in a terminal) and a second SIGTERM: STOPPING=1 and stop at once.
@@ -17,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
+from pbxcore.reloadack import ReloadLedger
 from pbxcore.sdnotify import Check, Notifier, keep_watchdog
 
 log = logging.getLogger("pbxcore.lifecycle")
@@ -39,6 +42,8 @@ async def supervise(
     ``signals`` comes from ``trio.open_signal_receiver(*SIGNALS)``, opened before the
     service started so that no signal is lost in between. ``status()`` is the one-line
     STATUS, ``check()`` the watchdog's health check (see :func:`keep_watchdog`)."""
+    reloads = ReloadLedger.from_environ()
+    reloads.publish()
     notifier.ready(await status())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keep_watchdog, notifier, check)
@@ -51,9 +56,11 @@ async def supervise(
                 if stopping:
                     log.info("event=reload_ignored reason=stopping")
                     continue
+                reloads.started()
                 notifier.reloading("Reloading")
                 await reload()
                 notifier.ready(await status())
+                reloads.finished()
             elif signum == signal.SIGTERM and drain is not None and not stopping:
                 stopping = True
                 log.info("event=stopping signal=%s drain=yes", name)

@@ -8,7 +8,8 @@ send, and reads the notifications the service sends back.
 
 What the test substitutes, and nothing else: every absolute path under the install prefix
 (``/opt/pbx-relay``), the configuration directories (``/etc/pbx-relay``, ``/etc/pbx-push``),
-the state directories (``/var/lib/...``) and ``/bin/kill`` gets the fake root in front.
+the state directories (``/var/lib/...``) and ``/bin/kill`` gets the fake root in front;
+``$RUNTIME_DIRECTORY`` is a directory of the test's, and ``$MAINPID`` the service's pid.
 In the fake root, ``opt/pbx-relay/bin/pbx-relay`` and ``pbx-push`` exec this virtualenv's
 entry points (same pid: the service stays systemd's main process), and the configs name
 free loopback ports. ``systemd-analyze verify --root`` checks the units against that root,
@@ -174,6 +175,7 @@ class Service:
     proc: subprocess.Popen[bytes]
     notify: NotifySocket
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # what systemd gives ExecStart and ExecReload
     lines: list[str] = field(default_factory=list)  # stdout (the banner)
     pump: threading.Thread | None = None  # reads stdout until the service exits
 
@@ -208,17 +210,22 @@ def env_file(path: Path) -> dict[str, str]:
 
 def start(root: Path, tmp: Path, name: str, *, ready: bool = True) -> Service:
     """Run ``name``'s ExecStart as systemd would: its EnvironmentFile, WorkingDirectory,
-    NOTIFY_SOCKET and WATCHDOG_USEC; wait for READY=1 unless ``ready`` is False."""
+    RUNTIME_DIRECTORY, NOTIFY_SOCKET and WATCHDOG_USEC; wait for READY=1 unless ``ready``
+    is False."""
     sock = NotifySocket(tmp / f"{name}.notify")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PBX_RELAY_", "PBX_PUSH_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM"))}
     env.update(PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     env.update(env_file(Path(rooted(root, one(name, "EnvironmentFile").lstrip("-")))))
+    runtime = tmp / "run" / one(name, "RuntimeDirectory")
+    shutil.rmtree(runtime, ignore_errors=True)  # systemd makes it anew at each start
+    runtime.mkdir(parents=True)
+    env["RUNTIME_DIRECTORY"] = str(runtime)
     log_path = tmp / f"{name}.log"
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(exec_line(root, name), cwd=rooted(root, one(name, "WorkingDirectory")),
                                 env=env, stdout=subprocess.PIPE, stderr=log)
-    svc = Service(name, proc, sock, log_path)
+    svc = Service(name, proc, sock, log_path, env)
     assert proc.stdout is not None
     out = proc.stdout
 
@@ -236,6 +243,13 @@ def start(root: Path, tmp: Path, name: str, *, ready: bool = True) -> Service:
             svc.stop()
             raise AssertionError(f"{name}: no READY=1\n{svc.log()[-3000:]}") from None
     return svc
+
+
+def reload_unit(root: Path, svc: Service) -> subprocess.CompletedProcess[str]:
+    """``systemctl reload``: the unit's ExecReload with ``$MAINPID``, in the service's
+    environment. systemctl returns when this returns."""
+    argv = [str(svc.proc.pid) if a == "$MAINPID" else a for a in exec_line(root, svc.name, "ExecReload")]
+    return subprocess.run(argv, env=svc.env, capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture
@@ -428,7 +442,8 @@ def test_units_say_what_the_services_need() -> None:
         u = unit(name)
         want = {
             "Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30", "Restart": "on-failure",
-            "ExecReload": "/bin/kill -HUP $MAINPID", "LimitNOFILE": "65536", "User": user,
+            "ExecReload": "/opt/pbx-relay/bin/python3 -I -m pbxcore.reloadack $MAINPID",
+            "LimitNOFILE": "65536", "User": user, "RuntimeDirectory": user,
             "StateDirectory": user, "ConfigurationDirectory": user, "NoNewPrivileges": "yes",
             "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
             "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
@@ -498,12 +513,14 @@ def test_push_unit_notifies_reloads_credentials_and_stops(tmp_path: Path, servic
                               "private_key": pem, "token_uri": "http://127.0.0.1:9/token"}))
     conf.write_text(conf.read_text().replace('log_level = "info"', 'log_level = "debug"')
                     + f'[fcm]\nservice_account = "{sa}"\n')
-    svc.signal(signal.SIGHUP)
+    done = reload_unit(root, svc)
+    assert (done.returncode, done.stderr) == (0, "")
+    # Applied when `systemctl reload` returns: the line is there without waiting for it.
+    assert "event=reloaded" in svc.log()
     i = svc.notify.wait("RELOADING", "1", after=ready)
     assert int(svc.notify[i]["MONOTONIC_USEC"]) > 0
     j = svc.notify.wait("READY", "1", after=i)
     assert "FCM live" in svc.notify[j]["STATUS"]
-    eventually(lambda: "event=reloaded" in svc.log(), what="reloaded line")
     line = next(x for x in svc.log().splitlines() if "event=reloaded" in x)
     assert "log_level=debug(changed)" in line and "gateways=apns:dry-run,fcm:live" in line, line
     assert "restart_needed=-" in line
@@ -570,16 +587,24 @@ def test_relay_unit_ready_reload_and_drain(tmp_path: Path, services: list[Servic
     assert added.returncode == 0, added.stderr  # the wrapper gave it the token from secrets.env
     r.secrets[SERIAL] = next(x.split()[1] for x in added.stdout.splitlines() if x.startswith("secret"))
     second = new_cert(tmp_path, "cert-b", setup.cert, setup.key)
-    svc.signal(signal.SIGHUP)
+    done = reload_unit(root, svc)
+    assert (done.returncode, done.stderr) == (0, "")
+    # Applied when `systemctl reload` returns (a renewal hook relies on it): no waiting here.
+    assert served_cert(r.tls) == second
+    pbx = PbxUa(r)  # registers at once, without waiting for the directory's 2 s poll
     i = svc.notify.wait("RELOADING", "1", after=ready)
     j = svc.notify.wait("READY", "1", after=i)
-    pbx = PbxUa(r)  # registers at once, without waiting for the directory's 2 s poll
-    assert served_cert(r.tls) == second
     line = next(x for x in svc.log().splitlines() if "event=reloaded" in x)
     # `pbx add` already made the running relay read the directory (POST /v1/directory/reload);
     # the reload reads it again and finds the PBX there.
     assert "tls=new" in line and f"tls_sha256={second[:16]}" in line and "pbx_count=1" in line, line
     assert "event=directory_loaded pbx_count=1 added=1" in svc.log()
+    # The push service's verbs need an operator token (the relay's may not list devices):
+    # the wrapper mints one with the pbx-push wrapper beside it, no $PBX_RELAY_OPERATOR_TOKEN.
+    for verb in (["devices"], ["pbx", "show", SERIAL], ["export", SERIAL, "201"]):
+        out = cli(root, "pbx-relay", *verb)
+        assert (out.returncode, out.stderr) == (0, ""), verb
+    assert "devices     0" in cli(root, "pbx-relay", "pbx", "show", SERIAL).stdout
 
     # A certificate that does not load: logged, the old one stays, the relay runs on.
     setup.cert.write_text("not a certificate\n")
