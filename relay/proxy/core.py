@@ -42,18 +42,15 @@ from relay.proxy.liveness import Liveness
 from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
-from relay.proxy.routetokens import TOKEN_FROM_PBX, TOKEN_FROM_PHONE, TOKEN_PATH, Claim, RouteTokens
+from relay.proxy.routeentries import add_route_entries, towards_phone
+from relay.proxy.routetokens import TOKEN_PATH, Claim, RouteTokens
 from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
     TxnKey,
 )
 from relay.proxy.wake import (
-    Binding,
-    path_device_of,
     path_user,
-    register_bindings,
-    requested_expires,
     uri_push_target,
     user_of,
 )
@@ -68,7 +65,6 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, PRACK, INFO, MESSA
 COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 # Methods whose out-of-dialog request creates a dialog: the relay must stay on
 # its route (Record-Route, RFC 3261 §16.6 item 4).
-DIALOG_FORMING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 # INVITE transactions in flight at most (each ~2 KB). Beyond, new INVITEs get
 # 503 + Retry-After (RFC 3261 §21.5.4) instead of the relay growing without bound.
 MAX_TRANSACTIONS = 100_000
@@ -274,7 +270,7 @@ class Proxy:
         pbx = self.registrar.lookup(serial, now) if serial else None
         if kind != TOKEN_PATH:
             phone_flow = self.devices.follow(phone_flow, serial, now)
-        if _towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
+        if towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
             if source == phone_flow:
                 return list(self.replies.refuse(req, source, 482, "Loop Detected"))
             if kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
@@ -349,7 +345,7 @@ class Proxy:
         if looped(req, loop):
             return self._refused_on_the_way(held, self.replies.refuse(req, hop.source, 482, "Loop Detected"))
         decrement_max_forwards(req, hop.mf)
-        bindings = self._add_route_entries(hop, now)
+        bindings = add_route_entries(hop, self.tokens, self.identity, self.cfg.push, now + self._wall_offset)
         effects: list[Effect] = []
         if self.media is not None:
             media_effects, refusal = self.media.on_request(
@@ -371,38 +367,6 @@ class Proxy:
         if req.method != "INVITE":
             return [*effects, Send(hop.target, data)]
         return [*effects, *self.invites.start(hop, branch, our_via, upstream, data, now, held)]
-
-    def _add_route_entries(self, hop: Hop, now: float) -> list[Binding]:
-        """Path on a phone's REGISTER (RFC 3327), Record-Route on a dialog-forming
-        request (§16.6 item 4); the REGISTER's device bindings, when it has any."""
-        req = hop.req
-        wall = now + self._wall_offset
-        if req.method == "REGISTER":
-            # Requests from the PBX to this phone come back through us, on this very
-            # flow (RFC 5626 §5.1). With push parameters, the token also names the
-            # device and its AOR user: only that device can be woken along this Path,
-            # and only that user's next registration gets the call.
-            bindings = register_bindings(req)
-            push_b = next((b for b in bindings if b.target is not None), None)
-            device = ""
-            if push_b is not None and push_b.target is not None and self.cfg.push:
-                device = path_device_of(push_b.target, user_of(req.get("to")))
-            token = self.tokens.path(hop.phone_flow, hop.serial, device, requested_expires(req), wall)
-            req.insert_before("Path", f"<{self.identity.uri(token, hop.target)};lr>")
-            return bindings
-        if req.method in DIALOG_FORMING:
-            kind = TOKEN_FROM_PBX if hop.to_phone else TOKEN_FROM_PHONE
-            token = self.tokens.record_route(hop.phone_flow, kind, hop.serial, req, wall)
-            ftag = req.from_tag
-            rr = f";lr;ftag={ftag}>" if ftag else ";lr>"
-            # Double Record-Route when the two sides use different sockets
-            # (RFC 5658): each side must see the entry it can reach. Inside a
-            # dialog (re-INVITE) it is harmless and keeps target refreshes simple.
-            source, target = hop.source, hop.target
-            if (source.transport, source.local_port) != (target.transport, target.local_port):
-                req.insert_before("Record-Route", f"<{self.identity.uri(token, source)}{rr}")
-            req.insert_before("Record-Route", f"<{self.identity.uri(token, target)}{rr}")
-        return []
 
     def _release(self, txn: InviteTransaction, held: Held, flow: Flow, now: float) -> list[Effect]:
         """A held INVITE goes out on the flow its phone just registered from."""
@@ -517,24 +481,6 @@ class Proxy:
         if gone:
             self.counters.inc("media_timeouts_total", n=len(gone))
         return list(effects)
-
-
-def _towards_phone(req: Request, source: Flow, kind: str, ftag: str | None, pbx_flow: Flow | None) -> bool:
-    """Which end of the dialog a token-routed request is for.
-
-    A Path token is only ever used by the registrar, the PBX. For a Record-Route
-    token, ``ftag`` is the From tag of the request that made the route and ``kind``
-    says who sent it (TOKEN_FROM_PHONE/PBX): a request carrying that From tag comes
-    from the same party (Kamailio's rr ``ftag`` rule). This holds when the PBX uses
-    another connection or the phone another network; the source flow decides only
-    when the route carries no ftag.
-    """
-    if kind == TOKEN_PATH:
-        return True
-    if ftag is not None and kind in (TOKEN_FROM_PHONE, TOKEN_FROM_PBX):
-        from_creator = (req.from_tag or "") == ftag
-        return from_creator == (kind == TOKEN_FROM_PBX)
-    return pbx_flow is not None and pbx_flow == source
 
 
 def _new_call(req: Request) -> bool:
