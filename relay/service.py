@@ -267,14 +267,11 @@ class RelayService:
         for name, value in self.transports.gauges().items():
             gauges[name] = (TRANSPORT_GAUGES[name], value)
         if self.media is not None:
-            legs = [leg for s in self.media.sessions.values() for leg in s.legs()]
             gauges["media_sessions"] = ("Calls whose media the relay anchors", len(self.media.sessions))
             gauges["media_ports_in_use"] = ("UDP ports held by calls", self.media.ports.in_use * 2)
-            # packets/bytes of live legs; ended legs are added when they close
-            gauges["media_packets_total"] = (
-                "RTP/RTCP packets relayed", self.media.packets_total + sum(x.packets for x in legs))
-            gauges["media_bytes_total"] = (
-                "RTP/RTCP bytes relayed", self.media.octets_total + sum(x.octets for x in legs))
+            packets, octets = self.media.relayed()
+            gauges["media_packets_total"] = ("RTP/RTCP packets relayed", packets)
+            gauges["media_bytes_total"] = ("RTP/RTCP bytes relayed", octets)
             gauges["media_sessions_ended_total"] = ("Media sessions ended, for any reason",
                                                     self.media.ended_total)
         text = render("pbx_relay_", self.proxy.counters, gauges)

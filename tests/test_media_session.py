@@ -218,3 +218,18 @@ def test_the_reserve_is_topped_up_and_a_busy_pair_is_replaced() -> None:
     assert rig.ports.ready == 4 and backend.bound == {20000, 20002, 20006, 20008}  # 20004 skipped
     rig.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
     assert rig.ports.ready == 4 and rig.ports.in_use == 2  # two taken, two bound in their place
+
+
+def test_counts_a_backend_reads_when_it_closes_a_leg_are_kept() -> None:
+    """The kernel backend reads a leg's last counters when it closes it, after end()."""
+    mc, _ = controller()
+    mc.on_sdp("c1", PHONE, sdp(), "203.0.113.2", 0.0)
+    legs = mc.sessions["c1"].legs()
+    for leg in legs:
+        leg.packets, leg.octets = 10, 1720
+    assert mc.media.relayed() == (10 * len(legs), 1720 * len(legs))
+    mc.end("c1")
+    for leg in legs:  # what the backend's close() found in the kernel since its last read
+        leg.packets, leg.octets = 50, 8600
+    assert mc.media.relayed() == (50 * len(legs), 8600 * len(legs))
+    assert mc.media.relayed() == (50 * len(legs), 8600 * len(legs))  # counted once

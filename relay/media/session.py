@@ -193,8 +193,10 @@ class MediaSessions:
         self._by_source: dict[str, int] = {}
         self._by_serial: dict[str, int] = {}
         self.ended_total = 0
-        self.packets_total = 0  # of ended sessions; live legs count their own
-        self.octets_total = 0
+        self._ended = (0, 0)  # packets, octets of the legs closed and counted
+        # Legs just closed: the backend reads their last counts when it closes them
+        # (the kernel's counters), after end() returned, so they are added later.
+        self._closing: list[Leg] = []
 
     def start(self) -> list[MediaEffect]:
         """What to do before the first call: fill the reserve of bound pairs."""
@@ -290,16 +292,30 @@ class MediaSessions:
         for leg in session.legs():
             out.append(CloseLeg(leg))
             self.ports.give_back(leg.port)
-            self.packets_total += leg.packets
-            self.octets_total += leg.octets
+            self._closing.append(leg)
         self.ended_total += 1
         return [*out, *self._refill()]
+
+    def relayed(self) -> tuple[int, int]:
+        """(packets, octets) relayed so far, ended calls and live ones."""
+        self._fold_closed()
+        packets, octets = self._ended
+        for leg in (leg for s in self.sessions.values() for leg in s.legs()):
+            packets, octets = packets + leg.packets, octets + leg.octets
+        return packets, octets
+
+    def _fold_closed(self) -> None:
+        packets, octets = self._ended
+        for leg in self._closing:
+            packets, octets = packets + leg.packets, octets + leg.octets
+        self._ended, self._closing = (packets, octets), []
 
     # ------------------------------------------------------------------ time
     def expire(self, now: float) -> tuple[list[str], list[MediaEffect]]:
         """Established calls with no packet, RTP or RTCP, either way for the timeout.
         A call still ringing is not judged by its media (early media is optional):
         Timer C, CANCEL and final errors end it; SETUP_LIMIT is the safety net."""
+        self._fold_closed()  # closed by an earlier event: their last counts are in
         gone = [cid for cid, s in self.sessions.items()
                 if (now - s.last_activity() >= self.no_media_timeout if s.established
                     else now - s.created >= SETUP_LIMIT)]
