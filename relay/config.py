@@ -22,7 +22,7 @@ from relay.pbx.digest import ALGORITHMS
 from relay.provisioning.settings import ProvisioningSettings
 from relay.transport import limits
 
-__all__ = ["ConfigError", "Listen", "RelayConfig", "load", "parse_listen"]
+__all__ = ["ConfigError", "Listen", "RelayConfig", "load"]
 
 PUSH_MODES = ("embedded", "remote", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -205,17 +205,11 @@ class RelayConfig(ServiceConfig):
     provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
     """``[provisioning]``"""
 
-    # -- shim: relay/service.py still reads cfg["section.key"] and writes cfg.values;
-    # -- the lead removes both when the shell moves to attribute access.
     def __getitem__(self, dotted: str) -> Any:
-        """SHIM (relay/service.py): ``cfg["sip.udp"]`` is ``cfg.sip.udp``."""
+        """``cfg["sip.udp"]`` is ``cfg.sip.udp``: for code that takes keys by name (a
+        component's settings read through a getter, tests). The shell uses attributes."""
         section, key = dotted.split(".")
-        return self.values[section][key]
-
-    @property
-    def values(self) -> dict[str, Any]:
-        """SHIM (relay/service.py): ``{section: {key: value}}`` that writes through."""
-        return {name: loader.SectionView(self.section(name)) for name in self.sections()}
+        return getattr(self.section(section), key)
 
     # -- derived values
     def listeners(self, transport: str) -> list[Listen]:
@@ -363,6 +357,4 @@ def load(
     return loader.load(RelayConfig, path, overrides, environ)
 
 
-def parse_listen(value: str, key: str, source: str) -> Listen:
-    """SHIM (relay/service.py): :func:`pbxcore.config.parse_listen` with the old arguments."""
-    return loader.parse_listen(value, f"{source}: {key}")
+

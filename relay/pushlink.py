@@ -50,7 +50,7 @@ class PushLink:
 
     def __init__(self, cfg: RelayConfig, counters: Counters, on_wake_result: WakeResult):
         self.cfg = cfg
-        self.mode: str = cfg["push.mode"]
+        self.mode: str = cfg.push.mode
         self.counters = counters
         self.on_wake_result = on_wake_result
         self.client: PushClient | None = None
@@ -80,8 +80,8 @@ class PushLink:
     async def start(self, nursery: trio.Nursery) -> None:
         """Connect (or start the embedded push service), then run the queue and the probe."""
         if self.mode == "remote":
-            self.client = HttpPush(self.cfg["push.url"], self.cfg["push.token"],
-                                   ca_file=self.cfg["push.ca_file"] or None)
+            self.client = HttpPush(self.cfg.push.url, self.cfg.push.token,
+                                   ca_file=self.cfg.push.ca_file or None)
         elif self.mode == "embedded":
             from push import app as push_app
             from push import config as push_config
@@ -146,7 +146,7 @@ class PushLink:
     # -------------------------------------------------------------- embedded
     def _embedded_source(self) -> tuple[str | None, dict[str, Any]]:
         """push.toml of the embedded push service, and what the relay sets in it."""
-        path = self.cfg["push.config"] or None
+        path = self.cfg.push.config or None
         state: Path = self.cfg.state_dir / "push"
         return path, ({} if path else {"push.state_dir": str(state)})
 
@@ -176,9 +176,9 @@ class PushLink:
         if self.mode == "remote":
             logging.getLogger("httpx").addFilter(_QuietProbe())
             client = httpx.AsyncClient(
-                base_url=self.cfg["push.url"].rstrip("/"), timeout=PUSH_PROBE_TIMEOUT,
-                headers={"authorization": f"Bearer {self.cfg['push.token']}"},
-                verify=self.cfg["push.ca_file"] or True,
+                base_url=self.cfg.push.url.rstrip("/"), timeout=PUSH_PROBE_TIMEOUT,
+                headers={"authorization": f"Bearer {self.cfg.push.token}"},
+                verify=self.cfg.push.ca_file or True,
             )
         try:
             while True:

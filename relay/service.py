@@ -22,7 +22,7 @@ from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
 from relay.admin import DIRECTORY_RELOAD, as_json, directory_reload_route, serve_admin
 from relay.cli import operator_command
-from relay.config import ConfigError, RelayConfig, parse_listen
+from relay.config import ConfigError, RelayConfig
 from relay.dispatch import Dispatcher
 from relay.media.kernel import ForwardingBackend, make_backend
 from relay.media.ports import PortPool
@@ -69,10 +69,10 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
     ports = {t: ls[0].port for t in ("udp", "tcp", "tls") if (ls := cfg.listeners(t))}
     names = {listen.host for t in ("udp", "tcp", "tls") for listen in cfg.listeners(t)}
     return ProxyConfig(
-        domain=cfg["relay.domain"], advertise=cfg.advertise, ports=ports, local_names=frozenset(names),
-        pbx_expires_default=cfg["sip.pbx_expires_default"], pbx_expires_min=cfg["sip.pbx_expires_min"],
-        pbx_expires_max=cfg["sip.pbx_expires_max"], push=cfg["push.mode"] != "off",
-        ring_timeout=cfg["push.ring_timeout"], udp_asleep_after=cfg["push.udp_asleep_after"],
+        domain=cfg.relay.domain, advertise=cfg.advertise, ports=ports, local_names=frozenset(names),
+        pbx_expires_default=cfg.sip.pbx_expires_default, pbx_expires_min=cfg.sip.pbx_expires_min,
+        pbx_expires_max=cfg.sip.pbx_expires_max, push=cfg.push.mode != "off",
+        ring_timeout=cfg.push.ring_timeout, udp_asleep_after=cfg.push.udp_asleep_after,
     )
 
 
@@ -95,7 +95,7 @@ class RelayService:
         self.cfg = cfg
         self.key = load_key(cfg.state_dir)
         self.directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
-        auth = DigestAuth(self.key, cfg["relay.domain"], tuple(cfg["sip.digest_algorithms"]))
+        auth = DigestAuth(self.key, cfg.relay.domain, tuple(cfg.sip.digest_algorithms))
         self.forwarder: ForwardingBackend | None = None
         self.media_backend = "off"
         self.media: MediaSessions | None = None
@@ -103,20 +103,20 @@ class RelayService:
         # for them (relay/transport/admission.py); refreshed by _timers.
         self.trusted_sources: frozenset[str] = frozenset()
         self._trusted_at = -math.inf
-        if cfg["media.enabled"]:
+        if cfg.media.enabled:
             self.forwarder, self.media_backend = make_backend(
-                cfg["media.backend"], cfg.media_address, self._count,
-                port_range=(cfg["media.port_min"], cfg["media.port_max"]),
-                no_media_timeout=cfg["media.no_media_timeout"])
+                cfg.media.backend, cfg.media_address, self._count,
+                port_range=(cfg.media.port_min, cfg.media.port_max),
+                no_media_timeout=cfg.media.no_media_timeout)
             self.media = MediaSessions(
-                cfg.media_address, PortPool(cfg["media.port_min"], cfg["media.port_max"]),
-                cfg["media.no_media_timeout"])
+                cfg.media_address, PortPool(cfg.media.port_min, cfg.media.port_max),
+                cfg.media.no_media_timeout)
         self.proxy = Proxy(proxy_config(cfg), self.key, auth, self.media)
         self.dispatch = Dispatcher(self.proxy, self._send, self.forwarder)
         self.transports = Transports(
             self.dispatch,
-            StreamTimeouts(cfg["sip.flow_idle_timeout"], cfg["sip.partial_message_timeout"]),
-            TransportLimits.from_section(cfg.values["transport"]),
+            StreamTimeouts(cfg.sip.flow_idle_timeout, cfg.sip.partial_message_timeout),
+            TransportLimits.from_section(vars(cfg.transport)),
             trusted=self._is_trusted,
         )
         self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result)
@@ -158,12 +158,12 @@ class RelayService:
         self, task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         cfg = self.cfg
-        if cfg.listeners("tls") or cfg["provisioning.enabled"]:
+        if cfg.listeners("tls") or cfg.provisioning.enabled:
             try:
                 self.tls_context, self.tls_fingerprint = self._load_tls(cfg)
             except (OSError, ssl.SSLError, ValueError) as e:
                 raise ConfigError(f"{cfg.source}: sip.tls_cert/tls_key: cannot load "
-                                  f"{cfg['sip.tls_cert'] or '<state_dir>/tls'}: {e}") from None
+                                  f"{cfg.sip.tls_cert or '<state_dir>/tls'}: {e}") from None
         self.timers_ran_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             if self.forwarder is not None:
@@ -188,7 +188,7 @@ class RelayService:
             for listen in cfg.listeners(t):
                 port = await nursery.start(self.transports.serve_stream, t, listen.host, listen.port, c)
                 self.bound.setdefault(t, []).append(f"{listen.host}:{port}")
-        admin = parse_listen(cfg["admin.listen"], "admin.listen", cfg.source)
+        admin = cfg.admin_listen
         port = await nursery.start(serve_admin, admin.host, admin.port, {
             "/metrics": self.metrics_text,
             "/registry": lambda: as_json(self.registry_view()),
@@ -198,7 +198,7 @@ class RelayService:
                 lambda: self.reload_directory(force=True), cfg.state_dir, lambda: self._directory_size),
         })
         self.bound["admin"] = [f"{admin.host}:{port}"]
-        if cfg["provisioning.enabled"]:
+        if cfg.provisioning.enabled:
             self.provisioning = await nursery.start(
                 serve_provisioning, ProvisioningSettings.from_config(cfg.__getitem__),
                 self.proxy.registrar.directory_entry, self._current_tls, cfg.state_dir)
@@ -226,7 +226,7 @@ class RelayService:
 
     async def _load_directory(self) -> None:
         self._directory_stamp = await trio.to_thread.run_sync(self.directory.stamp)
-        fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg["relay.domain"])
+        fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg.relay.domain)
         self._directory_size = len(fresh)
         self.proxy.on_directory(fresh)
 
@@ -237,7 +237,7 @@ class RelayService:
             stamp = await trio.to_thread.run_sync(self.directory.stamp)
             if stamp == self._directory_stamp and not force:
                 return 0, 0
-            fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg["relay.domain"])
+            fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg.relay.domain)
             old = self.proxy.registrar.directory
             added = len(fresh.keys() - old.keys())
             removed = len(old.keys() - fresh.keys())
@@ -314,11 +314,11 @@ class RelayService:
 
     # -------------------------------------------------------------- lifecycle
     def _tls_files(self, cfg: RelayConfig) -> tuple[Path, Path]:
-        if cfg["sip.tls_cert"]:
-            return Path(cfg["sip.tls_cert"]), Path(cfg["sip.tls_key"])
+        if cfg.sip.tls_cert:
+            return Path(cfg.sip.tls_cert), Path(cfg.sip.tls_key)
         ips = [self.cfg.advertise] + [x.host for x in self.cfg.listeners("tls")]
-        ips += [v.rpartition(":")[0].strip("[]") for v in self.cfg["provisioning.listen"]]
-        return ensure_self_signed(self.cfg.state_dir / "tls", self.cfg["relay.domain"], ips)
+        ips += [v.rpartition(":")[0].strip("[]") for v in self.cfg.provisioning.listen]
+        return ensure_self_signed(self.cfg.state_dir / "tls", self.cfg.relay.domain, ips)
 
     def _load_tls(self, cfg: RelayConfig) -> tuple[ssl.SSLContext, str]:
         """A new server context from the files ``cfg`` names, and the certificate's
@@ -345,9 +345,8 @@ class RelayService:
         """SIGHUP with the configuration read again: log level, TLS certificate and key
         (new connections get them; a bad pair keeps the old one), the PBX directory now.
         Other changed keys are named as needing a restart. Never raises."""
-        level_changed = set_level(cfg["relay.log_level"])
-        for k in ("log_level", "drain_timeout"):
-            self.cfg.values["relay"][k] = cfg[f"relay.{k}"]
+        level_changed = set_level(cfg.relay.log_level)
+        self.cfg.relay.log_level, self.cfg.relay.drain_timeout = cfg.relay.log_level, cfg.relay.drain_timeout
         tls = await self._reload_tls(cfg)
         try:
             added, removed = await self.reload_directory(force=True)
@@ -358,7 +357,7 @@ class RelayService:
         await self.push.reload()
         restart = [k for k in _changed_keys(self.cfg, cfg) if k not in RELOADABLE]
         log.info("event=reloaded log_level=%s%s tls=%s tls_sha256=%s %s restart_needed=%s",
-                 cfg["relay.log_level"], "(changed)" if level_changed else "", tls,
+                 cfg.relay.log_level, "(changed)" if level_changed else "", tls,
                  self.tls_fingerprint[:16] or "-", directory, ",".join(restart) or "-")
 
     async def _reload_tls(self, cfg: RelayConfig) -> str:
@@ -367,20 +366,19 @@ class RelayService:
         try:
             ctx, fingerprint = await trio.to_thread.run_sync(self._load_tls, cfg)
         except (OSError, ssl.SSLError, ValueError) as e:
-            cert = cfg["sip.tls_cert"] or "<state_dir>/tls/cert.pem"
+            cert = cfg.sip.tls_cert or "<state_dir>/tls/cert.pem"
             log.error("event=reload_failed what=tls cert=%s error=%r (the old certificate stays)", cert, e)
             return "kept_old"
         same = fingerprint == self.tls_fingerprint
         self.tls_context, self.tls_fingerprint = ctx, fingerprint
-        for k in ("tls_cert", "tls_key"):
-            self.cfg.values["sip"][k] = cfg[f"sip.{k}"]
+        self.cfg.sip.tls_cert, self.cfg.sip.tls_key = cfg.sip.tls_cert, cfg.sip.tls_key
         return "same" if same else "new"
 
     async def drain(self) -> None:
         """SIGTERM: refuse new connections and new calls, wait for the calls and INVITEs in
         progress to end, at most relay.drain_timeout seconds. UDP, registrations and
         everything inside the current calls keep working meanwhile."""
-        limit = float(self.cfg["relay.drain_timeout"])
+        limit = float(self.cfg.relay.drain_timeout)
         self.draining = True
         self.drain_until = trio.current_time() + limit
         self.proxy.drain(self.drain_until)
@@ -398,21 +396,21 @@ class RelayService:
 
 
 def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
-    domain = cfg["relay.domain"]
+    domain = cfg.relay.domain
     adv = cfg.advertise
     lines = ["pbx-relay is running", ""]
     for t in ("udp", "tcp", "tls"):
         for b in bound.get(t, []):
             lines.append(f"  SIP {t.upper():3}  {b}")
-    if cfg["media.enabled"]:
-        lines.append(f"  RTP      {cfg.media_address} ports {cfg['media.port_min']}-{cfg['media.port_max']}")
+    if cfg.media.enabled:
+        lines.append(f"  RTP      {cfg.media_address} ports {cfg.media.port_min}-{cfg.media.port_max}")
     lines.append(f"  admin    http://{bound['admin'][0]}/metrics  /registry  /healthz  /readyz")
     for b in bound.get("provisioning", []):
         lines.append(f"  HTTPS    https://{b}/provisioning/<serial>/<path>  (PBX: pbx-relay link)")
     if "push_api" in bound:
         lines.append(f"  push     API http://{bound['push_api'][0]}/v1  admin http://{bound['push_admin'][0]}/metrics")
-    elif cfg["push.mode"] == "remote":
-        lines.append(f"  push     {cfg['push.url']}")
+    elif cfg.push.mode == "remote":
+        lines.append(f"  push     {cfg.push.url}")
     lines.append(f"  state    {cfg.state_dir.resolve()}")
     tls = bound.get("tls", [""])[0].rpartition(":")[2]
     tcp = bound.get("tcp", [""])[0].rpartition(":")[2]
@@ -431,8 +429,9 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
 
 
 def _changed_keys(old: RelayConfig, new: RelayConfig) -> list[str]:
-    return [f"{s}.{k}" for s, keys in new.values.items() for k, v in keys.items()
-            if old.values.get(s, {}).get(k) != v]
+    """``section.key`` of every value that differs between ``old`` and ``new``."""
+    return [f"{s}.{k}" for s in new.sections() for k, v in vars(new.section(s)).items()
+            if vars(old.section(s)).get(k) != v]
 
 
 async def run(

@@ -41,15 +41,13 @@ def test_every_key_has_a_docstring(section: type) -> None:
                 f"{section.__name__}.{ast.unparse(node.target)} has no docstring")
 
 
-def test_typed_sections_and_the_shim_for_the_shell() -> None:
+def test_typed_sections_and_reading_by_dotted_key() -> None:
     cfg = config.load(None, {"sip.flow_idle_timeout": 120}, environ={})
     assert cfg.sip.flow_idle_timeout == 120.0 and isinstance(cfg.sip.flow_idle_timeout, float)
     assert cfg.sip.udp == ["127.0.0.1:5060"] and cfg.media.port_min == 10000
-    # SHIM for relay/service.py until it moves to attribute access: reads, and writes through.
-    assert cfg["sip.flow_idle_timeout"] == 120.0
-    cfg.values["relay"]["drain_timeout"] = 5.0
-    assert cfg.relay.drain_timeout == 5.0 and cfg["relay.drain_timeout"] == 5.0
-    assert dict(cfg.values["admin"]) == {"listen": "127.0.0.1:9090"}
+    assert cfg["sip.flow_idle_timeout"] == 120.0  # the same value, read by its dotted key
+    cfg.relay.drain_timeout = 5.0
+    assert cfg["relay.drain_timeout"] == 5.0
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -145,10 +145,10 @@ def test_config_keys_build_the_limits(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('[transport]\nmax_connections = 100\nconnections_reserved = 10\n'
                     'exempt = ["0:0::1", "192.0.2.1"]\n')
-    lim = TransportLimits.from_section(config.load(path).values["transport"])
+    lim = TransportLimits.from_section(vars(config.load(path).transport))
     assert lim.max_connections == 100
     assert lim.exempt == frozenset({"::1", "192.0.2.1"})  # as the kernel writes a peer
-    assert TransportLimits.from_section(config.load(None).values["transport"]) == TransportLimits()
+    assert TransportLimits.from_section(vars(config.load(None).transport)) == TransportLimits()
 
 
 @pytest.mark.parametrize(("body", "needle"), [
