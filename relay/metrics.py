@@ -1,47 +1,99 @@
-"""The relay's /metrics in the Prometheus text format, with # HELP and # TYPE for every family."""
+"""The relay's /metrics on prometheus-client: the core's counters, the shell's gauges, components' counts.
+
+The sans-I/O core keeps plain integers (relay.proxy.counters, each declared once in
+its CATALOGUE with help text and label name); the shell adds gauges read at scrape
+time. :class:`RelayCollector` turns both into prometheus-client metric families, so
+the text, ``# HELP`` and ``# TYPE`` are prometheus-client's (DESIGN §8), on the
+relay's own :class:`pbxcore.metrics.MetricSet` registry.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pbxcore.metrics import CONTENT_TYPE, MetricSet
 from relay.proxy.counters import Counters
 
+NAMESPACE = "pbx_relay"
 
-def render(prefix: str, counters: Counters, gauges: Mapping[str, tuple[str, float]]) -> str:
-    """Counters by family (labelled ones with their label name), then the gauges
-    (name → (help, value); a name ending in ``_total`` is typed a counter)."""
-    lines: list[str] = []
-    family = ""
-    for metric, label, value in counters.items():
-        if metric.name != family:
-            family = metric.name
-            lines += [f"# HELP {prefix}{family} {metric.help}", f"# TYPE {prefix}{family} {metric.kind}"]
-        labels = f'{{{metric.label}="{_escape(label)}"}}' if metric.label else ""
-        lines.append(f"{prefix}{family}{labels} {value}")
-    for name, (help_text, gauge) in sorted(gauges.items()):
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines += [f"# HELP {prefix}{name} {help_text}", f"# TYPE {prefix}{name} {kind}",
-                  f"{prefix}{name} {gauge}"]
-    return "\n".join(lines) + "\n"
+# name → (help, value); a name ending in ``_total`` is typed a counter.
+Gauges = Mapping[str, tuple[str, float]]
+# A component's own counts keyed "name" or "name:label value", and its label names.
+Labelled = tuple[Mapping[str, int], Mapping[str, str], str]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _family(
+    name: str, help_text: str, kind: str, labels: list[str],
+) -> CounterMetricFamily | GaugeMetricFamily:
+    full = f"{NAMESPACE}_{name}"
+    if kind == "counter":
+        return CounterMetricFamily(full, help_text, labels=labels)
+    return GaugeMetricFamily(full, help_text, labels=labels)
 
 
-def render_labelled(prefix: str, samples: Mapping[str, int], labels: Mapping[str, str], what: str) -> str:
-    """Samples keyed "name" or "name:label value" (a component's own counters), one
-    family per name; ``labels`` names each labelled family's label, ``what`` says
-    whose they are in the help text."""
+class RelayCollector(Collector):
+    """Everything /metrics shows, read at scrape time: ``counters`` (the core's),
+    ``gauges()`` (the shell's) and ``labelled()`` (components with counts of their own,
+    e.g. provisioning: (counts, label names, what they are))."""
+
+    def __init__(self, counters: Counters, gauges: Callable[[], Gauges],
+                 labelled: Callable[[], list[Labelled]]):
+        self.counters = counters
+        self.gauges = gauges
+        self.labelled = labelled
+
+    def collect(self) -> Iterator[Metric]:
+        """The families with their values now."""
+        yield from self._counters()
+        for name, (help_text, value) in sorted(self.gauges().items()):
+            family = _family(name, help_text, "counter" if name.endswith("_total") else "gauge", [])
+            family.add_metric([], float(value))
+            yield family
+        for counts, labels, what in self.labelled():
+            yield from _labelled(counts, labels, what)
+
+    def _counters(self) -> Iterator[Metric]:
+        family: CounterMetricFamily | GaugeMetricFamily | None = None
+        for metric, label, value in self.counters.items():
+            if family is None or family.name != _base(f"{NAMESPACE}_{metric.name}", metric.kind):
+                if family is not None:
+                    yield family
+                labels = [metric.label] if metric.label else []
+                family = _family(metric.name, metric.help, metric.kind, labels)
+            family.add_metric([label] if metric.label else [], float(value))
+        if family is not None:
+            yield family
+
+
+def _base(name: str, kind: str) -> str:
+    """The family name prometheus-client keeps (a counter's without ``_total``)."""
+    return name.removesuffix("_total") if kind == "counter" else name
+
+
+def _labelled(counts: Mapping[str, int], labels: Mapping[str, str], what: str) -> Iterator[Metric]:
     families: dict[str, list[tuple[str, int]]] = {}
-    for key, value in samples.items():
+    for key, value in counts.items():
         name, _, label = key.partition(":")
         families.setdefault(name, []).append((label, value))
-    lines: list[str] = []
     for name in sorted(families):
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines += [f"# HELP {prefix}{name} {what}: {name.replace('_', ' ')}", f"# TYPE {prefix}{name} {kind}"]
-        for label, value in sorted(families[name]):
-            tag = f'{{{labels.get(name, "kind")}="{_escape(label)}"}}' if label else ""
-            lines.append(f"{prefix}{name}{tag} {value}")
-    return "\n".join(lines) + "\n" if lines else ""
+        samples = families[name]
+        label_names = [labels.get(name, "kind")] if any(label for label, _ in samples) else []
+        family = _family(name, f"{what}: {name.replace('_', ' ')}",
+                         "counter" if name.endswith("_total") else "gauge", label_names)
+        for label, value in sorted(samples):
+            family.add_metric([label] if label_names else [], float(value))
+        yield family
+
+
+def relay_metrics(collector: RelayCollector) -> Callable[[], tuple[str, str]]:
+    """The /metrics route over ``collector`` on a registry of its own."""
+    metrics = MetricSet(NAMESPACE)
+    metrics.registry.register(collector)
+
+    def route() -> tuple[str, str]:
+        return CONTENT_TYPE, metrics.render().decode()
+
+    return route

@@ -27,7 +27,7 @@ from relay.dispatch import Dispatcher
 from relay.media.kernel import ForwardingBackend, make_backend
 from relay.media.ports import PortPool
 from relay.media.session import MediaSessions
-from relay.metrics import render, render_labelled
+from relay.metrics import Gauges, Labelled, RelayCollector, relay_metrics
 from relay.pbx.digest import DigestAuth
 from relay.pbx.directory import PbxDirectory
 from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
@@ -190,7 +190,8 @@ class RelayService:
                 self.bound.setdefault(t, []).append(f"{listen.host}:{port}")
         admin = cfg.admin_listen
         port = await nursery.start(serve_admin, admin.host, admin.port, {
-            "/metrics": self.metrics_text,
+            "/metrics": relay_metrics(RelayCollector(self.proxy.counters, self.metric_gauges,
+                                                     self.metric_components)),
             "/registry": lambda: as_json(self.registry_view()),
             "/healthz": lambda: ("text/plain", "ok\n"),
             "/readyz": self.readyz,
@@ -258,7 +259,8 @@ class RelayService:
             for r in self.proxy.registrations() if r.expires_at > now
         ]
 
-    def metrics_text(self) -> tuple[str, str]:
+    def metric_gauges(self) -> Gauges:
+        """The shell's gauges for /metrics: sizes read now."""
         gauges: dict[str, tuple[str, float]] = {
             "pbx_registered": ("PBXs registered now", len(self.proxy.registrar.registry)),
             "invite_transactions": ("INVITE transactions kept (live and lingering)", len(self.proxy.txns)),
@@ -274,11 +276,13 @@ class RelayService:
             gauges["media_bytes_total"] = ("RTP/RTCP bytes relayed", octets)
             gauges["media_sessions_ended_total"] = ("Media sessions ended, for any reason",
                                                     self.media.ended_total)
-        text = render("pbx_relay_", self.proxy.counters, gauges)
-        if self.provisioning is not None:
-            text += render_labelled("pbx_relay_", self.provisioning.counters(), PROVISIONING_LABELS,
-                                    "Provisioning through the relay")
-        return "text/plain; version=0.0.4", text
+        return gauges
+
+    def metric_components(self) -> list[Labelled]:
+        """Components that keep labelled counts of their own (provisioning)."""
+        if self.provisioning is None:
+            return []
+        return [(self.provisioning.counters(), PROVISIONING_LABELS, "Provisioning through the relay")]
 
     def readyz(self) -> tuple[str, str, int]:
         """200 once every listener is up and the push service (if any) answers; 503
