@@ -18,8 +18,10 @@ from urllib.parse import urlsplit
 from pbxcore import config as loader
 from pbxcore.config import Listen, ServiceConfig, path_field
 from pbxcore.errors import ConfigError
+from relay.media import session as media_session
 from relay.pbx.digest import ALGORITHMS
 from relay.provisioning.settings import ProvisioningSettings
+from relay.proxy import authbans, invites
 from relay.transport import limits
 
 __all__ = ["ConfigError", "Listen", "RelayConfig", "load"]
@@ -124,6 +126,24 @@ class TransportSection:
 
 
 @dataclass
+class LimitsSection:
+    """``[limits]``: what one source or one PBX may make the SIP core hold (docs/security.md)."""
+
+    pending_invites_per_source: int = invites.MAX_PENDING_PER_SOURCE
+    """INVITEs ringing or held for a push at once from one source IP (then 503)."""
+    pending_invites_per_pbx: int = invites.MAX_PENDING_PER_PBX
+    """INVITEs ringing or held at once for one PBX (then 503)."""
+    media_calls_per_source: int = media_session.MAX_CALLS_PER_SOURCE
+    """Calls with anchored media opened from one source IP (then 503)."""
+    media_calls_per_pbx: int = media_session.MAX_CALLS_PER_PBX
+    """Calls with anchored media of one PBX (then 503)."""
+    auth_failures_before_ban: int = authbans.MAX_FAILURES
+    """Wrong digest responses from one source IP within a minute before it is banned."""
+    auth_first_ban: float = authbans.FIRST_BAN
+    """Seconds of a source's first ban; each next one twice as long, up to a day."""
+
+
+@dataclass
 class ProvisioningSection:
     """``[provisioning]``: provisioning files through the relay (docs/provisioning.md)."""
 
@@ -196,6 +216,8 @@ class RelayConfig(ServiceConfig):
     """``[sip]``"""
     transport: TransportSection = field(default_factory=TransportSection)
     """``[transport]``"""
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    """``[limits]``"""
     media: MediaSection = field(default_factory=MediaSection)
     """``[media]``"""
     admin: AdminSection = field(default_factory=AdminSection)
@@ -262,6 +284,7 @@ class RelayConfig(ServiceConfig):
         self._validate_relay()
         self._validate_sip()
         self._validate_transport()
+        self._validate_limits()
         self._validate_media()
         self._validate_push()
         for problem in ProvisioningSettings.from_config(self.__getitem__).problems():
@@ -326,6 +349,15 @@ class RelayConfig(ServiceConfig):
                 ipaddress.ip_address(a)
             except ValueError:
                 raise ConfigError(f"{w('transport.exempt')}: {a!r} is not an IP address") from None
+
+    def _validate_limits(self) -> None:
+        lim, w = self.limits, self.where
+        for k in ("pending_invites_per_source", "pending_invites_per_pbx", "media_calls_per_source",
+                  "media_calls_per_pbx", "auth_failures_before_ban"):
+            if getattr(lim, k) < 1:
+                raise ConfigError(f"{w('limits.' + k)} must be >= 1")
+        if not 1.0 <= lim.auth_first_ban <= MAX_BAN_SECONDS:
+            raise ConfigError(f"{w('limits.auth_first_ban')} must be between 1 and 86400 seconds")
 
     def _validate_push(self) -> None:
         p, w = self.push, self.where

@@ -33,6 +33,7 @@ from relay.pbx.directory import PbxDirectory
 from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Send
+from relay.proxy.invites import PendingLimits
 from relay.pushlink import PushLink
 from relay.transport.flows import Transports
 from relay.transport.limits import StreamTimeouts, TransportLimits
@@ -73,6 +74,8 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pbx_expires_default=cfg.sip.pbx_expires_default, pbx_expires_min=cfg.sip.pbx_expires_min,
         pbx_expires_max=cfg.sip.pbx_expires_max, push=cfg.push.mode != "off",
         ring_timeout=cfg.push.ring_timeout, udp_asleep_after=cfg.push.udp_asleep_after,
+        pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
+        auth_failures_before_ban=cfg.limits.auth_failures_before_ban, auth_first_ban=cfg.limits.auth_first_ban,
     )
 
 
@@ -110,7 +113,7 @@ class RelayService:
                 no_media_timeout=cfg.media.no_media_timeout)
             self.media = MediaSessions(
                 cfg.media_address, PortPool(cfg.media.port_min, cfg.media.port_max),
-                cfg.media.no_media_timeout)
+                cfg.media.no_media_timeout, cfg.limits.media_calls_per_source, cfg.limits.media_calls_per_pbx)
         self.proxy = Proxy(proxy_config(cfg), self.key, auth, self.media)
         self.dispatch = Dispatcher(self.proxy, self._send, self.forwarder)
         self.transports = Transports(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pbxcore.wire import WakeOutcome
 from relay.media.session import MediaSessions
 from relay.pbx.digest import DigestAuth
+from relay.proxy.authbans import FIRST_BAN, MAX_FAILURES, AuthBans
 from relay.proxy.counters import Counters
 from relay.proxy.devices import PendingRegister, PhoneDevices
 from relay.proxy.effects import Effect, Send
@@ -89,6 +90,8 @@ class ProxyConfig:
     udp_asleep_after: float = 40.0  # a UDP phone silent this long (no SIP, CRLF or STUN) sleeps
     max_transactions: int = MAX_TRANSACTIONS
     pending: PendingLimits = PendingLimits()  # INVITEs pending per source and per PBX
+    auth_failures_before_ban: int = MAX_FAILURES
+    auth_first_ban: float = FIRST_BAN
 
 
 class Proxy:
@@ -106,7 +109,8 @@ class Proxy:
         self.replies = Replies(branch_key, self.counters)
         self.liveness = Liveness()
         expiry = ExpiryPolicy(config.pbx_expires_default, config.pbx_expires_min, config.pbx_expires_max)
-        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity)
+        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity,
+                                      AuthBans(config.auth_failures_before_ban, first_ban=config.auth_first_ban))
         self.txns = TransactionTable()
         self.holds = Holds(self.txns, self.replies, self.counters, config.ring_timeout)
         self.devices = PhoneDevices(self.counters, self.liveness, config.push)

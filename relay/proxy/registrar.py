@@ -104,7 +104,7 @@ class PbxRegistrar:
     the directory snapshot (serial → digest hashes) the shell hands in."""
 
     def __init__(self, auth: DigestAuth, replies: Replies, counters: Counters,
-                 expiry: ExpiryPolicy, identity: RelayIdentity) -> None:
+                 expiry: ExpiryPolicy, identity: RelayIdentity, bans: AuthBans | None = None) -> None:
         self.auth = auth
         self.replies = replies
         self.counters = counters
@@ -112,7 +112,7 @@ class PbxRegistrar:
         self.registry = PbxRegistry()
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
-        self.bans = AuthBans()
+        self.bans = bans or AuthBans()
 
     def directory_entry(self, serial: str) -> Ha1s | None:
         """The digest hashes of ``serial`` in the current directory, or None."""
