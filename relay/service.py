@@ -75,7 +75,8 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pbx_expires_max=cfg.sip.pbx_expires_max, push=cfg.push.mode != "off",
         ring_timeout=cfg.push.ring_timeout, udp_asleep_after=cfg.push.udp_asleep_after,
         pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
-        auth_failures_before_ban=cfg.limits.auth_failures_before_ban, auth_first_ban=cfg.limits.auth_first_ban,
+        auth_failures_before_ban=cfg.limits.auth_failures_before_ban,
+        auth_first_ban=cfg.limits.auth_first_ban,
     )
 
 

@@ -109,8 +109,8 @@ class Proxy:
         self.replies = Replies(branch_key, self.counters)
         self.liveness = Liveness()
         expiry = ExpiryPolicy(config.pbx_expires_default, config.pbx_expires_min, config.pbx_expires_max)
-        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity,
-                                      AuthBans(config.auth_failures_before_ban, first_ban=config.auth_first_ban))
+        bans = AuthBans(config.auth_failures_before_ban, first_ban=config.auth_first_ban)
+        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity, bans)
         self.txns = TransactionTable()
         self.holds = Holds(self.txns, self.replies, self.counters, config.ring_timeout)
         self.devices = PhoneDevices(self.counters, self.liveness, config.push)
