@@ -19,7 +19,9 @@ def carry_out(backend: MediaBackend, effect: MediaEffect) -> Bound | None:
         bound = tuple(p for p in effect.ports if backend.bind(p))
         failed = tuple(p for p in effect.ports if p not in bound)
         if failed:
-            log.error("event=media_port_busy ports=%s (held by another program: never used again)",
+            # An operator matter (the port range overlaps another program), not a fault:
+            # the relay goes on with the other pairs.
+            log.warning("event=media_port_busy ports=%s (held by another program: never used again)",
                       ",".join(map(str, failed)))
         return bound, failed
     if isinstance(effect, OpenLeg):
