@@ -62,7 +62,8 @@ case "$cmd" in
     # and systemd-sysusers check the unit files (a container's image lacks them);
     # curl: the phone fetching provisioning files through the relay.
     # libnftables1: the kernel media backend loads it (nftables pulls it in too).
-    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl
+    # redis-server: the shared state of relay nodes (relay/cluster) against a real Redis.
+    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl redis-server
     need_python
     need_packages "[test]"
     exec "$VENV/bin/python" -m pytest "$@"
