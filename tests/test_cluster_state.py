@@ -8,14 +8,14 @@ import pytest
 import trio
 
 from relay.cluster import MemoryState, PbxClaim, RedisState, SharedState, SharedStateUnavailable
-from relay.cluster.state import MAX_KEY_PART
+from relay.cluster.state import MAX_FLOW_TOKEN, MAX_KEY_PART
 from tests import redisfixture
 from tests.redisfixture import RedisServer
 
 redis_server = redisfixture.redis_server  # the fixture, by name
 
 # Long enough to survive a loaded machine between two calls, short enough to wait out.
-SHORT = 0.3
+SHORT = 1.0
 
 
 @dataclass
@@ -75,7 +75,7 @@ async def test_claim_expires_with_the_registration(subject: Subject) -> None:
     s = subject.state
     await s.claim_pbx("PBX1", "node-a", "tokA", SHORT)
     assert await s.pbx_node("PBX1") == PbxClaim("node-a", "tokA")
-    await subject.advance(SHORT * 2)
+    await subject.advance(SHORT + 0.5)
     assert await s.pbx_node("PBX1") is None
 
 
@@ -84,7 +84,7 @@ async def test_ban_and_its_expiry(subject: Subject) -> None:
     await s.ban("192.0.2.7", SHORT)
     assert await s.banned("192.0.2.7") is True
     assert await s.banned("192.0.2.8") is False
-    await subject.advance(SHORT * 2)
+    await subject.advance(SHORT + 0.5)
     assert await s.banned("192.0.2.7") is False
 
 
@@ -92,7 +92,7 @@ async def test_rate_counter_counts_in_a_fixed_window(subject: Subject) -> None:
     s = subject.state
     assert [await s.incr_rate("register:192.0.2.7", SHORT) for _ in range(3)] == [1, 2, 3]
     assert await s.incr_rate("register:192.0.2.8", SHORT) == 1
-    await subject.advance(SHORT * 2)
+    await subject.advance(SHORT + 0.5)
     assert await s.incr_rate("register:192.0.2.7", SHORT) == 1
 
 
@@ -102,7 +102,7 @@ async def test_heartbeats_and_live_nodes(subject: Subject) -> None:
     await s.node_heartbeat("node-a", SHORT)
     await s.node_heartbeat("node-b", 60)
     assert await s.live_nodes() == {"node-a", "node-b"}
-    await subject.advance(SHORT * 2)
+    await subject.advance(SHORT + 0.5)
     assert await s.live_nodes() == {"node-b"}
     await s.node_heartbeat("node-a", 60)
     assert await s.live_nodes() == {"node-a", "node-b"}
@@ -115,6 +115,12 @@ async def test_key_part_limit(subject: Subject) -> None:
     assert await s.pbx_node(at_limit) == PbxClaim("node-a", "tok")
     with pytest.raises(ValueError):
         await s.claim_pbx(at_limit + "S", "node-a", "tok", 60)
+    longest_token = "t" * MAX_FLOW_TOKEN
+    await s.claim_pbx("PBX1", "node-a", longest_token, 60)
+    assert await s.pbx_node("PBX1") == PbxClaim("node-a", longest_token)
+    with pytest.raises(ValueError):
+        await s.claim_pbx("PBX1", "node-b", longest_token + "t", 60)
+    assert await s.pbx_node("PBX1") == PbxClaim("node-a", longest_token)
     with pytest.raises(ValueError):
         await s.ban("", 60)
     with pytest.raises(ValueError):
