@@ -63,7 +63,8 @@ case "$cmd" in
     # curl: the phone fetching provisioning files through the relay; fail2ban: its
     # fail2ban-regex checks the filter in systemd/fail2ban.
     # libnftables1: the kernel media backend loads it (nftables pulls it in too).
-    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl fail2ban
+    # redis-server: the shared state of relay nodes (relay/cluster) against a real Redis.
+    apt_install sip-tester iproute2 nftables libnftables1 conntrack baresip-core systemd curl fail2ban redis-server
     need_python
     need_packages "[test]"
     exec "$VENV/bin/python" -m pytest "$@"
