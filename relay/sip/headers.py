@@ -91,6 +91,11 @@ def split_commas(value: str) -> list[str]:
 
     Empty elements are dropped; an unterminated quoted string → SipParseError.
     """
+    if "," not in value and '"' not in value:
+        # One value (From, To, Contact, a Route entry, most Vias): nothing to split
+        # (a '"' must still be checked for its closing one).
+        value = value.strip()
+        return [value] if value else []
     if '"' not in value and "<" not in value:
         # Via, Allow, Supported, Require…: nothing can hide a comma (the hot path:
         # every message has Vias).
@@ -124,23 +129,25 @@ def parse_params(text: str) -> dict[str, str | None]:
 
     More than ``limits.MAX_PARAMS`` parameters → SipLimitExceeded (513).
     """
+    if not text:
+        return {}
     items = _split_outside_quotes(text, ";")
     if len(items) > limits.MAX_PARAMS + 1:  # +1: the empty part before a leading ';'
         raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
     params: dict[str, str | None] = {}
     count = 0
     for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        count += 1
-        if count > limits.MAX_PARAMS:
-            raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
-        if "=" in item:
-            k, v = item.split("=", 1)
-            params[k.strip().lower()] = v.strip()
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if eq:
+            params[k.lower()] = v.strip()
+        elif k:
+            params[k.lower()] = None
         else:
-            params[item.lower()] = None
+            continue  # an empty item (";;", a leading or trailing ';')
+        count += 1
+    if count > limits.MAX_PARAMS:
+        raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
     return params
 
 
@@ -151,6 +158,11 @@ def _split_outside_quotes(text: str, sep: str) -> list[str]:
     if sep != ";":
         raise ValueError(f"no scanner for {sep!r}")
     return _split(_PARAM_ELEMENT, text, sep)
+
+
+# "SIP/2.0/UDP host[:port][;params]": upper-case transport, a host name or IPv4
+# address, a port of 1-5 digits, no LWS. Anything else takes Via.parse_general.
+_VIA_SHAPE = re.compile(r"SIP/2\.0/([A-Z]+) ([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?(?:;(.*))?", re.DOTALL)
 
 
 @dataclass(slots=True)
@@ -170,6 +182,20 @@ class Via:
     @classmethod
     def parse(cls, value: str) -> Via:
         """Parse one Via value; SipParseError when malformed, 513 over MAX_PARAMS."""
+        m = _VIA_SHAPE.fullmatch(value)
+        if m is not None:
+            # The shape nearly every peer sends: one C match, same result as below.
+            transport, host, port, ptext = m.groups()
+            if port is None:
+                return cls(transport, host, None, parse_params(ptext or ""))
+            if 0 < int(port) < 65536:
+                return cls(transport, host, int(port), parse_params(ptext or ""))
+        return cls.parse_general(value)
+
+    @classmethod
+    def parse_general(cls, value: str) -> Via:
+        """``parse`` for every shape RFC 3261 §20.42 allows (LWS around '/', IPv6 …);
+        ``parse`` takes a shortcut for the usual one and agrees with this."""
         semi = value.find(";")
         head, ptext = (value, "") if semi < 0 else (value[:semi], value[semi + 1 :])
         # "SIP / 2.0 / UDP host:port" — LWS is allowed around the slashes.
@@ -212,8 +238,11 @@ def split_hostport(text: str) -> tuple[str, int | None]:
     return _check_host(text), None
 
 
+_BAD_HOST = re.compile(r'[ \t<>"]')
+
+
 def _check_host(host: str) -> str:
-    if not host or any(c in host for c in ' \t<>"'):
+    if not host or _BAD_HOST.search(host) is not None:
         raise SipParseError("bad host")
     return host
 

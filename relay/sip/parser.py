@@ -10,6 +10,7 @@ from relay.sip.headers import (
     SINGLE_VALUED,
     NameAddr,
     Via,
+    canonical_name,
     is_digits,
     is_token,
     split_commas,
@@ -85,8 +86,50 @@ class _Truncated(Exception):
         self.headers = headers
 
 
+# A header section whose fields each sit on one line (no folding: the common
+# case) is split by two C scans: ``_FIELDS`` checks that the whole section is
+# such fields (a token name, optional WSP, ':', a value without CR or LF, CRLF),
+# ``_FIELD`` lists (field, name) for each. Python then steps once per field,
+# never per line or octet. Anything else — folding, a bare CR or LF, a bad name,
+# too many fields, a long line — takes the line-by-line walk, which finds the
+# same fields in what it accepts and gives the precise error for the rest.
+_FIELD_OCTETS = rb"([A-Za-z0-9\-.!%*_+`'~]++)[ \t]*+:[^\r\n]*+\r\n"
+_FIELD = re.compile(rb"(" + _FIELD_OCTETS + rb")")
+_FIELDS = re.compile(rb"(?:" + _FIELD_OCTETS + rb")*+")
+
+# Header names as received → (name as text, canonical name). Names are chosen by
+# peers: bounded, emptied when full (like headers._CANONICAL).
+_NAMES: dict[bytes, tuple[str, str]] = {}
+_NAMES_MAX = 1024
+
+
 def _parse_headers(head: bytes, offset: int) -> list[Header]:
-    """The header fields of ``head`` from ``offset``, folded lines joined.
+    """The header fields of ``head`` from ``offset``, folded lines joined."""
+    n = len(head)
+    if offset >= n + 2:
+        return []
+    section = head[offset:] + b"\r\n"
+    if (len(section) <= limits.MAX_LINE_LENGTH and section.count(b"\r\n") <= limits.MAX_HEADERS
+            and _FIELDS.fullmatch(section) is not None):
+        names = _NAMES
+        headers: list[Header] = []
+        for raw, name in _FIELD.findall(section):
+            known = names.get(name) or _learn_name(name)
+            headers.append(Header(known[0], None, raw, known[1]))
+        return headers
+    return _parse_lines(head, offset)
+
+
+def _learn_name(name: bytes) -> tuple[str, str]:
+    if len(_NAMES) >= _NAMES_MAX:
+        _NAMES.clear()
+    text = name.decode("ascii")
+    known = _NAMES[name] = (text, canonical_name(text))
+    return known
+
+
+def _parse_lines(head: bytes, offset: int) -> list[Header]:
+    """The header fields of ``head`` from ``offset``, walked line by line.
 
     One step per physical line, at most MAX_LINES of them: the limit is checked
     as the lines are met, so a header section of thousands of short lines costs
@@ -95,8 +138,6 @@ def _parse_headers(head: bytes, offset: int) -> list[Header]:
     headers: list[Header] = []
     n = len(head)
     pos = offset
-    if pos >= n + 2:
-        return headers
     current_start = -1
     lines = 1  # the start line
     while pos <= n:
@@ -238,7 +279,7 @@ def _split_lists(msg: SipMessage, fields: list[Header]) -> dict[str, list[str]]:
     for h in fields:
         cap = limits.LIST_LIMITS[h.name]
         if h.name in validated:
-            values = split_commas(h.value)
+            values = h.values()  # kept on the field: the proxy reads these again
             if not values and h.name == "via":
                 # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
                 # proxy stamps and strips the first value of the first field.
@@ -272,41 +313,47 @@ _LIST_NAMES = {"via": "Via", "route": "Route", "record-route": "Record-Route", "
 
 
 def _validate(msg: SipMessage) -> None:
-    """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
-    found: dict[str, str] = {}
+    """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2).
+
+    Only the fields checked here are decoded; what is parsed (Vias, From, To,
+    CSeq, list values) stays on the fields for routing to read.
+    """
+    found: dict[str, Header] = {}
     list_fields: list[Header] = []
+    list_limits = limits.LIST_LIMITS
     for h in msg.headers:
         name = h.name
         if name in found:
             if name in SINGLE_VALUED:
                 raise SipParseError(f"more than one {name}")
         else:
-            found[name] = h.value
-        if name in limits.LIST_LIMITS:
+            found[name] = h
+        if name in list_limits:
             list_fields.append(h)
     for name in ("call-id", "cseq", "from", "to", "via"):
         if name not in found:
             raise SipParseError(f"missing {name}")
     lists = _split_lists(msg, list_fields)
-    cseq = found["cseq"].split()
+    cseq = found["cseq"].value.split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
-    for v in lists.get("via", ()):
-        Via.parse(v)
+    for h in list_fields:
+        if h.name == "via":
+            h.vias()  # every Via parsed (and kept: routing reads the top one)
     if isinstance(msg, Request):
         # a response is forwarded as it is: Via and CSeq are all we route on
         _validate_request(msg, found, cseq[1], lists.get("contact", []))
 
 
-def _validate_request(msg: Request, found: dict[str, str], cseq_method: str,
+def _validate_request(msg: Request, found: dict[str, Header], cseq_method: str,
                       contacts: list[str]) -> None:
     if cseq_method != msg.method:
         raise SipParseError("CSeq method does not match the request line")
     mf = found.get("max-forwards")
-    if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
+    if mf is not None and (not is_digits(mf.value) or int(mf.value) > limits.MAX_MAX_FORWARDS):
         raise SipParseError("bad Max-Forwards")
-    msg.from_tag = NameAddr.parse(found["from"]).tag
-    NameAddr.parse(found["to"])
+    found["from"].name_addr()  # parsed once, kept for routing (from_tag, loop hash, tokens)
+    found["to"].name_addr()
     for v in contacts:
         if v != "*":
             na = NameAddr.parse(v)
