@@ -271,8 +271,14 @@ class NameAddr:
     def parse(cls, value: str) -> NameAddr:
         """Parse one value of From, To, Contact, Route, Record-Route or Path."""
         value = value.strip()
-        lt = _find_lt(value)
-        if lt >= 0:
+        lt = _find_lt(value) if '"' in value else value.find("<")
+        if lt == 0:  # "<uri>;params", the usual shape: no display name
+            gt = value.find(">")
+            if gt < 0:
+                raise SipParseError("unterminated <")
+            uri = check_uri_length(value[1:gt].strip())
+            return cls(None, uri, parse_params(value[gt + 1 :]))
+        if lt > 0:
             gt = value.find(">", lt)
             if gt < 0:
                 raise SipParseError("unterminated <")

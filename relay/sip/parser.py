@@ -87,15 +87,14 @@ class _Truncated(Exception):
 
 
 # A header section whose fields each sit on one line (no folding: the common
-# case) is split by two C scans: ``_FIELDS`` checks that the whole section is
-# such fields (a token name, optional WSP, ':', a value without CR or LF, CRLF),
-# ``_FIELD`` lists (field, name) for each. Python then steps once per field,
-# never per line or octet. Anything else — folding, a bare CR or LF, a bad name,
-# too many fields, a long line — takes the line-by-line walk, which finds the
-# same fields in what it accepts and gives the precise error for the rest.
-_FIELD_OCTETS = rb"([A-Za-z0-9\-.!%*_+`'~]++)[ \t]*+:[^\r\n]*+\r\n"
-_FIELD = re.compile(rb"(" + _FIELD_OCTETS + rb")")
-_FIELDS = re.compile(rb"(?:" + _FIELD_OCTETS + rb")*+")
+# case) is cut by one C pass: ``_FIELD.split`` returns, for each field, what lay
+# before it (empty when the fields follow each other), the field and its name
+# (a token, optional WSP, ':', a value without CR or LF, CRLF). Python then
+# steps once per field, never per line or octet. Anything else — folding, a bare
+# CR or LF, a bad name, too many fields, a long line — takes the line-by-line
+# walk, which finds the same fields in what it accepts and gives the precise
+# error for the rest.
+_FIELD = re.compile(rb"(([A-Za-z0-9\-.!%*_+`'~]++)[ \t]*+:[^\r\n]*+\r\n)")
 
 # Header names as received → (name as text, canonical name). Names are chosen by
 # peers: bounded, emptied when full (like headers._CANONICAL).
@@ -109,14 +108,15 @@ def _parse_headers(head: bytes, offset: int) -> list[Header]:
     if offset >= n + 2:
         return []
     section = head[offset:] + b"\r\n"
-    if (len(section) <= limits.MAX_LINE_LENGTH and section.count(b"\r\n") <= limits.MAX_HEADERS
-            and _FIELDS.fullmatch(section) is not None):
-        names = _NAMES
-        headers: list[Header] = []
-        for raw, name in _FIELD.findall(section):
-            known = names.get(name) or _learn_name(name)
-            headers.append(Header(known[0], None, raw, known[1]))
-        return headers
+    if len(section) <= limits.MAX_LINE_LENGTH and section.count(b"\r\n") <= limits.MAX_HEADERS:
+        parts = _FIELD.split(section)
+        if not any(parts[0::3]):  # nothing between or after the fields
+            names = _NAMES
+            headers: list[Header] = []
+            for raw, name in zip(parts[1::3], parts[2::3], strict=True):
+                known = names.get(name) or _learn_name(name)
+                headers.append(Header(known[0], None, raw, known[1]))
+            return headers
     return _parse_lines(head, offset)
 
 
