@@ -224,10 +224,14 @@ class SipMessage:
     def set(self, name: str, value: str) -> None:
         """Replace the first header called ``name`` (others removed) or add it."""
         canonical = canonical_name(name)
-        for i, h in enumerate(self.headers):
+        headers = self.headers
+        for i, h in enumerate(headers):
             if h.name == canonical:
-                self.headers[i] = Header(h.raw_name, value)
-                self.headers[i + 1 :] = [x for x in self.headers[i + 1 :] if x.name != canonical]
+                headers[i] = Header(h.raw_name, value, None, canonical)
+                for later in headers[i + 1 :]:
+                    if later.name == canonical:
+                        headers[i + 1 :] = [x for x in headers[i + 1 :] if x.name != canonical]
+                        return
                 return
         self.append(name, value)
 

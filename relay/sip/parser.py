@@ -236,12 +236,15 @@ def _answerable_stub(parts: list[str], headers: list[Header], line: bytes) -> Re
 
 
 def _content_length(msg: SipMessage) -> int | None:
-    values = [h.value for h in msg.headers if h.name == "content-length"]
-    if not values:
+    field: Header | None = None
+    for h in msg.headers:
+        if h.name == "content-length":
+            if field is not None:
+                raise SipParseError("more than one Content-Length")
+            field = h
+    if field is None:
         return None
-    if len(values) > 1:
-        raise SipParseError("more than one Content-Length")
-    v = values[0]
+    v = field.value
     if not is_digits(v) or len(v) > 10:
         raise SipParseError("bad Content-Length")
     cl = int(v)
@@ -264,34 +267,38 @@ def _check_size_limits(msg: SipMessage, head: bytes) -> None:
                 raise SipLimitExceeded("MAX_HEADER_VALUE", "header value too long")
 
 
-def _split_lists(msg: SipMessage, fields: list[Header]) -> dict[str, list[str]]:
-    """The values of every list with a limit (limits.LIST_LIMITS), each field split once.
+def _split_lists(msg: SipMessage, fields: list[Header]) -> list[str]:
+    """Count the values of every list with a limit (limits.LIST_LIMITS), each field split once.
 
-    Over a limit → SipLimitExceeded (513). Via and Contact values are returned
-    for validation; Route, Record-Route and Path are only counted (the proxy
-    reads them), and a field without a comma holds one value, so the common
-    case costs no split.
+    Over a limit → SipLimitExceeded (513). Via and (in a request) Contact fields
+    are split, their values kept on the fields, and a request's Contact values
+    returned for validation; Route, Record-Route and Path are only counted (the
+    proxy reads them), and a field without a comma holds one value, so the
+    common case costs no split.
     """
-    lists: dict[str, list[str]] = {}
+    contacts: list[str] = []
     counts: dict[str, int] = {}
     # A response is forwarded as it is: only its Vias are read (and so checked).
     validated = _VALIDATED_LISTS if isinstance(msg, Request) else _VIA_ONLY
+    list_limits = limits.LIST_LIMITS
     for h in fields:
-        cap = limits.LIST_LIMITS[h.name]
-        if h.name in validated:
+        name = h.name
+        if name in validated:
             values = h.values()  # kept on the field: the proxy reads these again
-            if not values and h.name == "via":
+            if name == "contact":
+                contacts += values
+            elif not values:
                 # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
                 # proxy stamps and strips the first value of the first field.
                 raise SipParseError("Via field without a value")
-            lists.setdefault(h.name, []).extend(values)
             n = len(values)
         else:
             n = _count_values(h.value)
-        total = counts[h.name] = counts.get(h.name, 0) + n
-        if total > cap[1]:
-            raise SipLimitExceeded(cap[0], f"too many {_LIST_NAMES[h.name]} values")
-    return lists
+        total = counts[name] = counts.get(name, 0) + n
+        limit, cap = list_limits[name]
+        if total > cap:
+            raise SipLimitExceeded(limit, f"too many {_LIST_NAMES[name]} values")
+    return contacts
 
 
 def _count_values(value: str) -> int:
@@ -333,7 +340,7 @@ def _validate(msg: SipMessage) -> None:
     for name in ("call-id", "cseq", "from", "to", "via"):
         if name not in found:
             raise SipParseError(f"missing {name}")
-    lists = _split_lists(msg, list_fields)
+    contacts = _split_lists(msg, list_fields)
     cseq = found["cseq"].value.split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
@@ -342,7 +349,7 @@ def _validate(msg: SipMessage) -> None:
             h.vias()  # every Via parsed (and kept: routing reads the top one)
     if isinstance(msg, Request):
         # a response is forwarded as it is: Via and CSeq are all we route on
-        _validate_request(msg, found, cseq[1], lists.get("contact", []))
+        _validate_request(msg, found, cseq[1], contacts)
 
 
 def _validate_request(msg: Request, found: dict[str, Header], cseq_method: str,
