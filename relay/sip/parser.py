@@ -344,6 +344,7 @@ def _validate(msg: SipMessage) -> None:
     cseq = found["cseq"].value.split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
+    found["cseq"].cseq()  # kept: the transaction key and the loop hash read it
     for h in list_fields:
         if h.name == "via":
             h.vias()  # every Via parsed (and kept: routing reads the top one)
