@@ -83,6 +83,7 @@ def canonical_name(raw_name: str) -> str:
 _QUOTED = r'"(?:[^"\\]++|\\.)*+"'
 _LIST_ELEMENT = re.compile(r'(?:[^",<]++|' + _QUOTED + r'|<[^>]*+>?)*+', re.DOTALL)
 _PARAM_ELEMENT = re.compile(r'(?:[^";]++|' + _QUOTED + r')*+', re.DOTALL)
+_UNQUOTED_LIST_ELEMENT = re.compile(r'(?:[^,<]++|<[^>]*+>?)++', re.DOTALL)  # no '"' in the text
 _BEFORE_LT = re.compile(r'(?:[^"<]++|' + _QUOTED + r')*+', re.DOTALL)
 
 
@@ -96,10 +97,13 @@ def split_commas(value: str) -> list[str]:
         # (a '"' must still be checked for its closing one).
         value = value.strip()
         return [value] if value else []
-    if '"' not in value and "<" not in value:
-        # Via, Allow, Supported, Require…: nothing can hide a comma (the hot path:
-        # every message has Vias).
-        return [p for p in (x.strip() for x in value.split(",")) if p]
+    if '"' not in value:
+        if "<" not in value:
+            # Via, Allow, Supported, Require…: nothing can hide a comma.
+            return [p for p in (x.strip() for x in value.split(",")) if p]
+        # Route / Record-Route / Path lists: commas hide only inside <...>; the
+        # elements, in one C call (empty ones are dropped below, as by _split).
+        return [p for p in (x.strip() for x in _UNQUOTED_LIST_ELEMENT.findall(value)) if p]
     return [p for p in (x.strip() for x in _split(_LIST_ELEMENT, value, ",")) if p]
 
 
