@@ -115,16 +115,31 @@ class MachineMeter:
         return out
 
 
-def wait_quiet(max_wait: float = 240, threshold_pct: float = 20, window: float = 2.0) -> dict[str, float]:
+# The longest wait_quiet may take: SIPp peers started before it must outlive it
+# (sipp_uas_timeout).
+QUIET_WAIT_MAX = 240.0
+
+
+def wait_quiet(max_wait: float = QUIET_WAIT_MAX, threshold_pct: float = 20,
+               window: float = 2.0) -> dict[str, float]:
     """Wait (at most ``max_wait`` s) until the whole machine is nearly idle: other work on
     a shared 2-core box (a test suite, a build) skews CPU figures and latencies."""
     t0 = time.monotonic()
     while True:
         m = MachineMeter()
         time.sleep(window)
-        busy = m.stop()["cpu"]["busy_pct"] * (os.cpu_count() or 1)  # % of one core
+        # The aggregate "cpu" line of /proc/stat already sums every CPU: its busy_pct
+        # is in % of one core (up to 100 × nproc).
+        busy = m.stop()["cpu"]["busy_pct"]
         if busy < threshold_pct or time.monotonic() - t0 > max_wait:
             return {"waited_s": round(time.monotonic() - t0 - window, 1), "busy_pct_of_core": round(busy, 1)}
+
+
+def sipp_uas_timeout(duration: float) -> int:
+    """``-timeout`` for a SIPp UAS started before a caller's run: the run, its grace, and
+    the longest quiet-machine wait before it (else the UAS quits while the caller waits,
+    and every call of the run fails)."""
+    return int(duration + 120 + QUIET_WAIT_MAX)
 
 
 def nfds(pid: int) -> int:

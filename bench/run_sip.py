@@ -52,6 +52,7 @@ from common import (  # noqa: E402
     rss_kib,
     show,
     sipp_stats,
+    sipp_uas_timeout,
     start_relay,
     wait_quiet,
 )
@@ -396,7 +397,7 @@ def bench_calls(
         start_relay(b.procs, relay, out)
         if direct:
             port = free_port()
-            uas = b.sipp_uas("direct_uas", "uas_call.xml", "u1", port, int(duration + 120))
+            uas = b.sipp_uas("direct_uas", "uas_call.xml", "u1", port, sipp_uas_timeout(duration))
             time.sleep(0.3)
             log(f"calls: SIPp → SIPp directly, {rate}/s for {duration} s")
             results["direct"] = b.run_caller(
@@ -404,7 +405,7 @@ def bench_calls(
             )
             b.procs.stop(uas, signal.SIGTERM)
         port = free_port()
-        uas = b.sipp_uas("relay_uas", "uas_call.xml", "t1", port, int(duration + 120))
+        uas = b.sipp_uas("relay_uas", "uas_call.xml", "t1", port, sipp_uas_timeout(duration))
         conn = b.connector(relay, port, secret)
         time.sleep(0.5)
         idle = CpuMeter({"relay": relay.pid})
@@ -690,7 +691,7 @@ def bench_decompose(
             env={"RELAY_TIMED_OUT": str(timed), "BENCH_FAST_SPLIT": "1" if fast_split else "0"},
         )
         port = free_port()
-        uas = b.sipp_uas("uas", "uas_call.xml", "t1", port, int(duration + 120))
+        uas = b.sipp_uas("uas", "uas_call.xml", "t1", port, sipp_uas_timeout(duration))
         conn = b.connector(relay, port, secret)
         time.sleep(0.5)
         log(f"decompose: calls at {rate}/s for {duration} s through the instrumented relay")
@@ -785,7 +786,7 @@ def bench_stall(
         secret = relay.add_pbx(SERIAL)
         start_relay(b.procs, relay, out)
         port = free_port()
-        uas = b.sipp_uas("uas", "uas_call.xml", "t1", port, int(duration + 120))
+        uas = b.sipp_uas("uas", "uas_call.xml", "t1", port, sipp_uas_timeout(duration))
         conn = b.connector(relay, port, secret)
 
         def during(_pid: int) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from relay.sip import parse_message
-from relay.sip.headers import NameAddr
+from relay.sip import Request, parse_message
+from relay.sip.headers import NameAddr, Via
 from relay.sip.uri import SipUri
+from tests.workmeter import work_of
 
 CRLF = b"\r\n"
 
@@ -100,3 +101,50 @@ def test_loose_routing_in_one_pass() -> None:
     m.pop_first_values("route", mine)
     assert (mine, token) == (2, "tok2")
     assert m.get_all("route") == ["<sip:pbx.example.com;lr>", "<sip:relay.example.net;lr>"]
+
+
+# -- what the parser read is kept on the fields, and forgotten when a value changes ----------
+
+
+def test_a_changed_value_is_read_again() -> None:
+    m = parse_message(invite())
+    assert m.top_via().host == "pc33.example.com" and m.from_tag == "1" and m.cseq == (1, "INVITE")
+    fields = {h.name: h for h in m.headers}
+    fields["via"].value = "SIP/2.0/TCP other.example.com;branch=z9hG4bK2, SIP/2.0/UDP h;branch=z9hG4bK3"
+    fields["from"].value = "<sip:alice@example.com>;tag=changed"
+    fields["cseq"].value = "7 INVITE"
+    assert [v.host for v in m.vias()] == ["other.example.com", "h"]
+    assert m.get_all("via")[1] == "SIP/2.0/UDP h;branch=z9hG4bK3"
+    assert m.top_via().transport == "TCP"
+    assert m.from_tag == "changed"
+    assert m.cseq == (7, "INVITE")
+
+
+def test_fields_changed_through_the_message_are_read_afresh() -> None:
+    m = parse_message(invite())
+    m.set("From", "<sip:bob@example.com>;tag=set")
+    m.insert_before("Via", "SIP/2.0/TLS relay.example.net;branch=z9hG4bKrelay")
+    assert m.from_tag == "set"
+    assert [v.host for v in m.vias()] == ["relay.example.net", "pc33.example.com"]
+    assert m.pop_first_value("via") == "SIP/2.0/TLS relay.example.net;branch=z9hG4bKrelay"
+    assert m.top_via().host == "pc33.example.com"
+
+
+def test_routing_reads_what_the_parser_already_parsed() -> None:
+    """Top Via, every Via, From, To and CSeq are parsed while validating; routing asks
+    for each several times per message and parses nothing: the first read after the
+    parse costs exactly what any later read costs (counted, not timed: tests/workmeter.py),
+    and a value changed in between makes the read cost more (it parses again)."""
+    m = parse_message(invite(b"Via: SIP/2.0/UDP b.example.com:5070;branch=z9hG4bKb;rport"))
+    assert isinstance(m, Request)
+
+    def read() -> None:
+        m.top_via(), m.vias(), m.from_tag, m.to(), m.cseq, m.get_all("via")
+
+    _, first = work_of(read)
+    _, second = work_of(read)
+    assert first == second
+    m.headers[0].value = "SIP/2.0/UDP c.example.com;branch=z9hG4bKc"
+    _, after_change = work_of(read)
+    _, one_parse = work_of(lambda: Via.parse("SIP/2.0/UDP c.example.com;branch=z9hG4bKc"))
+    assert after_change >= second + one_parse

@@ -3,6 +3,7 @@ SipParseError (parse_message) or FramingLost (StreamFramer)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from relay.sip import (
     parse_message,
 )
 from relay.sip.framer import StreamEvent
-from relay.sip.headers import canonical_name
+from relay.sip.headers import Via, canonical_name
 
 
 def examples(n: int) -> settings:
@@ -322,3 +323,56 @@ def test_mutated_messages(b: Built, data: st.DataObject) -> None:
     _frame_only_framing_lost(mutated, cuts)
     # the same damage followed by a good message on one stream
     _frame_only_framing_lost(mutated + b.data, [len(mutated)])
+
+
+# -- the shortcuts agree with the general readers ----------------------------------------
+# parse_message splits a header section without folding in two C scans and walks
+# anything else line by line; Via.parse matches the usual shape in one C match
+# and reads anything else with Via.parse_general. Each pair must agree.
+
+_FOLDED = b"\r\nX-Folded: a\r\n b"
+
+
+def _fields(m: SipMessage) -> list[tuple[str, str, str, bytes | None]]:
+    return [(h.name, h.raw_name, h.value, h.raw) for h in m.headers]
+
+
+@examples(200)
+@given(sip_messages(), st.data())
+def test_header_scan_agrees_with_the_line_walk(b: Built, data: st.DataObject) -> None:
+    raw = bytearray(b.data)
+    if data.draw(st.booleans()):  # some damage the scan must leave to the walk
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i:i] = data.draw(st.sampled_from(INSERTS))
+    end = raw.find(b"\r\n\r\n")
+    try:
+        scanned = parse_message(bytes(raw))
+    except SipParseError:
+        return
+    # the same message with one folded field at the end of its header section:
+    # no scan for it, every field read line by line
+    walked = parse_message(bytes(raw[:end]) + _FOLDED + bytes(raw[end:]))
+    assert _fields(walked)[:-1] == _fields(scanned)
+    assert walked.headers[-1].value == "a b"
+    assert walked.body == scanned.body
+
+
+via_pieces = st.lists(st.sampled_from([
+    "SIP/2.0/UDP ", "SIP/2.0/TCP ", "SIP/2.0/udp ", "SIP / 2.0 / TLS ", "SIP/2.1/UDP ", "sip/2.0/UDP ",
+    "host.example.com", "192.0.2.1", "[2001:db8::1]", "h", "-", ":", ":5060", ":0", ":65535", ":65536",
+    ":00080", ":123456", ";branch=z9hG4bK1", ";rport", ";received=192.0.2.9", ";", ";;", "=", " ", "\t",
+    '"', "<", "\u00e9", "\u3000", "\x1c", "A", "x=1;" * 20,
+]), min_size=1, max_size=8).map("".join)
+
+
+def _outcome(fn: Callable[[], Via]) -> object:
+    try:
+        return fn()
+    except SipParseError as e:
+        return (type(e), e.status, getattr(e, "limit", None))
+
+
+@examples(500)
+@given(via_pieces)
+def test_via_shortcut_agrees_with_the_general_reader(value: str) -> None:
+    assert _outcome(lambda: Via.parse(value)) == _outcome(lambda: Via.parse_general(value))

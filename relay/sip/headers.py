@@ -83,6 +83,7 @@ def canonical_name(raw_name: str) -> str:
 _QUOTED = r'"(?:[^"\\]++|\\.)*+"'
 _LIST_ELEMENT = re.compile(r'(?:[^",<]++|' + _QUOTED + r'|<[^>]*+>?)*+', re.DOTALL)
 _PARAM_ELEMENT = re.compile(r'(?:[^";]++|' + _QUOTED + r')*+', re.DOTALL)
+_UNQUOTED_LIST_ELEMENT = re.compile(r'(?:[^,<]++|<[^>]*+>?)++', re.DOTALL)  # no '"' in the text
 _BEFORE_LT = re.compile(r'(?:[^"<]++|' + _QUOTED + r')*+', re.DOTALL)
 
 
@@ -91,10 +92,18 @@ def split_commas(value: str) -> list[str]:
 
     Empty elements are dropped; an unterminated quoted string → SipParseError.
     """
-    if '"' not in value and "<" not in value:
-        # Via, Allow, Supported, Require…: nothing can hide a comma (the hot path:
-        # every message has Vias).
-        return [p for p in (x.strip() for x in value.split(",")) if p]
+    if "," not in value and '"' not in value:
+        # One value (From, To, Contact, a Route entry, most Vias): nothing to split
+        # (a '"' must still be checked for its closing one).
+        value = value.strip()
+        return [value] if value else []
+    if '"' not in value:
+        if "<" not in value:
+            # Via, Allow, Supported, Require…: nothing can hide a comma.
+            return [p for p in (x.strip() for x in value.split(",")) if p]
+        # Route / Record-Route / Path lists: commas hide only inside <...>; the
+        # elements, in one C call (empty ones are dropped below, as by _split).
+        return [p for p in (x.strip() for x in _UNQUOTED_LIST_ELEMENT.findall(value)) if p]
     return [p for p in (x.strip() for x in _split(_LIST_ELEMENT, value, ",")) if p]
 
 
@@ -124,23 +133,25 @@ def parse_params(text: str) -> dict[str, str | None]:
 
     More than ``limits.MAX_PARAMS`` parameters → SipLimitExceeded (513).
     """
+    if not text:
+        return {}
     items = _split_outside_quotes(text, ";")
     if len(items) > limits.MAX_PARAMS + 1:  # +1: the empty part before a leading ';'
         raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
     params: dict[str, str | None] = {}
     count = 0
     for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        count += 1
-        if count > limits.MAX_PARAMS:
-            raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
-        if "=" in item:
-            k, v = item.split("=", 1)
-            params[k.strip().lower()] = v.strip()
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if eq:
+            params[k.lower()] = v.strip()
+        elif k:
+            params[k.lower()] = None
         else:
-            params[item.lower()] = None
+            continue  # an empty item (";;", a leading or trailing ';')
+        count += 1
+    if count > limits.MAX_PARAMS:
+        raise SipLimitExceeded("MAX_PARAMS", "too many parameters")
     return params
 
 
@@ -151,6 +162,11 @@ def _split_outside_quotes(text: str, sep: str) -> list[str]:
     if sep != ";":
         raise ValueError(f"no scanner for {sep!r}")
     return _split(_PARAM_ELEMENT, text, sep)
+
+
+# "SIP/2.0/UDP host[:port][;params]": upper-case transport, a host name or IPv4
+# address, a port of 1-5 digits, no LWS. Anything else takes Via.parse_general.
+_VIA_SHAPE = re.compile(r"SIP/2\.0/([A-Z]+) ([A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?(?:;(.*))?", re.DOTALL)
 
 
 @dataclass(slots=True)
@@ -170,6 +186,20 @@ class Via:
     @classmethod
     def parse(cls, value: str) -> Via:
         """Parse one Via value; SipParseError when malformed, 513 over MAX_PARAMS."""
+        m = _VIA_SHAPE.fullmatch(value)
+        if m is not None:
+            # The shape nearly every peer sends: one C match, same result as below.
+            transport, host, port, ptext = m.groups()
+            if port is None:
+                return cls(transport, host, None, parse_params(ptext or ""))
+            if 0 < int(port) < 65536:
+                return cls(transport, host, int(port), parse_params(ptext or ""))
+        return cls.parse_general(value)
+
+    @classmethod
+    def parse_general(cls, value: str) -> Via:
+        """``parse`` for every shape RFC 3261 §20.42 allows (LWS around '/', IPv6 …);
+        ``parse`` takes a shortcut for the usual one and agrees with this."""
         semi = value.find(";")
         head, ptext = (value, "") if semi < 0 else (value[:semi], value[semi + 1 :])
         # "SIP / 2.0 / UDP host:port" — LWS is allowed around the slashes.
@@ -212,8 +242,11 @@ def split_hostport(text: str) -> tuple[str, int | None]:
     return _check_host(text), None
 
 
+_BAD_HOST = re.compile(r'[ \t<>"]')
+
+
 def _check_host(host: str) -> str:
-    if not host or any(c in host for c in ' \t<>"'):
+    if not host or _BAD_HOST.search(host) is not None:
         raise SipParseError("bad host")
     return host
 
@@ -242,8 +275,14 @@ class NameAddr:
     def parse(cls, value: str) -> NameAddr:
         """Parse one value of From, To, Contact, Route, Record-Route or Path."""
         value = value.strip()
-        lt = _find_lt(value)
-        if lt >= 0:
+        lt = _find_lt(value) if '"' in value else value.find("<")
+        if lt == 0:  # "<uri>;params", the usual shape: no display name
+            gt = value.find(">")
+            if gt < 0:
+                raise SipParseError("unterminated <")
+            uri = check_uri_length(value[1:gt].strip())
+            return cls(None, uri, parse_params(value[gt + 1 :]))
+        if lt > 0:
             gt = value.find(">", lt)
             if gt < 0:
                 raise SipParseError("unterminated <")

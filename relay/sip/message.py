@@ -26,15 +26,80 @@ class Header:
 
     ``raw`` is the field exactly as received, CRLFs included; it is what goes on
     the wire again unless the header was built or changed here (raw is None).
+
+    Reading is lazy and remembered: the parser only finds where each field is and
+    what it is called; ``value`` is decoded from ``raw`` on first use, and what
+    is read from it — its comma-separated values (``values``), and the parsed
+    form routing asks for (Via list, name-addr, CSeq: see SipMessage) — is kept
+    on the field, so a proxy that asks for the top Via five times parses it once.
+    Setting ``value`` forgets all of it. The memos are shared: callers treat what
+    they return as read-only.
     """
 
-    __slots__ = ("name", "raw_name", "value", "raw")
+    __slots__ = ("name", "raw_name", "_value", "raw", "_values", "_parsed")
 
-    def __init__(self, raw_name: str, value: str, raw: bytes | None = None):
+    def __init__(self, raw_name: str, value: str | None, raw: bytes | None = None,
+                 name: str | None = None):
+        # value None: read from ``raw`` when first asked (a field received on one
+        # line: ``name [WSP] ":" value CRLF``); name: the canonical name, when the
+        # caller already knows it.
         self.raw_name = raw_name
-        self.name = canonical_name(raw_name)
-        self.value = value
+        self.name = canonical_name(raw_name) if name is None else name
+        self._value = value
         self.raw = raw
+        self._values: list[str] | None = None
+        # what the field's one reader made of it: list[Via], NameAddr or (int, str)
+        self._parsed: list[Via] | NameAddr | tuple[int, str] | None = None
+
+    @property
+    def value(self) -> str:
+        """The value, unfolded, without the WSP around it (RFC 3261 §7.3.1)."""
+        v = self._value
+        if v is None:
+            raw = self.raw
+            assert raw is not None
+            v = self._value = raw[raw.index(b":") + 1 : -2].strip(b" \t").decode(ENCODING, ERRORS)
+        return v
+
+    @value.setter
+    def value(self, value: str) -> None:
+        """A new value: what was read from the old one is forgotten."""
+        self._value = value
+        self._values = None
+        self._parsed = None
+
+    def values(self) -> list[str]:
+        """The comma-separated values of this field (``split_commas``), split once."""
+        v = self._values
+        if v is None:
+            v = self._values = split_commas(self.value)
+        return v
+
+    def vias(self) -> list[Via]:
+        """Every value of this (Via) field, parsed, once (SipParseError if one is malformed)."""
+        v = self._parsed
+        if isinstance(v, list):
+            return v
+        vias = self._parsed = [Via.parse(x) for x in self.values()]
+        return vias
+
+    def name_addr(self) -> NameAddr:
+        """The value as one name-addr (From, To), parsed once."""
+        a = self._parsed
+        if isinstance(a, NameAddr):
+            return a
+        addr = self._parsed = NameAddr.parse(self.value)
+        return addr
+
+    def cseq(self) -> tuple[int, str]:
+        """(sequence number, method) of a CSeq value, read once."""
+        c = self._parsed
+        if isinstance(c, tuple):
+            return c
+        num, method = self.value.split(None, 1)
+        # methods are case-sensitive (RFC 3261 §7.1)
+        cseq = self._parsed = int(num), method.strip()
+        return cseq
 
     def serialise(self) -> bytes:
         """The field on the wire: as received unless built or changed here."""
@@ -49,29 +114,26 @@ class Header:
 class SipMessage:
     """Common part of requests and responses."""
 
-    __slots__ = ("start_line", "headers", "body", "_from_tag", "wire_size")
+    __slots__ = ("start_line", "headers", "body", "wire_size")
 
     def __init__(self, start_line: bytes, headers: list[Header], body: bytes = b""):
         self.start_line = start_line
         self.headers = headers
         self.body = body
-        self._from_tag: str | None | bool = False  # False: not read yet
         # Octets it arrived in (the parser sets it; 0 for a message built here): what
         # an answer to a datagram is measured against (reflection, issue 10).
         self.wire_size = 0
 
+    def _first(self, name: str) -> Header | None:
+        for h in self.headers:
+            if h.name == name:
+                return h
+        return None
+
     @property
     def from_tag(self) -> str | None:
-        """The From tag, read once (routing asks for it several times per message)."""
-        tag = self._from_tag
-        if tag is False:
-            tag = self._from_tag = NameAddr.parse(self.get("from") or "").tag
-        return tag  # type: ignore[return-value]
-
-    @from_tag.setter
-    def from_tag(self, tag: str | None) -> None:
-        """Remember the From tag read elsewhere (the parser reads it while validating)."""
-        self._from_tag = tag
+        """The From tag (the From field is parsed once, however often routing asks)."""
+        return self.from_().tag
 
     # -- reading ---------------------------------------------------------
     def get(self, name: str) -> str | None:
@@ -84,19 +146,23 @@ class SipMessage:
     def get_all(self, name: str) -> list[str]:
         """Every value of ``name``, repeated headers and comma lists flattened.
 
-        One pass, each field split once: O(size of those fields). A caller that
-        walks a list (e.g. the Route set) reads it once with this and changes it
-        once (``pop_first_values``), never re-reads it per element.
+        One pass, each field split once (and its values kept on the field):
+        O(size of those fields). A caller that walks a list (e.g. the Route set)
+        reads it once with this and changes it once (``pop_first_values``),
+        never re-reads it per element.
         """
         out: list[str] = []
         for h in self.headers:
             if h.name == name:
-                out.extend(split_commas(h.value))
+                out.extend(h.values())
         return out
 
     def has(self, name: str) -> bool:
         """Whether a header called ``name`` (full lower-case name) is present."""
-        return any(h.name == name for h in self.headers)
+        for h in self.headers:
+            if h.name == name:
+                return True
+        return False
 
     @property
     def call_id(self) -> str:
@@ -106,27 +172,35 @@ class SipMessage:
     @property
     def cseq(self) -> tuple[int, str]:
         """(sequence number, method) of CSeq."""
-        num, method = (self.get("cseq") or "0 ?").split(None, 1)
-        return int(num), method.strip()  # methods are case-sensitive (RFC 3261 §7.1)
+        h = self._first("cseq")
+        return (0, "?") if h is None or not h.value else h.cseq()
 
     def vias(self) -> list[Via]:
-        """Every Via value, parsed, top first."""
-        return [Via.parse(v) for v in self.get_all("via")]
-
-    def top_via(self) -> Via:
-        """The first Via value, parsed (only the first Via field is split)."""
+        """Every Via value, parsed, top first (each field parsed once: read-only)."""
+        out: list[Via] = []
         for h in self.headers:
             if h.name == "via":
-                return Via.parse(split_commas(h.value)[0])
-        raise LookupError("no Via")
+                out.extend(h.vias())
+        return out
+
+    def top_via(self) -> Via:
+        """The first Via value, parsed (only the first Via field is read)."""
+        h = self._first("via")
+        if h is None:
+            raise LookupError("no Via")
+        if isinstance(h._parsed, list):  # the parser read them all
+            return h._parsed[0]
+        return Via.parse(h.values()[0])
 
     def from_(self) -> NameAddr:
-        """The From header, parsed."""
-        return NameAddr.parse(self.get("from") or "")
+        """The From header, parsed (once: read-only)."""
+        h = self._first("from")
+        return NameAddr.parse("") if h is None else h.name_addr()
 
     def to(self) -> NameAddr:
-        """The To header, parsed."""
-        return NameAddr.parse(self.get("to") or "")
+        """The To header, parsed (once: read-only)."""
+        h = self._first("to")
+        return NameAddr.parse("") if h is None else h.name_addr()
 
     # -- changing --------------------------------------------------------
     def insert(self, name: str, value: str, index: int = 0) -> None:
@@ -153,10 +227,14 @@ class SipMessage:
     def set(self, name: str, value: str) -> None:
         """Replace the first header called ``name`` (others removed) or add it."""
         canonical = canonical_name(name)
-        for i, h in enumerate(self.headers):
+        headers = self.headers
+        for i, h in enumerate(headers):
             if h.name == canonical:
-                self.headers[i] = Header(h.raw_name, value)
-                self.headers[i + 1 :] = [x for x in self.headers[i + 1 :] if x.name != canonical]
+                headers[i] = Header(h.raw_name, value, None, canonical)
+                for later in headers[i + 1 :]:
+                    if later.name == canonical:
+                        headers[i + 1 :] = [x for x in headers[i + 1 :] if x.name != canonical]
+                        return
                 return
         self.append(name, value)
 
@@ -184,7 +262,7 @@ class SipMessage:
             if h.name != name or len(taken) >= n:
                 kept.append(h)
                 continue
-            values = split_commas(h.value)
+            values = h.values()
             need = n - len(taken)
             taken.extend(values[:need])
             if len(values) > need:
@@ -201,7 +279,9 @@ class SipMessage:
     def serialise(self) -> bytes:
         """The message on the wire: untouched header fields byte for byte."""
         parts = [self.start_line, CRLF]
-        parts.extend(h.serialise() for h in self.headers)
+        for h in self.headers:
+            raw = h.raw
+            parts.append(h.serialise() if raw is None else raw)
         parts.append(CRLF)
         parts.append(self.body)
         return b"".join(parts)

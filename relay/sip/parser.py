@@ -10,6 +10,7 @@ from relay.sip.headers import (
     SINGLE_VALUED,
     NameAddr,
     Via,
+    canonical_name,
     is_digits,
     is_token,
     split_commas,
@@ -86,8 +87,50 @@ class _Truncated(Exception):
         self.headers = headers
 
 
+# A header section whose fields each sit on one line (no folding: the common
+# case) is cut by one C pass: ``_FIELD.split`` returns, for each field, what lay
+# before it (empty when the fields follow each other), the field and its name
+# (a token, optional WSP, ':', a value without CR or LF, CRLF). Python then
+# steps once per field, never per line or octet. Anything else — folding, a bare
+# CR or LF, a bad name, too many fields, a long line — takes the line-by-line
+# walk, which finds the same fields in what it accepts and gives the precise
+# error for the rest.
+_FIELD = re.compile(rb"(([A-Za-z0-9\-.!%*_+`'~]++)[ \t]*+:[^\r\n]*+\r\n)")
+
+# Header names as received → (name as text, canonical name). Names are chosen by
+# peers: bounded, emptied when full (like headers._CANONICAL).
+_NAMES: dict[bytes, tuple[str, str]] = {}
+_NAMES_MAX = 1024
+
+
 def _parse_headers(head: bytes, offset: int) -> list[Header]:
-    """The header fields of ``head`` from ``offset``, folded lines joined.
+    """The header fields of ``head`` from ``offset``, folded lines joined."""
+    n = len(head)
+    if offset >= n + 2:
+        return []
+    section = head[offset:] + b"\r\n"
+    if len(section) <= limits.MAX_LINE_LENGTH and section.count(b"\r\n") <= limits.MAX_HEADERS:
+        parts = _FIELD.split(section)
+        if not any(parts[0::3]):  # nothing between or after the fields
+            names = _NAMES
+            headers: list[Header] = []
+            for raw, name in zip(parts[1::3], parts[2::3], strict=True):
+                known = names.get(name) or _learn_name(name)
+                headers.append(Header(known[0], None, raw, known[1]))
+            return headers
+    return _parse_lines(head, offset)
+
+
+def _learn_name(name: bytes) -> tuple[str, str]:
+    if len(_NAMES) >= _NAMES_MAX:
+        _NAMES.clear()
+    text = name.decode("ascii")
+    known = _NAMES[name] = (text, canonical_name(text))
+    return known
+
+
+def _parse_lines(head: bytes, offset: int) -> list[Header]:
+    """The header fields of ``head`` from ``offset``, walked line by line.
 
     One step per physical line, at most MAX_LINES of them: the limit is checked
     as the lines are met, so a header section of thousands of short lines costs
@@ -96,8 +139,6 @@ def _parse_headers(head: bytes, offset: int) -> list[Header]:
     headers: list[Header] = []
     n = len(head)
     pos = offset
-    if pos >= n + 2:
-        return headers
     current_start = -1
     lines = 1  # the start line
     while pos <= n:
@@ -196,12 +237,15 @@ def _answerable_stub(parts: list[str], headers: list[Header], line: bytes) -> Re
 
 
 def _content_length(msg: SipMessage) -> int | None:
-    values = [h.value for h in msg.headers if h.name == "content-length"]
-    if not values:
+    field: Header | None = None
+    for h in msg.headers:
+        if h.name == "content-length":
+            if field is not None:
+                raise SipParseError("more than one Content-Length")
+            field = h
+    if field is None:
         return None
-    if len(values) > 1:
-        raise SipParseError("more than one Content-Length")
-    v = values[0]
+    v = field.value
     if not is_digits(v) or len(v) > 10:
         raise SipParseError("bad Content-Length")
     cl = int(v)
@@ -224,34 +268,38 @@ def _check_size_limits(msg: SipMessage, head: bytes) -> None:
                 raise SipLimitExceeded("MAX_HEADER_VALUE", "header value too long")
 
 
-def _split_lists(msg: SipMessage, fields: list[Header]) -> dict[str, list[str]]:
-    """The values of every list with a limit (limits.LIST_LIMITS), each field split once.
+def _split_lists(msg: SipMessage, fields: list[Header]) -> list[str]:
+    """Count the values of every list with a limit (limits.LIST_LIMITS), each field split once.
 
-    Over a limit → SipLimitExceeded (513). Via and Contact values are returned
-    for validation; Route, Record-Route and Path are only counted (the proxy
-    reads them), and a field without a comma holds one value, so the common
-    case costs no split.
+    Over a limit → SipLimitExceeded (513). Via and (in a request) Contact fields
+    are split, their values kept on the fields, and a request's Contact values
+    returned for validation; Route, Record-Route and Path are only counted (the
+    proxy reads them), and a field without a comma holds one value, so the
+    common case costs no split.
     """
-    lists: dict[str, list[str]] = {}
+    contacts: list[str] = []
     counts: dict[str, int] = {}
     # A response is forwarded as it is: only its Vias are read (and so checked).
     validated = _VALIDATED_LISTS if isinstance(msg, Request) else _VIA_ONLY
+    list_limits = limits.LIST_LIMITS
     for h in fields:
-        cap = limits.LIST_LIMITS[h.name]
-        if h.name in validated:
-            values = split_commas(h.value)
-            if not values and h.name == "via":
+        name = h.name
+        if name in validated:
+            values = h.values()  # kept on the field: the proxy reads these again
+            if name == "contact":
+                contacts += values
+            elif not values:
                 # RFC 3261 §20.42: Via = HCOLON via-parm *(COMMA via-parm); the
                 # proxy stamps and strips the first value of the first field.
                 raise SipParseError("Via field without a value")
-            lists.setdefault(h.name, []).extend(values)
             n = len(values)
         else:
             n = _count_values(h.value)
-        total = counts[h.name] = counts.get(h.name, 0) + n
-        if total > cap[1]:
-            raise SipLimitExceeded(cap[0], f"too many {_LIST_NAMES[h.name]} values")
-    return lists
+        total = counts[name] = counts.get(name, 0) + n
+        limit, cap = list_limits[name]
+        if total > cap:
+            raise SipLimitExceeded(limit, f"too many {_LIST_NAMES[name]} values")
+    return contacts
 
 
 def _count_values(value: str) -> int:
@@ -273,41 +321,48 @@ _LIST_NAMES = {"via": "Via", "route": "Route", "record-route": "Record-Route", "
 
 
 def _validate(msg: SipMessage) -> None:
-    """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2)."""
-    found: dict[str, str] = {}
+    """Checks every element must make (RFC 3261 §8.2, §16.3; RFC 4475 §3.1.2).
+
+    Only the fields checked here are decoded; what is parsed (Vias, From, To,
+    CSeq, list values) stays on the fields for routing to read.
+    """
+    found: dict[str, Header] = {}
     list_fields: list[Header] = []
+    list_limits = limits.LIST_LIMITS
     for h in msg.headers:
         name = h.name
         if name in found:
             if name in SINGLE_VALUED:
                 raise SipParseError(f"more than one {name}")
         else:
-            found[name] = h.value
-        if name in limits.LIST_LIMITS:
+            found[name] = h
+        if name in list_limits:
             list_fields.append(h)
     for name in ("call-id", "cseq", "from", "to", "via"):
         if name not in found:
             raise SipParseError(f"missing {name}")
-    lists = _split_lists(msg, list_fields)
-    cseq = found["cseq"].split()
+    contacts = _split_lists(msg, list_fields)
+    cseq = found["cseq"].value.split()
     if len(cseq) != 2 or not is_digits(cseq[0]) or int(cseq[0]) > limits.MAX_CSEQ:
         raise SipParseError("bad CSeq")
-    for v in lists.get("via", ()):
-        Via.parse(v)
+    found["cseq"].cseq()  # kept: the transaction key and the loop hash read it
+    for h in list_fields:
+        if h.name == "via":
+            h.vias()  # every Via parsed (and kept: routing reads the top one)
     if isinstance(msg, Request):
         # a response is forwarded as it is: Via and CSeq are all we route on
-        _validate_request(msg, found, cseq[1], lists.get("contact", []))
+        _validate_request(msg, found, cseq[1], contacts)
 
 
-def _validate_request(msg: Request, found: dict[str, str], cseq_method: str,
+def _validate_request(msg: Request, found: dict[str, Header], cseq_method: str,
                       contacts: list[str]) -> None:
     if cseq_method != msg.method:
         raise SipParseError("CSeq method does not match the request line")
     mf = found.get("max-forwards")
-    if mf is not None and (not is_digits(mf) or int(mf) > limits.MAX_MAX_FORWARDS):
+    if mf is not None and (not is_digits(mf.value) or int(mf.value) > limits.MAX_MAX_FORWARDS):
         raise SipParseError("bad Max-Forwards")
-    msg.from_tag = NameAddr.parse(found["from"]).tag
-    NameAddr.parse(found["to"])
+    found["from"].name_addr()  # parsed once, kept for routing (from_tag, loop hash, tokens)
+    found["to"].name_addr()
     for v in contacts:
         if v != "*":
             na = NameAddr.parse(v)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from relay.sip.errors import SipParseError
 from relay.sip.headers import check_uri_length, format_host, parse_params, split_hostport
 
 SIP_SCHEMES = frozenset({"sip", "sips"})
+_URI_SPACE = re.compile(r"[ \t\r\n]")
 
 
 @dataclass(slots=True)
@@ -51,7 +53,7 @@ class SipUri:
         semi = rest.find(";")
         hostport, ptext = (rest, "") if semi < 0 else (rest[:semi], rest[semi + 1 :])
         host, port = split_hostport(hostport)
-        if any(c in text for c in " \t\r\n"):
+        if _URI_SPACE.search(text) is not None:
             raise SipParseError("whitespace in URI")
         return cls(scheme, user, host.lower(), port, parse_params(ptext), headers)
 
