@@ -74,6 +74,7 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pbx_expires_default=cfg.sip.pbx_expires_default, pbx_expires_min=cfg.sip.pbx_expires_min,
         pbx_expires_max=cfg.sip.pbx_expires_max, push=cfg.push.mode != "off",
         ring_timeout=cfg.push.ring_timeout, udp_asleep_after=cfg.push.udp_asleep_after,
+        exempt_sources=frozenset(cfg.transport.exempt),
         pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
         auth_failures_before_ban=cfg.limits.auth_failures_before_ban,
         auth_first_ban=cfg.limits.auth_first_ban,
@@ -213,11 +214,13 @@ class RelayService:
         dispatch = self.dispatch
         while True:
             self.timers_ran_at = trio.current_time()
+            # A fresh event before reading the next deadline (no checkpoint between):
+            # an earlier timer armed from now on wakes us; one set by the last
+            # on_timer's own effects must not (it made this loop spin at 100 % CPU).
+            dispatch.timer_moved = trio.Event()
             dispatch.armed = self.proxy.next_timer()
             with trio.move_on_at(dispatch.armed):
                 await dispatch.timer_moved.wait()
-            dispatch.timer_moved = trio.Event()
-            dispatch.armed = math.inf
             dispatch.on_timer()
 
     # -------------------------------------------------------------- directory

@@ -169,7 +169,8 @@ MAX_CALLS_PER_PBX = 1_000
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """Who a call's media is charged to: the PBX and the source IP that opened it."""
+    """Who a call's media is charged to: the PBX, and the source IP that opened it ("" when
+    no per-source share applies: the PBX itself, an exempt address)."""
 
     serial: str
     source_ip: str
@@ -243,7 +244,7 @@ class MediaSessions:
         """Charge a new call to ``owner``'s shares; OverShare when one is full."""
         if owner is None:
             return None
-        if self._by_source.get(owner.source_ip, 0) >= self.per_source:
+        if owner.source_ip and self._by_source.get(owner.source_ip, 0) >= self.per_source:
             raise OverShare(f"{owner.source_ip} has {self.per_source} calls anchored")
         if self._by_serial.get(owner.serial, 0) >= self.per_pbx:
             raise OverShare(f"PBX {owner.serial} has {self.per_pbx} calls anchored")

@@ -90,6 +90,7 @@ class ProxyConfig:
     udp_asleep_after: float = 40.0  # a UDP phone silent this long (no SIP, CRLF or STUN) sleeps
     max_transactions: int = MAX_TRANSACTIONS
     pending: PendingLimits = PendingLimits()  # INVITEs pending per source and per PBX
+    exempt_sources: frozenset[str] = frozenset()  # never held to a per-source share
     auth_failures_before_ban: int = MAX_FAILURES
     auth_first_ban: float = FIRST_BAN
 
@@ -298,7 +299,7 @@ class Proxy:
             target = uri_push_target(req.uri) if self.cfg.push and path_device else None
             user = path_user(path_device, target) if target is not None else None
             if user is not None and target is not None and req.method == "INVITE":
-                overload = self.invites.overloaded(hop.source.remote_ip, hop.serial)
+                overload = self.invites.overloaded(self._share_of(hop), hop.serial)
                 if overload is not None:
                     return self._refuse_overload(req, hop.source, overload)
                 held = Held(req, hop.via, hop.serial, hop.mf, target, self.replies.stateless_tag(req), user)
@@ -341,7 +342,7 @@ class Proxy:
         """RFC 3261 §16.6: copy, Max-Forwards, Record-Route/Path, Via, send. ``held``:
         a held INVITE being released, whose transaction goes on."""
         req = hop.req
-        overload = self.invites.overloaded(hop.source.remote_ip, hop.serial) if (
+        overload = self.invites.overloaded(self._share_of(hop), hop.serial) if (
             req.method == "INVITE" and held is None) else None
         if overload is not None:
             return self._refuse_overload(req, hop.source, overload)
@@ -353,7 +354,7 @@ class Proxy:
         effects: list[Effect] = []
         if self.media is not None:
             media_effects, refusal = self.media.on_request(
-                req, hop.source, hop.target, hop.to_phone, now, hop.serial)
+                req, hop.source, hop.target, hop.to_phone, now, hop.serial, self._share_of(hop))
             if refusal is not None:
                 return self._refused_on_the_way(held, refusal)
             effects += media_effects
@@ -383,6 +384,12 @@ class Proxy:
         if held is not None:
             self.txns.remove(held)
         return list(refusal)
+
+    def _share_of(self, hop: Hop) -> str:
+        """The source whose per-source share a request counts against: "" (none) for
+        the PBX itself and for sources exempt like loopback (transport.exempt)."""
+        ip = hop.source.remote_ip
+        return "" if hop.to_phone or ip in self.cfg.exempt_sources else ip
 
     def _refuse_overload(self, req: Request, source: Flow, why: str) -> list[Effect]:
         self.counters.inc("overload_total", why)

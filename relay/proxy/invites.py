@@ -75,7 +75,7 @@ class InviteTransactions:
         INVITEs pending as it may."""
         if len(self.txns) >= self.max_transactions:
             return "total"
-        if self.txns.live_by_source.get(source_ip, 0) >= self.limits.per_source:
+        if source_ip and self.txns.live_by_source.get(source_ip, 0) >= self.limits.per_source:
             return "per_source"
         if self.txns.live_by_serial.get(serial, 0) >= self.limits.per_pbx:
             return "per_pbx"

@@ -34,6 +34,7 @@ class MediaCalls:
 
     def on_request(
         self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float, serial: str = "",
+        share: str = "",
     ) -> tuple[list[MediaEffect], list[Send] | None]:
         """Rewrite the SDP of a request on its way (BYE ends the call's media).
         Returns the media effects and, when the request must not go on, what to
@@ -56,7 +57,7 @@ class MediaCalls:
             body, effects = self.sessions.on_sdp(
                 req.call_id, PBX if to_phone else PHONE, req.body, source.remote_ip, now,
                 target.remote_ip, offer=req.method in ("INVITE", "UPDATE"),
-                owner=Owner(serial, source.remote_ip) if serial else None)
+                owner=Owner(serial, share) if serial else None)
         except MediaError as e:
             self.counters.inc("media_refused_total", _reason(e))
             if req.method == "ACK":

@@ -461,12 +461,14 @@ class Transports:
                     await conn.flushed.wait()
                 return
             data = b""  # an idle flow (5,000 PBXs) must not keep its last read alive
+            completed = bool(events)
             await self._deliver(conn, events)
-            if framer.buffered:
-                if partial_since is None:
-                    partial_since = trio.current_time()
-            else:
+            if not framer.buffered:
                 partial_since = None
+            elif partial_since is None or completed:
+                # A busy trunk's reads end mid-message all the time: only a peer that
+                # completes nothing for timeouts.partial is stalled.
+                partial_since = trio.current_time()
 
     async def _deliver(self, conn: Connection, events: list[StreamEvent]) -> None:
         """Hand one read's messages up, MESSAGES_PER_TURN at a time: between two
