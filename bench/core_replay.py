@@ -274,6 +274,51 @@ def fast_split_experiment() -> None:
     hdr._split_outside_quotes = split_outside_quotes
 
 
+# A PBX's REGISTER as phone-home clients send it (digest, +sip.instance, Path support).
+PBX_REGISTER = (
+    b"REGISTER sip:0123456789@relay.test SIP/2.0\r\n"
+    b"Via: SIP/2.0/TCP 192.0.2.10:41000;branch=z9hG4bK-524287-1---5c1b3d6f0a9e2c47;rport\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"Contact: <sip:0123456789@192.0.2.10:41000;transport=tcp>;expires=600;"
+    b"+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-0123456789ab>\"\r\n"
+    b"To: <sip:0123456789@relay.test>\r\n"
+    b"From: <sip:0123456789@relay.test>;tag=a73kszlfl\r\n"
+    b"Call-ID: 1j9FpLxk3uxtm8tn@192.0.2.10\r\n"
+    b"CSeq: 2 REGISTER\r\n"
+    b"Expires: 600\r\n"
+    b"Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, NOTIFY, REFER\r\n"
+    b"Supported: path, outbound\r\n"
+    b"User-Agent: PBX 5.0\r\n"
+    b'Authorization: Digest username="0123456789", realm="relay.test", '
+    b'nonce="abcdefabcdefabcdefabcdefabcdef01", uri="sip:0123456789@relay.test", '
+    b'response="0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", '
+    b'algorithm=SHA-256, qop=auth, nc=00000001, cnonce="xyz"\r\n'
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+def retained_register(n: int) -> float:
+    """Bytes of Python heap one parsed PBX REGISTER holds once routing has read it
+    (tracemalloc): what an idle PBX connection costs while its transport keeps the
+    last message it read (RESULTS.md §5, bug 3)."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    kept = []
+    for _ in range(n):
+        m = StreamFramer().feed(PBX_REGISTER)[0]
+        assert isinstance(m, Request)
+        m.top_via(), m.from_tag, m.to(), m.get_all("contact"), m.get("authorization"), m.cseq
+        kept.append(m)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    return sum(d.size_diff for d in after.compare_to(before, "filename")) / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=3000)
@@ -283,6 +328,8 @@ def main() -> int:
         action="store_true",
         help="experiment: fast paths for split_commas/_split_outside_quotes (monkeypatched here)",
     )
+    ap.add_argument("--retained", type=int, default=0,
+                    help="also: heap bytes per parsed PBX REGISTER kept after routing read it (N messages)")
     a = ap.parse_args()
     if a.fast_split:
         fast_split_experiment()
@@ -313,6 +360,10 @@ def main() -> int:
         text = s.getvalue()
         print("  cProfile of the call replay (sorted by own time; cProfile inflates small functions):")
         print("\n".join("    " + x for x in text[text.find("ncalls") :].splitlines() if x.strip()))
+    if a.retained:
+        held = retained_register(a.retained)
+        print(f"  a parsed PBX REGISTER, once read as routing reads it, holds {held:.0f} "
+              f"bytes of heap (tracemalloc, {a.retained} kept)")
     src = os.environ.get("BENCH_RELAY_SRC")
     print(
         "  reproduce: "
@@ -320,6 +371,7 @@ def main() -> int:
         + f".venv/bin/python bench/core_replay.py --calls {a.calls}"
         + (f" --cprofile {a.cprofile}" if a.cprofile else "")
         + (" --fast-split" if a.fast_split else "")
+        + (f" --retained {a.retained}" if a.retained else "")
     )
     return 0
 
