@@ -29,6 +29,7 @@ an IP literal), never for something a peer sent.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
@@ -496,6 +497,7 @@ def parse_sdp(body: bytes) -> Sdp:
 # -- rewriting ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)  # the relay's own few addresses, read for every SDP
 def _relay_family(address: str) -> bytes:
     try:
         ip = ipaddress.ip_address(address)

@@ -242,7 +242,10 @@ class InviteTransactions:
                 return effects
         if resp.status >= 200:
             if txn.live:
-                log.info("event=invite_final call_id=%s status=%d", txn.call_id, resp.status)
+                # A failed call at INFO; an answered one is DEBUG: its "bye" line follows
+                # (docs/relay.md, "What is logged": two INFO lines per call, as before issue 9).
+                log.log(logging.INFO if resp.status >= 300 else logging.DEBUG,
+                        "event=invite_final call_id=%s status=%d", txn.call_id, resp.status)
                 self.txns.finish(txn, TxnEvent.FINAL, now)
             else:
                 self.txns.move(txn, TxnEvent.FINAL)
