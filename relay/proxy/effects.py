@@ -104,6 +104,6 @@ Effect = Send | PushEffect | MediaEffect | ClusterEffect
 
 __all__ = [
     "LOCATED", "LOCATE_BUSY", "LOCATE_FAILED", "NOWHERE",
-    "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "LocatePbx", "ReleasePbx", "DeviceGone", "DeviceSeen", "Effect", "MediaEffect", "OpenLeg",
-    "PushEffect", "RelatchLeg", "Send", "Wake",
+    "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
+    "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "Wake",
 ]
