@@ -147,6 +147,37 @@ def test_a_phone_on_node_b_calls_the_pbx_on_node_a(
     assert options_to(b, SERIAL) == "SIP/2.0 480 Temporarily Unavailable"
 
 
+def pbx_calls_phone_through_two_nodes() -> str:
+    """sc.pbx_calls_phone with both Path entries of the phone's REGISTER in the INVITE's
+    route set: node A's (first) and node B's (RFC 3327: the PBX routes along all of them)."""
+    capture = '<ereg regexp="&lt;[^&gt;]*&gt;" search_in="hdr" header="Path:" assign_to="path"/>'
+    both = ('<ereg regexp="&lt;[^&gt;]*&gt;" search_in="hdr" header="Path:" occurrence="1" assign_to="path"/>'
+            '<ereg regexp="&lt;[^&gt;]*&gt;" search_in="hdr" header="Path:" occurrence="2" '
+            'assign_to="path2"/>')
+    xml = sc.pbx_calls_phone()
+    assert capture in xml and "Route: [$path]" in xml
+    return xml.replace(capture, both).replace("Route: [$path]", "Route: [$path], [$path2]")
+
+
+def test_the_pbx_on_node_a_calls_a_phone_registered_through_node_b(
+    nodes: tuple[RelayProc, RelayProc, RedisServer], tmp_path: Path,
+) -> None:
+    """The reverse direction: the phone's REGISTER went B → A → PBX and got a Path entry
+    at each node; the PBX's INVITE along that Path goes A → link → B → the phone."""
+    a, b, redis = nodes
+    wait_for("both nodes ready", lambda: readyz(a) == 200 and readyz(b) == 200)
+    pbx = pbx_on(a, tmp_path, a, pbx_calls_phone_through_two_nodes())
+    a.wait_registered(SERIAL)
+    wait_for("the claim", lambda: redis_cli(redis, "HGET", f"pbxrelay:pbx:{SERIAL}", "node") == "node-a")
+    phone = phone_on(b, tmp_path, sc.phone_answers_pbx())
+    rc_phone, rc_pbx = phone.wait(), pbx.wait()
+    assert (rc_phone, rc_pbx) == (0, 0), f"{phone.errors()}\n{pbx.errors()}\n{b.log()[-3000:]}"
+    # The INVITE crossed each node once (the phone talks to B only, the PBX to A only).
+    assert a.metric('pbx_relay_requests_in_total{method="INVITE"}') == 1
+    assert b.metric('pbx_relay_requests_in_total{method="INVITE"}') == 1
+    assert b.metric('pbx_relay_connections_total{transport="cluster"}') == 1
+
+
 def test_a_serial_no_node_holds_gets_the_480_of_an_offline_pbx(
     nodes: tuple[RelayProc, RelayProc, RedisServer],
 ) -> None:
