@@ -102,7 +102,9 @@ async def test_a_listener_that_is_not_the_node_named_is_refused(nursery: trio.Nu
     assert b.counts["cluster_links_refused_total:handshake"] == 1
 
 
-async def test_garbage_and_silence_are_closed_unread(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_garbage_and_silence_are_closed_unread(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(links_module, "HANDSHAKE_TIMEOUT", 0.3)
     a = await start(nursery, "node-a")
     garbage = await trio.open_tcp_stream("127.0.0.1", a.port)
