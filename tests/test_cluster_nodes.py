@@ -28,6 +28,7 @@ redis_server = redisfixture.redis_server  # the fixture, by name
 
 SERIAL = "0123456789"
 SECRET = "test-cluster-secret-0123456789abcdef"
+MEDIA_PORTS = {"node-a": 31000, "node-b": 31400}
 
 
 def cluster_lines(redis: RedisServer, node_id: str, secret: str = SECRET) -> str:
@@ -47,10 +48,13 @@ def start_node(tmp: Path, redis: RedisServer, node_id: str, serials: tuple[str, 
     state.mkdir()
     r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
     lines = cluster_lines(redis, node_id, secret)
-    write_config(r, lines)
+    # Each node its own slice of RTP ports, as `--workers N` will give them (not built yet).
+    first = MEDIA_PORTS[node_id]
+    media = f"port_min = {first}\nport_max = {first + 400}"
+    write_config(r, lines, media)
     for s in serials:
         r.add_pbx(s)
-    return start_relay(r, lines)
+    return start_relay(r, lines, media)
 
 
 @pytest.fixture
@@ -178,6 +182,32 @@ def test_the_pbx_on_node_a_calls_a_phone_registered_through_node_b(
     assert b.metric('pbx_relay_connections_total{transport="cluster"}') == 1
 
 
+def pbx_rings_then_cancelled_three_vias() -> str:
+    """sc.pbx_rings_then_cancelled, whose 487 copies the INVITE's two Vias: through two
+    nodes it has three (node A's, node B's, the phone's), and all must go back."""
+    xml = sc.pbx_rings_then_cancelled()
+    capture = 'header="Via:" occurrence="2" assign_to="via2"/>'
+    assert capture in xml and "Via: [$via2]\n" in xml
+    return xml.replace(capture, capture + '\n      <ereg regexp=".*" search_in="hdr" header="Via:" '
+                       'occurrence="3" assign_to="via3"/>').replace("Via: [$via2]\n",
+                                                                   "Via: [$via2]\nVia: [$via3]\n")
+
+
+def test_a_phone_on_node_b_cancels_its_call_to_the_pbx_on_node_a(
+    nodes: tuple[RelayProc, RelayProc, RedisServer], tmp_path: Path,
+) -> None:
+    a, b, redis = nodes
+    wait_for("both nodes ready", lambda: readyz(a) == 200 and readyz(b) == 200)
+    pbx = pbx_on(a, tmp_path, a, pbx_rings_then_cancelled_three_vias())
+    a.wait_registered(SERIAL)
+    wait_for("the claim", lambda: redis_cli(redis, "HGET", f"pbxrelay:pbx:{SERIAL}", "node") == "node-a")
+    phone = phone_on(b, tmp_path, sc.phone_calls_then_cancels())
+    rc_phone, rc_pbx = phone.wait(), pbx.wait()
+    assert (rc_phone, rc_pbx) == (0, 0), f"{phone.errors()}\n{pbx.errors()}"
+    assert b.metric("pbx_relay_cancels_forwarded_total") == 1  # B → link
+    assert a.metric("pbx_relay_cancels_forwarded_total") == 1  # A → PBX
+
+
 def test_a_serial_no_node_holds_gets_the_480_of_an_offline_pbx(
     nodes: tuple[RelayProc, RelayProc, RedisServer],
 ) -> None:
@@ -208,9 +238,17 @@ def test_without_redis_a_node_is_not_ready_and_its_own_calls_go_on(
     assert options_to(b, SERIAL) == "SIP/2.0 503 Service Unavailable"
     assert a.alive() and b.alive()
 
-    # Redis back (empty): readiness returns.
+    # A PBX registers while Redis is away: no claim can be written.
+    waiting = pbx_on(a, tmp_path, a, sc.scenario("PBX stays", sc.PBX_PHONE_HOME, sc.pause(30_000)),
+                     name="pbx_stays")
+    wait_for("the PBX again", lambda: a.metric("pbx_relay_pbx_registrations_total") == 2)
+    # Redis back, empty: readiness returns and A claims what it holds again.
     redis.start()
     wait_for("A ready again", lambda: readyz(a) == 200)
+    wait_for("the claim again",
+             lambda: redis_cli(redis, "HGET", f"pbxrelay:pbx:{SERIAL}", "node") == "node-a")
+    waiting.proc.kill()
+    waiting.proc.wait()
 
 
 def test_a_node_without_the_secret_gets_no_link(tmp_path: Path, redis_server: RedisServer) -> None:
