@@ -28,7 +28,7 @@ from collections.abc import Callable
 import trio
 
 from relay.proxy.flow import CLUSTER, Flow
-from relay.transport.flows import Transports
+from relay.transport.flows import Transports, accept_forever
 
 log = logging.getLogger("relay.cluster")
 
@@ -123,23 +123,25 @@ class ClusterLinks:
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept other nodes' links until cancelled; ``task_status`` gets the bound port."""
         listeners = await trio.open_tcp_listeners(port, host=host)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started(listeners[0].socket.getsockname()[1])
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(listeners[0].socket.getsockname()[1])
+                for listener in listeners:
+                    # Out of descriptors, it waits and says so (relay/transport/backoff.py).
+                    nursery.start_soon(accept_forever, listener.socket, self._admit, "cluster", self._count)
+        finally:
             for listener in listeners:
-                nursery.start_soon(self._accept, listener)
+                listener.socket.close()
 
-    async def _accept(self, listener: trio.SocketListener) -> None:
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                if self.open >= self.max_links:
-                    self._count("cluster_links_refused_total:limit")
-                    await trio.aclose_forcefully(stream)
-                    continue
-                self.open += 1
-                assert self._nursery is not None
-                self._nursery.start_soon(self._accepted, stream)
+    def _admit(self, sock: trio.socket.SocketType, ip: str) -> None:
+        if self.open >= self.max_links:
+            self._count("cluster_links_refused_total:limit")
+            sock.close()
+            return
+        self.open += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._accepted, trio.SocketStream(sock))
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
         try:
@@ -241,6 +243,10 @@ class ClusterLinks:
         self._by_node[peer] = flow  # in use once Transports has it (flow_to checks)
         try:
             await self.transports.serve_established(stream, flow, task_status=task_status)
+        except Exception:  # one link's bug must never reach the listener's nursery
+            self._count("internal_errors_total")
+            log.exception("event=internal_error where=cluster_link peer=%s", peer)
+            await trio.aclose_forcefully(stream)
         finally:
             self.open -= 1
             if self._by_node.get(peer) == flow:
