@@ -14,9 +14,11 @@ import trio
 
 from relay.cluster import MemoryState, PbxClaim
 from relay.cluster.node import ClusterNode, NodeSettings
+from relay.config import load
 from relay.proxy.effects import LOCATE_BUSY, LOCATED, NOWHERE, ClaimPbx, LocatePbx, ReleasePbx
 from relay.proxy.flow import Flow
 from relay.proxy.registrar import PbxRegistration
+from relay.service import cluster_node, proxy_config
 from relay.transport.events import EventHandlers
 from relay.transport.flows import Transports
 
@@ -113,3 +115,11 @@ async def test_lookups_over_the_limit_are_busy_at_once(nursery: trio.Nursery) ->
     assert [(loc.serial, o) for loc, _, o in rig.located] == [("3", LOCATE_BUSY)]  # before any task ran
     await settle()
     assert sorted(o for _, _, o in rig.located) == [LOCATE_BUSY, NOWHERE, NOWHERE]
+
+
+def test_no_redis_url_no_node() -> None:
+    """Off by default: the single-node relay builds no cluster node and its core claims nothing."""
+    cfg = load(None, environ={})
+    assert cluster_node(cfg, None, None, None) is None  # type: ignore[arg-type]
+    assert proxy_config(cfg).cluster is False
+    assert "cluster" not in proxy_config(cfg).ports
