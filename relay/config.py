@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,11 @@ OPERATOR_TOKEN_ENV = "PBX_RELAY_OPERATOR_TOKEN"
 MAX_DRAIN_TIMEOUT = 3600.0  # seconds: a stop that waits longer than an hour is a hang
 RING_TIMEOUT_RANGE = (1.0, 120.0)  # seconds; APNs/FCM keep a VoIP push about that long
 UDP_ASLEEP_RANGE = (5.0, 300.0)  # seconds; awake phones send UDP keepalives every 15-30 s
+# [cluster] (docs/cluster.md)
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a node id: safe in a Redis key and a log line
+MIN_CLUSTER_SECRET = 32  # characters: `openssl rand -hex 32` gives 64; 32 hex digits are 128 bits
+CLUSTER_TIMEOUT_RANGE = (0.01, 0.45)  # seconds: below SIP's 500 ms Timer A (relay/cluster/redis.py)
+HEARTBEAT_RANGE = (0.5, 60.0)  # seconds between heartbeats; a node is dead after 3 missed
 
 
 @dataclass
@@ -203,6 +210,31 @@ class PushLinkSection:
     """Seconds (5-300) of silence after which a UDP phone with push parameters is asleep."""
 
 
+@dataclass
+class ClusterSection:
+    """``[cluster]``: several relay nodes sharing state in Redis/Valkey (docs/cluster.md); off when
+    redis_url is empty."""
+
+    redis_url: str = ""
+    """redis://[:password@]host:port of the shared Redis/Valkey; empty: one node, nothing shared."""
+    node_id: str = ""
+    """This node's name in the cluster (letters, digits, . _ -; at most 64); empty: the host name."""
+    listen: str = "127.0.0.1:5070"
+    """"IP:port" other nodes connect to for SIP between nodes (authenticated TCP)."""
+    advertise: str = ""
+    """"host:port" other nodes reach this node's listen address at; empty: listen (not a wildcard)."""
+    secret: str = ""
+    """Shared secret of every node (at least 32 characters); set it as $PBX_RELAY_CLUSTER_SECRET."""
+    timeout: float = 0.25
+    """Seconds one call to Redis/Valkey, or opening a link to another node, may take (0.01-0.45)."""
+    heartbeat: float = 5.0
+    """Seconds between heartbeats (0.5-60); a node is taken as gone after three missed."""
+    max_links: int = 64
+    """Links to and from other nodes open at once (handshakes included), in total."""
+    max_pending_lookups: int = 1000
+    """Lookups of a PBX's node in flight at once; beyond, requests get 503 with Retry-After: 1."""
+
+
 @dataclass(kw_only=True)
 class RelayConfig(ServiceConfig):
     """The relay's whole configuration: ``cfg.sip.flow_idle_timeout`` and so on."""
@@ -226,6 +258,8 @@ class RelayConfig(ServiceConfig):
     """``[push]``"""
     provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
     """``[provisioning]``"""
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    """``[cluster]``"""
 
     def __getitem__(self, dotted: str) -> Any:
         """``cfg["sip.udp"]`` is ``cfg.sip.udp``: for code that takes keys by name (a
@@ -272,6 +306,19 @@ class RelayConfig(ServiceConfig):
         except ValueError:
             return "127.0.0.1"
 
+    @property
+    def cluster_listen(self) -> Listen:
+        """cluster.listen, parsed."""
+        return loader.parse_listen(self.cluster.listen, self.where("cluster.listen"))
+
+    @property
+    def node_id(self) -> str:
+        """cluster.node_id, else the host name (cut to a valid node id)."""
+        if self.cluster.node_id:
+            return self.cluster.node_id
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].lstrip("._-")
+        return name or "node"
+
     def embedded_push_source(self) -> tuple[str | None, dict[str, Any]]:
         """push.toml of the embedded push service and what the relay sets in it: without
         a push.toml, its state lives in <state_dir>/push."""
@@ -287,6 +334,7 @@ class RelayConfig(ServiceConfig):
         self._validate_limits()
         self._validate_media()
         self._validate_push()
+        self._validate_cluster()
         for problem in ProvisioningSettings.from_config(self.__getitem__).problems():
             raise ConfigError(f"{self.source}: {problem}")
         _ = self.admin_listen
@@ -359,6 +407,36 @@ class RelayConfig(ServiceConfig):
         if not 1.0 <= lim.auth_first_ban <= MAX_BAN_SECONDS:
             raise ConfigError(f"{w('limits.auth_first_ban')} must be between 1 and 86400 seconds")
 
+    def _validate_cluster(self) -> None:
+        c, w = self.cluster, self.where
+        _ = self.cluster_listen  # parsed even when off: a typo shows before the day it is used
+        if c.node_id and not NODE_ID.fullmatch(c.node_id):
+            raise ConfigError(f"{w('cluster.node_id')}: {c.node_id!r}: letters, digits, . _ - "
+                              "(at most 64, not starting with . _ -)")
+        if c.advertise:
+            host_port(c.advertise, w("cluster.advertise"))
+        lo, hi = CLUSTER_TIMEOUT_RANGE
+        if not lo <= c.timeout <= hi:
+            raise ConfigError(f"{w('cluster.timeout')} must be between {lo:g} and {hi:g} seconds")
+        lo, hi = HEARTBEAT_RANGE
+        if not lo <= c.heartbeat <= hi:
+            raise ConfigError(f"{w('cluster.heartbeat')} must be between {lo:g} and {hi:g} seconds")
+        for k in ("max_links", "max_pending_lookups"):
+            if getattr(c, k) < 1:
+                raise ConfigError(f"{w('cluster.' + k)} must be >= 1")
+        if not c.redis_url:
+            return
+        problem = _redis_url_problem(c.redis_url)
+        if problem is not None:
+            raise ConfigError(f"{w('cluster.redis_url')} {problem}")
+        if len(c.secret) < MIN_CLUSTER_SECRET:
+            raise ConfigError(f"{w('cluster.secret')} must be at least {MIN_CLUSTER_SECRET} characters "
+                              "when cluster.redis_url is set (the same on every node; "
+                              "set it as $PBX_RELAY_CLUSTER_SECRET)")
+        listen = self.cluster_listen
+        if not c.advertise and listen.host in ("0.0.0.0", "::"):
+            raise ConfigError(f"{w('cluster.advertise')} is needed when cluster.listen is a wildcard")
+
     def _validate_push(self) -> None:
         p, w = self.push, self.where
         if p.mode not in PUSH_MODES:
@@ -378,6 +456,43 @@ class RelayConfig(ServiceConfig):
         lo, hi = UDP_ASLEEP_RANGE
         if not lo <= p.udp_asleep_after <= hi:
             raise ConfigError(f"{w('push.udp_asleep_after')} must be between {lo:g} and {hi:g} seconds")
+
+
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+
+def host_port(value: str, where: str) -> tuple[str, int]:
+    """``host:port`` (a name, an IP, or an IPv6 address in brackets) as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        p = int(port)
+        if not sep or not 0 < p < 65536:
+            raise ValueError
+        if bracketed or ":" in host:
+            ipaddress.IPv6Address(host)
+        elif not HOST_NAME.fullmatch(host):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not host:port (IPv6 as [::1]:5070)") from None
+    return host, p
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a redis_url, or None."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a bad port"
+    if parts.scheme != "redis" or not parts.hostname:
+        return "is not redis://host:port (rediss:// and unix sockets are not supported yet)"
+    if port is None:
+        return "needs a port (redis://host:6379)"
+    if parts.path not in ("", "/", "/0") or parts.query or parts.fragment:
+        return "may name no database but 0, and no options"
+    return None
 
 
 def load(

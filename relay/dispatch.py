@@ -18,7 +18,18 @@ from pbxcore.wire import WakeOutcome
 from relay.media.backend import carry_out
 from relay.media.session import MediaBackend
 from relay.proxy.core import Proxy
-from relay.proxy.effects import DeviceGone, DeviceSeen, Effect, Send, Wake
+from relay.proxy.effects import (
+    LOCATE_FAILED,
+    ClaimPbx,
+    ClusterEffect,
+    DeviceGone,
+    DeviceSeen,
+    Effect,
+    LocatePbx,
+    ReleasePbx,
+    Send,
+    Wake,
+)
 from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
 from relay.sip.message import SipMessage
@@ -27,6 +38,7 @@ log = logging.getLogger("relay")
 
 Sender = Callable[[list[Send]], None]
 PushSink = Callable[[Wake | DeviceSeen | DeviceGone], None]
+ClusterSink = Callable[[ClusterEffect], None]
 
 
 class Dispatcher:
@@ -37,6 +49,7 @@ class Dispatcher:
         self.send = send
         self.backend = backend
         self.push: PushSink | None = None  # set once the push link exists
+        self.cluster: ClusterSink | None = None  # set once the cluster node runs (docs/cluster.md)
         self.timer_moved = trio.Event()  # set when the core's next timer came earlier
         self.armed = float("inf")
 
@@ -72,6 +85,10 @@ class Dispatcher:
     def on_wake_result(self, key: tuple[str, ...], outcome: WakeOutcome) -> None:
         self._guarded(lambda: self.proxy.on_wake_result(key, outcome, trio.current_time()), "where=wake")
 
+    def on_located(self, locate: LocatePbx, link: Flow | None, outcome: str) -> None:
+        self._guarded(lambda: self.proxy.on_located(locate, link, outcome, trio.current_time()),
+                      "where=locate")
+
     def on_timer(self) -> None:
         self._guarded(lambda: self.proxy.on_timer(trio.current_time()), "where=timers")
 
@@ -98,6 +115,12 @@ class Dispatcher:
                 self.push(e)
             elif isinstance(e, Wake):
                 self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
+            return
+        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx):
+            if self.cluster is not None:
+                self.cluster(e)
+            elif isinstance(e, LocatePbx):
+                self.run(self.proxy.on_located(e, None, LOCATE_FAILED, trio.current_time()))
             return
         assert self.backend is not None and not isinstance(e, Send), "media effects need a media backend"
         bound = carry_out(self.backend, e)

@@ -22,6 +22,7 @@ from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
 from relay.admin import DIRECTORY_RELOAD, as_json, directory_reload_route, serve_admin
 from relay.cli import operator_command
+from relay.cluster.node import ClusterNode, NodeSettings
 from relay.config import ConfigError, RelayConfig
 from relay.dispatch import Dispatcher
 from relay.media.kernel import ForwardingBackend, make_backend
@@ -68,6 +69,8 @@ def load_key(state_dir: Path) -> bytes:
 def proxy_config(cfg: RelayConfig) -> ProxyConfig:
     """What the core needs of relay.toml."""
     ports = {t: ls[0].port for t in ("udp", "tcp", "tls") if (ls := cfg.listeners(t))}
+    if cfg.cluster.redis_url:
+        ports["cluster"] = cfg.cluster_listen.port
     names = {listen.host for t in ("udp", "tcp", "tls") for listen in cfg.listeners(t)}
     return ProxyConfig(
         domain=cfg.relay.domain, advertise=cfg.advertise, ports=ports, local_names=frozenset(names),
@@ -78,6 +81,7 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
         auth_failures_before_ban=cfg.limits.auth_failures_before_ban,
         auth_first_ban=cfg.limits.auth_first_ban,
+        cluster=bool(cfg.cluster.redis_url),
     )
 
 
@@ -125,6 +129,7 @@ class RelayService:
             trusted=self._is_trusted,
         )
         self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result)
+        self.cluster = cluster_node(cfg, self.transports, self.dispatch, self.proxy)
         self.bound: dict[str, list[str]] = {}
         self._directory_stamp = -1.0
         self._directory_size = 0
@@ -175,6 +180,9 @@ class RelayService:
                 self.forwarder.attach(nursery)
             self.dispatch.run(self.proxy.start(trio.current_time(), time.time()))
             await self._listen(nursery)
+            if self.cluster is not None:
+                self.bound["cluster"] = [await nursery.start(self.cluster.serve)]
+                self.dispatch.cluster = self.cluster.submit
             await self._load_directory()
             await self.push.start(nursery)
             self.dispatch.push = self.push.submit
@@ -275,6 +283,8 @@ class RelayService:
         }
         for name, value in self.transports.gauges().items():
             gauges[name] = (TRANSPORT_GAUGES[name], value)
+        if self.cluster is not None:
+            gauges.update(self.cluster.gauges())
         if self.media is not None:
             gauges["media_sessions"] = ("Calls whose media the relay anchors", len(self.media.sessions))
             gauges["media_ports_in_use"] = ("UDP ports held by calls", self.media.ports.in_use * 2)
@@ -300,6 +310,8 @@ class RelayService:
             return "text/plain", "draining\n", 503
         if self.push.problem is not None:
             return "text/plain", f"push: {self.push.problem}\n", 503
+        if self.cluster is not None and self.cluster.problem is not None:
+            return "text/plain", f"cluster: {self.cluster.problem}\n", 503
         return "text/plain", "ready\n", 200
 
     def in_progress(self) -> tuple[int, int]:
@@ -406,6 +418,22 @@ class RelayService:
         log.warning("event=drain_timeout calls=%d invites=%d limit=%g", calls, invites, limit)
 
 
+def cluster_node(
+    cfg: RelayConfig, transports: Transports, dispatch: Dispatcher, proxy: Proxy,
+) -> ClusterNode | None:
+    """This relay as a node of a cluster, when [cluster] redis_url is set (docs/cluster.md)."""
+    c = cfg.cluster
+    if not c.redis_url:
+        return None
+    listen = cfg.cluster_listen
+    settings = NodeSettings(
+        node_id=cfg.node_id, redis_url=c.redis_url, listen_host=listen.host, listen_port=listen.port,
+        advertise=c.advertise, secret=c.secret.encode(), timeout=c.timeout, heartbeat=c.heartbeat,
+        max_links=c.max_links, max_pending_lookups=c.max_pending_lookups)
+    return ClusterNode(settings, transports, dispatch.on_located, proxy.claim_token, proxy.registrations,
+                       dispatch.count)
+
+
 def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     domain = cfg.relay.domain
     adv = cfg.advertise
@@ -422,6 +450,9 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
         lines.append(f"  push     API http://{bound['push_api'][0]}/v1  admin http://{bound['push_admin'][0]}/metrics")
     elif cfg.push.mode == "remote":
         lines.append(f"  push     {cfg.push.url}")
+    for b in bound.get("cluster", []):
+        lines.append(f"  cluster  node {cfg.node_id}, links on {b}, "
+                     f"shared state {_no_password(cfg.cluster.redis_url)}")
     lines.append(f"  state    {cfg.state_dir.resolve()}")
     tls = bound.get("tls", [""])[0].rpartition(":")[2]
     tcp = bound.get("tcp", [""])[0].rpartition(":")[2]
@@ -437,6 +468,12 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
         f"  or sip:{adv}:{tls};transport=tls; user and password are the PBX's extension.",
     ]
     return "\n".join(lines)
+
+
+def _no_password(url: str) -> str:
+    """A redis URL fit for a banner: the password, if any, left out."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 def _changed_keys(old: RelayConfig, new: RelayConfig) -> list[str]:

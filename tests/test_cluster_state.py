@@ -108,6 +108,19 @@ async def test_heartbeats_and_live_nodes(subject: Subject) -> None:
     assert await s.live_nodes() == {"node-a", "node-b"}
 
 
+async def test_a_heartbeat_publishes_the_node_address_until_it_expires(subject: Subject) -> None:
+    s = subject.state
+    assert await s.node_address("node-a") is None
+    await s.node_heartbeat("node-a", SHORT, "10.0.0.11:5070")
+    await s.node_heartbeat("node-b", 60)  # no address: none published
+    assert await s.node_address("node-a") == "10.0.0.11:5070"
+    assert await s.node_address("node-b") is None
+    assert await s.live_nodes() == {"node-a", "node-b"}
+    await subject.advance(SHORT + 0.5)
+    assert await s.node_address("node-a") is None
+    assert await s.live_nodes() == {"node-b"}
+
+
 async def test_key_part_limit(subject: Subject) -> None:
     s = subject.state
     at_limit = "S" * MAX_KEY_PART

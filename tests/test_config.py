@@ -191,3 +191,44 @@ def test_relative_paths_are_read_against_the_config_file_not_the_working_directo
     # A flag or a variable is the operator's own path: relative to the working directory.
     assert config.load(None, {"relay.state_dir": "s"}, environ={}).state_dir == Path.cwd() / "s"
     assert config.load(None, environ={"PBX_RELAY_RELAY_STATE_DIR": "e"}).state_dir == Path.cwd() / "e"
+
+
+SECRET32 = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ('redis_url = "http://127.0.0.1:6379"\n', "cluster.redis_url is not redis://host:port"),
+        ('redis_url = "redis://127.0.0.1"\n', "cluster.redis_url needs a port"),
+        ('redis_url = "redis://127.0.0.1:6379/3"\n', "cluster.redis_url may name no database but 0"),
+        ('redis_url = "redis://127.0.0.1:6379"\n', "cluster.secret must be at least 32 characters"),
+        ('redis_url = "redis://127.0.0.1:6379"\nsecret = "short"\n', "cluster.secret"),
+        ('node_id = "a b"\n', "cluster.node_id"),
+        ('listen = "nowhere"\n', "cluster.listen"),
+        ('advertise = "host"\n', "cluster.advertise"),
+        ("timeout = 2.0\n", "cluster.timeout must be between"),
+        ("heartbeat = 0\n", "cluster.heartbeat must be between"),
+        ("max_links = 0\n", "cluster.max_links must be >= 1"),
+        ("max_pending_lookups = 0\n", "cluster.max_pending_lookups must be >= 1"),
+        (f'redis_url = "redis://127.0.0.1:6379"\nsecret = "{SECRET32}"\nlisten = "0.0.0.0:5070"\n',
+         "cluster.advertise is needed"),
+    ],
+)
+def test_a_bad_cluster_key_is_one_error_naming_it(tmp_path: Path, body: str, needle: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text("[cluster]\n" + body)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path, environ={})
+    assert needle in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_the_cluster_is_off_by_default_and_its_secret_comes_from_the_environment() -> None:
+    cfg = config.load(None, environ={})
+    assert cfg.cluster.redis_url == ""
+    assert cfg.node_id  # the host name
+    on = config.load(None, {"cluster.redis_url": "redis://127.0.0.1:6379", "cluster.node_id": "n1",
+                            "cluster.advertise": "edge1.internal:5070"},
+                     environ={"PBX_RELAY_CLUSTER_SECRET": SECRET32})
+    assert (on.cluster.secret, on.node_id, on.cluster_listen.port) == (SECRET32, "n1", 5070)

@@ -22,7 +22,8 @@ class MemoryState:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        # key -> (deadline, value); keys are "pbx:<serial>", "ban:<ip>", "rate:<key>", "node:<id>".
+        # key -> (deadline, value); keys are "pbx:<serial>", "ban:<ip>", "rate:<key>", "node:<id>",
+        # "addr:<id>".
         self._entries: dict[str, tuple[float, object]] = {}
         self._writes = 0
 
@@ -86,9 +87,16 @@ class MemoryState:
         self._entries[k] = (entry[0], count)
         return count
 
-    async def node_heartbeat(self, node_id: str, ttl: float) -> None:
+    async def node_heartbeat(self, node_id: str, ttl: float, address: str = "") -> None:
         """See SharedState.node_heartbeat."""
         self._put("node:" + check_part("node_id", node_id), True, check_seconds("ttl", ttl))
+        if address:
+            self._put("addr:" + node_id, check_part("address", address), ttl)
+
+    async def node_address(self, node_id: str) -> str | None:
+        """See SharedState.node_address."""
+        address = self._get("addr:" + check_part("node_id", node_id))
+        return address if isinstance(address, str) else None
 
     async def live_nodes(self) -> frozenset[str]:
         """See SharedState.live_nodes."""

@@ -59,6 +59,9 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+end
 return 1
 """
 
@@ -144,10 +147,18 @@ class RedisState:
         n = await self._call(self._client.eval(_INCR, keys=[k], args=[_ms(check_seconds("window", window))]))
         return int(n)  # type: ignore[arg-type]
 
-    async def node_heartbeat(self, node_id: str, ttl: float) -> None:
+    async def node_heartbeat(self, node_id: str, ttl: float, address: str = "") -> None:
         """See SharedState.node_heartbeat."""
-        args = (check_part("node_id", node_id), _ms(check_seconds("ttl", ttl)))
-        await self._call(self._client.eval(_HEARTBEAT, keys=[_NODES_KEY], args=args))
+        args = (check_part("node_id", node_id), _ms(check_seconds("ttl", ttl)),
+                check_part("address", address) if address else "")
+        keys = [_NODES_KEY, KEY_PREFIX + "node:" + node_id]
+        await self._call(self._client.eval(_HEARTBEAT, keys=keys, args=args))
+
+    async def node_address(self, node_id: str) -> str | None:
+        """See SharedState.node_address."""
+        key = KEY_PREFIX + "node:" + check_part("node_id", node_id)
+        address = await self._call(self._client.get(key))
+        return None if address is None else str(address)
 
     async def live_nodes(self) -> frozenset[str]:
         """See SharedState.live_nodes."""

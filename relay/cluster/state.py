@@ -92,8 +92,13 @@ class SharedState(Protocol):
         """
         ...
 
-    async def node_heartbeat(self, node_id: str, ttl: float) -> None:
-        """Say ``node_id`` is alive for the next ``ttl`` seconds."""
+    async def node_heartbeat(self, node_id: str, ttl: float, address: str = "") -> None:
+        """Say ``node_id`` is alive for the next ``ttl`` seconds; with ``address``, also
+        that other nodes reach it there ("host:port" of its cluster listener) until then."""
+        ...
+
+    async def node_address(self, node_id: str) -> str | None:
+        """Where ``node_id`` said it is reached, or None if its heartbeat expired."""
         ...
 
     async def live_nodes(self) -> frozenset[str]:

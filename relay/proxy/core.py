@@ -23,7 +23,15 @@ from relay.pbx.digest import DigestAuth
 from relay.proxy.authbans import FIRST_BAN, MAX_FAILURES, AuthBans
 from relay.proxy.counters import Counters
 from relay.proxy.devices import PendingRegister, PhoneDevices
-from relay.proxy.effects import Effect, Send
+from relay.proxy.effects import (
+    LOCATE_BUSY,
+    LOCATED,
+    NOWHERE,
+    ClaimPbx,
+    Effect,
+    LocatePbx,
+    Send,
+)
 from relay.proxy.flow import Flow
 from relay.proxy.flowtoken import BadToken, ExpiredToken, FlowTokens
 from relay.proxy.forwarding import (
@@ -93,6 +101,9 @@ class ProxyConfig:
     exempt_sources: frozenset[str] = frozenset()  # never held to a per-source share
     auth_failures_before_ban: int = MAX_FAILURES
     auth_first_ban: float = FIRST_BAN
+    # Several nodes share state (docs/cluster.md): claims, lookups and links between
+    # nodes (ports["cluster"] is the node's cluster listener).
+    cluster: bool = False
 
 
 class Proxy:
@@ -111,7 +122,8 @@ class Proxy:
         self.liveness = Liveness()
         expiry = ExpiryPolicy(config.pbx_expires_default, config.pbx_expires_min, config.pbx_expires_max)
         bans = AuthBans(config.auth_failures_before_ban, first_ban=config.auth_first_ban)
-        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity, bans)
+        self.registrar = PbxRegistrar(auth, self.replies, self.counters, expiry, self.identity, bans,
+                                      shared=config.cluster)
         self.txns = TransactionTable()
         self.holds = Holds(self.txns, self.replies, self.counters, config.ring_timeout)
         self.devices = PhoneDevices(self.counters, self.liveness, config.push)
@@ -161,10 +173,10 @@ class Proxy:
     def on_flow_closed(self, flow: Flow) -> list[Effect]:
         """A TCP/TLS connection closed: its PBX registration and held calls go with it."""
         self.liveness.closed(flow)
-        self.registrar.flow_closed(flow)
+        released = self.registrar.flow_closed(flow)
         if flow.reliable:
             self.holds.caller_gone(flow)
-        return []
+        return list(released)
 
     def on_keepalive(self, flow: Flow, now: float) -> None:
         """A CRLF keepalive, STUN binding or other non-SIP datagram: the peer is awake."""
@@ -184,6 +196,26 @@ class Proxy:
         if failed:
             self.counters.inc("media_bind_failures_total", n=len(failed))
         return [] if self.media is None else list(self.media.sessions.on_ports_bound(bound, failed))
+
+    def on_located(self, locate: LocatePbx, link: Flow | None, outcome: str, now: float) -> list[Effect]:
+        """What came of a ``LocatePbx``: ``link`` (outcome LOCATED) is the flow to the node
+        that holds the PBX; NOWHERE gets the 480 of an offline PBX; LOCATE_FAILED and
+        LOCATE_BUSY a 503 the phone may retry."""
+        hop = locate.hop
+        self.counters.inc("cluster_lookups_total", outcome)
+        if outcome == LOCATED and link is not None:
+            hop.target = link
+            return self._forward(hop, now)
+        if outcome == NOWHERE:
+            return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
+        retry = str(1 if outcome == LOCATE_BUSY else OVERLOAD_RETRY_AFTER)
+        return list(self.replies.refuse(hop.req, hop.source, 503, "Service Unavailable",
+                                        extra=[("Retry-After", retry)]))
+
+    def claim_token(self, claim: ClaimPbx, now: float) -> str:
+        """The signed flow token a ClaimPbx stores in the shared state: it names the
+        PBX's flow on this node (payload ``n.<serial>``), good for the claim's TTL."""
+        return self.tokens.tokens.mint(claim.flow, "n." + claim.serial, now + self._wall_offset + claim.ttl)
 
     def drain(self, until: float) -> None:
         """Refuse new calls (503 + Retry-After) until ``until``; everything else goes on."""
@@ -278,7 +310,8 @@ class Proxy:
         if towards_phone(req, source, kind, ftag, pbx.flow if pbx else None):
             if source == phone_flow:
                 return list(self.replies.refuse(req, source, 482, "Loop Detected"))
-            if kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
+            if kind == TOKEN_PATH and not source.node_link and (
+                    pbx is None or pbx.flow.remote_ip != source.remote_ip):
                 # Only the registrar the phone registered with may use its
                 # Path: from the PBX's address (any port or connection).
                 self.counters.inc("forbidden_total", "path_not_from_pbx")
@@ -286,7 +319,8 @@ class Proxy:
             hop = Hop(req, source, via, phone_flow, serial, phone_flow, mf, True)
             return self._to_phone(hop, path_device, now)
         if pbx is None:
-            return list(self.replies.refuse(req, source, 480, "Temporarily Unavailable"))
+            hop = Hop(req, source, via, source, serial, phone_flow, mf, False)
+            return self._elsewhere(hop)
         if pbx.flow == source:
             return list(self.replies.refuse(req, source, 482, "Loop Detected"))
         return self._forward(Hop(req, source, via, pbx.flow, serial, phone_flow, mf, False), now)
@@ -322,11 +356,22 @@ class Proxy:
         # scanner must not learn which serials exist (issue 10).
         pbx = self.registrar.lookup(serial, now) if self.registrar.known(serial) else None
         if pbx is None:
-            return list(self.replies.refuse(req, source, 480, "Temporarily Unavailable"))
+            # In a cluster another node may hold it, whatever this node's directory says
+            # (only PBXs that authenticated somewhere are claimed): a serial no node holds
+            # still gets the same 480.
+            return self._elsewhere(Hop(req, source, via, source, serial, source, mf, False))
         if pbx.flow == source:
             # A PBX addressing its own domain through us would loop straight back.
             return list(self.replies.refuse(req, source, 482, "Loop Detected"))
         return self._forward(Hop(req, source, via, pbx.flow, serial, source, mf, False), now)
+
+    def _elsewhere(self, hop: Hop) -> list[Effect]:
+        """A request for a PBX not registered here: in a cluster, ask which node holds it
+        (``LocatePbx``; ``hop.target`` is set by ``on_located``). One hop only: what came
+        from another node, and everything on a single node, gets the 480 of an offline PBX."""
+        if self.cfg.cluster and not hop.source.node_link:
+            return [LocatePbx(hop.serial, hop)]
+        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
 
     def _for_us(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Effect]:
         if req.method == "REGISTER":
@@ -389,7 +434,9 @@ class Proxy:
         """The source whose per-source share a request counts against: "" (none) for
         the PBX itself and for sources exempt like loopback (transport.exempt)."""
         ip = hop.source.remote_ip
-        return "" if hop.to_phone or ip in self.cfg.exempt_sources else ip
+        if hop.to_phone or hop.source.node_link or ip in self.cfg.exempt_sources:
+            return ""  # another node's link carries many phones: they count at that node
+        return ip
 
     def _refuse_overload(self, req: Request, source: Flow, why: str) -> list[Effect]:
         self.counters.inc("overload_total", why)
@@ -482,16 +529,16 @@ class Proxy:
         return out + self.invites.on_timer(now)
 
     def _sweep(self, now: float) -> list[Effect]:
-        self.registrar.expire(now)
+        released: list[Effect] = list(self.registrar.expire(now))
         self.devices.sweep(now)
         self.liveness.sweep(now)
         self._next_sweep = now + SWEEP_EVERY
         if self.media is None:
-            return []
+            return released
         gone, effects = self.media.sessions.expire(now)
         if gone:
             self.counters.inc("media_timeouts_total", n=len(gone))
-        return list(effects)
+        return [*released, *effects]
 
 
 def _new_call(req: Request) -> bool:

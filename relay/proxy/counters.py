@@ -53,6 +53,13 @@ _METRICS = (
     Metric("media_refused_total", "SDPs the media relay refused, by reason", "reason"),
     Metric("media_timeouts_total", "Calls ended because no media flowed for media.no_media_timeout"),
     Metric("media_bind_failures_total", "RTP port pairs that could not be bound (held by another program)"),
+    Metric("cluster_lookups_total", "Requests for a PBX held by no local flow, looked up in the cluster, "
+           "by outcome (located, nowhere, failed, busy)", "outcome"),
+    Metric("cluster_store_errors_total", "Calls to the shared state (Redis/Valkey) that failed or timed out, "
+           "by operation", "operation"),
+    Metric("cluster_claims_dropped_total", "Claims and releases dropped: their queue was full"),
+    Metric("cluster_links_refused_total", "Links from or to other nodes refused or failed, by reason",
+           "reason"),
     Metric("internal_errors_total", "Messages that hit a bug (one message lost, the relay kept running)"),
     # The shell's (transports, media forwarder): kept in the same table, one /metrics.
     Metric("connections_total", "TCP/TLS connections accepted, by transport", "transport"),

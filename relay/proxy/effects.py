@@ -10,10 +10,14 @@ reports what came of the asynchronous ones through the proxy's ``on_*`` methods
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pbxcore.wire import PushTarget, WakeRequest
 from relay.media.effects import BindPorts, CloseLeg, MediaEffect, OpenLeg, RelatchLeg
 from relay.proxy.flow import Flow
+
+if TYPE_CHECKING:  # forwarding imports replies, which imports this module
+    from relay.proxy.forwarding import Hop
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +61,49 @@ class DeviceGone:
 PushEffect = Wake | DeviceSeen | DeviceGone
 
 
-Effect = Send | PushEffect | MediaEffect
+@dataclass(frozen=True, slots=True)
+class ClaimPbx:
+    """Cluster (docs/cluster.md): PBX ``serial`` registered here on ``flow`` for ``ttl``
+    seconds; the shared state learns that this node holds it (the latest claim wins)."""
+
+    serial: str
+    flow: Flow
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePbx:
+    """Cluster: PBX ``serial`` is no longer registered here (flow closed, expired,
+    de-registered); the shared state forgets it, unless another node claimed it since."""
+
+    serial: str
+
+
+# What came of a LocatePbx (the ``outcome`` of Proxy.on_located).
+LOCATED = "located"  # another node holds the PBX: the request goes to it
+NOWHERE = "nowhere"  # no node holds it: 480, as for an offline PBX
+LOCATE_FAILED = "failed"  # the shared state or the node did not answer in time: 503
+LOCATE_BUSY = "busy"  # too many lookups in flight (cluster.max_pending_lookups): 503
+
+
+@dataclass(frozen=True, slots=True)
+class LocatePbx:
+    """Cluster: a request for PBX ``serial``, which is not registered here. The shell
+    asks the shared state which node holds it, opens (or reuses) the link to that
+    node and reports with ``Proxy.on_located(locate, link_flow, outcome, now)``.
+    ``hop`` is the request on its way, opaque to the shell."""
+
+    serial: str
+    hop: Hop
+
+
+ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx
+
+
+Effect = Send | PushEffect | MediaEffect | ClusterEffect
 
 __all__ = [
-    "BindPorts", "CloseLeg", "DeviceGone", "DeviceSeen", "Effect", "MediaEffect", "OpenLeg",
-    "PushEffect", "RelatchLeg", "Send", "Wake",
+    "LOCATED", "LOCATE_BUSY", "LOCATE_FAILED", "NOWHERE",
+    "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
+    "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "Wake",
 ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TRANSPORTS = ("udp", "tcp", "tls")
+# "cluster": an authenticated TCP link to another relay node (relay/cluster/links.py,
+# docs/cluster.md); it carries SIP like TCP, and tokens may name it like any flow.
+CLUSTER = "cluster"
+TRANSPORTS = ("udp", "tcp", "tls", CLUSTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +18,7 @@ class Flow:
     connection, which the transport layer finds by the same four values.
     """
 
-    transport: str  # "udp" | "tcp" | "tls"
+    transport: str  # "udp" | "tcp" | "tls" | "cluster"
     remote_ip: str
     remote_port: int
     local_ip: str
@@ -24,6 +27,11 @@ class Flow:
     @property
     def reliable(self) -> bool:
         return self.transport != "udp"
+
+    @property
+    def node_link(self) -> bool:
+        """A link to another relay node, not a phone or a PBX."""
+        return self.transport == CLUSTER
 
     @property
     def remote(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.proxy.flow import Flow
+from relay.proxy.flow import CLUSTER, Flow
 from relay.sip.headers import format_host
 from relay.sip.uri import SipUri
 
@@ -42,11 +42,17 @@ class RelayIdentity:
     def uri(self, token: str, facing: Flow) -> str:
         """A SIP URI of ours carrying ``token``, reachable from the side of ``facing``."""
         port = self.ports.get(facing.transport, 5060)
-        tp = "" if facing.transport == "udp" else f";transport={facing.transport}"
+        wire = _wire(facing.transport)
+        tp = "" if wire == "udp" else f";transport={wire}"
         return f"sip:{token}@{format_host(self.advertise)}:{port}{tp}"
 
     def via(self, target: Flow, branch: str, flow_token: str) -> str:
         """Our Via for a request sent on ``target``; ``pf`` names the flow its answer goes back on."""
         port = self.ports.get(target.transport, 5060)
-        return (f"SIP/2.0/{target.transport.upper()} {format_host(self.advertise)}:{port}"
+        return (f"SIP/2.0/{_wire(target.transport).upper()} {format_host(self.advertise)}:{port}"
                 f";branch={branch};pf={flow_token}")
+
+
+def _wire(transport: str) -> str:
+    """The transport as SIP names it: a link between relay nodes is SIP over TCP."""
+    return "tcp" if transport == CLUSTER else transport

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from relay.pbx.digest import DigestAuth
 from relay.proxy.authbans import AuthBans
 from relay.proxy.counters import Counters
-from relay.proxy.effects import Send
+from relay.proxy.effects import ClaimPbx, ReleasePbx, Send
 from relay.proxy.flow import Flow
 from relay.proxy.identity import RelayIdentity
 from relay.proxy.replies import Replies
@@ -19,6 +19,7 @@ from relay.sip.uri import SipUri
 
 log = logging.getLogger("relay.pbx")
 
+Registered = Send | ClaimPbx | ReleasePbx  # what a REGISTER gives: the answer, and the cluster's claim
 Ha1s = Mapping[str, str]  # digest algorithm → H(serial:realm:secret)
 
 
@@ -104,7 +105,8 @@ class PbxRegistrar:
     the directory snapshot (serial → digest hashes) the shell hands in."""
 
     def __init__(self, auth: DigestAuth, replies: Replies, counters: Counters,
-                 expiry: ExpiryPolicy, identity: RelayIdentity, bans: AuthBans | None = None) -> None:
+                 expiry: ExpiryPolicy, identity: RelayIdentity, bans: AuthBans | None = None,
+                 shared: bool = False) -> None:
         self.auth = auth
         self.replies = replies
         self.counters = counters
@@ -113,6 +115,8 @@ class PbxRegistrar:
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
         self.bans = bans or AuthBans()
+        # Cluster (docs/cluster.md): each bind gives a ClaimPbx, each unbind a ReleasePbx.
+        self.shared = shared
 
     def directory_entry(self, serial: str) -> Ha1s | None:
         """The digest hashes of ``serial`` in the current directory, or None."""
@@ -131,31 +135,39 @@ class PbxRegistrar:
     def lookup(self, serial: str, now: float) -> PbxRegistration | None:
         return self.registry.lookup(serial, now)
 
-    def flow_closed(self, flow: Flow) -> None:
+    def flow_closed(self, flow: Flow) -> list[ReleasePbx]:
         serial = self.registry.serial_of(flow)
-        if serial is not None:
-            self.registry.unbind(serial)
-            self.counters.inc("pbx_unregistered_total", "flow_closed")
+        if serial is None:
+            return []
+        self.registry.unbind(serial)
+        self.counters.inc("pbx_unregistered_total", "flow_closed")
+        return [ReleasePbx(serial)] if self.shared else []
 
-    def expire(self, now: float) -> None:
-        for _ in self.registry.expire(now):
-            self.counters.inc("pbx_unregistered_total", "expired")
+    def expire(self, now: float) -> list[ReleasePbx]:
+        gone = self.registry.expire(now)
+        if gone:
+            self.counters.inc("pbx_unregistered_total", "expired", n=len(gone))
+        return [ReleasePbx(s) for s in gone] if self.shared else []
 
     # ------------------------------------------------------------- REGISTER
-    def register(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Send]:
+    def register(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Registered]:
         """A REGISTER addressed to the relay itself: authenticate, then bind, unbind or answer a query."""
         to_uri = SipUri.parse(NameAddr.parse(req.get("to") or "").uri)
         serial = to_uri.user or ruri.user
         if not serial or (ruri.user and ruri.user != serial) or not self.identity.is_us(to_uri):
-            return self.replies.refuse(req, source, 404, "Not Found")
+            return list(self.replies.refuse(req, source, 404, "Not Found"))
+        if source.node_link:
+            # A PBX registers with the node it is connected to, never through another
+            # (and a node's address must never collect digest failures and a ban).
+            return list(self.replies.refuse(req, source, 403, "Forbidden"))
         refused = self._authenticate(req, serial, source, now)
         if refused is not None:
-            return refused
+            return list(refused)
         contacts = req.get_all("contact")
         expires_hdr = req.get("expires")
         if contacts == ["*"]:
             if expires_hdr is None or expires_hdr.strip() != "0":
-                return self.replies.refuse(req, source, 400, "Contact * needs Expires: 0")
+                return list(self.replies.refuse(req, source, 400, "Contact * needs Expires: 0"))
             return self._unbind(req, serial, source)
         if not contacts:
             return [self._query(req, serial, source, now)]
@@ -206,10 +218,11 @@ class PbxRegistrar:
                 answer = self.replies.reply(req, source, 401, "Unauthorized", extra=extra)
         return [answer]
 
-    def _unbind(self, req: Request, serial: str, source: Flow) -> list[Send]:
+    def _unbind(self, req: Request, serial: str, source: Flow) -> list[Registered]:
         self.registry.unbind(serial)
         self.counters.inc("pbx_unregistered_total", "request")
-        return [self.replies.reply(req, source, 200, "OK")]
+        answer = self.replies.reply(req, source, 200, "OK")
+        return [answer, ReleasePbx(serial)] if self.shared else [answer]
 
     def _query(self, req: Request, serial: str, source: Flow, now: float) -> Send:
         """A REGISTER without Contact: tell the PBX whether it is bound."""
@@ -223,18 +236,18 @@ class PbxRegistrar:
     def _bind(
         self, req: Request, serial: str, contact_value: str, expires_hdr: str | None, source: Flow,
         now: float,
-    ) -> list[Send]:
+    ) -> list[Registered]:
         contact = NameAddr.parse(contact_value)
         raw_expires = contact.params.get("expires") or expires_hdr
         try:
             expires = int(raw_expires) if raw_expires is not None else self.expiry.default
         except ValueError:
-            return self.replies.refuse(req, source, 400, "Bad Expires")
+            return list(self.replies.refuse(req, source, 400, "Bad Expires"))
         if expires == 0:
             return self._unbind(req, serial, source)
         if expires < self.expiry.minimum:
-            return self.replies.refuse(req, source, 423, "Interval Too Brief",
-                                       extra=[("Min-Expires", str(self.expiry.minimum))])
+            return list(self.replies.refuse(req, source, 423, "Interval Too Brief",
+                                            extra=[("Min-Expires", str(self.expiry.minimum))]))
         expires = min(expires, self.expiry.maximum)
         if self.registry.lookup(serial, now) is None:
             log.info("event=pbx_registered serial=%s flow=%s expires=%d", serial, source, expires)
@@ -245,4 +258,5 @@ class PbxRegistrar:
             f";{k}" if v is None else f";{k}={v}" for k, v in contact.params.items() if k != "expires"
         )
         value = f"<{contact.uri}>{params};expires={expires}"
-        return [self.replies.reply(req, source, 200, "OK", extra=[("Contact", value)])]
+        answer = self.replies.reply(req, source, 200, "OK", extra=[("Contact", value)])
+        return [answer, ClaimPbx(serial, source, expires)] if self.shared else [answer]

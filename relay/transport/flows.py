@@ -410,13 +410,27 @@ class Transports:
         self.count("tls_handshake_failures_total")
         return None
 
-    async def _connection(self, stream: trio.abc.Stream, flow: Flow, ip: str, fd: int | None) -> None:
+    async def serve_established(
+        self, stream: trio.abc.Stream, flow: Flow,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Carry SIP on a connection someone else opened and vetted - a link to another
+        relay node (relay/cluster/links.py) - as on an accepted one: framing, timeouts,
+        the send queue, the events. It takes no admission slot (the cluster bounds its
+        links itself); ``task_status`` is told once ``send`` reaches ``flow``."""
+        await self._connection(stream, flow, None, None, task_status)
+
+    async def _connection(
+        self, stream: trio.abc.Stream, flow: Flow, ip: str | None, fd: int | None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         conn = Connection(stream, flow, fd)
         self.conns[flow] = conn
         self.count("connections_total:" + flow.transport)
         log.debug("event=flow_open flow=%s", flow)
         try:
             self.events.on_opened(flow)
+            task_status.started()
             with conn.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn, nursery.cancel_scope)
@@ -426,7 +440,8 @@ class Transports:
             self.conns.pop(flow, None)
             # The slot goes back in the same step the flow leaves ``conns``: whoever
             # sees a connection gone may open the next one at once.
-            self.slots.close(ip)
+            if ip is not None:
+                self.slots.close(ip)
             if conn.pending:
                 # Counted as forwarded by the proxy, never written: say so.
                 self.count("messages_unsent_total", conn.pending)

@@ -1,0 +1,247 @@
+"""This relay as one node of a cluster: claims, lookups, heartbeat, links (trio shell; docs/cluster.md).
+
+The proxy core says what the cluster must learn or answer — ``ClaimPbx``,
+``ReleasePbx``, ``LocatePbx`` (relay/proxy/effects.py) — and :class:`ClusterNode`
+does it against the shared state (:class:`relay.cluster.redis.RedisState`) and the
+links to other nodes (:class:`relay.cluster.links.ClusterLinks`), then reports a
+lookup's outcome back as an event. Nothing here waits on the SIP path: claims go
+through a bounded queue, lookups are tasks bounded by ``max_pending_lookups``, and
+every Redis call gives up after ``timeout``. With Redis gone the node serves its own
+flows and says so in ``problem`` (``/readyz`` answers 503).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from relay.cluster.links import ClusterLinks, LinkFailed
+from relay.cluster.redis import RedisState
+from relay.cluster.state import SharedState, SharedStateUnavailable
+from relay.proxy.effects import (
+    LOCATE_BUSY,
+    LOCATE_FAILED,
+    LOCATED,
+    NOWHERE,
+    ClaimPbx,
+    ClusterEffect,
+    LocatePbx,
+    ReleasePbx,
+)
+from relay.proxy.flow import Flow
+from relay.proxy.registrar import PbxRegistration
+from relay.transport.flows import Transports
+
+log = logging.getLogger("relay.cluster")
+
+# Claims and releases waiting for Redis, at most. A PBX re-registers every few
+# minutes to an hour, so even 20,000 PBXs make a few claims a second; the queue only
+# fills while Redis is slow, and what it drops is claimed again by the PBX's next
+# REGISTER or by the re-claim of every registration once Redis answers again.
+CLAIM_QUEUE = 10_000
+# A node is gone after this many heartbeats missed: its address expires with it.
+HEARTBEATS_TO_LIVE = 3
+
+UNREACHABLE = "shared store unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """What a node needs of relay.toml's [cluster] (relay/config.py ClusterSection)."""
+
+    node_id: str
+    redis_url: str
+    listen_host: str
+    listen_port: int
+    advertise: str  # "host:port", or "" for the listen address
+    secret: bytes
+    timeout: float
+    heartbeat: float
+    max_links: int
+    max_pending_lookups: int
+
+
+Located = Callable[[LocatePbx, Flow | None, str], None]
+
+
+def redis_address(url: str) -> tuple[str, int, str | None]:
+    """(host, port, password) of a ``redis://[:password@]host:port`` URL (checked by the config)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port, unquote(parts.password) if parts.password else None
+
+
+class ClusterNode:
+    """Carries out the core's cluster effects; ``problem`` is None while the shared state answers."""
+
+    def __init__(self, settings: NodeSettings, transports: Transports, located: Located,
+                 claim_token: Callable[[ClaimPbx, float], str],
+                 registrations: Callable[[], list[PbxRegistration]],
+                 count: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self._located = located
+        self._claim_token = claim_token
+        self._registrations = registrations
+        self._count = count
+        self.links = ClusterLinks(transports, settings.node_id, settings.secret, settings.max_links,
+                                  settings.timeout, count)
+        self.problem: str | None = "starting"
+        self.address = ""
+        self.pending_lookups = 0
+        self._state: SharedState | None = None
+        self._nursery: trio.Nursery | None = None
+        self._claims_in, self._claims_out = trio.open_memory_channel[tuple[str, str, str, float]](CLAIM_QUEUE)
+
+    # ------------------------------------------------------------------ tasks
+    async def serve(self, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the shared state and the link listener, heartbeat and work the claim
+        queue until cancelled; ``task_status`` gets the address other nodes use."""
+        s = self.settings
+        host, port, password = redis_address(s.redis_url)
+        async with RedisState.open(host, port, timeout=s.timeout, password=password) as state:
+            await self.run(state, task_status=task_status)
+
+    async def run(self, state: SharedState,
+                  task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """``serve`` on a state already open (tests pass a MemoryState)."""
+        s = self.settings
+        self._state = state
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(self.links.serve, s.listen_host, s.listen_port)
+            self.address = s.advertise or f"{_bracket(s.listen_host)}:{port}"
+            self._nursery = nursery
+            await self._heartbeat()
+            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._claims)
+            log.info("event=cluster_node node=%s address=%s store=%s", self.node_id, self.address,
+                     "up" if self.problem is None else "unreachable")
+            task_status.started(self.address)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.settings.heartbeat)
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        assert self._state is not None
+        ttl = HEARTBEATS_TO_LIVE * self.settings.heartbeat
+        try:
+            await self._state.node_heartbeat(self.node_id, ttl, self.address)
+        except SharedStateUnavailable as e:
+            self._store_failed("heartbeat", e)
+            return
+        if self.problem is not None:
+            if self.problem != "starting":
+                log.warning("event=cluster_store_back node=%s (claiming this node's PBXs again)",
+                            self.node_id)
+            self.problem = None
+            self._reclaim()
+
+    def _store_failed(self, operation: str, e: Exception) -> None:
+        self._count("cluster_store_errors_total:" + operation)
+        if self.problem is None or self.problem == "starting":
+            log.warning("event=cluster_store_unreachable node=%s operation=%s error=%s "
+                        "(own flows keep working; not ready until it answers)", self.node_id, operation, e)
+        self.problem = UNREACHABLE
+
+    def _reclaim(self) -> None:
+        """Claim every registration held now: Redis may have restarted empty, or claims
+        were dropped while it did not answer."""
+        now = trio.current_time()
+        for reg in self._registrations():
+            ttl = reg.expires_at - now
+            if ttl > 0:
+                self._queue(ClaimPbx(reg.serial, reg.flow, ttl), now)
+
+    async def _claims(self) -> None:
+        assert self._state is not None
+        async for op, serial, token, ttl in self._claims_out:
+            if self.problem is not None:
+                continue  # claimed again by _reclaim once the store answers
+            try:
+                if op == "claim":
+                    await self._state.claim_pbx(serial, self.node_id, token, ttl)
+                else:
+                    await self._state.release_pbx(serial, self.node_id)
+            except SharedStateUnavailable as e:
+                self._store_failed(op, e)
+            except ValueError as e:  # a serial longer than a key part: never claimed
+                log.warning("event=cluster_claim_refused serial_length=%d error=%s", len(serial), e)
+
+    # ---------------------------------------------------------------- effects
+    def submit(self, effect: ClusterEffect) -> None:
+        """Carry out one cluster effect of the core; never blocks."""
+        now = trio.current_time()
+        if isinstance(effect, ClaimPbx):
+            self._queue(effect, now)
+        elif isinstance(effect, ReleasePbx):
+            self._put(("release", effect.serial, "", 0.0))
+        elif self.pending_lookups >= self.settings.max_pending_lookups or self._nursery is None:
+            self._located(effect, None, LOCATE_BUSY)
+        else:
+            self.pending_lookups += 1
+            self._nursery.start_soon(self._locate, effect)
+
+    def _queue(self, claim: ClaimPbx, now: float) -> None:
+        self._put(("claim", claim.serial, self._claim_token(claim, now), claim.ttl))
+
+    def _put(self, item: tuple[str, str, str, float]) -> None:
+        try:
+            self._claims_in.send_nowait(item)
+        except trio.WouldBlock:
+            self._count("cluster_claims_dropped_total")
+
+    async def _locate(self, locate: LocatePbx) -> None:
+        link: Flow | None = None
+        try:
+            outcome, link = await self._find(locate.serial)
+        except SharedStateUnavailable as e:
+            self._store_failed("lookup", e)
+            outcome = LOCATE_FAILED
+        except LinkFailed as e:
+            log.warning("event=cluster_link_failed serial=%s error=%s", locate.serial, e)
+            outcome = LOCATE_FAILED
+        except Exception:  # a bug costs one request, never the node
+            self._count("internal_errors_total")
+            log.exception("event=internal_error where=cluster_locate")
+            outcome = LOCATE_FAILED
+        finally:
+            self.pending_lookups -= 1
+        self._located(locate, link, outcome)
+
+    async def _find(self, serial: str) -> tuple[str, Flow | None]:
+        assert self._state is not None
+        try:
+            claim = await self._state.pbx_node(serial)
+        except ValueError:
+            return NOWHERE, None  # longer than any serial: nobody claimed it
+        if claim is None or claim.node_id == self.node_id:
+            # Claimed by this node but not registered here: a claim left from before a
+            # restart, or released meanwhile. One hop only: never back out.
+            return NOWHERE, None
+        address = await self._state.node_address(claim.node_id)
+        if address is None:
+            return NOWHERE, None  # its node stopped heartbeating: gone with its flows
+        return LOCATED, await self.links.flow_to(claim.node_id, address)
+
+    # ------------------------------------------------------------------ views
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        return {
+            "cluster_store_up": ("1 while the shared state (Redis/Valkey) answers",
+                                 int(self.problem is None)),
+            "cluster_links_open": ("Links to and from other nodes open now, handshakes included",
+                                   self.links.open),
+            "cluster_lookups_pending": ("Lookups of a PBX's node in flight", self.pending_lookups),
+            "cluster_claims_queued": ("Claims and releases waiting for the shared state",
+                                      self._claims_out.statistics().current_buffer_used),
+        }
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
