@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from pbxcore import reloadack
 from pbxcore.errors import EXIT_CONFIG, ConfigError, PbxError
 from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
@@ -43,8 +44,9 @@ RESTART_DELAY_MAX = 30.0
 RESTART_RESET = 60.0
 # SIGINT, or the end of a drain: seconds the workers get to exit before SIGKILL.
 STOP_GRACE = 10.0
-# The parent's side channels to systemd: a worker must not answer on them (NotifyAccess=main,
-# one reload ledger in $RUNTIME_DIRECTORY, pbxcore/reloadack.py).
+# The parent's side channels to systemd: a worker must not answer on them (NotifyAccess=main).
+# Each worker counts its reloads in a directory of its own under the parent's
+# $RUNTIME_DIRECTORY (pbxcore/reloadack.py), which the parent waits on.
 PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
 WORKER_FLAG = "--worker"
 
@@ -121,9 +123,14 @@ def parse_worker(value: str) -> tuple[int, int]:
     return i, n
 
 
-def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """A worker's environment: the parent's, without systemd's channels to the parent."""
-    return {k: v for k, v in environ.items() if k not in PARENT_ONLY_ENV}
+def worker_env(environ: Mapping[str, str], index: int) -> dict[str, str]:
+    """A worker's environment: the parent's, without systemd's channels to the parent,
+    and its own runtime directory ``<RUNTIME_DIRECTORY>/w<i>`` when the parent has one."""
+    env = {k: v for k, v in environ.items() if k not in PARENT_ONLY_ENV}
+    runtime = reloadack.runtime_file(environ)
+    if runtime is not None:
+        env["RUNTIME_DIRECTORY"] = str(runtime.parent / f"w{index}")
+    return env
 
 
 @dataclass
@@ -169,7 +176,10 @@ class WorkerPool:
 
     async def _run_once(self, worker: Worker) -> int:
         cmd = [*self.argv, WORKER_FLAG, f"{worker.index}/{self.count}"]
-        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=worker_env(os.environ))
+        env = worker_env(os.environ, worker.index)
+        if "RUNTIME_DIRECTORY" in env:
+            os.makedirs(env["RUNTIME_DIRECTORY"], mode=0o700, exist_ok=True)
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
         worker.proc = proc
         worker.starts += 1
         log.info("event=worker_started worker=%d pid=%d", worker.index, proc.pid)
@@ -206,8 +216,23 @@ class WorkerPool:
                 w.proc.send_signal(signum)
 
     async def reload(self) -> None:
-        """SIGHUP to every worker: each reads the configuration again (relay/service.py)."""
-        self.signal_all(signal.SIGHUP)
+        """SIGHUP to every worker: each reads the configuration again (relay/service.py).
+        Under systemd (a runtime directory) it returns once every worker confirmed its
+        reload, so `systemctl reload` means what it means with one process."""
+        async with trio.open_nursery() as nursery:
+            for w in self.workers:
+                if w.proc is not None and w.proc.returncode is None:
+                    nursery.start_soon(self._reload_one, w.index, w.proc.pid)
+
+    async def _reload_one(self, index: int, pid: int) -> None:
+        ledger = reloadack.runtime_file(worker_env(os.environ, index))
+        if ledger is None:
+            os.kill(pid, signal.SIGHUP)
+            return
+        try:
+            await trio.to_thread.run_sync(reloadack.signal_and_wait, pid, ledger)
+        except (reloadack.ReloadNotConfirmed, ProcessLookupError) as e:
+            log.warning("event=worker_reload_unconfirmed worker=%d error=%s", index, e)
 
     async def drain(self) -> None:
         """SIGTERM to every worker: each drains (relay.drain_timeout); wait until all exited."""

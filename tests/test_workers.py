@@ -94,9 +94,11 @@ def test_each_worker_gets_its_node_id_ports_and_a_slice_of_the_rtp_range(tmp_pat
     for i in range(4):
         config_mod.load(tmp_path / "relay.toml", w[i], environ={})
     assert parse_worker("3/4") == (3, 4)
-    env = worker_env({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1", "RUNTIME_DIRECTORY": "/run/r",
-                      "PATH": "/bin"})
-    assert env == {"PATH": "/bin"}  # systemd talks to the parent only
+    env = worker_env({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "7",
+                      "RUNTIME_DIRECTORY": "/run/pbx-relay", "PATH": "/bin"}, 3)
+    # systemd talks to the parent only; each worker counts its reloads in a directory of its own
+    assert env == {"PATH": "/bin", "RUNTIME_DIRECTORY": "/run/pbx-relay/w3"}
+    assert worker_env({"PATH": "/bin"}, 0) == {"PATH": "/bin"}
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -151,11 +153,13 @@ secret = "{SECRET}"
 heartbeat = 0.5
 """
     write_config(r, cluster, "enabled = false")
+    runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
+    runtime.mkdir()
     r.add_pbx(SERIAL)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
                              "--workers", str(count)], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime)))
     workers = [RelayProc(tmp, r.host, r.udp, r.tcp, r.tls, r.admin + i, secrets=r.secrets,
                          log_path=tmp / "relay.log") for i in range(count)]
     parent = Parent(proc, workers)
@@ -260,6 +264,14 @@ def test_a_worker_killed_is_started_again(two_workers: tuple[Parent, RedisServer
     wait_for("both workers ready again", lambda: all(ready(w) for w in parent.workers), timeout=15)
     assert before[0] in parent.children()  # the other one was left alone
     assert redis_cli(redis, "EXISTS", "pbxrelay:node:edge-w0", "pbxrelay:node:edge-w1") == "2"
+    # systemctl reload (the unit's ExecReload) returns once every worker reloaded.
+    runtime = parent.workers[0].state_dir / "run"
+    out = subprocess.run([sys.executable, "-m", "pbxcore.reloadack", str(parent.proc.pid)],
+                         env=dict(os.environ, RUNTIME_DIRECTORY=str(runtime)), capture_output=True,
+                         text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    for i in range(2):
+        assert (runtime / f"w{i}" / "reloads").read_text().split()[1:] == ["1", "1"]
     # SIGTERM to the parent: forwarded, the workers drain (nothing in progress) and exit.
     children = parent.children()
     assert stop_workers(parent) == 0
