@@ -9,6 +9,7 @@ the test finds a phone source port that lands on the worker the PBX is not on.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from tests.conftest import needs_sipp
 from tests.realpeers import DOMAIN, ROOT, RelayProc, free_port, sipp, write_config
 from tests.redisfixture import RedisServer
 from tests.test_cluster_nodes import SECRET, SERIAL, readyz, redis_cli, wait_for
+from tests.test_systemd import SYSTEMD_ANALYZE, fake_root, needs_systemd_tools
 
 redis_server = redisfixture.redis_server  # the fixture, by name
 
@@ -276,3 +278,27 @@ def test_a_worker_killed_is_started_again(two_workers: tuple[Parent, RedisServer
     children = parent.children()
     assert stop_workers(parent) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_the_systemd_drop_in_runs_the_parent_and_lets_it_stop_the_workers() -> None:
+    """systemd/workers.conf: ExecStart replaced by `run --workers N`, SIGTERM to the parent only."""
+    text = (ROOT / "systemd/workers.conf").read_text()
+    lines = [x for x in text.splitlines() if x and not x.startswith("#")]
+    run = "/opt/pbx-relay/bin/pbx-relay --config /etc/pbx-relay/relay.toml run --workers 2"
+    assert lines == ["[Unit]", "Wants=redis-server.service", "After=redis-server.service", "[Service]",
+                     "ExecStart=", f"ExecStart={run}", "KillMode=mixed"]
+    unit = (ROOT / "systemd/pbx-relay.service").read_text()
+    assert "NotifyAccess=main" in unit  # the parent notifies; workers get no NOTIFY_SOCKET
+    assert "ExecReload=/opt/pbx-relay/bin/python3 -I -m pbxcore.reloadack $MAINPID" in unit
+
+
+@needs_systemd_tools
+def test_the_systemd_drop_in_loads(tmp_path: Path) -> None:
+    root = fake_root(tmp_path)
+    dropin = root / "etc/systemd/system/pbx-relay.service.d"
+    dropin.mkdir()
+    shutil.copy(ROOT / "systemd/workers.conf", dropin / "workers.conf")
+    assert SYSTEMD_ANALYZE is not None
+    out = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", "pbx-relay.service"],
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout + out.stderr) == (0, "")
