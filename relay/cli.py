@@ -80,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, reuse_port = _load(args, more), True
         load = lambda: _load(args, more)  # noqa: E731
     configure_logging(cfg.relay.log_level)
+    if args.worker:
+        workers.tag_log_lines(index)
     private_dir(cfg.state_dir)  # 0700: pbx.sqlite holds digest hashes, relay.key signs flow tokens
     if args.workers > 1 and not args.worker:
         return _run_parent(args, cfg)

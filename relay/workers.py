@@ -123,6 +123,27 @@ def parse_worker(value: str) -> tuple[int, int]:
     return i, n
 
 
+class _WorkerTag(logging.Filter):
+    """Names the worker in each of its log lines: ``relay.cluster[w1] event=...``."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.tag):
+            record.name = f"{record.name}{self.tag}"
+        return True
+
+
+def tag_log_lines(index: int) -> None:
+    """Worker ``index``'s log lines say so (all workers write to the parent's stderr, one
+    journal stream); the tag goes after the logger's name, where the fail2ban filter
+    (systemd/fail2ban) allows anything."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(f"[w{index}]"))
+
+
 def worker_env(environ: Mapping[str, str], index: int) -> dict[str, str]:
     """A worker's environment: the parent's, without systemd's channels to the parent,
     and its own runtime directory ``<RUNTIME_DIRECTORY>/w<i>`` when the parent has one."""
