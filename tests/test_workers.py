@@ -9,6 +9,7 @@ the test finds a phone source port that lands on the worker the PBX is not on.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -154,7 +155,8 @@ listen = "127.0.0.1:{free_run(count)}"
 secret = "{SECRET}"
 heartbeat = 0.5
 """
-    write_config(r, cluster, "enabled = false")
+    low = random.randrange(20000, 60000, 2)  # a range of our own, as tests/test_systemd.py picks one
+    write_config(r, cluster, f"port_min = {low}\nport_max = {low + 399}")
     runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
     runtime.mkdir()
     r.add_pbx(SERIAL)
@@ -250,6 +252,13 @@ def test_two_workers_a_phone_on_one_calls_the_pbx_on_the_other(
     rc_phone, rc_pbx = phone.wait(), pbx.wait()
     assert (rc_phone, rc_pbx) == (0, 0), f"{phone.errors()}\n{pbx.errors()}"
     # Everything the phone sent went through the other worker and over a link.
+    # Each worker anchored the call's media in its own slice of the RTP range.
+    banners = "".join(parent.out)
+    low = int(banners.split("[w0]   RTP      127.0.0.1 ports ")[1].split("-")[0])
+    assert f"[w0]   RTP      127.0.0.1 ports {low}-{low + 199}" in banners
+    assert f"[w1]   RTP      127.0.0.1 ports {low + 200}-{low + 399}" in banners
+    for w in parent.workers:
+        assert w.metric("pbx_relay_media_sessions_ended_total") == 1
     phone_worker = parent.workers[other]
     assert phone_worker.metric('pbx_relay_cluster_lookups_total{outcome="located"}') >= 4
     assert phone_worker.metric('pbx_relay_requests_in_total{method="INVITE"}') == 1
