@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,13 +295,37 @@ async def run_workers(argv: list[str], count: int, cfg: RelayConfig,
         async with trio.open_nursery() as nursery:
             for w in pool.workers:
                 nursery.start_soon(pool.keep, w)
-            await pool.all_ready()
+            if await _stopped_while_starting(pool, signals):
+                await pool.stop()
+                nursery.cancel_scope.cancel()
+                return
             pids = " ".join(str(w.proc.pid) for w in pool.workers if w.proc is not None)
             print(f"pbx-relay: {count} workers serving (pids {pids}); node ids {cfg.node_id}-w0 .. "
                   f"{cfg.node_id}-w{count - 1}", flush=True)
             await supervise(signals, notify, status=status, check=check, reload=pool.reload, drain=pool.drain)
             await pool.stop()
             nursery.cancel_scope.cancel()
+
+
+async def _stopped_while_starting(pool: WorkerPool, signals: AsyncIterator[int]) -> bool:
+    """Wait until every worker serves; True when SIGINT or SIGTERM came first (a SIGHUP
+    then changes nothing: the workers are reading the configuration as they start)."""
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal stopped
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    log.info("event=stopping signal=%s while=starting", signal.Signals(signum).name)
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        await pool.all_ready()
+        nursery.cancel_scope.cancel()
+    return stopped
 
 
 def worker_argv(config: str | None, state_dir: str | None) -> list[str]:

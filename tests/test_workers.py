@@ -147,6 +147,23 @@ class Parent:
 
 
 def start_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
+    parent = spawn_workers(tmp, redis, count)
+    proc = parent.proc
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        if not line:
+            raise AssertionError(f"the parent exited: {(tmp / 'relay.log').read_text()}")
+        parent.out.append(line)
+        if "workers serving" in line:
+            break
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
+    return parent
+
+
+def spawn_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
+    """The parent started, its workers not necessarily serving yet."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), free_run(count))
     cluster = f"""
 [cluster]
@@ -167,18 +184,7 @@ heartbeat = 0.5
                             env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime)))
     workers = [RelayProc(tmp, r.host, r.udp, r.tcp, r.tls, r.admin + i, secrets=r.secrets,
                          log_path=tmp / "relay.log") for i in range(count)]
-    parent = Parent(proc, workers)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline().decode()
-        if not line:
-            raise AssertionError(f"the parent exited: {(tmp / 'relay.log').read_text()}")
-        parent.out.append(line)
-        if "workers serving" in line:
-            break
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
-    return parent
+    return Parent(proc, workers)
 
 
 def stop_workers(parent: Parent) -> int:
@@ -303,6 +309,23 @@ def test_the_systemd_drop_in_runs_the_parent_and_lets_it_stop_the_workers() -> N
     unit = (ROOT / "systemd/pbx-relay.service").read_text()
     assert "NotifyAccess=main" in unit  # the parent notifies; workers get no NOTIFY_SOCKET
     assert "ExecReload=/opt/pbx-relay/bin/python3 -I -m pbxcore.reloadack $MAINPID" in unit
+
+
+def test_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path, redis_server: RedisServer) -> None:
+    parent = spawn_workers(tmp_path, redis_server, 2)
+    try:
+        log = tmp_path / "relay.log"
+        wait_for("both workers started", lambda: log.read_text().count("event=worker_started") == 2)
+        children = parent.children()
+        assert len(children) == 2
+        parent.proc.send_signal(signal.SIGTERM)  # before they serve: a worker takes ~2 s to start
+        assert parent.proc.wait(timeout=20) == 0
+        assert "relay.workers event=stopping signal=SIGTERM while=starting" in log.read_text()
+        assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+        assert parent.proc.stdout is not None
+        assert b"workers serving" not in parent.proc.stdout.read()
+    finally:
+        stop_workers(parent)
 
 
 @needs_systemd_tools
