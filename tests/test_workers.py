@@ -38,7 +38,7 @@ from tests.test_systemd import SYSTEMD_ANALYZE, fake_root, needs_systemd_tools
 redis_server = redisfixture.redis_server  # the fixture, by name
 
 
-def ready(w: RelayProc) -> bool:
+def ready_(w: RelayProc) -> bool:
     """/readyz says 200 (a worker being started again has no admin port yet: not ready)."""
     try:
         return readyz(w) == 200
@@ -162,7 +162,7 @@ def start_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
     return parent
 
 
-def spawn_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
+def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None) -> Parent:
     """The parent started, its workers not necessarily serving yet."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), free_run(count))
     cluster = f"""
@@ -181,7 +181,8 @@ heartbeat = 0.5
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
                              "--workers", str(count)], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime)))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime),
+                                     **(env or {})))
     workers = [RelayProc(tmp, r.host, r.udp, r.tcp, r.tls, r.admin + i, secrets=r.secrets,
                          log_path=tmp / "relay.log") for i in range(count)]
     return Parent(proc, workers)
@@ -234,7 +235,7 @@ def test_two_workers_a_phone_on_one_calls_the_pbx_on_the_other(
     two_workers: tuple[Parent, RedisServer], tmp_path: Path,
 ) -> None:
     parent, redis = two_workers
-    wait_for("both workers ready", lambda: all(ready(w) for w in parent.workers))
+    wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
     # Both workers are nodes of the cluster, under their own ids.
     wait_for("both heartbeats", lambda: redis_cli(redis, "EXISTS", "pbxrelay:node:edge-w0",
                                                   "pbxrelay:node:edge-w1") == "2")
@@ -274,12 +275,12 @@ def test_two_workers_a_phone_on_one_calls_the_pbx_on_the_other(
 
 def test_a_worker_killed_is_started_again(two_workers: tuple[Parent, RedisServer]) -> None:
     parent, redis = two_workers
-    wait_for("both workers ready", lambda: all(ready(w) for w in parent.workers))
+    wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
     before = parent.children()
     assert len(before) == 2
     os.kill(before[1], signal.SIGKILL)
     wait_for("a new worker", lambda: len(parent.children()) == 2 and parent.children() != before, timeout=15)
-    wait_for("both workers ready again", lambda: all(ready(w) for w in parent.workers), timeout=15)
+    wait_for("both workers ready again", lambda: all(ready_(w) for w in parent.workers), timeout=15)
     assert before[0] in parent.children()  # the other one was left alone
     assert redis_cli(redis, "EXISTS", "pbxrelay:node:edge-w0", "pbxrelay:node:edge-w1") == "2"
     log = (parent.workers[0].state_dir / "relay.log").read_text()
@@ -326,6 +327,33 @@ def test_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path, redis_se
         assert b"workers serving" not in parent.proc.stdout.read()
     finally:
         stop_workers(parent)
+
+
+def test_systemd_hears_ready_once_from_the_parent_when_every_worker_serves(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    """NOTIFY_SOCKET as systemd sets it for Type=notify: one READY=1, from the parent, after
+    both workers serve; the workers, which systemd would refuse (NotifyAccess=main), send none."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        parent = spawn_workers(tmp_path, redis_server, 2, {"NOTIFY_SOCKET": path})
+        try:
+            got: list[str] = []
+            while not any(m.startswith("READY=1") for m in got):
+                got.append(sock.recv(4096).decode())
+            sock.settimeout(1.5)
+            try:
+                while True:
+                    got.append(sock.recv(4096).decode())
+            except TimeoutError:
+                pass
+            ready = [m for m in got if "READY=1" in m.splitlines()]
+            assert ready == ["READY=1\nSTATUS=2 of 2 workers serving, 0 restarts"], got
+            assert all(ready_(w) for w in parent.workers)
+        finally:
+            stop_workers(parent)
 
 
 @needs_systemd_tools
