@@ -160,7 +160,8 @@ class Worker:
 
     index: int
     proc: trio.Process | None = None
-    ready: trio.Event = field(default_factory=trio.Event)
+    ready: trio.Event = field(default_factory=trio.Event)  # it served once: restarts are retried
+    serving: bool = False  # this run of it printed its banner
     starts: int = 0
 
 
@@ -201,7 +202,7 @@ class WorkerPool:
         if "RUNTIME_DIRECTORY" in env:
             os.makedirs(env["RUNTIME_DIRECTORY"], mode=0o700, exist_ok=True)
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
-        worker.proc = proc
+        worker.proc, worker.serving = proc, False
         worker.starts += 1
         log.info("event=worker_started worker=%d pid=%d", worker.index, proc.pid)
         try:
@@ -209,7 +210,7 @@ class WorkerPool:
             await self._pump(worker, proc.stdout)
             return await proc.wait()
         finally:
-            worker.proc = None
+            worker.proc, worker.serving = None, False
             if proc.returncode is None:  # the parent is cancelled: never leave a worker behind
                 proc.kill()
                 with trio.CancelScope(shield=True):
@@ -224,6 +225,7 @@ class WorkerPool:
             for line in lines:
                 sys.stdout.write(f"[w{worker.index}] {line.decode(errors='replace')}\n")
                 if READY_LINE in line:
+                    worker.serving = True
                     worker.ready.set()
             sys.stdout.flush()
 
@@ -275,7 +277,7 @@ class WorkerPool:
             await trio.sleep(0.05)
 
     def status(self) -> str:
-        running = sum(w.proc is not None and w.ready.is_set() for w in self.workers)
+        running = sum(w.serving for w in self.workers)
         return f"{running} of {self.count} workers serving, {self.restarts} restarts"
 
 
