@@ -110,9 +110,12 @@ def _run_parent(args: argparse.Namespace, cfg: config_mod.RelayConfig) -> int:
     load_key(cfg.state_dir)
     if cfg.listeners("tls") or cfg.provisioning.enabled:
         tls_files(cfg)
+    watchdog = workers.WORKER_WATCHDOG if args.worker_watchdog is None else args.worker_watchdog
+    if not watchdog > 0:
+        raise config_mod.ConfigError(f"--worker-watchdog {watchdog:g}: seconds, more than 0")
     argv = workers.worker_argv(getattr(args, "config", None), getattr(args, "state_dir", None))
     try:
-        trio.run(workers.run_workers, argv, args.workers, cfg)
+        trio.run(workers.run_workers, argv, args.workers, cfg, None, watchdog)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run N relay processes (nodes of one cluster, sharing [cluster] redis_url) "
                      "behind the same SIP ports, supervised by this one (default 1: one process, no "
                      "Redis; docs/cluster.md)")
+    run.add_argument("--worker-watchdog", type=float, metavar="SECONDS",
+                     help="with --workers: a worker whose health check (its timer task runs, a "
+                     "thread answers) stays silent this long is killed and started again (default 30)")
     run.add_argument("--worker", help=argparse.SUPPRESS)  # i/N: set by the parent for each worker
     run.set_defaults(fn=cmd_run)
     pbx = sub.add_parser("pbx", parents=[common], help="the PBX directory: add, list, remove, show",

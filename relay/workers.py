@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -44,6 +48,11 @@ RESTART_DELAY_MAX = 30.0
 RESTART_RESET = 60.0
 # SIGINT, or the end of a drain: seconds the workers get to exit before SIGKILL.
 STOP_GRACE = 10.0
+# The parent is each worker's systemd watchdog (`--worker-watchdog`): a worker that serves
+# pings it (WATCHDOG=1, pbxcore/sdnotify.py) every half of this while its own health check
+# passes (its timer task runs, a thread answers); silent this long, it is killed and started
+# again. The unit's WatchdogSec=30 for one process, the same here.
+WORKER_WATCHDOG = 30.0
 # The parent's side channels to systemd: a worker must not answer on them (NotifyAccess=main).
 # Each worker counts its reloads in a directory of its own under the parent's
 # $RUNTIME_DIRECTORY (pbxcore/reloadack.py), which the parent waits on.
@@ -144,13 +153,18 @@ def tag_log_lines(index: int) -> None:
         handler.addFilter(_WorkerTag(f"[w{index}]"))
 
 
-def worker_env(environ: Mapping[str, str], index: int) -> dict[str, str]:
-    """A worker's environment: the parent's, without systemd's channels to the parent,
-    and its own runtime directory ``<RUNTIME_DIRECTORY>/w<i>`` when the parent has one."""
+def worker_env(environ: Mapping[str, str], index: int, notify: str = "", watchdog: float = 0.0,
+               ) -> dict[str, str]:
+    """A worker's environment: the parent's, without systemd's channels to the parent;
+    its own runtime directory ``<RUNTIME_DIRECTORY>/w<i>`` when the parent has one; and
+    ``notify``, the parent's socket for this worker, as its NOTIFY_SOCKET with the watchdog."""
     env = {k: v for k, v in environ.items() if k not in PARENT_ONLY_ENV}
     runtime = reloadack.runtime_file(environ)
     if runtime is not None:
         env["RUNTIME_DIRECTORY"] = str(runtime.parent / f"w{index}")
+    if notify:
+        env["NOTIFY_SOCKET"] = notify
+        env["WATCHDOG_USEC"] = str(round(watchdog * 1e6))
     return env
 
 
@@ -163,15 +177,19 @@ class Worker:
     ready: trio.Event = field(default_factory=trio.Event)  # it served once: restarts are retried
     serving: bool = False  # this run of it printed its banner
     starts: int = 0
+    pinged: float = 0.0  # when it last said WATCHDOG=1 (or started serving)
 
 
 class WorkerPool:
     """Starts ``count`` workers (``argv`` + ``--worker i/N``), keeps them running, stops them."""
 
-    def __init__(self, argv: list[str], count: int, drain_timeout: float) -> None:
+    def __init__(self, argv: list[str], count: int, drain_timeout: float, notify_dir: Path,
+                 watchdog: float = WORKER_WATCHDOG) -> None:
         self.argv = argv
         self.count = count
         self.drain_timeout = drain_timeout
+        self.notify_dir = notify_dir  # the workers' notify sockets: a 0700 directory of ours
+        self.watchdog = watchdog
         self.workers = [Worker(i) for i in range(count)]
         self.stopping = False
         self.restarts = 0
@@ -179,6 +197,12 @@ class WorkerPool:
     async def keep(self, worker: Worker) -> None:
         """Run ``worker`` until the pool stops; a worker that dies after it served is started
         again. One that dies before it ever served stops the parent (a bad port, a config)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._watch, worker)
+            await self._keep(worker)
+            nursery.cancel_scope.cancel()
+
+    async def _keep(self, worker: Worker) -> None:
         delay = RESTART_DELAY
         while not self.stopping:
             started = trio.current_time()
@@ -198,7 +222,7 @@ class WorkerPool:
 
     async def _run_once(self, worker: Worker) -> int:
         cmd = [*self.argv, WORKER_FLAG, f"{worker.index}/{self.count}"]
-        env = worker_env(os.environ, worker.index)
+        env = worker_env(os.environ, worker.index, str(self._notify_path(worker)), self.watchdog)
         if "RUNTIME_DIRECTORY" in env:
             os.makedirs(env["RUNTIME_DIRECTORY"], mode=0o700, exist_ok=True)
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
@@ -225,9 +249,38 @@ class WorkerPool:
             for line in lines:
                 sys.stdout.write(f"[w{worker.index}] {line.decode(errors='replace')}\n")
                 if READY_LINE in line:
-                    worker.serving = True
+                    worker.serving, worker.pinged = True, trio.current_time()
                     worker.ready.set()
             sys.stdout.flush()
+
+    def _notify_path(self, worker: Worker) -> Path:
+        return self.notify_dir / f"w{worker.index}.sock"
+
+    async def _watch(self, worker: Worker, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                     ) -> None:
+        """The worker's systemd: its WATCHDOG=1 pings; a serving worker silent for
+        ``watchdog`` seconds is hung (a blocked loop, a stuck timer task) and is killed,
+        and ``keep`` starts it again."""
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            await sock.bind(str(self._notify_path(worker)))
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._hear, worker, sock)
+                while True:
+                    await trio.sleep(min(1.0, self.watchdog / 4))
+                    proc = worker.proc
+                    silent = trio.current_time() - worker.pinged
+                    if worker.serving and proc is not None and silent > self.watchdog and not self.stopping:
+                        log.error("event=worker_silent worker=%d pid=%d silent=%.0f (killed, started again)",
+                                  worker.index, proc.pid, silent)
+                        worker.serving = False
+                        proc.kill()
+
+    async def _hear(self, worker: Worker, sock: trio.socket.SocketType) -> None:
+        while True:
+            data = await sock.recv(4096)
+            if b"WATCHDOG=1" in data.split(b"\n"):
+                worker.pinged = trio.current_time()
 
     async def all_ready(self) -> None:
         for w in self.workers:
@@ -281,10 +334,19 @@ class WorkerPool:
         return f"{running} of {self.count} workers serving, {self.restarts} restarts"
 
 
-async def run_workers(argv: list[str], count: int, cfg: RelayConfig,
-                      notifier: Notifier | None = None) -> None:
+async def run_workers(argv: list[str], count: int, cfg: RelayConfig, notifier: Notifier | None = None,
+                      watchdog: float = WORKER_WATCHDOG) -> None:
     """The parent: start the workers, READY once all serve, then supervise until stopped."""
-    pool = WorkerPool(argv, count, float(cfg.relay.drain_timeout))
+    notify_dir = Path(tempfile.mkdtemp(prefix="pbx-relay-workers-"))  # 0700
+    try:
+        await _run_pool(WorkerPool(argv, count, float(cfg.relay.drain_timeout), notify_dir, watchdog),
+                        cfg, notifier)
+    finally:
+        shutil.rmtree(notify_dir, ignore_errors=True)
+
+
+async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | None) -> None:
+    count = pool.count
     notify = notifier or Notifier.from_environ()
 
     async def status() -> str:

@@ -103,6 +103,9 @@ def test_each_worker_gets_its_node_id_ports_and_a_slice_of_the_rtp_range(tmp_pat
     # systemd talks to the parent only; each worker counts its reloads in a directory of its own
     assert env == {"PATH": "/bin", "RUNTIME_DIRECTORY": "/run/pbx-relay/w3"}
     assert worker_env({"PATH": "/bin"}, 0) == {"PATH": "/bin"}
+    # The parent is each worker's systemd: its own notify socket, and a watchdog.
+    assert worker_env({"PATH": "/bin"}, 1, "/tmp/p/w1.sock", 30) == {
+        "PATH": "/bin", "NOTIFY_SOCKET": "/tmp/p/w1.sock", "WATCHDOG_USEC": "30000000"}
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -146,8 +149,8 @@ class Parent:
         return sorted(int(pid) for t in tasks for pid in t.read_text().split())
 
 
-def start_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
-    parent = spawn_workers(tmp, redis, count)
+def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, ...] = ()) -> Parent:
+    parent = spawn_workers(tmp, redis, count, extra=extra)
     proc = parent.proc
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -162,7 +165,8 @@ def start_workers(tmp: Path, redis: RedisServer, count: int) -> Parent:
     return parent
 
 
-def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None) -> Parent:
+def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None,
+                  extra: tuple[str, ...] = ()) -> Parent:
     """The parent started, its workers not necessarily serving yet."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), free_run(count))
     cluster = f"""
@@ -179,7 +183,7 @@ heartbeat = 0.5
     runtime.mkdir()
     r.add_pbx(SERIAL)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
-                             "--workers", str(count)], stdout=subprocess.PIPE,
+                             "--workers", str(count), *extra], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime),
                                      **(env or {})))
@@ -310,6 +314,26 @@ def test_the_systemd_drop_in_runs_the_parent_and_lets_it_stop_the_workers() -> N
     unit = (ROOT / "systemd/pbx-relay.service").read_text()
     assert "NotifyAccess=main" in unit  # the parent notifies; workers get no NOTIFY_SOCKET
     assert "ExecReload=/opt/pbx-relay/bin/python3 -I -m pbxcore.reloadack $MAINPID" in unit
+
+
+def test_a_worker_that_hangs_is_killed_and_started_again(tmp_path: Path, redis_server: RedisServer) -> None:
+    """SIGSTOP stands for a worker whose event loop is stuck: its watchdog pings to the
+    parent stop, and after --worker-watchdog seconds the parent kills it and starts another.
+    The worker left alone keeps pinging and is not touched."""
+    parent = start_workers(tmp_path, redis_server, 2, ("--worker-watchdog", "2"))
+    try:
+        wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
+        before = parent.children()
+        os.kill(before[0], signal.SIGSTOP)
+        wait_for("the hung worker replaced", lambda: before[0] not in parent.children()
+                 and len(parent.children()) == 2, timeout=15)
+        assert before[1] in parent.children()
+        wait_for("both workers ready again", lambda: all(ready_(w) for w in parent.workers), timeout=15)
+        log = (tmp_path / "relay.log").read_text()
+        assert re.search(rf"event=worker_silent worker=[01] pid={before[0]} silent=[23] ", log), log[-2000:]
+        assert log.count("event=worker_silent") == 1
+    finally:
+        assert stop_workers(parent) == 0
 
 
 def test_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path, redis_server: RedisServer) -> None:
