@@ -166,7 +166,8 @@ def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, .
 
 
 def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None,
-                  extra: tuple[str, ...] = ()) -> Parent:
+                  extra: tuple[str, ...] = (), block_admin_of: tuple[int, socket.socket] | None = None,
+                  ) -> Parent:
     """The parent started, its workers not necessarily serving yet."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), free_run(count))
     cluster = f"""
@@ -182,6 +183,10 @@ heartbeat = 0.5
     runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
     runtime.mkdir()
     r.add_pbx(SERIAL)
+    if block_admin_of is not None:  # someone else on worker i's admin port
+        index, blocker = block_admin_of
+        blocker.bind(("127.0.0.1", r.admin + index))
+        blocker.listen(1)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
                              "--workers", str(count), *extra], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
@@ -334,6 +339,21 @@ def test_a_worker_that_hangs_is_killed_and_started_again(tmp_path: Path, redis_s
         assert log.count("event=worker_silent") == 1
     finally:
         assert stop_workers(parent) == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_parent(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Worker 1's admin port taken (say by pbx-push's 9091): no restart loop, the parent
+    stops the other worker and exits 1, the worker's own line naming the port."""
+    blocker = socket.socket()
+    try:
+        parent = spawn_workers(tmp_path, redis_server, 2, block_admin_of=(1, blocker))
+        assert parent.proc.wait(timeout=30) == 1
+        log = (tmp_path / "relay.log").read_text()
+        assert "pbx-relay: worker 1 exited with 1 before it served (its log is above)" in log
+        assert f"127.0.0.1:{parent.workers[1].admin}" in log
+        assert "event=worker_exited" not in log  # never started again
+    finally:
+        blocker.close()
 
 
 def test_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path, redis_server: RedisServer) -> None:
