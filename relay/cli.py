@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pbxcore.cli import command_parser, find_leaf, run_command
 from pbxcore.errors import ListenError, PbxError, ServiceUnavailable
@@ -47,12 +48,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override relay.state_dir (relative to the current directory)")
 
 
-def _load(args: argparse.Namespace) -> config_mod.RelayConfig:
-    overrides = {}
+def _load(args: argparse.Namespace, more: dict[str, Any] | None = None) -> config_mod.RelayConfig:
+    overrides: dict[str, Any] = {}
     if getattr(args, "state_dir", None):
         overrides["relay.state_dir"] = args.state_dir
     path = getattr(args, "config", None) or os.environ.get(DEFAULT_CONFIG_ENV) or None
-    return config_mod.load(path, overrides)
+    return config_mod.load(path, {**overrides, **(more or {})})
 
 
 # ------------------------------------------------------------------ run
@@ -66,22 +67,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from pbxcore.journal import configure_logging
+    from relay import workers
     from relay.service import run
 
     cfg = _load(args)
+    workers.check_workers(cfg, args.workers)
+    reuse_port = args.workers > 1
+    load = lambda: _load(args)  # noqa: E731
+    if args.worker:  # one of the parent's workers: its own node id, ports, RTP slice
+        index, count = workers.parse_worker(args.worker)
+        more = workers.worker_overrides(cfg, index, count)
+        cfg, reuse_port = _load(args, more), True
+        load = lambda: _load(args, more)  # noqa: E731
     configure_logging(cfg.relay.log_level)
+    if args.worker:
+        workers.tag_log_lines(index)
     private_dir(cfg.state_dir)  # 0700: pbx.sqlite holds digest hashes, relay.key signs flow tokens
+    if args.workers > 1 and not args.worker:
+        return _run_parent(args, cfg)
     # Every module is imported by now and lives as long as the process: out of the
     # collector's sight, a full collection scans only what calls made. At 400 calls/s
     # those collections paused the relay 35-95 ms every ~5 s (the setup-time p99), about
     # half of it this start-up heap (bench/RESULTS.md, issue 9; gc.freeze in the docs).
     gc.freeze()
     try:
-        trio.run(run, cfg, lambda: _load(args))
+        trio.run(run, cfg, load, None, reuse_port)
     except KeyboardInterrupt:
         return 0
     except BaseException as e:  # noqa: B036 - re-raised, a bind failure named first
         raise _named_bind_failure(e) or e from None
+    return 0
+
+
+def _run_parent(args: argparse.Namespace, cfg: config_mod.RelayConfig) -> int:
+    """``--workers N``: what the workers share is made once, here, before they start (the
+    flow-token key, the self-signed certificate); then the parent supervises them."""
+    import trio
+
+    from relay import workers
+    from relay.service import load_key, tls_files
+
+    load_key(cfg.state_dir)
+    if cfg.listeners("tls") or cfg.provisioning.enabled:
+        tls_files(cfg)
+    watchdog = workers.WORKER_WATCHDOG if args.worker_watchdog is None else args.worker_watchdog
+    if not watchdog > 0:
+        raise config_mod.ConfigError(f"--worker-watchdog {watchdog:g}: seconds, more than 0")
+    argv = workers.worker_argv(getattr(args, "config", None), getattr(args, "state_dir", None))
+    try:
+        trio.run(workers.run_workers, argv, args.workers, cfg, None, watchdog)
+    except KeyboardInterrupt:
+        return 0
     return 0
 
 
@@ -168,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the relay (and, with push.mode = \"embedded\", the push service) "
                          "until stopped. It prints what listens where and how to point a PBX and a "
                          "softphone at it. SIGHUP reloads, SIGTERM drains, Ctrl-C stops at once.")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run N relay processes (nodes of one cluster, sharing [cluster] redis_url) "
+                     "behind the same SIP ports, supervised by this one (default 1: one process, no "
+                     "Redis; docs/cluster.md)")
+    run.add_argument("--worker-watchdog", type=float, metavar="SECONDS",
+                     help="with --workers: a worker whose health check (its timer task runs, a "
+                     "thread answers) stays silent this long is killed and started again (default 30)")
+    run.add_argument("--worker", help=argparse.SUPPRESS)  # i/N: set by the parent for each worker
     run.set_defaults(fn=cmd_run)
     pbx = sub.add_parser("pbx", parents=[common], help="the PBX directory: add, list, remove, show",
                          description="Manage the PBXs allowed to phone home. `add` prints the new PBX's "

@@ -100,7 +100,7 @@ PROVISIONING_LABELS = {"provisioning_requests_total": "outcome", "provisioning_a
 class RelayService:
     """Owns the sockets, the tasks and the lifecycle; every SIP decision is the proxy's."""
 
-    def __init__(self, cfg: RelayConfig):
+    def __init__(self, cfg: RelayConfig, reuse_port: bool = False):
         self.cfg = cfg
         self.key = load_key(cfg.state_dir)
         self.directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
@@ -128,6 +128,7 @@ class RelayService:
             TransportLimits.from_section(vars(cfg.transport)),
             trusted=self._is_trusted,
         )
+        self.transports.reuse_port = reuse_port  # one of `--workers N` (relay/workers.py)
         self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result)
         self.cluster = cluster_node(cfg, self.transports, self.dispatch, self.proxy)
         self.bound: dict[str, list[str]] = {}
@@ -336,17 +337,10 @@ class RelayService:
         return f"Serving: {line}"
 
     # -------------------------------------------------------------- lifecycle
-    def _tls_files(self, cfg: RelayConfig) -> tuple[Path, Path]:
-        if cfg.sip.tls_cert:
-            return Path(cfg.sip.tls_cert), Path(cfg.sip.tls_key)
-        ips = [self.cfg.advertise] + [x.host for x in self.cfg.listeners("tls")]
-        ips += [v.rpartition(":")[0].strip("[]") for v in self.cfg.provisioning.listen]
-        return ensure_self_signed(self.cfg.state_dir / "tls", self.cfg.relay.domain, ips)
-
     def _load_tls(self, cfg: RelayConfig) -> tuple[ssl.SSLContext, str]:
         """A new server context from the files ``cfg`` names, and the certificate's
         SHA-256 fingerprint (as `openssl x509 -fingerprint -sha256` shows it)."""
-        cert, key = self._tls_files(cfg)
+        cert, key = tls_files(cfg, self.cfg)
         ctx = server_context(cert, key)
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
         return ctx, leaf.fingerprint(hashes.SHA256()).hex()
@@ -418,6 +412,18 @@ class RelayService:
         log.warning("event=drain_timeout calls=%d invites=%d limit=%g", calls, invites, limit)
 
 
+def tls_files(cfg: RelayConfig, running: RelayConfig | None = None) -> tuple[Path, Path]:
+    """(certificate, key) of SIP over TLS and provisioning: sip.tls_cert/tls_key of ``cfg``,
+    else a self-signed pair made once in <state_dir>/tls for the names of ``running``
+    (the configuration the service started with; default ``cfg``)."""
+    if cfg.sip.tls_cert:
+        return Path(cfg.sip.tls_cert), Path(cfg.sip.tls_key)
+    base = running or cfg
+    ips = [base.advertise] + [x.host for x in base.listeners("tls")]
+    ips += [v.rpartition(":")[0].strip("[]") for v in base.provisioning.listen]
+    return ensure_self_signed(base.state_dir / "tls", base.relay.domain, ips)
+
+
 def cluster_node(
     cfg: RelayConfig, transports: Transports, dispatch: Dispatcher, proxy: Proxy,
 ) -> ClusterNode | None:
@@ -484,12 +490,12 @@ def _changed_keys(old: RelayConfig, new: RelayConfig) -> list[str]:
 
 async def run(
     cfg: RelayConfig, reload_config: Callable[[], RelayConfig] | None = None,
-    notifier: Notifier | None = None,
+    notifier: Notifier | None = None, reuse_port: bool = False,
 ) -> None:
     """Serve until stopped: SIGHUP reloads (``reload_config`` reads the configuration
     again), SIGTERM drains first (up to relay.drain_timeout), SIGINT and a second
     signal stop at once (pbxcore.lifecycle). Tells systemd through ``notifier``."""
-    service = RelayService(cfg)
+    service = RelayService(cfg, reuse_port)
     notify = notifier or Notifier.from_environ()
 
     async def reload() -> None:

@@ -48,7 +48,7 @@ def start_node(tmp: Path, redis: RedisServer, node_id: str, serials: tuple[str, 
     state.mkdir()
     r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
     lines = cluster_lines(redis, node_id, secret)
-    # Each node its own slice of RTP ports, as `--workers N` will give them (not built yet).
+    # Each node its own slice of RTP ports, as `--workers N` gives its workers.
     first = MEDIA_PORTS[node_id]
     media = f"port_min = {first}\nport_max = {first + 400}"
     write_config(r, lines, media)

@@ -133,6 +133,9 @@ class Transports:
         # stdlib sockets, non-blocking: a sendto never waits (UDP has no
         # back-pressure worth waiting for; a full buffer drops and counts).
         self.udp: dict[tuple[str, int], socket.socket] = {}
+        # `pbx-relay run --workers N`: every worker binds the same SIP ports with
+        # SO_REUSEPORT and the kernel spreads flows among them (docs/cluster.md).
+        self.reuse_port = False
         self.conns: dict[Flow, Connection] = {}
         # Draining: stop_accepting() closes the TCP/TLS listening sockets, connections stay.
         self.accepting = True
@@ -194,6 +197,8 @@ class Transports:
         raw = socket.socket(family, socket.SOCK_DGRAM)
         raw.setblocking(False)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        if self.reuse_port:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock = trio.socket.from_stdlib_socket(raw)
         with sock:
             await sock.bind((host, port))
@@ -312,7 +317,10 @@ class Transports:
     ) -> None:
         """Accept TCP (``ssl_context`` None) or TLS connections until cancelled;
         ``stop_accepting`` closes the listening sockets, open connections carry on."""
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
+        if self.reuse_port:
+            listeners = [reuse_port_listener(host, port)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
         bound_port = listeners[0].socket.getsockname()[1]
         accepting = trio.CancelScope()
         self._accept_scopes.append(accepting)
@@ -553,3 +561,22 @@ async def accept_forever(
                         name, episode.failures, trio.current_time() - episode.started,
                         errno.errorcode.get(episode.errno, episode.errno))
         admit(conn, addr[0])
+
+
+def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A TCP listener on ``host:port`` (an IP address, as the config has it) that other
+    processes of the same user bind too (SO_REUSEPORT): the kernel hands each new
+    connection to one of them, by a hash of its addresses and ports."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        raw.bind((host, port))
+        raw.listen(LISTEN_BACKLOG)
+    except OSError:
+        raw.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
