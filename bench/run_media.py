@@ -556,7 +556,11 @@ def _rtpgen_sends(exe: Path, spec: list[tuple[int, str, int]], seconds: float, f
     cpus = sorted(os.sched_getaffinity(0))
     parts = [list(range(k, len(spec), len(cpus))) for k in range(len(cpus))]
     texts = ["".join(f"{spec[i][0]} {spec[i][1]} {spec[i][2]}\n" for i in idx) for idx in parts]
-    procs = [subprocess.Popen(["taskset", "-c", str(cpu), str(exe), "send", str(seconds), str(RATE), *mode],
+    # SCHED_FIFO: a sender wakes every 2 ms for a short burst; at normal priority it
+    # waited behind rtpengine's threads and whatever else ran (ticks 20-100 ms late).
+    # Priority changes when the CPU time is spent, not how much: same for both targets.
+    procs = [subprocess.Popen(["chrt", "-f", "10", "taskset", "-c", str(cpu), str(exe), "send", str(seconds),
+                               str(RATE), *mode],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=fds)
              for cpu in cpus]
     for p, text in zip(procs, texts, strict=True):  # all started first: they begin within ms of each other
