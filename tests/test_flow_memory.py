@@ -50,7 +50,7 @@ def _messages_with_our_call_id() -> int:
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 async def test_an_idle_flow_keeps_no_message_and_no_writer(transport: str, tmp_path: Path) -> None:
     # The answer is a fresh bytes object: its reference count says whether the relay still holds it.
-    answer = bytes(bytearray(b"SIP/2.0 200 OK\r\nCall-ID: " + CALL_ID.encode() + b"\r\nContent-Length: 0\r\n\r\n"))
+    answer = bytes(bytearray(f"SIP/2.0 200 OK\r\nCall-ID: {CALL_ID}\r\nContent-Length: 0\r\n\r\n".encode()))
     refs_before = sys.getrefcount(answer)
     seen: list[Flow] = []
 
