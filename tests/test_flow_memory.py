@@ -18,6 +18,7 @@ from relay.sip.errors import SipParseError
 from relay.sip.message import SipMessage
 from relay.transport.events import EventHandlers
 from relay.transport.flows import Transports
+from relay.transport.limits import StreamTimeouts
 from relay.transport.tlscert import ensure_self_signed, server_context
 
 CALL_ID = "idle-flow-memory@test"
@@ -98,4 +99,38 @@ async def test_an_idle_flow_keeps_no_message_and_no_writer(transport: str, tmp_p
         with trio.fail_after(5):
             while transports.conns:
                 await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("sent", "reason"), [(b"", "idle"), (REQUEST[:40], "partial_message")])
+async def test_a_silent_flow_is_closed_at_its_timeout_and_counted(sent: bytes, reason: str) -> None:
+    """The read timeout lives on the flow's own cancel scope (no scope per read): a flow
+    silent for ``idle``, or holding half a message for ``partial``, is closed then - not
+    before - and counted by reason; a flow that talks stays open."""
+    counted: list[str] = []
+    transports = Transports(
+        EventHandlers(lambda m, f: None, lambda e, f: None, lambda name, n: counted.append(name)),
+        timeouts=StreamTimeouts(idle=0.6, partial=0.3),
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(transports.serve_stream, "tcp", "127.0.0.1", 0, None)
+        quiet = await trio.open_tcp_stream("127.0.0.1", port)
+        talker = await trio.open_tcp_stream("127.0.0.1", port)
+        t0 = trio.current_time()
+        await quiet.send_all(sent)
+        closed_at: list[float] = []
+
+        async def watch() -> None:
+            assert await quiet.receive_some(16) == b""  # closed by the relay
+            closed_at.append(trio.current_time() - t0)
+
+        nursery.start_soon(watch)
+        while trio.current_time() < t0 + 1.2:  # the talker pings every 0.1 s: never silent
+            await talker.send_all(b"\r\n\r\n")
+            assert await talker.receive_some(16) == b"\r\n"
+            await trio.sleep(0.1)
+        expected = 0.6 if reason == "idle" else 0.3
+        assert len(closed_at) == 1 and expected <= closed_at[0] < expected + 0.4, closed_at
+        assert f"flows_closed_total:{reason}" in counted
+        assert len(transports.conns) == 1  # the talker's flow is still open
         nursery.cancel_scope.cancel()

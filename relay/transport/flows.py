@@ -62,7 +62,7 @@ class Connection:
     flow (thousands of PBXs phoned home) holds no task, channel or message for its
     output - ~5 KB per connection less than a writer waiting on a channel (issue 13)."""
 
-    __slots__ = ("stream", "flow", "fd", "queue", "queued", "pending", "cancel_scope",
+    __slots__ = ("stream", "flow", "fd", "queue", "queued", "pending", "cancel_scope", "silence",
                  "_nursery", "_writing", "_failed", "_finished", "_flushed")
 
     def __init__(self, stream: trio.abc.Stream, flow: Flow, fd: int | None = None):
@@ -73,6 +73,7 @@ class Connection:
         self.queued = 0  # bytes handed to the writer and not yet written
         self.pending = 0  # messages (or their tails) handed to the writer and not yet written
         self.cancel_scope = trio.CancelScope()
+        self.silence = "idle"  # what the reader's deadline (on cancel_scope) waits out
         self._nursery: trio.Nursery | None = None  # where a writer runs, once the flow serves
         self._writing = False  # a writer task is started and has not ended
         self._failed = False  # the stream broke under a writer: nothing more is written
@@ -465,6 +466,10 @@ class Transports:
                     conn.start(nursery)
                     await self._reader(conn)
                     nursery.cancel_scope.cancel()
+            if conn.cancel_scope.cancelled_caught and trio.current_time() >= conn.cancel_scope.deadline:
+                # The reader's deadline passed: silent, or half a message for too long.
+                self.count(f"flows_closed_total:{conn.silence}")
+                log.info("event=flow_timeout flow=%s reason=%s", flow, conn.silence)
         finally:
             self.conns.pop(flow, None)
             # The slot goes back in the same step the flow leaves ``conns``: whoever
@@ -483,19 +488,19 @@ class Transports:
         framer = StreamFramer()
         partial_since: float | None = None
         while True:
-            timeout = self.timeouts.idle
+            # The wait's timeout is the flow's own cancel scope's deadline (_connection
+            # names it): no cancel scope per read, none kept per idle flow (issue 13).
+            deadline = trio.current_time() + self.timeouts.idle
             if partial_since is not None:
-                timeout = min(timeout, partial_since + self.timeouts.partial - trio.current_time())
-            with trio.move_on_after(max(timeout, 0)) as scope:
-                try:
-                    data = await conn.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-                    return
-            if scope.cancelled_caught:
-                reason = "partial_message" if partial_since is not None else "idle"
-                self.count(f"flows_closed_total:{reason}")
-                log.info("event=flow_timeout flow=%s reason=%s", conn.flow, reason)
+                deadline = min(deadline, max(trio.current_time(), partial_since + self.timeouts.partial))
+            conn.silence = "idle" if partial_since is None else "partial_message"
+            conn.cancel_scope.deadline = deadline
+            try:
+                data = await conn.stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+                conn.cancel_scope.deadline = math.inf
                 return
+            conn.cancel_scope.deadline = math.inf
             if not data:
                 return
             try:
