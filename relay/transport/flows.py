@@ -58,12 +58,13 @@ class Connection:
     """One TCP/TLS flow's output. On plain TCP a message goes straight into the
     kernel's socket buffer when nothing is queued (no task switch per message);
     what the kernel does not take, and everything on TLS, is queued and written in
-    order by a writer task. That task exists only while something is queued: an idle
-    flow (thousands of PBXs phoned home) holds no task, channel or message for its
-    output - ~5 KB per connection less than a writer waiting on a channel (issue 13)."""
+    order by a writer task. That task exists only while something is queued, and runs
+    in the listener's nursery: an idle flow (thousands of PBXs phoned home) holds no
+    task, nursery, channel or message for its output - ~6 KB per connection less than
+    a nursery with a writer waiting on a channel (issue 13)."""
 
     __slots__ = ("stream", "flow", "fd", "queue", "queued", "pending", "cancel_scope", "silence",
-                 "_nursery", "_writing", "_failed", "_finished", "_flushed")
+                 "_nursery", "_writer", "_writing", "_failed", "_finished", "_flushed")
 
     def __init__(self, stream: trio.abc.Stream, flow: Flow, fd: int | None = None):
         self.stream = stream
@@ -75,6 +76,7 @@ class Connection:
         self.cancel_scope = trio.CancelScope()
         self.silence = "idle"  # what the reader's deadline (on cancel_scope) waits out
         self._nursery: trio.Nursery | None = None  # where a writer runs, once the flow serves
+        self._writer: trio.CancelScope | None = None  # the running writer's (stop cancels it)
         self._writing = False  # a writer task is started and has not ended
         self._failed = False  # the stream broke under a writer: nothing more is written
         self._finished = False  # no more sends (finish)
@@ -84,6 +86,14 @@ class Connection:
         """Writers run in ``nursery`` from now on (what was queued before starts now)."""
         self._nursery = nursery
         self._spawn()
+
+    async def stop(self) -> None:
+        """The flow ends: no writer starts again; a running one is cancelled and waited for."""
+        self._failed = True
+        if self._writing and self._writer is not None:
+            self._writer.cancel()
+            with trio.CancelScope(shield=True):  # it ends at its next checkpoint
+                await self.wait_flushed()
 
     def finish(self) -> None:
         """No more sends: the writer drains what is queued, then stops."""
@@ -126,17 +136,20 @@ class Connection:
     def _spawn(self) -> None:
         if self.queue and not (self._writing or self._failed) and self._nursery is not None:
             self._writing = True
+            self._writer = trio.CancelScope()
             self._nursery.start_soon(self._write)
 
     async def _write(self) -> None:
         """Write the queue in order, then end (the next send starts another writer). A
         message leaves the queue once written: if the stream breaks, it stays counted."""
+        assert self._writer is not None  # _spawn made it
         try:
-            while self.queue:
-                await self.stream.send_all(self.queue[0])
-                data = self.queue.popleft()
-                self.queued -= len(data)
-                self.pending -= 1
+            with self._writer:
+                while self.queue:
+                    await self.stream.send_all(self.queue[0])
+                    data = self.queue.popleft()
+                    self.queued -= len(data)
+                    self.pending -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             self._failed = True
             self.cancel_scope.cancel()
@@ -395,7 +408,7 @@ class Transports:
         if refused is not None:
             self._refuse(sock, ip, transport, refused)
             return
-        handlers.start_soon(self._serve_connection, sock, ip, transport, ssl_context)
+        handlers.start_soon(self._serve_connection, sock, ip, transport, ssl_context, handlers)
 
     def _refuse(self, sock: trio.socket.SocketType, ip: str, transport: str, reason: str) -> None:
         """Close a connection over a limit at once (RST), count it, and name the source
@@ -413,6 +426,7 @@ class Transports:
 
     async def _serve_connection(
         self, sock: trio.socket.SocketType, ip: str, transport: str, ssl_context: TlsContext,
+        handlers: trio.Nursery,
     ) -> None:
         # One connection's failure (a reset before we looked at it, a bug) must
         # never reach the listener's nursery: that would stop the relay.
@@ -431,7 +445,8 @@ class Transports:
                 await trio.aclose_forcefully(tcp)
                 return
             handed_over = True
-            await self._connection(stream, flow, ip, tcp.socket.fileno() if ssl_context is None else None)
+            fd = tcp.socket.fileno() if ssl_context is None else None
+            await self._connection(Connection(stream, flow, fd), ip, handlers)
         except Exception:
             self.count("internal_errors_total")
             log.exception("event=connection_error transport=%s", transport)
@@ -454,23 +469,23 @@ class Transports:
         self.count("tls_handshake_failures_total")
         return None
 
-    async def _connection(self, stream: trio.abc.Stream, flow: Flow, ip: str, fd: int | None) -> None:
-        conn = Connection(stream, flow, fd)
+    async def _connection(self, conn: Connection, ip: str, handlers: trio.Nursery) -> None:
+        """Read ``conn`` until it ends; its writers run in ``handlers`` (no nursery per flow)."""
+        flow, stream = conn.flow, conn.stream
         self.conns[flow] = conn
         self.count("connections_total:" + flow.transport)
         log.debug("event=flow_open flow=%s", flow)
         try:
             self.events.on_opened(flow)
+            conn.start(handlers)
             with conn.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    conn.start(nursery)
-                    await self._reader(conn)
-                    nursery.cancel_scope.cancel()
+                await self._reader(conn)
             if conn.cancel_scope.cancelled_caught and trio.current_time() >= conn.cancel_scope.deadline:
                 # The reader's deadline passed: silent, or half a message for too long.
                 self.count(f"flows_closed_total:{conn.silence}")
                 log.info("event=flow_timeout flow=%s reason=%s", flow, conn.silence)
         finally:
+            await conn.stop()
             self.conns.pop(flow, None)
             # The slot goes back in the same step the flow leaves ``conns``: whoever
             # sees a connection gone may open the next one at once.
