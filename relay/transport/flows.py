@@ -70,7 +70,9 @@ class Connection:
         self.stream = stream
         self.flow = flow
         self.fd = fd  # plain TCP: the (non-blocking) socket for the direct path
-        self.queue: deque[bytes] = deque()  # what the writer has yet to write, in order
+        # What the writer has yet to write, in order; None while nothing is (an empty
+        # deque is ~600 bytes).
+        self.queue: deque[bytes] | None = None
         self.queued = 0  # bytes handed to the writer and not yet written
         self.pending = 0  # messages (or their tails) handed to the writer and not yet written
         self.cancel_scope = trio.CancelScope()
@@ -127,6 +129,8 @@ class Connection:
             return False
         if self._finished:
             return False
+        if self.queue is None:
+            self.queue = deque()
         self.queue.append(data)
         self.queued += len(data)
         self.pending += 1
@@ -150,6 +154,7 @@ class Connection:
                     data = self.queue.popleft()
                     self.queued -= len(data)
                     self.pending -= 1
+                self.queue = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             self._failed = True
             self.cancel_scope.cancel()
