@@ -50,6 +50,10 @@ def _nobody(ip: str) -> bool:
     return False
 
 
+def _uncounted(name: str) -> None:
+    return None
+
+
 DEFAULT_TIMEOUTS = StreamTimeouts()
 DEFAULT_LIMITS = TransportLimits()
 
@@ -63,12 +67,16 @@ class Connection:
     task, nursery, channel or message for its output - ~6 KB per connection less than
     a nursery with a writer waiting on a channel (issue 13)."""
 
-    __slots__ = ("stream", "flow", "fd", "queue", "queued", "pending", "cancel_scope", "silence",
+    __slots__ = ("stream", "flow", "count", "fd", "queue", "queued", "pending", "cancel_scope", "silence",
                  "_nursery", "_writer", "_writing", "_failed", "_finished", "_flushed")
 
-    def __init__(self, stream: trio.abc.Stream, flow: Flow, fd: int | None = None):
+    def __init__(
+        self, stream: trio.abc.Stream, flow: Flow, fd: int | None = None,
+        count: Callable[[str], None] = _uncounted,
+    ):
         self.stream = stream
         self.flow = flow
+        self.count = count
         self.fd = fd  # plain TCP: the (non-blocking) socket for the direct path
         # What the writer has yet to write, in order; None while nothing is (an empty
         # deque is ~600 bytes).
@@ -162,6 +170,7 @@ class Connection:
             # A bug here must close this flow, never reach the listener's nursery.
             self._failed = True
             self.cancel_scope.cancel()
+            self.count("internal_errors_total")
             log.exception("event=connection_error flow=%s", self.flow)
         finally:
             self._writing = False
@@ -451,7 +460,7 @@ class Transports:
                 return
             handed_over = True
             fd = tcp.socket.fileno() if ssl_context is None else None
-            await self._connection(Connection(stream, flow, fd), ip, handlers)
+            await self._connection(Connection(stream, flow, fd, self.count), ip, handlers)
         except Exception:
             self.count("internal_errors_total")
             log.exception("event=connection_error transport=%s", transport)
