@@ -137,6 +137,25 @@ def memory_report(*_: object) -> None:
         ({"group": k, "kib": round(v[0], 1), "count": v[1]} for k, v in by_pkg.items()),
         key=lambda x: -x["kib"],
     )[:12]
+    # BENCH_TRACEMALLOC_FRAMES=N (N > 1): also the 60 largest sites with their N frames,
+    # innermost first (which relay/ line made trio allocate what).
+    # and every live block charged to the innermost line of relay/ that led to it.
+    tb_stats = snap.statistics("traceback") if tracemalloc.get_traceback_limit() > 1 else []
+    stacks = [
+        {"kib": round(st.size / 1024, 1), "count": st.count, "frames": [str(f) for f in st.traceback]}
+        for st in tb_stats[:60]
+    ]
+    by_line: dict[str, list[float]] = {}
+    for st in tb_stats:
+        ours = [f for f in st.traceback if "/relay/" in f.filename]
+        key = str(ours[-1]).split("/relay/", 1)[1] if ours else "(no relay/ frame)"
+        acc = by_line.setdefault(key, [0.0, 0])
+        acc[0] += st.size / 1024
+        acc[1] += st.count
+    relay_lines = sorted(
+        ({"line": k, "kib": round(v[0], 1), "count": v[1]} for k, v in by_line.items()),
+        key=lambda x: -x["kib"],
+    )[:40]
     with open(out + ".mem", "w") as f:
         f.write(
             json.dumps(
@@ -145,6 +164,8 @@ def memory_report(*_: object) -> None:
                     "peak_kib": round(peak / 1024),
                     "top": top,
                     "by_group": groups,
+                    "stacks": stacks,
+                    "relay_lines": relay_lines,
                 }
             )
         )
@@ -153,7 +174,7 @@ def memory_report(*_: object) -> None:
 if os.environ.get("BENCH_TRACEMALLOC") == "1":
     import tracemalloc
 
-    tracemalloc.start(1)
+    tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "1")))
     signal.signal(signal.SIGUSR2, memory_report)
 
 signal.signal(signal.SIGUSR1, snapshot)

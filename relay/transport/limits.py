@@ -12,8 +12,10 @@ from typing import Any
 # descriptor table). Kamailio's tcp_max_connections and tls_max_connections default
 # to 2,048 each; we carry thousands of PBXs plus their phones on one node (DESIGN §6),
 # and systemd/pbx-relay.service gives 65,536 descriptors, of which the media range
-# may take 10,000. Each connection costs a descriptor and ~20-60 KB (tasks, buffers,
-# TLS state): 16,384 stay under 1 GB. Config: transport.max_connections.
+# may take 10,000. Each idle connection costs a descriptor and ~9 KiB over TCP, ~29 KiB
+# over TLS (its reading task and, over TLS, ~17 KB of OpenSSL state; bench/RESULTS.md,
+# issue 13), more while it has output queued: 16,384 stay under 1 GB. Config:
+# transport.max_connections.
 MAX_CONNECTIONS = 16_384
 
 # Of those, the last ones only trusted sources (a registered PBX, a phone with a live
