@@ -1304,8 +1304,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
     placement = pin(not a.no_pin)
+    media = os.environ.get("BENCH_MEDIA", "true").lower()
     me = (
-        f".venv/bin/python {SELF}" + (" --no-pin" if a.no_pin else "") + (" --kamailio" if a.kamailio else "")
+        ("BENCH_MEDIA=false " if media == "false" else "")
+        + f".venv/bin/python {SELF}"
+        + (" --no-pin" if a.no_pin else "")
+        + (" --kamailio" if a.kamailio else "")
     )
     if a.relay_commit:
         rev = subprocess.run(
@@ -1334,10 +1338,11 @@ def main() -> int:
         "argv": sys.argv[1:],
         "cpus": placement,
         "git": f"{a.relay_commit} (git archive)" if a.relay_commit else git_state(),
+        "relay_media_anchoring": media != "false",
     }
     print(
         f"machine: {results['machine']}\ncpus: relay on {placement['relay']}, load on {placement['load']}"
-        f"\ngit: {results['git']}\noutput: {out}"
+        f"\ngit: {results['git']}\nrelay media anchoring (BENCH_MEDIA): {media != 'false'}\noutput: {out}"
     )
     todo = (
         ["core", "calls", "profile", "decompose", "maxrate", "register", "tls", "stall"]
