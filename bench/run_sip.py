@@ -735,6 +735,7 @@ def step_summary(rate: float, r: dict[str, object]) -> dict[str, object]:
         "retrans": r["wire_request_retransmissions"],
         "setup_200": r["setup_ms"].get("200"),
         "cpu": {k: v["pct_core"] for k, v in r["cpu"].items()},
+        "us_per_call": {k: round(u) for k in ("relay", "kamailio") if (u := per_call_us(r, k))},
         "other_load_pct": r["other_load_pct"],
         "pbx_connection_lost": bool(
             r.get("relay_counters", {}).get('pbx_unregistered_total{reason="flow_closed"}')
