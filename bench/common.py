@@ -149,23 +149,20 @@ def nfds(pid: int) -> int:
 class CpuMeter:
     """CPU of several PIDs over a window: % of one core = Δticks / CLK_TCK / Δwall."""
 
-    def __init__(self, pids: dict[str, int]):
+    def __init__(self, pids: dict[str, int], trees: frozenset[str] = frozenset()):
         self.pids = pids
+        self.trees = trees  # names measured with all their descendants (Kamailio's workers)
         self.t0 = time.monotonic()
-        self.start = {n: self._ticks(p) for n, p in pids.items()}
-        self.start_split = {n: self._split(p) for n, p in pids.items()}
+        self.start = {n: self._ticks(n, p) for n, p in pids.items()}
+        self.start_split = {n: self._split(n, p) for n, p in pids.items()}
 
-    @staticmethod
-    def _ticks(pid: int) -> int | None:
-        try:
-            return cpu_ticks(pid)
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return None
+    def _ticks(self, name: str, pid: int) -> int | None:
+        split = self._split(name, pid)
+        return sum(split) if split else None
 
-    @staticmethod
-    def _split(pid: int) -> tuple[int, int] | None:
+    def _split(self, name: str, pid: int) -> tuple[int, int] | None:
         try:
-            return cpu_split(pid)
+            return tree_split(pid) if name in self.trees else cpu_split(pid)
         except (FileNotFoundError, ProcessLookupError, IndexError):
             return None
 
@@ -173,7 +170,7 @@ class CpuMeter:
         wall = time.monotonic() - self.t0
         out: dict[str, dict[str, float]] = {}
         for n, p in self.pids.items():
-            a, b = self.start[n], self._ticks(p)
+            a, b = self.start[n], self._ticks(n, p)
             if a is None or b is None:
                 continue
             cpu_s = (b - a) / CLK_TCK
@@ -182,7 +179,7 @@ class CpuMeter:
                 "wall_s": round(wall, 2),
                 "pct_core": round(100 * cpu_s / wall, 1) if wall > 0 else 0.0,
             }
-            s0, s1 = self.start_split.get(n), self._split(p)
+            s0, s1 = self.start_split.get(n), self._split(n, p)
             if s0 and s1:
                 out[n]["user_s"] = round((s1[0] - s0[0]) / CLK_TCK, 2)
                 out[n]["sys_s"] = round((s1[1] - s0[1]) / CLK_TCK, 2)
@@ -371,6 +368,118 @@ def start_relay(
             return r
         time.sleep(0.05)
     raise RuntimeError("relay did not start in 20 s")
+
+
+# ------------------------------------------------------------- Kamailio anchor
+KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
+KAMAILIO_CFG = BENCH / "kamailio" / "kamailio.cfg"
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Kamailio forks its workers from the main process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def tree_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) summed over ``pid`` and its descendants, in clock ticks."""
+    u = s = 0
+    for p in descendants(pid):
+        try:
+            a, b = cpu_split(p)
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        u, s = u + a, s + b
+    return u, s
+
+
+@dataclass
+class Kamailio:
+    """Kamailio 5.6 doing the relay's job (bench/kamailio/kamailio.cfg), for comparison."""
+
+    workdir: Path
+    udp: int
+    tcp: int
+    secret: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        serial_re = "^[0-9]+[.]" + DOMAIN.replace(".", "[.]") + "$"
+        return [
+            KAMAILIO,
+            "-f",
+            str(KAMAILIO_CFG),
+            "-DD",  # foreground, no daemon: its PID is ours to stop
+            "-E",
+            "-m",
+            "256",
+            "-M",
+            "16",
+            "-Y",
+            str(self.workdir),
+            "-w",
+            str(self.workdir),
+            "-l",
+            f"udp:{HOST}:{self.udp}",
+            "-l",
+            f"tcp:{HOST}:{self.tcp}",
+            "-A",
+            f'BENCH_DOMAIN="{DOMAIN}"',
+            "-A",
+            f'BENCH_SECRET="{self.secret}"',
+            "-A",
+            f'BENCH_SERIAL_RE="{serial_re}"',
+        ]
+
+    def ping(self, timeout: float = 0.5) -> bool:
+        """OPTIONS over UDP, answered 200 by a worker once Kamailio runs."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((HOST, 0))
+            s.settimeout(timeout)
+            port = s.getsockname()[1]
+            msg = (
+                f"OPTIONS sip:{HOST}:{self.udp} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {HOST}:{port};branch=z9hG4bK{os.urandom(6).hex()}\r\n"
+                f"From: <sip:probe@{HOST}>;tag=p\r\nTo: <sip:{HOST}:{self.udp}>\r\n"
+                f"Call-ID: ping-{os.urandom(6).hex()}\r\nCSeq: 1 OPTIONS\r\n"
+                "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+            s.sendto(msg.encode(), (HOST, self.udp))
+            try:
+                return s.recv(4096).startswith(b"SIP/2.0 200")
+            except OSError:
+                return False
+
+
+def start_kamailio(procs: Procs, workdir: Path) -> Kamailio:
+    """Kamailio on fresh ports, pinned like the relay (same CPU); the PBX's secret is made here."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    k = Kamailio(workdir, free_port(), free_port(), os.urandom(12).hex())
+    k.proc = procs.start(
+        "kamailio", k.command(), log=workdir / "kamailio.log", cwd=workdir, cpus=PIN["relay"]
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if k.proc.poll() is not None:
+            raise RuntimeError(f"kamailio exited: {(workdir / 'kamailio.log').read_text()[-2000:]}")
+        if k.ping():
+            return k
+        time.sleep(0.1)
+    raise RuntimeError("kamailio did not answer OPTIONS in 20 s")
 
 
 # ----------------------------------------------------------------------- SIPp

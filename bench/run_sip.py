@@ -38,10 +38,12 @@ from common import (  # noqa: E402
     SCENARIOS,
     SIPP,
     CpuMeter,
+    Kamailio,
     MachineMeter,
     Procs,
     Relay,
     cpu_ticks,
+    descendants,
     free_port,
     machine,
     make_relay,
@@ -53,6 +55,7 @@ from common import (  # noqa: E402
     show,
     sipp_stats,
     sipp_uas_timeout,
+    start_kamailio,
     start_relay,
     wait_quiet,
 )
@@ -131,7 +134,12 @@ class Bench:
         return self.procs.start(name, cmd, log=self.out / f"{name}.log", cwd=self.out)
 
     def connector(
-        self, relay: Relay, uas_port: int, secret: str, name: str = "connector", algorithm: str = "SHA-256"
+        self,
+        relay: Relay | Kamailio,
+        uas_port: int,
+        secret: str,
+        name: str = "connector",
+        algorithm: str = "SHA-256",
     ) -> subprocess.Popen[bytes]:
         cmd = [
             PYTHON,
@@ -235,8 +243,10 @@ class Bench:
         relay: Relay | None = None,
         during: callable[[int], None] | None = None,
         grace_s: int = 60,
+        anchor: Kamailio | None = None,
     ) -> dict[str, object]:
-        """One SIPp UAC run at ``rate`` for ``duration`` s, sniffed, with CPU of ``pids``."""
+        """One SIPp UAC run at ``rate`` for ``duration`` s, sniffed, with CPU of ``pids``
+        (``anchor``: Kamailio in the relay's place, its CPU summed over its processes)."""
         quiet = wait_quiet()
         if quiet["waited_s"] > 0.5 or quiet["busy_pct_of_core"] >= 25:
             log(
@@ -249,7 +259,7 @@ class Bench:
         sniff = self.sniffer(port, name)
         before = relay.metrics() if relay else {}
         rss0 = rss_kib(relay.pid) if relay else 0
-        meter = CpuMeter({**pids, "sniffer": sniff.pid})
+        meter = CpuMeter({**pids, "sniffer": sniff.pid}, trees=frozenset({"kamailio"}))
         machine_meter = MachineMeter()
         t0 = time.monotonic()
         uac = self.procs.start(name, cmd, log=self.out / f"{name}.log", cwd=self.out)
@@ -261,9 +271,10 @@ class Bench:
         # If the relay reports flow_overflow while this stays ~0, its own writer task fell
         # behind, not the peer.
         sendq = {"max_send_q": 0, "max_recv_q": 0, "samples": 0}
-        sampling = relay is not None
-        if relay is not None:
-            tcp_port = relay.tcp
+        proxy = relay or anchor
+        sampling = proxy is not None
+        if proxy is not None:
+            tcp_port = proxy.tcp
 
             def ss_sampler() -> None:
                 while sampling_flag[0]:
@@ -349,8 +360,9 @@ class Bench:
             ),
             "command": show(cmd),
         }
-        if relay:
+        if proxy:
             res["relay_pbx_socket"] = sendq
+        if relay:
             res["relay_counters"] = counters_delta(before, after)
             res["relay_rss_kib"] = [rss0, rss_kib(relay.pid)]
         return res
@@ -370,12 +382,12 @@ def fmt_phase(label: str, r: dict[str, object]) -> str:
     ]
     if "relay_pbx_socket" in r:
         q = r["relay_pbx_socket"]
-        overflow = r["relay_counters"].get('pbx_unregistered_total{reason="flow_closed"}', 0)
+        overflow = r.get("relay_counters", {}).get('pbx_unregistered_total{reason="flow_closed"}', 0)
         parts.append(
-            f"    relay→PBX TCP socket: max Send-Q {q['max_send_q']} B, max Recv-Q {q['max_recv_q']} B "
+            f"    proxy→PBX TCP socket: max Send-Q {q['max_send_q']} B, max Recv-Q {q['max_recv_q']} B "
             f"({q['samples']} samples, 5/s)" + ("; PBX CONNECTION CLOSED BY THE RELAY" if overflow else "")
         )
-    for k in ("relay", "connector", "sipp_uas", "sipp_uac", "sniffer"):
+    for k in ("relay", "kamailio", "connector", "sipp_uas", "sipp_uac", "sniffer"):
         if k in cpu:
             c = cpu[k]
             parts.append(
@@ -385,13 +397,105 @@ def fmt_phase(label: str, r: dict[str, object]) -> str:
     return "\n".join(parts)
 
 
+# ================================================================== Kamailio
+def kamailio_log(path: Path) -> dict[str, int]:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return {"errors": text.count(" ERROR: "), "warnings": text.count(" WARNING: ")}
+
+
+def kamailio_run(
+    b: Bench,
+    name: str,
+    xml: str,
+    uas_xml: str,
+    steps: list[tuple[str, float]],
+    duration: float,
+    hold_ms: int,
+    until_unsustained: bool = False,
+) -> list[dict[str, object]]:
+    """The anchor: the same SIPp caller and PBX (connector + SIPp UAS) with Kamailio in the
+    relay's place, one run per (label, rate) of ``steps`` (``until_unsustained``: up to the
+    first step not sustained); Kamailio is stopped afterwards."""
+    runs: list[dict[str, object]] = []
+    kam = start_kamailio(b.procs, b.out / "kamailio")
+    try:
+        port = free_port()
+        uas = b.sipp_uas(f"{name}_uas", uas_xml, "t1", port, sipp_uas_timeout(duration) + 60 * len(steps))
+        conn = b.connector(kam, port, kam.secret, name=f"{name}_connector")
+        time.sleep(0.5)
+        for label, rate in steps:
+            log(f"{label}: SIPp → Kamailio → connector → SIPp, {rate}/s for {duration} s")
+            r = b.run_caller(
+                f"{name}_uac_{int(rate)}",
+                xml,
+                f"{HOST}:{kam.udp}",
+                rate,
+                duration,
+                hold_ms,
+                {"kamailio": kam.pid, "connector": conn.pid, "sipp_uas": uas.pid},
+                anchor=kam,
+                grace_s=30 if hold_ms == 0 else 60,
+            )
+            r["kamailio_processes"] = len(descendants(kam.pid))
+            r["sustained"] = sustained(r)
+            runs.append(r)
+            log(f"  → {'sustained' if r['sustained'] else 'NOT sustained'}")
+            if conn.poll() is not None:
+                log(f"{label}: Kamailio closed the PBX connection; the rest is skipped")
+                break
+            if until_unsustained and not r["sustained"]:
+                break
+            time.sleep(1 if hold_ms == 0 else 2)  # let the last transactions linger out
+    finally:
+        alive = kam.proc is not None and kam.proc.poll() is None
+        b.procs.stop(kam.proc, signal.SIGTERM, timeout=10)
+        for name_, p in b.procs.items:
+            if name_ in (f"{name}_uas", f"{name}_connector"):
+                b.procs.stop(p, signal.SIGTERM)
+    for r in runs:
+        r["kamailio_log"] = kamailio_log(b.out / "kamailio" / "kamailio.log")
+        r["kamailio_alive"] = alive
+    return runs
+
+
+def per_call_us(r: dict[str, object], who: str) -> float | None:
+    c = r["cpu"].get(who)
+    return 1e6 * c["cpu_s"] / r["successful"] if c and r["successful"] else None
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "n/a"
+
+
+def print_versus(relay: dict[str, object], kam: dict[str, object], unit: str = "call") -> None:
+    """relay vs Kamailio, same load: CPU per call, setup p50/p99, rate; ratios relay ÷ Kamailio."""
+    ru, ku = per_call_us(relay, "relay"), per_call_us(kam, "kamailio")
+    rs, ks = relay["setup_ms"].get("200", {}), kam["setup_ms"].get("200", {})
+    print(
+        f"  relay vs Kamailio: CPU per {unit} {ru or 0:.0f} vs {ku or 0:.0f} µs (×{ratio(ru, ku)}); "
+        f"→200 p50 {rs.get('p50')} vs {ks.get('p50')} ms (×{ratio(rs.get('p50'), ks.get('p50'))}), "
+        f"p99 {rs.get('p99')} vs {ks.get('p99')} ms; achieved {relay['achieved_rate']} vs "
+        f"{kam['achieved_rate']}/s; failed {relay['failed']} vs {kam['failed']}"
+    )
+
+
 # ===================================================================== calls
 def bench_calls(
-    out: Path, rate: float, duration: float, hold_ms: int, direct: bool = True, profile_s: float = 0
+    out: Path,
+    rate: float,
+    duration: float,
+    hold_ms: int,
+    direct: bool = True,
+    profile_s: float = 0,
+    kamailio: bool = False,
 ) -> dict[str, object]:
     b = Bench(out)
     results: dict[str, object] = {"rate": rate, "duration": duration, "hold_ms": hold_ms}
     try:
+        if kamailio:
+            (results["kamailio"],) = kamailio_run(
+                b, "kam", "uac_call.xml", "uas_call.xml", [("calls", rate)], duration, hold_ms
+            )
         relay = make_relay(out)
         secret = relay.add_pbx(SERIAL)
         start_relay(b.procs, relay, out)
@@ -452,6 +556,13 @@ def print_calls(res: dict[str, object], cmd: str) -> None:
     )
     if "direct" in res:
         print(fmt_phase("  SIPp → SIPp (direct)   ", res["direct"]))
+    if "kamailio" in res:
+        k = res["kamailio"]
+        print(fmt_phase("  SIPp → Kamailio → SIPp ", k))
+        print(
+            f"  Kamailio CPU per call: {per_call_us(k, 'kamailio') or 0:.0f} µs "
+            f"({k['kamailio_processes']} processes); log {k['kamailio_log']}, alive {k['kamailio_alive']}"
+        )
     print(fmt_phase("  SIPp → relay → SIPp    ", res["relay"]))
     r = res["relay"]
     cpu = r["cpu"]["relay"]
@@ -459,6 +570,8 @@ def print_calls(res: dict[str, object], cmd: str) -> None:
         f"  relay CPU per call: {1e6 * cpu['cpu_s'] / max(1, r['successful']):.0f} µs; "
         f"idle relay {res['relay_idle_cpu']['pct_core']} % of a core"
     )
+    if "kamailio" in res:
+        print_versus(r, res["kamailio"])
     print(f"  relay counters: {json.dumps(r['relay_counters'])}")
     print(f"  relay log: {res['relay_log']}; relay alive after run: {res['relay_alive']}")
     if "profile" in res:
@@ -613,14 +726,52 @@ def sustained(r: dict[str, object]) -> bool:
     )
 
 
+def step_summary(rate: float, r: dict[str, object]) -> dict[str, object]:
+    return {
+        "rate": rate,
+        "sustained": sustained(r),
+        "failed": r["failed"],
+        "achieved": r["achieved_rate"],
+        "retrans": r["wire_request_retransmissions"],
+        "setup_200": r["setup_ms"].get("200"),
+        "cpu": {k: v["pct_core"] for k, v in r["cpu"].items()},
+        "us_per_call": {k: round(u) for k in ("relay", "kamailio") if (u := per_call_us(r, k))},
+        "other_load_pct": r["other_load_pct"],
+        "pbx_connection_lost": bool(
+            r.get("relay_counters", {}).get('pbx_unregistered_total{reason="flow_closed"}')
+        ),
+    }
+
+
 def bench_maxrate(
-    out: Path, start: float, step: float, top: float, duration: float, hold_ms: int, confirm: float
+    out: Path,
+    start: float,
+    step: float,
+    top: float,
+    duration: float,
+    hold_ms: int,
+    confirm: float,
+    kamailio: tuple[float, float] | None = None,
 ) -> dict[str, object]:
     """Relay path at rising rates (one relay); the last clean rate is then re-run
-    with the direct comparison for ``confirm`` seconds."""
+    with the direct comparison for ``confirm`` seconds. ``kamailio`` = (start, step):
+    Kamailio's path searched the same way first (its own start and step: it goes further)."""
     b = Bench(out / "search")
     steps = []
     best = 0.0
+    res: dict[str, object] = {}
+    if kamailio:
+        rates, r0 = [], kamailio[0]
+        while r0 <= top:
+            rates.append(("maxrate", r0))
+            r0 += kamailio[1]
+        kb = Bench(out / "kamailio_search")
+        try:
+            runs = kamailio_run(kb, "kam", "uac_call.xml", "uas_call.xml", rates, duration, hold_ms, True)
+        finally:
+            kb.procs.stop_all()
+        res["kamailio_steps"] = [step_summary(r["target_rate"], r) for r in runs]
+        res["kamailio_best"] = max([r["target_rate"] for r in runs if r["sustained"]], default=0.0)
     try:
         relay = make_relay(b.out)
         secret = relay.add_pbx(SERIAL)
@@ -642,21 +793,7 @@ def bench_maxrate(
                 relay=relay,
             )
             ok = sustained(r)
-            steps.append(
-                {
-                    "rate": rate,
-                    "sustained": ok,
-                    "failed": r["failed"],
-                    "achieved": r["achieved_rate"],
-                    "retrans": r["wire_request_retransmissions"],
-                    "setup_200": r["setup_ms"].get("200"),
-                    "cpu": {k: v["pct_core"] for k, v in r["cpu"].items()},
-                    "other_load_pct": r["other_load_pct"],
-                    "pbx_connection_lost": bool(
-                        r["relay_counters"].get('pbx_unregistered_total{reason="flow_closed"}')
-                    ),
-                }
-            )
+            steps.append(step_summary(rate, r))
             log(f"  → {'sustained' if ok else 'NOT sustained'}: {steps[-1]}")
             if not ok:
                 break
@@ -665,9 +802,9 @@ def bench_maxrate(
             time.sleep(2)  # let the last transactions linger out
     finally:
         b.procs.stop_all()
-    res: dict[str, object] = {"steps": steps, "best": best}
+    res.update({"steps": steps, "best": best})
     if best and confirm:
-        res["confirm"] = bench_calls(out / "confirm", best, confirm, hold_ms)
+        res["confirm"] = bench_calls(out / "confirm", best, confirm, hold_ms, kamailio=bool(kamailio))
     return res
 
 
@@ -842,10 +979,22 @@ def print_stall(res: dict[str, object], cmd: str) -> None:
 
 
 # ================================================================== register
-def bench_register(out: Path, rates: list[float], duration: float) -> dict[str, object]:
+def bench_register(
+    out: Path, rates: list[float], duration: float, kamailio: bool = False
+) -> dict[str, object]:
     b = Bench(out)
     res: dict[str, object] = {"duration": duration, "steps": []}
     try:
+        if kamailio:
+            res["kamailio_steps"] = kamailio_run(
+                b,
+                "kam_reg",
+                "uac_register.xml",
+                "uas_register.xml",
+                [("register", x) for x in rates],
+                duration,
+                0,
+            )
         relay = make_relay(out)
         secret = relay.add_pbx(SERIAL)
         start_relay(b.procs, relay, out)
@@ -894,8 +1043,16 @@ def print_register(res: dict[str, object], cmd: str) -> None:
         f"\n== register: phone REGISTER (Supported: path) over UDP → relay adds Path → PBX "
         f"connector/SIPp UAS answers 200, {res['duration']} s per rate"
     )
+    kam = {k["target_rate"]: k for k in res.get("kamailio_steps", [])}
     for r in res["steps"]:
-        print(fmt_phase(f"  {r['target_rate']}/s", r).replace("setup→200", "REGISTER→200"))
+        k = kam.get(r["target_rate"])
+        if k:
+            print(fmt_phase(f"  Kamailio {k['target_rate']}/s", k).replace("setup→200", "REGISTER→200"))
+            print(
+                f"    Kamailio CPU per REGISTER: {per_call_us(k, 'kamailio') or 0:.0f} µs; "
+                f"200s carrying Path: {k['ok_with_path']}; sustained: {k['sustained']}"
+            )
+        print(fmt_phase(f"  relay {r['target_rate']}/s", r).replace("setup→200", "REGISTER→200"))
         c = r["cpu"]["relay"]
         per = f"{1e6 * c['cpu_s'] / r['successful']:.0f} µs" if r["successful"] else "n/a"
         print(
@@ -907,6 +1064,11 @@ def print_register(res: dict[str, object], cmd: str) -> None:
                 else ""
             )
         )
+        if k:
+            print_versus(r, k, unit="REGISTER")
+    if kam:
+        k0 = next(iter(kam.values()))
+        print(f"  Kamailio log: {k0['kamailio_log']}; alive after run: {k0['kamailio_alive']}")
     print(f"  relay log: {res['relay_log']}; relay alive after run: {res['relay_alive']}")
     print(f"  reproduce: {cmd}")
 
@@ -1085,6 +1247,12 @@ def main() -> int:
         action="store_true",
         help="do not give the relay a core of its own (default: relay on the last core, load on the rest)",
     )
+    ap.add_argument(
+        "--kamailio",
+        action="store_true",
+        help="calls, register, maxrate: the same load through Kamailio 5.6 (bench/kamailio/kamailio.cfg) "
+        "in the same run, and the ratios",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calls", help="calls at one rate: direct vs through the relay")
     c.add_argument("--rate", type=float, default=200)
@@ -1100,6 +1268,8 @@ def main() -> int:
     m.add_argument("--duration", type=float, default=10)
     m.add_argument("--confirm", type=float, default=20, help="seconds of the final direct-vs-relay run")
     m.add_argument("--hold", type=int, default=1000)
+    m.add_argument("--kamailio-start", type=float, default=500, help="with --kamailio: its first rate")
+    m.add_argument("--kamailio-step", type=float, default=250, help="with --kamailio: its step")
     r = sub.add_parser("register", help="phone REGISTER/s with Path through the relay")
     r.add_argument("--rates", default="500,900,2000")
     r.add_argument("--duration", type=float, default=8)
@@ -1135,7 +1305,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
     placement = pin(not a.no_pin)
-    me = f".venv/bin/python {SELF}" + (" --no-pin" if a.no_pin else "")
+    media = os.environ.get("BENCH_MEDIA", "true").lower()
+    me = (
+        ("BENCH_MEDIA=false " if media == "false" else "")
+        + f".venv/bin/python {SELF}"
+        + (" --no-pin" if a.no_pin else "")
+        + (" --kamailio" if a.kamailio else "")
+    )
     if a.relay_commit:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", a.relay_commit],
@@ -1163,10 +1339,11 @@ def main() -> int:
         "argv": sys.argv[1:],
         "cpus": placement,
         "git": f"{a.relay_commit} (git archive)" if a.relay_commit else git_state(),
+        "relay_media_anchoring": media != "false",
     }
     print(
         f"machine: {results['machine']}\ncpus: relay on {placement['relay']}, load on {placement['load']}"
-        f"\ngit: {results['git']}\noutput: {out}"
+        f"\ngit: {results['git']}\nrelay media anchoring (BENCH_MEDIA): {media != 'false'}\noutput: {out}"
     )
     todo = (
         ["core", "calls", "profile", "decompose", "maxrate", "register", "tls", "stall"]
@@ -1178,7 +1355,9 @@ def main() -> int:
         d = (lambda k, v: getattr(a, k, v)) if a.cmd != "all" else (lambda k, v: v)
         if name == "calls":
             rate, dur, hold = d("rate", 200.0), d("duration", 30.0), d("hold", 1000)
-            res = bench_calls(out / "calls", rate, dur, hold, direct=not d("no_direct", False))
+            res = bench_calls(
+                out / "calls", rate, dur, hold, direct=not d("no_direct", False), kamailio=a.kamailio
+            )
             cmd = f"{me} calls --rate {rate:g} --duration {dur:g} --hold {hold}"
             print_calls(res, cmd)
         elif name == "maxrate":
@@ -1190,10 +1369,12 @@ def main() -> int:
                 d("hold", 1000),
                 d("confirm", 20.0),
             )
-            res = bench_maxrate(out / "maxrate", *args)
+            kam = (d("kamailio_start", 500.0), d("kamailio_step", 250.0)) if a.kamailio else None
+            res = bench_maxrate(out / "maxrate", *args, kamailio=kam)
             cmd = (
                 f"{me} maxrate --start {args[0]:g} --step {args[1]:g} --top {args[2]:g} "
                 f"--duration {args[3]:g} --hold {args[4]} --confirm {args[5]:g}"
+                + (f" --kamailio-start {kam[0]:g} --kamailio-step {kam[1]:g}" if kam else "")
             )
             print(
                 "\n== maxrate: relay path at rising rates "
@@ -1203,6 +1384,15 @@ def main() -> int:
             for s in res["steps"]:
                 print(f"  {s}")
             print(f"  highest sustained rate: {res['best']}/s")
+            if kam:
+                print("  Kamailio path, the same way:")
+                for s in res["kamailio_steps"]:
+                    print(f"  {s}")
+                kb = res["kamailio_best"]
+                print(
+                    f"  Kamailio's highest sustained rate: {kb}/s; relay ÷ Kamailio = "
+                    f"{ratio(res['best'], kb)}"
+                )
             if "confirm" in res:
                 conf = res["confirm"]
                 print_calls(
@@ -1212,7 +1402,7 @@ def main() -> int:
         elif name == "register":
             rates = [float(x) for x in str(d("rates", "500,900,2000")).split(",")]
             dur = d("duration", 8.0)
-            res = bench_register(out / "register", rates, dur)
+            res = bench_register(out / "register", rates, dur, kamailio=a.kamailio)
             print_register(
                 res, f"{me} register --rates {','.join(f'{x:g}' for x in rates)} --duration {dur:g}"
             )
