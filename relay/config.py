@@ -339,14 +339,19 @@ class RelayConfig(ServiceConfig):
             raise ConfigError(f"{self.source}: {problem}")
         _ = self.admin_listen
 
+    def _within(self, key: str, value: float, bounds: tuple[float, float], unit: str = " seconds") -> None:
+        """``key``'s value must lie within ``bounds`` (NaN does not): else one error naming it."""
+        lo, hi = bounds
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.where(key)} must be between {lo:g} and {hi:g}{unit}")
+
     def _validate_relay(self) -> None:
         r, w = self.relay, self.where
         if not r.domain or " " in r.domain or r.domain.startswith("."):
             raise ConfigError(f"{w('relay.domain')}: {r.domain!r} is not a domain name")
         if r.log_level not in LOG_LEVELS:
             raise ConfigError(f"{w('relay.log_level')} must be debug, info, warning or error")
-        if not 0.0 <= r.drain_timeout <= MAX_DRAIN_TIMEOUT:
-            raise ConfigError(f"{w('relay.drain_timeout')} must be between 0 and 3600 seconds")
+        self._within("relay.drain_timeout", r.drain_timeout, (0.0, MAX_DRAIN_TIMEOUT))
 
     def _validate_sip(self) -> None:
         s, w = self.sip, self.where
@@ -390,8 +395,7 @@ class RelayConfig(ServiceConfig):
         for k in ("connection_rate_per_source", "udp_rate_per_source"):
             if getattr(t, k) <= 0:
                 raise ConfigError(f"{w('transport.' + k)} must be > 0")
-        if not 0.0 <= t.udp_ban_seconds <= MAX_BAN_SECONDS:
-            raise ConfigError(f"{w('transport.udp_ban_seconds')} must be between 0 and 86400")
+        self._within("transport.udp_ban_seconds", t.udp_ban_seconds, (0.0, MAX_BAN_SECONDS), unit="")
         for a in t.exempt:
             try:
                 ipaddress.ip_address(a)
@@ -404,8 +408,7 @@ class RelayConfig(ServiceConfig):
                   "media_calls_per_pbx", "auth_failures_before_ban"):
             if getattr(lim, k) < 1:
                 raise ConfigError(f"{w('limits.' + k)} must be >= 1")
-        if not 1.0 <= lim.auth_first_ban <= MAX_BAN_SECONDS:
-            raise ConfigError(f"{w('limits.auth_first_ban')} must be between 1 and 86400 seconds")
+        self._within("limits.auth_first_ban", lim.auth_first_ban, (1.0, MAX_BAN_SECONDS))
 
     def _validate_cluster(self) -> None:
         c, w = self.cluster, self.where
@@ -415,12 +418,8 @@ class RelayConfig(ServiceConfig):
                               "(at most 64, not starting with . _ -)")
         if c.advertise:
             host_port(c.advertise, w("cluster.advertise"))
-        lo, hi = CLUSTER_TIMEOUT_RANGE
-        if not lo <= c.timeout <= hi:
-            raise ConfigError(f"{w('cluster.timeout')} must be between {lo:g} and {hi:g} seconds")
-        lo, hi = HEARTBEAT_RANGE
-        if not lo <= c.heartbeat <= hi:
-            raise ConfigError(f"{w('cluster.heartbeat')} must be between {lo:g} and {hi:g} seconds")
+        self._within("cluster.timeout", c.timeout, CLUSTER_TIMEOUT_RANGE)
+        self._within("cluster.heartbeat", c.heartbeat, HEARTBEAT_RANGE)
         for k in ("max_links", "max_pending_lookups"):
             if getattr(c, k) < 1:
                 raise ConfigError(f"{w('cluster.' + k)} must be >= 1")
@@ -450,12 +449,8 @@ class RelayConfig(ServiceConfig):
             if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
                 # Push tokens and the relay's bearer token would cross the network in clear.
                 raise ConfigError(f"{w('push.url')}: plain http is allowed on loopback only; use https")
-        lo, hi = RING_TIMEOUT_RANGE
-        if not lo <= p.ring_timeout <= hi:
-            raise ConfigError(f"{w('push.ring_timeout')} must be between {lo:g} and {hi:g} seconds")
-        lo, hi = UDP_ASLEEP_RANGE
-        if not lo <= p.udp_asleep_after <= hi:
-            raise ConfigError(f"{w('push.udp_asleep_after')} must be between {lo:g} and {hi:g} seconds")
+        self._within("push.ring_timeout", p.ring_timeout, RING_TIMEOUT_RANGE)
+        self._within("push.udp_asleep_after", p.udp_asleep_after, UDP_ASLEEP_RANGE)
 
 
 HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")

@@ -134,3 +134,21 @@ async def test_links_over_the_limit_are_refused(nursery: trio.Nursery) -> None:
         await c.links.flow_to("node-a", a.address)
     assert a.counts["cluster_links_refused_total:limit"] == 1
     assert a.links.open == 1
+
+
+async def test_one_source_cannot_hold_every_link_slot_with_silent_handshakes(nursery: trio.Nursery) -> None:
+    """A stranger on 127.0.0.2 opens max_links connections and says nothing: it gets
+    MAX_HANDSHAKES_PER_SOURCE slots, the rest are refused, and a real node still links."""
+    a = await start(nursery, "node-a", max_links=6)
+    b = await start(nursery, "node-b")
+    strangers = [await trio.open_tcp_stream("127.0.0.1", a.port, local_address="127.0.0.2")
+                 for _ in range(6)]
+    per_source = links_module.MAX_HANDSHAKES_PER_SOURCE
+    await wait_until(lambda: a.counts.get("cluster_links_refused_total:per_source") == 6 - per_source)
+    assert a.links.open == per_source
+    flow = await b.links.flow_to("node-a", a.address)  # while the stranger's handshakes hang
+    assert b.transports.send(flow, OPTIONS)
+    await wait_until(lambda: a.messages)
+    assert a.links.open == per_source + 1
+    for s in strangers:
+        await s.aclose()

@@ -39,6 +39,11 @@ HANDSHAKE_TIMEOUT = 2.0
 # The longest handshake line: protocol, verb, a node id (64), two hex nonces or MACs (64 each).
 MAX_LINE = 256
 NONCE_BYTES = 16
+# Handshakes in progress from one source address, at most: a stranger that reaches the
+# cluster port and says nothing holds a slot of max_links for HANDSHAKE_TIMEOUT, so
+# without this one address could hold them all and keep the real nodes out. Nodes
+# open one link each per peer; a few more cover reconnects.
+MAX_HANDSHAKES_PER_SOURCE = 4
 # Seconds between the CRLFCRLF keepalives the opener sends on an idle link (RFC 5626
 # §4.4.1 pings, answered with CRLF): well below sip.flow_idle_timeout (300 s by
 # default), which closes a silent flow at both ends.
@@ -112,6 +117,7 @@ class ClusterLinks:
         self.timeout = timeout  # seconds to connect to a node (the handshake has its own)
         self._count = count
         self.open = 0  # links and handshakes now
+        self._handshakes: dict[str, int] = {}  # source address -> handshakes in progress
         self._by_node: dict[str, Flow] = {}
         self._opening: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -139,11 +145,16 @@ class ClusterLinks:
             self._count("cluster_links_refused_total:limit")
             sock.close()
             return
+        if self._handshakes.get(ip, 0) >= MAX_HANDSHAKES_PER_SOURCE:
+            self._count("cluster_links_refused_total:per_source")
+            sock.close()
+            return
         self.open += 1
+        self._handshakes[ip] = self._handshakes.get(ip, 0) + 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._accepted, trio.SocketStream(sock))
+        self._nursery.start_soon(self._accepted, trio.SocketStream(sock), ip)
 
-    async def _accepted(self, stream: trio.SocketStream) -> None:
+    async def _accepted(self, stream: trio.SocketStream, ip: str) -> None:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 peer, rest = await self._listener_side(stream)
@@ -154,6 +165,11 @@ class ClusterLinks:
             self.open -= 1
             await trio.aclose_forcefully(stream)
             return
+        finally:
+            if self._handshakes[ip] <= 1:
+                del self._handshakes[ip]
+            else:
+                self._handshakes[ip] -= 1
         await self._run(Prefixed(stream, rest), flow, peer)
 
     async def _listener_side(self, stream: trio.SocketStream) -> tuple[str, bytes]:
