@@ -2,18 +2,21 @@
 
 Each worker is a `pbx-relay run` process and a node of the cluster, with what makes it
 one node: its own node id (``<node_id>-w<i>``), cluster link port, slice of the RTP port
-range and admin port (:func:`worker_overrides`, a pure function of the configuration).
+range and a loopback admin port (:func:`worker_overrides`, a pure function of the
+configuration).
 The SIP ports are the same for all: each worker binds them with SO_REUSEPORT, and the
 kernel gives each new TCP/TLS connection, and each UDP 4-tuple, to one of them. A PBX on
 one worker and a phone on another reach each other over the cluster links, as between
 machines. The parent runs no SIP: it starts the workers, restarts one that dies, forwards
-SIGHUP and SIGTERM, and tells systemd READY once every worker is serving.
+SIGHUP and SIGTERM, tells systemd READY once every worker is serving, and serves
+``admin.listen`` with answers gathered from the workers (relay/workeradmin.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,18 +31,25 @@ from typing import Any
 import trio
 
 from pbxcore import reloadack
+from pbxcore.admin import serve_admin
 from pbxcore.errors import EXIT_CONFIG, ConfigError, PbxError
 from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
 from relay.config import RelayConfig
+from relay.workeradmin import WorkerAdmin, WorkerView, client
 
 log = logging.getLogger("relay.workers")
 
 # At most this many workers: more processes than cores only adds hops between them, and
-# each takes ports (link, admin) counted up from the configured one.
+# each takes a link port counted up from the configured one.
 MAX_WORKERS = 64
 # The banner's last line (relay/service.py banner): the worker serves.
 READY_LINE = b"user and password are the PBX's extension"
+# The banner's admin line names the worker's admin address (relay/service.py banner).
+ADMIN_LINE = re.compile(rb"^\s*admin\s+http://(\S+?)/metrics\b")
+# Where a worker serves its admin routes: loopback, a port the kernel picks; the parent
+# serves admin.listen and asks the workers (relay/workeradmin.py).
+WORKER_ADMIN = "127.0.0.1:0"
 # A worker that dies is started again after RESTART_DELAY, doubled for each death that
 # follows within RESTART_RESET seconds of serving, at most RESTART_DELAY_MAX: a worker that
 # cannot start (its port taken) does not spin, one that crashed once is back in a second.
@@ -102,14 +112,15 @@ def _plus(address: str, index: int) -> str:
 def worker_overrides(cfg: RelayConfig, index: int, count: int) -> dict[str, Any]:
     """What worker ``index`` of ``count`` changes in ``cfg`` ({"section.key": value}).
 
-    node id ``<node_id>-w<i>``; cluster.listen, cluster.advertise and admin.listen with
-    ``i`` added to their port; the i-th slice of the RTP range; the provisioning port on
+    node id ``<node_id>-w<i>``; cluster.listen and cluster.advertise with ``i`` added to
+    their port; admin on loopback, any port (:data:`WORKER_ADMIN`: the parent serves
+    admin.listen); the i-th slice of the RTP range; the provisioning port on
     worker 0 only (a PBX's provisioning link and the phones' requests must meet in one
     process). The SIP listeners are the same for every worker (SO_REUSEPORT)."""
     out: dict[str, Any] = {
         "cluster.node_id": f"{cfg.node_id}-w{index}",
         "cluster.listen": _plus(cfg.cluster.listen, index),
-        "admin.listen": _plus(cfg.admin.listen, index),
+        "admin.listen": WORKER_ADMIN,
     }
     if cfg.cluster.advertise:
         out["cluster.advertise"] = _plus(cfg.cluster.advertise, index)
@@ -178,6 +189,11 @@ class Worker:
     serving: bool = False  # this run of it printed its banner
     starts: int = 0
     pinged: float = 0.0  # when it last said WATCHDOG=1 (or started serving)
+    admin: str | None = None  # its admin "host:port", from this run's banner
+
+    def view(self) -> WorkerView:
+        pid = self.proc.pid if self.proc is not None else None
+        return WorkerView(self.index, pid, self.serving, self.admin, self.starts)
 
 
 class WorkerPool:
@@ -226,7 +242,7 @@ class WorkerPool:
         if "RUNTIME_DIRECTORY" in env:
             os.makedirs(env["RUNTIME_DIRECTORY"], mode=0o700, exist_ok=True)
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
-        worker.proc, worker.serving = proc, False
+        worker.proc, worker.serving, worker.admin = proc, False, None
         worker.starts += 1
         log.info("event=worker_started worker=%d pid=%d", worker.index, proc.pid)
         try:
@@ -234,7 +250,7 @@ class WorkerPool:
             await self._pump(worker, proc.stdout)
             return await proc.wait()
         finally:
-            worker.proc, worker.serving = None, False
+            worker.proc, worker.serving, worker.admin = None, False, None
             if proc.returncode is None:  # the parent is cancelled: never leave a worker behind
                 proc.kill()
                 with trio.CancelScope(shield=True):
@@ -248,6 +264,8 @@ class WorkerPool:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
                 sys.stdout.write(f"[w{worker.index}] {line.decode(errors='replace')}\n")
+                if admin := ADMIN_LINE.match(line):
+                    worker.admin = admin.group(1).decode()
                 if READY_LINE in line:
                     worker.serving, worker.pinged = True, trio.current_time()
                     worker.ready.set()
@@ -329,6 +347,9 @@ class WorkerPool:
         while any(w.proc is not None for w in self.workers):
             await trio.sleep(0.05)
 
+    def views(self) -> list[WorkerView]:
+        return [w.view() for w in self.workers]
+
     def status(self) -> str:
         running = sum(w.serving for w in self.workers)
         return f"{running} of {self.count} workers serving, {self.restarts} restarts"
@@ -356,7 +377,10 @@ async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | Non
         return None  # the parent's loop runs; a worker that died is being restarted
 
     with trio.open_signal_receiver(*SIGNALS) as signals:
-        async with trio.open_nursery() as nursery:
+        async with client() as http, trio.open_nursery() as nursery:
+            # Bound before any worker starts: a taken admin port stops the parent at once.
+            routes = WorkerAdmin(pool, http).routes()
+            admin = await nursery.start(serve_admin, "admin", cfg.admin_listen, routes)
             for w in pool.workers:
                 nursery.start_soon(pool.keep, w)
             if await _stopped_while_starting(pool, signals):
@@ -365,7 +389,8 @@ async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | Non
                 return
             pids = " ".join(str(w.proc.pid) for w in pool.workers if w.proc is not None)
             print(f"pbx-relay: {count} workers serving (pids {pids}); node ids {cfg.node_id}-w0 .. "
-                  f"{cfg.node_id}-w{count - 1}", flush=True)
+                  f"{cfg.node_id}-w{count - 1}; admin http://{admin}/metrics /registry /v1/workers",
+                  flush=True)
             await supervise(signals, notify, status=status, check=check, reload=pool.reload, drain=pool.drain)
             await pool.stop()
             nursery.cancel_scope.cancel()

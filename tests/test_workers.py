@@ -8,6 +8,7 @@ the test finds a phone source port that lands on the worker the PBX is not on.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -19,9 +20,11 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -32,6 +35,7 @@ from tests import sipp_scenarios as sc
 from tests.conftest import needs_sipp
 from tests.realpeers import DOMAIN, ROOT, RelayProc, free_port, sipp, write_config
 from tests.redisfixture import RedisServer
+from tests.sipclient import Pbx
 from tests.test_cluster_nodes import SECRET, SERIAL, readyz, redis_cli, wait_for
 from tests.test_systemd import SYSTEMD_ANALYZE, fake_root, needs_systemd_tools
 
@@ -86,10 +90,10 @@ def test_each_worker_gets_its_node_id_ports_and_a_slice_of_the_rtp_range(tmp_pat
     check_workers(cfg, 4)
     w = [worker_overrides(cfg, i, 4) for i in range(4)]
     assert w[0] == {"cluster.node_id": "edge-w0", "cluster.listen": "127.0.0.1:5070",
-                    "cluster.advertise": "10.0.0.1:5070", "admin.listen": "127.0.0.1:9090",
+                    "cluster.advertise": "10.0.0.1:5070", "admin.listen": "127.0.0.1:0",
                     "media.port_min": 10000, "media.port_max": 12499}
     assert w[3] == {"cluster.node_id": "edge-w3", "cluster.listen": "127.0.0.1:5073",
-                    "cluster.advertise": "10.0.0.1:5073", "admin.listen": "127.0.0.1:9093",
+                    "cluster.advertise": "10.0.0.1:5073", "admin.listen": "127.0.0.1:0",
                     "media.port_min": 17500, "media.port_max": 19999, "provisioning.enabled": False}
     slices = [media_slice(cfg, i, 4) for i in range(4)]
     assert all(a[1] < b[0] for a, b in zip(slices, slices[1:], strict=False))  # disjoint
@@ -137,11 +141,29 @@ def test_workers_without_redis_url_exit_2_with_one_line(tmp_path: Path) -> None:
 
 @dataclass
 class Parent:
-    """`pbx-relay run --workers N` and its workers, each reached as a RelayProc (its admin port)."""
+    """`pbx-relay run --workers N` (``relay``: its admin port, admin.listen) and its workers,
+    each reached as a RelayProc on the loopback admin port the parent says it has now."""
 
     proc: subprocess.Popen[bytes]
-    workers: list[RelayProc]
+    relay: RelayProc
+    count: int
     out: list[str] = field(default_factory=list)
+
+    def views(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.relay.admin}/v1/workers", timeout=5) as r:
+            return cast(list[dict[str, Any]], json.load(r))
+
+    @property
+    def workers(self) -> list[RelayProc]:
+        """The workers as the parent knows them now (a worker being started: admin port 0)."""
+        try:
+            views = self.views()
+        except (urllib.error.URLError, ConnectionError):
+            views = [{"admin": None}] * self.count
+        r = self.relay
+        return [RelayProc(r.state_dir, r.host, r.udp, r.tcp, r.tls,
+                          int(v["admin"].rpartition(":")[2]) if v["admin"] else 0,
+                          secrets=r.secrets, log_path=r.log_path) for v in views]
 
     def children(self) -> list[int]:
         # Every thread's: trio starts a process from a worker thread.
@@ -166,15 +188,17 @@ def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, .
 
 
 def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None,
-                  extra: tuple[str, ...] = (), block_admin_of: tuple[int, socket.socket] | None = None,
-                  ) -> Parent:
+                  extra: tuple[str, ...] = (), block_link_of: tuple[int, socket.socket] | None = None,
+                  admin_port: int = 0) -> Parent:
     """The parent started, its workers not necessarily serving yet."""
-    r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), free_run(count))
+    r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), admin_port or free_port(),
+                  log_path=tmp / "relay.log")
+    link = free_run(count)
     cluster = f"""
 [cluster]
 redis_url = "redis://127.0.0.1:{redis.port}"
 node_id = "edge"
-listen = "127.0.0.1:{free_run(count)}"
+listen = "127.0.0.1:{link}"
 secret = "{SECRET}"
 heartbeat = 0.5
 """
@@ -183,18 +207,16 @@ heartbeat = 0.5
     runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
     runtime.mkdir()
     r.add_pbx(SERIAL)
-    if block_admin_of is not None:  # someone else on worker i's admin port
-        index, blocker = block_admin_of
-        blocker.bind(("127.0.0.1", r.admin + index))
+    if block_link_of is not None:  # someone else on worker i's cluster link port
+        index, blocker = block_link_of
+        blocker.bind(("127.0.0.1", link + index))
         blocker.listen(1)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
                              "--workers", str(count), *extra], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime),
                                      **(env or {})))
-    workers = [RelayProc(tmp, r.host, r.udp, r.tcp, r.tls, r.admin + i, secrets=r.secrets,
-                         log_path=tmp / "relay.log") for i in range(count)]
-    return Parent(proc, workers)
+    return Parent(proc, r, count)
 
 
 def stop_workers(parent: Parent) -> int:
@@ -282,6 +304,49 @@ def test_two_workers_a_phone_on_one_calls_the_pbx_on_the_other(
     assert parent.workers[holder].metric('pbx_relay_requests_in_total{method="INVITE"}') == 1
 
 
+def test_one_admin_endpoint_answers_for_every_worker(two_workers: tuple[Parent, RedisServer]) -> None:
+    """admin.listen is the parent's: /metrics carries each worker's series under its label,
+    `pbx add` reaches every worker at once (a PBX registers on whichever worker its
+    connection lands, the moment the command returns), /registry lists the PBXs of every
+    worker, /readyz and /v1/workers say each worker's state. The workers' own admin ports
+    are loopback ones the kernel picked, never admin.listen + i (9091 is pbx-push's)."""
+    parent, _ = two_workers
+    r = parent.relay
+    wait_for("ready through the parent", lambda: readyz(r) == 200)
+    views = parent.views()
+    assert [v["index"] for v in views] == [0, 1] and all(v["serving"] for v in views)
+    ports = {int(v["admin"].rpartition(":")[2]) for v in views}
+    assert len(ports) == 2 and r.admin not in ports and r.admin + 1 not in ports
+    m = r.metrics()
+    assert m["pbx_relay_workers_serving"] == 2
+    assert m['pbx_relay_worker_up{worker="0"}'] == 1 and m['pbx_relay_worker_up{worker="1"}'] == 1
+    assert m['pbx_relay_pbx_registered{worker="0"}'] == 0 and m['pbx_relay_pbx_registered{worker="1"}'] == 0
+    text = urllib.request.urlopen(f"http://127.0.0.1:{r.admin}/metrics", timeout=5).read().decode()
+    assert text.count("# TYPE pbx_relay_pbx_registered gauge") == 1  # one family, two series
+
+    # PBXs added while the workers run register at once, whichever worker they land on
+    # (the kernel spreads the connections; more serials until both workers have one).
+    pbxs: list[Pbx] = []
+    try:
+        for n in range(10):
+            serial = f"777700{n}"
+            r.add_pbx(serial)  # returns once every worker read the directory
+            pbxs.append(Pbx(r, serial))  # REGISTER → 401 → 200 (asserted), no 403
+            if len({row["worker"] for row in r.registry()}) == 2:
+                break
+        rows = r.registry()
+        assert sorted(str(row["serial"]) for row in rows) == sorted(p.serial for p in pbxs)
+        assert {row["worker"] for row in rows} == {0, 1}
+        for i, w in enumerate(parent.workers):  # each worker's own view agrees with the parent's
+            assert sorted(str(x["serial"]) for x in w.registry()) == sorted(
+                str(row["serial"]) for row in rows if row["worker"] == i)
+        m = r.metrics()
+        assert sum(m[f'pbx_relay_pbx_registered{{worker="{i}"}}'] for i in (0, 1)) == len(pbxs)
+    finally:
+        for p in pbxs:
+            p.stream.close()
+
+
 def test_a_worker_killed_is_started_again(two_workers: tuple[Parent, RedisServer]) -> None:
     parent, redis = two_workers
     wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
@@ -342,18 +407,33 @@ def test_a_worker_that_hangs_is_killed_and_started_again(tmp_path: Path, redis_s
 
 
 def test_a_worker_that_cannot_start_stops_the_parent(tmp_path: Path, redis_server: RedisServer) -> None:
-    """Worker 1's admin port taken (say by pbx-push's 9091): no restart loop, the parent
-    stops the other worker and exits 1, the worker's own line naming the port."""
+    """Worker 1's cluster link port taken: no restart loop, the parent stops the other
+    worker and exits 1, the worker's own line naming the listener and the port."""
     blocker = socket.socket()
     try:
-        parent = spawn_workers(tmp_path, redis_server, 2, block_admin_of=(1, blocker))
+        parent = spawn_workers(tmp_path, redis_server, 2, block_link_of=(1, blocker))
         assert parent.proc.wait(timeout=30) == 1
         log = (tmp_path / "relay.log").read_text()
         assert "pbx-relay: worker 1 exited with 1 before it served (its log is above)" in log
-        assert f"127.0.0.1:{parent.workers[1].admin}" in log
+        port = blocker.getsockname()[1]
+        assert (f"cannot listen: cluster link (cluster.listen) on 127.0.0.1:{port}: "
+                "Address already in use") in log
         assert "event=worker_exited" not in log  # never started again
     finally:
         blocker.close()
+
+
+def test_the_admin_port_taken_stops_the_parent_before_any_worker(tmp_path: Path, redis_server: RedisServer,
+                                                                  ) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        parent = spawn_workers(tmp_path, redis_server, 2, admin_port=port)
+        assert parent.proc.wait(timeout=30) == 1
+        log = (tmp_path / "relay.log").read_text()
+        assert f"cannot listen: admin on 127.0.0.1:{port}: Address already in use" in log
+        assert "event=worker_started" not in log
 
 
 def test_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path, redis_server: RedisServer) -> None:

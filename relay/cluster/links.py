@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import trio
 
+from pbxcore.errors import ListenError
 from relay.proxy.flow import CLUSTER, Flow
 from relay.transport.flows import Transports, accept_forever
 
@@ -128,7 +129,10 @@ class ClusterLinks:
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept other nodes' links until cancelled; ``task_status`` gets the bound port."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as e:  # named, not taken for a SIP port (relay/cli.py)
+            raise ListenError.from_oserror("cluster link (cluster.listen)", f"{host}:{port}", e) from None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
