@@ -71,6 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from relay.service import run
 
     cfg = _load(args)
+    if args.workers is None:  # one per core with a shared store (docs/cluster.md, "Workers")
+        args.workers, note = (1, "") if args.worker else workers.default_workers(cfg, os.cpu_count())
+        if note:
+            print(f"{PROG}: {note}", file=sys.stderr)
     workers.check_workers(cfg, args.workers)
     reuse_port = args.workers > 1
     load = lambda: _load(args)  # noqa: E731
@@ -204,10 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the relay (and, with push.mode = \"embedded\", the push service) "
                          "until stopped. It prints what listens where and how to point a PBX and a "
                          "softphone at it. SIGHUP reloads, SIGTERM drains, Ctrl-C stops at once.")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
+    run.add_argument("--workers", type=int, metavar="N",
                      help="run N relay processes (nodes of one cluster, sharing [cluster] redis_url) "
-                     "behind the same SIP ports, supervised by this one (default 1: one process, no "
-                     "Redis; docs/cluster.md)")
+                     "behind the same SIP ports, supervised by this one (default: one per core when "
+                     "[cluster] redis_url is set, else 1; docs/cluster.md)")
     run.add_argument("--worker-watchdog", type=float, metavar="SECONDS",
                      help="with --workers: a worker whose health check (its timer task runs, a "
                      "thread answers) stays silent this long is killed and started again (default 30)")

@@ -70,6 +70,24 @@ PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DI
 WORKER_FLAG = "--worker"
 
 
+def default_workers(cfg: RelayConfig, cpus: int | None) -> tuple[int, str]:
+    """How many workers ``run`` starts without ``--workers``, and why: one per core when a
+    shared store is configured (the workers share state there), else one. With the push
+    service embedded (one process by nature) it stays one, and says how to get more."""
+    if not cfg.cluster.redis_url:
+        return 1, ""
+    cores = max(1, min(cpus or 1, MAX_WORKERS))
+    if cores == 1:
+        return 1, ""
+    if cfg.push.mode == "embedded":
+        return 1, (f"note: 1 worker, not {cores} (one per core): push.mode = \"embedded\" runs in one "
+                   "process; set push.mode = \"remote\" (pbx-push as its own service) or \"off\" for "
+                   "one worker per core, or give --workers 1 to say so")
+    if cfg.media.enabled:
+        cores = max(1, min(cores, (cfg.media.port_max - cfg.media.port_min + 1) // 6))
+    return cores, ""
+
+
 def check_workers(cfg: RelayConfig, count: int) -> None:
     """Raise ConfigError (exit 2) when ``count`` workers cannot run with ``cfg``."""
     if not 1 <= count <= MAX_WORKERS:

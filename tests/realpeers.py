@@ -149,7 +149,9 @@ def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None
     # provisioning only when asked: tests wrap write_config with the older signature
     write_config(r, extra, media, push, **({"provisioning": provisioning} if provisioning else {}))
     r.log_path = r.state_dir / "relay.log"
-    cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run"]
+    # One process even with [cluster] redis_url (whose default is one worker per core):
+    # each RelayProc is one node, reached on its own admin port.
+    cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run", "--workers", "1"]
     if r.netns:
         cmd = ["ip", "netns", "exec", r.netns, *cmd]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

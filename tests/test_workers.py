@@ -29,7 +29,14 @@ from typing import Any, cast
 import pytest
 
 from relay import config as config_mod
-from relay.workers import check_workers, media_slice, parse_worker, worker_env, worker_overrides
+from relay.workers import (
+    check_workers,
+    default_workers,
+    media_slice,
+    parse_worker,
+    worker_env,
+    worker_overrides,
+)
 from tests import redisfixture
 from tests import sipp_scenarios as sc
 from tests.conftest import needs_sipp
@@ -124,6 +131,24 @@ def test_what_workers_cannot_run_with_is_refused(tmp_path: Path, text: str, says
     check_workers(cfg, 1)  # one process: no Redis needed, the default
 
 
+def test_by_default_one_worker_per_core_when_redis_is_configured(tmp_path: Path) -> None:
+    """The issue's default: `run` without --workers starts one worker per core with a shared
+    store, one process without; the embedded push service keeps it at one, and says why."""
+    clustered = load(tmp_path, CLUSTER)
+    assert default_workers(clustered, 4) == (4, "")
+    assert default_workers(clustered, 1) == (1, "")
+    assert default_workers(clustered, None) == (1, "")
+    assert default_workers(clustered, 500) == (64, "")  # MAX_WORKERS
+    alone = load(tmp_path, '[push]\nmode = "off"\n')
+    assert default_workers(alone, 8) == (1, "")
+    embedded = load(tmp_path, CLUSTER.replace('mode = "off"', 'mode = "embedded"'))
+    count, note = default_workers(embedded, 8)
+    assert count == 1 and 'push.mode = "embedded" runs in one process' in note
+    few_ports = load(tmp_path, CLUSTER + "[media]\nport_min = 30000\nport_max = 30011\n")
+    assert default_workers(few_ports, 8) == (2, "")  # each worker's slice holds 6 ports or more
+    check_workers(few_ports, 2)
+
+
 def test_workers_without_redis_url_exit_2_with_one_line(tmp_path: Path) -> None:
     r = RelayProc(tmp_path, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
     write_config(r)
@@ -193,7 +218,7 @@ def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str]
     """The parent started, its workers not necessarily serving yet."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), admin_port or free_port(),
                   log_path=tmp / "relay.log")
-    link = free_run(count)
+    link = free_run(count or os.cpu_count() or 1)
     cluster = f"""
 [cluster]
 redis_url = "redis://127.0.0.1:{redis.port}"
@@ -212,7 +237,7 @@ heartbeat = 0.5
         blocker.bind(("127.0.0.1", link + index))
         blocker.listen(1)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
-                             "--workers", str(count), *extra], stdout=subprocess.PIPE,
+                             *(["--workers", str(count)] if count else []), *extra], stdout=subprocess.PIPE,
                             stderr=open(tmp / "relay.log", "wb"), cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime),
                                      **(env or {})))
@@ -421,6 +446,19 @@ def test_a_worker_that_cannot_start_stops_the_parent(tmp_path: Path, redis_serve
         assert "event=worker_exited" not in log  # never started again
     finally:
         blocker.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the default is one process")
+def test_run_without_workers_starts_one_per_core_with_redis(tmp_path: Path, redis_server: RedisServer,
+                                                            ) -> None:
+    cores = min(os.cpu_count() or 1, 64)
+    parent = spawn_workers(tmp_path, redis_server, 0)
+    parent.count = cores
+    try:
+        wait_for("every worker serving", lambda: ready_(parent.relay), timeout=60)
+        assert [v["index"] for v in parent.views()] == list(range(cores))
+    finally:
+        assert stop_workers(parent) == 0
 
 
 def test_the_admin_port_taken_stops_the_parent_before_any_worker(tmp_path: Path, redis_server: RedisServer,
