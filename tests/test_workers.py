@@ -408,6 +408,8 @@ def test_the_systemd_drop_in_runs_the_parent_and_lets_it_stop_the_workers() -> N
                      "ExecStart=", f"ExecStart={run}", "KillMode=mixed"]
     unit = (ROOT / "systemd/pbx-relay.service").read_text()
     assert "NotifyAccess=main" in unit  # the parent notifies; workers get no NOTIFY_SOCKET
+    # redis_url alone makes `run` a parent of one worker per core: the base unit is ready too.
+    assert "\nKillMode=mixed\n" in unit
     assert "ExecReload=/opt/pbx-relay/bin/python3 -I -m pbxcore.reloadack $MAINPID" in unit
 
 
