@@ -437,7 +437,8 @@ def cluster_node(
         advertise=c.advertise, secret=c.secret.encode(), timeout=c.timeout, heartbeat=c.heartbeat,
         max_links=c.max_links, max_pending_lookups=c.max_pending_lookups)
     return ClusterNode(settings, transports, dispatch.on_located, proxy.claim_token, proxy.registrations,
-                       dispatch.count)
+                       dispatch.count,
+                       impose_ban=lambda ip, seconds: proxy.on_shared_ban(ip, seconds, trio.current_time()))
 
 
 def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:

@@ -175,8 +175,11 @@ def invite(relay: RelayProc, uri: str) -> Msg:
 class Stream:
     """A TCP connection to the relay that frames what comes back by Content-Length."""
 
-    def __init__(self, relay: RelayProc):
-        self.sock = socket.create_connection((relay.host, relay.tcp), timeout=5)
+    def __init__(self, relay: RelayProc, source: str | None = None):
+        """``source``: the local address to connect from (another 127.0.0.0/8 address
+        is another source to the relay: its bans and limits)."""
+        self.sock = socket.create_connection((relay.host, relay.tcp), timeout=5,
+                                             source_address=(source, 0) if source else None)
         self.buf = b""
         self.eof = False
 

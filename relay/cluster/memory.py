@@ -1,9 +1,18 @@
 """MemoryState: the shared state of a single node, in plain dicts with expiry (no I/O)."""
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 
-from relay.cluster.state import PbxClaim, check_part, check_seconds, check_token
+from relay.cluster.state import (
+    MAX_SHARED_BANS,
+    PbxClaim,
+    SharedBan,
+    check_part,
+    check_seconds,
+    check_token,
+)
 
 # A full sweep of expired entries runs once per this many writes, so entries
 # nobody reads again are dropped too while each write stays amortised O(1): the
@@ -20,12 +29,14 @@ class MemoryState:
     none awaits anything.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_bans: int = MAX_SHARED_BANS) -> None:
         self._clock = clock
-        # key -> (deadline, value); keys are "pbx:<serial>", "ban:<ip>", "rate:<key>", "node:<id>",
-        # "addr:<id>".
+        # key -> (deadline, value); keys are "pbx:<serial>", "rate:<key>", "node:<id>", "addr:<id>".
         self._entries: dict[str, tuple[float, object]] = {}
         self._writes = 0
+        # Shared bans, oldest first: (sequence, ip, deadline, node id).
+        self._bans: deque[tuple[int, str, float, str]] = deque(maxlen=max_bans)
+        self._ban_seq = itertools.count(1)
 
     def __len__(self) -> int:
         """Entries held now, expired ones not yet swept included (for tests and metrics)."""
@@ -67,13 +78,18 @@ class MemoryState:
         del self._entries["pbx:" + serial]
         return True
 
-    async def ban(self, ip: str, seconds: float) -> None:
-        """See SharedState.ban."""
-        self._put("ban:" + check_part("ip", ip), True, check_seconds("seconds", seconds))
+    async def share_ban(self, ip: str, seconds: float, node_id: str) -> None:
+        """See SharedState.share_ban."""
+        deadline = self._clock() + check_seconds("seconds", seconds)
+        entry = (next(self._ban_seq), check_part("ip", ip), deadline, check_part("node_id", node_id))
+        self._bans.append(entry)
 
-    async def banned(self, ip: str) -> bool:
-        """See SharedState.banned."""
-        return self._get("ban:" + check_part("ip", ip)) is not None
+    async def bans_after(self, cursor: str, count: int) -> tuple[list[SharedBan], str]:
+        """See SharedState.bans_after."""
+        after, now = int(cursor or 0), self._clock()
+        newer = [b for b in self._bans if b[0] > after][:count]
+        bans = [SharedBan(ip, deadline - now, node) for _, ip, deadline, node in newer if deadline > now]
+        return bans, str(newer[-1][0]) if newer else cursor
 
     async def incr_rate(self, key: str, window: float) -> int:
         """See SharedState.incr_rate."""

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from relay.cluster.bans import Impose, SharedBans
 from relay.cluster.links import ClusterLinks, LinkFailed
 from relay.cluster.redis import RedisState
 from relay.cluster.state import SharedState, SharedStateUnavailable
@@ -31,6 +32,7 @@ from relay.proxy.effects import (
     ClusterEffect,
     LocatePbx,
     ReleasePbx,
+    ShareBan,
 )
 from relay.proxy.flow import Flow
 from relay.proxy.registrar import PbxRegistration
@@ -81,13 +83,14 @@ class ClusterNode:
     def __init__(self, settings: NodeSettings, transports: Transports, located: Located,
                  claim_token: Callable[[ClaimPbx, float], str],
                  registrations: Callable[[], list[PbxRegistration]],
-                 count: Callable[[str], None]) -> None:
+                 count: Callable[[str], None], impose_ban: Impose | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id
         self._located = located
         self._claim_token = claim_token
         self._registrations = registrations
         self._count = count
+        self.bans = SharedBans(settings.node_id, impose_ban or (lambda ip, seconds: None), count)
         self.links = ClusterLinks(transports, settings.node_id, settings.secret, settings.max_links,
                                   settings.timeout, count)
         self.problem: str | None = "starting"
@@ -118,6 +121,7 @@ class ClusterNode:
             await self._heartbeat()
             nursery.start_soon(self._heartbeats)
             nursery.start_soon(self._claims)
+            nursery.start_soon(self.bans.run, state)
             log.info("event=cluster_node node=%s address=%s store=%s", self.node_id, self.address,
                      "up" if self.problem is None else "unreachable")
             task_status.started(self.address)
@@ -181,6 +185,8 @@ class ClusterNode:
             self._queue(effect, now)
         elif isinstance(effect, ReleasePbx):
             self._put(("release", effect.serial, "", 0.0))
+        elif isinstance(effect, ShareBan):
+            self.bans.share(effect)
         elif self.pending_lookups >= self.settings.max_pending_lookups or self._nursery is None:
             self._located(effect, None, LOCATE_BUSY)
         else:

@@ -2,7 +2,7 @@
 
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
@@ -10,7 +10,9 @@ import trio
 
 from relay.cluster.state import (
     KEY_PREFIX,
+    MAX_SHARED_BANS,
     PbxClaim,
+    SharedBan,
     SharedStateUnavailable,
     check_part,
     check_seconds,
@@ -71,7 +73,31 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 """
 
+# Shared bans: one stream, each entry (ip, deadline on the server's clock, node); trimmed
+# to about MAX_SHARED_BANS entries and expiring with the longest ban written to it.
+_SHARE_BAN = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'ip', ARGV[1], 'until', now + tonumber(ARGV[2]),
+           'node', ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# The entries after a cursor ("" : from the oldest), with the server's time to read
+# their deadlines against.
+_BANS_AFTER = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local start = '-'
+if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
+return {now, redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[2])}
+"""
+
 _NODES_KEY = KEY_PREFIX + "nodes"
+_BANS_KEY = KEY_PREFIX + "bans"
 
 
 def _ms(seconds: float) -> int:
@@ -86,14 +112,16 @@ class RedisState:
     the next call once the server is back.
     """
 
-    def __init__(self, client: "coredis.Redis[str]", timeout: float) -> None:
+    def __init__(self, client: "coredis.Redis[str]", timeout: float, max_bans: int = MAX_SHARED_BANS) -> None:
         self._client = client
         self._timeout = timeout
+        self._max_bans = max_bans
 
     @classmethod
     @asynccontextmanager
     async def open(cls, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT,
-                   password: str | None = None) -> AsyncIterator["RedisState"]:
+                   password: str | None = None, max_bans: int = MAX_SHARED_BANS,
+                   ) -> AsyncIterator["RedisState"]:
         """Connect lazily to ``host:port``; the first call that cannot reach it raises."""
         client: coredis.Redis[str] = coredis.Redis(
             host=host, port=port, password=password, decode_responses=True,
@@ -102,7 +130,7 @@ class RedisState:
             retry_policy=coredis.retry.NoRetryPolicy(),
         )
         async with client:
-            yield cls(client, timeout)
+            yield cls(client, timeout, max_bans)
 
     async def _call(self, request: Awaitable[T]) -> T:
         try:
@@ -131,15 +159,23 @@ class RedisState:
         done = await self._call(self._client.eval(_RELEASE, keys=[key], args=[node_id]))
         return done == 1
 
-    async def ban(self, ip: str, seconds: float) -> None:
-        """See SharedState.ban."""
-        key = KEY_PREFIX + "ban:" + check_part("ip", ip)
-        await self._call(self._client.set(key, "1", px=_ms(check_seconds("seconds", seconds))))
+    async def share_ban(self, ip: str, seconds: float, node_id: str) -> None:
+        """See SharedState.share_ban."""
+        args = (check_part("ip", ip), _ms(check_seconds("seconds", seconds)), check_part("node_id", node_id),
+                self._max_bans)
+        await self._call(self._client.eval(_SHARE_BAN, keys=[_BANS_KEY], args=args))
 
-    async def banned(self, ip: str) -> bool:
-        """See SharedState.banned."""
-        key = KEY_PREFIX + "ban:" + check_part("ip", ip)
-        return await self._call(self._client.exists([key])) > 0
+    async def bans_after(self, cursor: str, count: int) -> tuple[list[SharedBan], str]:
+        """See SharedState.bans_after."""
+        answer: Any = await self._call(self._client.eval(_BANS_AFTER, keys=[_BANS_KEY], args=[cursor, count]))
+        now, entries = int(answer[0]), answer[1]
+        bans: list[SharedBan] = []
+        for _, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            left = (int(fields["until"]) - now) / 1000
+            if left > 0:
+                bans.append(SharedBan(str(fields["ip"]), left, str(fields["node"])))
+        return bans, str(entries[-1][0]) if entries else cursor
 
     async def incr_rate(self, key: str, window: float) -> int:
         """See SharedState.incr_rate."""

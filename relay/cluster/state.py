@@ -18,6 +18,22 @@ MAX_KEY_PART = 128
 MAX_FLOW_TOKEN = 512
 
 
+# Bans shared between nodes, kept at most (Redis: the stream's approximate MAXLEN). As
+# many as one node's table of failing sources (relay/proxy/authbans.py MAX_SOURCES): a
+# node starting or coming back reads at most this many, and an attack from more
+# sources than that is cut by each node's own bans and the transports' per-source gates.
+MAX_SHARED_BANS = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class SharedBan:
+    """A ban one node imposed (wrong digest responses), as every node learns it."""
+
+    ip: str
+    seconds: float  # left, as of the read
+    node_id: str  # who banned
+
+
 class SharedStateUnavailable(Exception):
     """The shared store did not answer within its timeout (down, unreachable, or too slow).
 
@@ -77,12 +93,13 @@ class SharedState(Protocol):
         """Drop the claim if ``node_id`` still holds it; True if it did, else nothing happens."""
         ...
 
-    async def ban(self, ip: str, seconds: float) -> None:
-        """Ban ``ip`` on every node for ``seconds`` (a later ban replaces the expiry)."""
+    async def share_ban(self, ip: str, seconds: float, node_id: str) -> None:
+        """Tell every node that ``node_id`` banned ``ip`` for ``seconds`` from now."""
         ...
 
-    async def banned(self, ip: str) -> bool:
-        """Whether ``ip`` is banned now."""
+    async def bans_after(self, cursor: str, count: int) -> tuple[list[SharedBan], str]:
+        """At most ``count`` bans shared after ``cursor`` ("" : the oldest kept), still in
+        force, oldest first; and the cursor to pass next time."""
         ...
 
     async def incr_rate(self, key: str, window: float) -> int:

@@ -87,6 +87,19 @@ class AuthBans:
         failures, s.failures = s.failures, 0
         return Banned(ip, seconds, failures)
 
+    def impose(self, ip: str, seconds: float, now: float) -> bool:
+        """Ban ``ip`` for ``seconds`` from ``now``, as another node of the cluster did
+        (docs/cluster.md, "Shared bans"); a ban already running longer stays. True when
+        ``ip`` was not banned here."""
+        s = self._sources.get(ip)
+        if s is None:
+            self._make_room(now)
+            s = self._sources[ip] = _Source(window_start=now)
+        s.seen = now
+        fresh = s.banned_until <= now
+        s.banned_until = max(s.banned_until, now + seconds)
+        return fresh
+
     def succeeded(self, ip: str) -> None:
         """A good response: the failures so far were typos, not guessing (bans stay)."""
         s = self._sources.get(ip)

@@ -186,6 +186,11 @@ class Proxy:
         """The PBX directory as it is now (serial → digest hashes)."""
         self.registrar.set_directory(directory)
 
+    def on_shared_ban(self, ip: str, seconds: float, now: float) -> None:
+        """Another node of the cluster banned ``ip`` for wrong digest responses: REGISTERs
+        from it are refused here too for ``seconds`` (docs/cluster.md, "Shared bans")."""
+        self.registrar.impose_ban(ip, seconds, now)
+
     def on_wake_result(self, key: TxnKey, outcome: WakeOutcome, now: float) -> list[Effect]:
         """What came of a ``Wake``."""
         self.counters.inc("push_wakes_total", outcome.value)

@@ -43,6 +43,8 @@ _METRICS = (
     Metric("pbx_registrations_total", "Accepted PBX registrations"),
     Metric("pbx_auth_failures_total", "PBX registrations refused for a wrong digest response"),
     Metric("pbx_auth_bans_total", "Sources banned for repeated wrong digest responses"),
+    Metric("pbx_auth_bans_shared_total",
+           "Sources banned here because another node of the cluster banned them"),
     Metric("pbx_auth_refused_total", "REGISTERs refused unchecked, by reason", "reason"),
     Metric("pbx_unregistered_total", "PBX bindings removed, by reason", "reason"),
     Metric("phone_moves_total", "Phones that registered again from another flow"),
@@ -58,6 +60,7 @@ _METRICS = (
     Metric("cluster_store_errors_total", "Calls to the shared state (Redis/Valkey) that failed or timed out, "
            "by operation", "operation"),
     Metric("cluster_claims_dropped_total", "Claims and releases dropped: their queue was full"),
+    Metric("cluster_bans_dropped_total", "Bans not shared with the other nodes: their queue was full"),
     Metric("cluster_links_refused_total", "Links from or to other nodes refused or failed, by reason",
            "reason"),
     Metric("internal_errors_total", "Messages that hit a bug (one message lost, the relay kept running)"),

@@ -97,7 +97,16 @@ class LocatePbx:
     hop: Hop
 
 
-ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx
+@dataclass(frozen=True, slots=True)
+class ShareBan:
+    """Cluster: this node banned ``ip`` for ``seconds`` for wrong digest responses; every
+    node learns it and bans it too (``Proxy.on_shared_ban``)."""
+
+    ip: str
+    seconds: float
+
+
+ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx | ShareBan
 
 
 Effect = Send | PushEffect | MediaEffect | ClusterEffect
@@ -105,5 +114,6 @@ Effect = Send | PushEffect | MediaEffect | ClusterEffect
 __all__ = [
     "LOCATED", "LOCATE_BUSY", "LOCATE_FAILED", "NOWHERE",
     "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
-    "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "Wake",
+    "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "ShareBan",
+    "Wake",
 ]

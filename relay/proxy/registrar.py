@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from relay.pbx.digest import DigestAuth
 from relay.proxy.authbans import AuthBans
 from relay.proxy.counters import Counters
-from relay.proxy.effects import ClaimPbx, ReleasePbx, Send
+from relay.proxy.effects import ClaimPbx, ReleasePbx, Send, ShareBan
 from relay.proxy.flow import Flow
 from relay.proxy.identity import RelayIdentity
 from relay.proxy.replies import Replies
@@ -19,7 +19,8 @@ from relay.sip.uri import SipUri
 
 log = logging.getLogger("relay.pbx")
 
-Registered = Send | ClaimPbx | ReleasePbx  # what a REGISTER gives: the answer, and the cluster's claim
+# What a REGISTER gives: the answer, and what the cluster learns (a claim, a ban).
+Registered = Send | ClaimPbx | ReleasePbx | ShareBan
 Ha1s = Mapping[str, str]  # digest algorithm → H(serial:realm:secret)
 
 
@@ -115,7 +116,8 @@ class PbxRegistrar:
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
         self.bans = bans or AuthBans()
-        # Cluster (docs/cluster.md): each bind gives a ClaimPbx, each unbind a ReleasePbx.
+        # Cluster (docs/cluster.md): each bind gives a ClaimPbx, each unbind a ReleasePbx,
+        # each ban a ShareBan.
         self.shared = shared
 
     def directory_entry(self, serial: str) -> Ha1s | None:
@@ -173,21 +175,29 @@ class PbxRegistrar:
             return [self._query(req, serial, source, now)]
         return self._bind(req, serial, contacts[0], expires_hdr, source, now)
 
-    def _failed(self, source: Flow, serial: str, now: float) -> None:
+    def _failed(self, source: Flow, serial: str, now: float) -> list[ShareBan]:
         banned = self.bans.failed(source.remote_ip, now)
         if banned is None:
-            return
+            return []
         self.counters.inc("pbx_auth_bans_total")
         # One line per ban, for fail2ban (systemd/fail2ban/filter.d/pbx-relay.conf).
         log.warning("event=auth_banned source=%s serial=%s failures=%d seconds=%g transport=%s",
                     banned.ip, serial, banned.failures, banned.seconds, source.transport)
+        return [ShareBan(banned.ip, banned.seconds)] if self.shared else []
 
-    def _authenticate(self, req: Request, serial: str, source: Flow, now: float) -> list[Send] | None:
+    def impose_ban(self, ip: str, seconds: float, now: float) -> None:
+        """Another node banned ``ip``: it is banned here too (no log line: the banning
+        node wrote the one fail2ban reads)."""
+        if self.bans.impose(ip, seconds, now):
+            self.counters.inc("pbx_auth_bans_shared_total")
+
+    def _authenticate(self, req: Request, serial: str, source: Flow, now: float,
+                      ) -> list[Registered] | None:
         """None when the request carries good credentials; else the 401 or 403 to send."""
         if self.bans.banned(source.remote_ip, now):
             # Banned for guessing: refused without looking, the right secret too.
             self.counters.inc("pbx_auth_refused_total", "banned")
-            return self.replies.refuse(req, source, 403, "Forbidden")
+            return list(self.replies.refuse(req, source, 403, "Forbidden"))
         authorization = req.get("authorization")
         bind = f"{source.transport}:{source.remote_ip}"
         verdict = "none"
@@ -203,8 +213,7 @@ class PbxRegistrar:
             # Wrong secret and unknown serial get the same answer: nobody can
             # use the relay to find out which serials exist.
             self.counters.inc("pbx_auth_failures_total")
-            self._failed(source, serial, now)
-            return self.replies.refuse(req, source, 403, "Forbidden")
+            return [*self.replies.refuse(req, source, 403, "Forbidden"), *self._failed(source, serial, now)]
         # RFC 3261 §22.4: challenge; stale=true when only the nonce aged.
         extra = [("WWW-Authenticate", c) for c in self.auth.challenges(now, verdict == "stale", bind)]
         answer = self.replies.reply(req, source, 401, "Unauthorized", extra=extra)
