@@ -225,7 +225,8 @@ class InviteTransactions:
         """A response (not 100) to an INVITE the relay keeps a transaction for."""
         answered = txn.state is TxnState.ANSWERED
         effects: list[Effect] = []
-        if self.media is not None and not answered:
+        if self.media is not None and not answered and not self.media.passes_through(
+                resp.call_id, source.node_link, txn.inbound.node_link, initial=False):
             media_effects, ok = self.media.on_invite_response(resp, txn.to_phone, source.remote_ip, now)
             if not ok:
                 return list(media_effects)

@@ -32,6 +32,16 @@ class MediaCalls:
         self.replies = replies
         self.counters = counters
 
+    def passes_through(self, call_id: str, link_in: bool, link_out: bool, initial: bool) -> bool:
+        """Cluster (docs/cluster.md, "Media anchored once"): a call that crosses a link
+        between nodes is anchored by the node where its first INVITE entered the cluster,
+        which holds its session; every other node passes its SDPs on untouched (one media
+        hop, not one per node). ``link_in``/``link_out``: the message came from / goes to
+        another node; ``initial``: an INVITE outside any dialog."""
+        if not (link_in or link_out) or call_id in self.sessions.sessions:
+            return False
+        return link_in or not initial
+
     def on_request(
         self, req: Request, source: Flow, target: Flow, to_phone: bool, now: float, serial: str = "",
         share: str = "",
@@ -41,7 +51,10 @@ class MediaCalls:
         answer instead (an empty list: drop it silently)."""
         # A BYE ends the media only when it is accepted (``on_bye_answered``): a
         # stranger's BYE reusing a live call's Call-ID draws a 481 from the far end.
-        if req.method == "INVITE" and _initial(req) and self._live(req.call_id):
+        initial = req.method == "INVITE" and _initial(req)
+        if self.passes_through(req.call_id, source.node_link, target.node_link, initial):
+            return [], None
+        if initial and self._live(req.call_id):
             # A second dialog-creating INVITE on a live call's Call-ID: a merged or
             # forged request (RFC 3261 §8.2.2.2), never a way into that call's media.
             self.counters.inc("media_refused_total", "call_id_in_use")
