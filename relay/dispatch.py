@@ -20,6 +20,7 @@ from relay.media.session import MediaBackend
 from relay.proxy.core import Proxy
 from relay.proxy.effects import (
     LOCATE_FAILED,
+    AwaitDevice,
     ClaimPbx,
     ClusterEffect,
     DeviceGone,
@@ -30,6 +31,7 @@ from relay.proxy.effects import (
     Send,
     ShareBan,
     Wake,
+    Woken,
 )
 from relay.proxy.flow import Flow
 from relay.sip.errors import SipParseError
@@ -117,7 +119,7 @@ class Dispatcher:
             elif isinstance(e, Wake):
                 self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
             return
-        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ShareBan):
+        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ShareBan | AwaitDevice | Woken):
             if self.cluster is not None:
                 self.cluster(e)
             elif isinstance(e, LocatePbx):

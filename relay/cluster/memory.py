@@ -31,7 +31,8 @@ class MemoryState:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_bans: int = MAX_SHARED_BANS) -> None:
         self._clock = clock
-        # key -> (deadline, value); keys are "pbx:<serial>", "rate:<key>", "node:<id>", "addr:<id>".
+        # key -> (deadline, value); keys are "pbx:<serial>", "rate:<key>", "node:<id>", "addr:<id>",
+        # "waiting:<device>".
         self._entries: dict[str, tuple[float, object]] = {}
         self._writes = 0
         # Shared bans, oldest first: (sequence, ip, deadline, node id).
@@ -90,6 +91,16 @@ class MemoryState:
         newer = [b for b in self._bans if b[0] > after][:count]
         bans = [SharedBan(ip, deadline - now, node) for _, ip, deadline, node in newer if deadline > now]
         return bans, str(newer[-1][0]) if newer else cursor
+
+    async def await_device(self, device: str, node_id: str, ttl: float) -> None:
+        """See SharedState.await_device."""
+        self._put("waiting:" + check_part("device", device), check_part("node_id", node_id),
+                  check_seconds("ttl", ttl))
+
+    async def awaiting_node(self, device: str) -> str | None:
+        """See SharedState.awaiting_node."""
+        node = self._get("waiting:" + check_part("device", device))
+        return node if isinstance(node, str) else None
 
     async def incr_rate(self, key: str, window: float) -> int:
         """See SharedState.incr_rate."""

@@ -23,16 +23,19 @@ from relay.cluster.bans import Impose, SharedBans
 from relay.cluster.links import ClusterLinks, LinkFailed
 from relay.cluster.redis import RedisState
 from relay.cluster.state import SharedState, SharedStateUnavailable
+from relay.cluster.wakes import CrossWakes
 from relay.proxy.effects import (
     LOCATE_BUSY,
     LOCATE_FAILED,
     LOCATED,
     NOWHERE,
+    AwaitDevice,
     ClaimPbx,
     ClusterEffect,
     LocatePbx,
     ReleasePbx,
     ShareBan,
+    Woken,
 )
 from relay.proxy.flow import Flow
 from relay.proxy.registrar import PbxRegistration
@@ -93,6 +96,7 @@ class ClusterNode:
         self.bans = SharedBans(settings.node_id, impose_ban or (lambda ip, seconds: None), count)
         self.links = ClusterLinks(transports, settings.node_id, settings.secret, settings.max_links,
                                   settings.timeout, count)
+        self.wakes = CrossWakes(settings.node_id, self.links.flow_to, transports.send, count)
         self.problem: str | None = "starting"
         self.address = ""
         self.pending_lookups = 0
@@ -122,6 +126,7 @@ class ClusterNode:
             nursery.start_soon(self._heartbeats)
             nursery.start_soon(self._claims)
             nursery.start_soon(self.bans.run, state)
+            nursery.start_soon(self.wakes.run, state)
             log.info("event=cluster_node node=%s address=%s store=%s", self.node_id, self.address,
                      "up" if self.problem is None else "unreachable")
             task_status.started(self.address)
@@ -187,6 +192,8 @@ class ClusterNode:
             self._put(("release", effect.serial, "", 0.0))
         elif isinstance(effect, ShareBan):
             self.bans.share(effect)
+        elif isinstance(effect, AwaitDevice | Woken):
+            self.wakes.submit(effect)
         elif self.pending_lookups >= self.settings.max_pending_lookups or self._nursery is None:
             self._located(effect, None, LOCATE_BUSY)
         else:

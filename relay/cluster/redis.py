@@ -177,6 +177,17 @@ class RedisState:
                 bans.append(SharedBan(str(fields["ip"]), left, str(fields["node"])))
         return bans, str(entries[-1][0]) if entries else cursor
 
+    async def await_device(self, device: str, node_id: str, ttl: float) -> None:
+        """See SharedState.await_device."""
+        key = KEY_PREFIX + "waiting:" + check_part("device", device)
+        ttl_ms = _ms(check_seconds("ttl", ttl))
+        await self._call(self._client.set(key, check_part("node_id", node_id), px=ttl_ms))
+
+    async def awaiting_node(self, device: str) -> str | None:
+        """See SharedState.awaiting_node."""
+        node = await self._call(self._client.get(KEY_PREFIX + "waiting:" + check_part("device", device)))
+        return None if node is None else str(node)
+
     async def incr_rate(self, key: str, window: float) -> int:
         """See SharedState.incr_rate."""
         k = KEY_PREFIX + "rate:" + check_part("key", key)

@@ -102,6 +102,15 @@ class SharedState(Protocol):
         force, oldest first; and the cursor to pass next time."""
         ...
 
+    async def await_device(self, device: str, node_id: str, ttl: float) -> None:
+        """``node_id`` holds a call for ``device`` (an HMAC, relay/proxy/crosswake.py) for
+        the next ``ttl`` seconds (the latest node to say so wins)."""
+        ...
+
+    async def awaiting_node(self, device: str) -> str | None:
+        """The node holding a call for ``device``, or None."""
+        ...
+
     async def incr_rate(self, key: str, window: float) -> int:
         """Count one event under ``key`` in a fixed window of ``window`` seconds; the count so far.
 

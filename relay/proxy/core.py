@@ -22,7 +22,8 @@ from relay.media.session import MediaSessions
 from relay.pbx.digest import DigestAuth
 from relay.proxy.authbans import FIRST_BAN, MAX_FAILURES, AuthBans
 from relay.proxy.counters import Counters
-from relay.proxy.devices import PendingRegister, PhoneDevices
+from relay.proxy.crosswake import WokenElsewhere, device_id, is_woken, parse_woken, woken_message
+from relay.proxy.devices import PendingRegister, PhoneDevices, Registered
 from relay.proxy.effects import (
     LOCATE_BUSY,
     LOCATED,
@@ -31,6 +32,7 @@ from relay.proxy.effects import (
     Effect,
     LocatePbx,
     Send,
+    Woken,
 )
 from relay.proxy.flow import Flow
 from relay.proxy.flowtoken import BadToken, ExpiredToken, FlowTokens
@@ -104,6 +106,10 @@ class ProxyConfig:
     # Several nodes share state (docs/cluster.md): claims, lookups and links between
     # nodes (ports["cluster"] is the node's cluster listener).
     cluster: bool = False
+    # The cluster's shared secret: names a held device in the shared state without its
+    # push token (relay/proxy/crosswake.py).
+    cluster_key: bytes = b""
+    node_id: str = ""  # this node's id in the cluster ("" alone)
 
 
 class Proxy:
@@ -250,6 +256,8 @@ class Proxy:
             self.counters.inc("dropped_total", "no_via")
             return []
         stamp_via(req, via, source)
+        if source.node_link and is_woken(req):
+            return self._woken_elsewhere(req, source, now)
         if req.method == "CANCEL":
             return self.invites.cancel(req, source, via)
         absorbed = self.invites.absorb(req, via, source)
@@ -341,7 +349,9 @@ class Proxy:
                 overload = self.invites.overloaded(self._share_of(hop), hop.serial)
                 if overload is not None:
                     return self._refuse_overload(req, hop.source, overload)
-                held = Held(req, hop.via, hop.serial, hop.mf, target, self.replies.stateless_tag(req), user)
+                device = device_id(self.cfg.cluster_key, target, hop.serial, user) if self.cfg.cluster else ""
+                held = Held(req, hop.via, hop.serial, hop.mf, target, self.replies.stateless_tag(req), user,
+                            device)
                 return self.holds.hold(req, hop.source, hop.via, held, now)
             if dead:
                 self.counters.inc("flow_failed_total")
@@ -396,7 +406,7 @@ class Proxy:
             req.method == "INVITE" and held is None) else None
         if overload is not None:
             return self._refuse_overload(req, hop.source, overload)
-        loop = loop_hash(req)
+        loop = loop_hash(req, self.cfg.node_id)
         if looped(req, loop):
             return self._refused_on_the_way(held, self.replies.refuse(req, hop.source, 482, "Loop Detected"))
         decrement_max_forwards(req, hop.mf)
@@ -409,8 +419,11 @@ class Proxy:
                 return self._refused_on_the_way(held, refusal)
             effects += media_effects
         branch = self.branches.branch(req, hop.via, loop)
-        if req.method == "REGISTER":
-            self.devices.note_register(branch, hop.serial, user_of(req.get("to")), hop.source, bindings, now)
+        if req.method == "REGISTER" and not hop.source.node_link:
+            # The node the phone's flow is on speaks for its devices (push service, moves,
+            # held calls); a node it reached through a link only forwards.
+            self.devices.note_register(branch, hop.serial, user_of(req.get("to")), hop.source, bindings, now,
+                                       req.get("path") or "")
         # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
         upstream = [h for h in req.headers if h.name in COPIED] if req.method == "INVITE" else []
         our_via = self.identity.via(hop.target, branch, self.tokens.via(hop.source, now + self._wall_offset))
@@ -512,7 +525,24 @@ class Proxy:
         out: list[Effect] = list(push_effects)
         for r in released:
             out += self.holds.release(r, pending, now, self._release)
+            if self.cfg.cluster and pending.path:
+                out.append(self._woken(r, pending))
         return out
+
+    def _woken(self, r: Registered, pending: PendingRegister) -> Woken:
+        """Cluster: a node may hold calls for this device (crosswake, step 2)."""
+        device = device_id(self.cfg.cluster_key, r.target, pending.serial, pending.username)
+        woken = WokenElsewhere(device, pending.serial, pending.username, r.contact_uri, pending.path)
+        branch = OUR_BRANCH + hashlib.sha256(f"{device}{pending.until}".encode()).hexdigest()[:20]
+        return Woken(device, woken_message(woken, self.identity.advertise, branch))
+
+    def _woken_elsewhere(self, req: Request, link: Flow, now: float) -> list[Effect]:
+        """Another node says a device registered again through it (crosswake, step 3)."""
+        woken = parse_woken(req)
+        if woken is None:
+            self.counters.inc("dropped_total", "bad_woken")
+            return []
+        return self.holds.release_elsewhere(woken, link, now, self._release)
 
     def _send_response(self, data: bytes, back: Flow) -> list[Send]:
         if not self.liveness.alive(back):

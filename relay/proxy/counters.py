@@ -61,6 +61,8 @@ _METRICS = (
            "by operation", "operation"),
     Metric("cluster_claims_dropped_total", "Claims and releases dropped: their queue was full"),
     Metric("cluster_bans_dropped_total", "Bans not shared with the other nodes: their queue was full"),
+    Metric("cluster_wakes_total", "Wake-ups across nodes: calls awaited in the shared state, nodes told "
+           "of a device that registered here, failures (docs/cluster.md)", "outcome"),
     Metric("cluster_links_refused_total", "Links from or to other nodes refused or failed, by reason",
            "reason"),
     Metric("internal_errors_total", "Messages that hit a bug (one message lost, the relay kept running)"),

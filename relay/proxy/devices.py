@@ -64,6 +64,7 @@ class PendingRegister:
     flow: Flow
     bindings: list[Binding]
     until: float
+    path: str = ""  # the Path entry this node added (a cluster's woken message names it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class PhoneDevices:
 
     def note_register(
         self, branch: str, serial: str, username: str, source: Flow, bindings: list[Binding], now: float,
+        path: str = "",
     ) -> None:
         """Remember a phone's REGISTER until the PBX answers it: only an accepted
         registration moves a device, updates the push service or releases a call."""
@@ -97,7 +99,7 @@ class PhoneDevices:
             self.counters.inc("dropped_total", "pending_registers_full")
             return
         until = now + PENDING_REGISTER_TTL
-        self._pending[branch] = PendingRegister(serial, username, source, bindings, until)
+        self._pending[branch] = PendingRegister(serial, username, source, bindings, until, path)
 
     def answered(self, branch: str) -> PendingRegister | None:
         """The REGISTER sent with ``branch`` got its final answer: what it was for, if anything."""

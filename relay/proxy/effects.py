@@ -106,14 +106,32 @@ class ShareBan:
     seconds: float
 
 
-ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx | ShareBan
+@dataclass(frozen=True, slots=True)
+class AwaitDevice:
+    """Cluster: an INVITE is held here for device ``device`` (relay/proxy/crosswake.py)
+    for ``seconds``; the shared state says so, for a node the phone registers through."""
+
+    device: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Woken:
+    """Cluster: device ``device`` registered again through this node; if another node
+    awaits it, ``message`` goes to that node over their link (relay/proxy/crosswake.py)."""
+
+    device: str
+    message: bytes
+
+
+ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx | ShareBan | AwaitDevice | Woken
 
 
 Effect = Send | PushEffect | MediaEffect | ClusterEffect
 
 __all__ = [
     "LOCATED", "LOCATE_BUSY", "LOCATE_FAILED", "NOWHERE",
-    "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
+    "AwaitDevice", "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
     "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "ShareBan",
-    "Wake",
+    "Wake", "Woken",
 ]

@@ -91,9 +91,11 @@ def decrement_max_forwards(req: Request, mf: int) -> None:
         req.insert_before("Max-Forwards", str(limits.DEFAULT_MAX_FORWARDS - 1))
 
 
-def loop_hash(req: Request) -> str:
-    """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop."""
-    data = f"{req.uri}|{req.from_tag or ''}|{req.call_id}|{req.cseq[0]}".encode()
+def loop_hash(req: Request, node: str = "") -> str:
+    """RFC 3261 §16.6 item 8: what must differ for a spiral not to be a loop. ``node``:
+    this node's id in a cluster, whose nodes all write branches starting OUR_BRANCH: a
+    request passing three nodes unchanged (an in-dialog one) is not a loop at the third."""
+    data = f"{req.uri}|{req.from_tag or ''}|{req.call_id}|{req.cseq[0]}|{node}".encode()
     return hashlib.sha256(data).hexdigest()[:8]
 
 

@@ -15,8 +15,9 @@ from typing import TypeVar
 
 from pbxcore.wire import PushTarget, WakeOutcome, WakeRequest
 from relay.proxy.counters import Counters
+from relay.proxy.crosswake import WokenElsewhere
 from relay.proxy.devices import PendingRegister, Registered
-from relay.proxy.effects import Effect, Send, Wake
+from relay.proxy.effects import AwaitDevice, Effect, Send, Wake
 from relay.proxy.flow import Flow
 from relay.proxy.replies import Replies, txn_key
 from relay.proxy.transaction import (
@@ -48,6 +49,7 @@ class Held:
     target: PushTarget
     tag: str  # our To tag on the 180 and on the final answer we may give
     user: str  # the AOR user that registered this device (from the Path token)
+    device: str = ""  # cluster: the device's id in the shared state (relay/proxy/crosswake.py)
 
 
 # What the coordinator does with a released INVITE: forward it on the woken phone's
@@ -87,6 +89,8 @@ class Holds:
         self.counters.inc("push_holds_total", "started")
         log.info("event=push_hold call_id=%s serial=%s provider=%s", req.call_id, held.serial,
                  held.target.provider)
+        if held.device:  # the phone may register again through another node
+            return [Send(source, txn.last_response), wake, AwaitDevice(held.device, self.ring_timeout)]
         return [Send(source, txn.last_response), wake]
 
     def on_wake_result(self, key: TxnKey, outcome: WakeOutcome, now: float) -> list[Effect]:
@@ -150,6 +154,28 @@ class Holds:
             self.counters.inc("push_holds_total", "released")
             log.info("event=push_release call_id=%s flow=%s", txn.call_id, pending.flow)
             out += forward(txn, held, pending.flow, now)
+        return out
+
+    def release_elsewhere(self, woken: WokenElsewhere, link: Flow, now: float, forward: Release,
+                          ) -> list[Effect]:
+        """The device registered again through another node, reached over ``link``:
+        its held INVITEs (same PBX and user only) go to the contact it registered,
+        routed by that node's Path entry."""
+        out: list[Effect] = []
+        for txns in list(self._by_target.values()):
+            for txn in txns[:]:
+                held = _held(txn)
+                if txn.state is not TxnState.HELD or held.device != woken.device:
+                    continue
+                if (held.serial, held.user) != (woken.serial, woken.user):
+                    self.counters.inc("push_holds_total", "release_refused")
+                    continue
+                self._forget(txn, held)
+                held.req.set_uri(woken.contact)
+                held.req.insert_before("Route", woken.path)
+                self.counters.inc("push_holds_total", "released_elsewhere")
+                log.info("event=push_release call_id=%s flow=%s", txn.call_id, link)
+                out += forward(txn, held, link, now)
         return out
 
     def _forget(self, txn: InviteTransaction, held: Held) -> None:
