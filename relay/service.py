@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -66,6 +68,16 @@ def load_key(state_dir: Path) -> bytes:
     return key
 
 
+def node_key(cfg: RelayConfig) -> bytes:
+    """The key of flow tokens, digest nonces and branches. One node: relay.key in the
+    state directory. A cluster: derived from [cluster] secret, so that every node — every
+    worker, every machine — verifies what any other minted (a Record-Route or Path
+    token, the nonce of a 401 whose retry lands on another node); docs/cluster.md."""
+    if cfg.cluster.redis_url:
+        return hmac.new(cfg.cluster.secret.encode(), b"pbx-relay node key", hashlib.sha256).digest()
+    return load_key(cfg.state_dir)
+
+
 def proxy_config(cfg: RelayConfig) -> ProxyConfig:
     """What the core needs of relay.toml."""
     ports = {t: ls[0].port for t in ("udp", "tcp", "tls") if (ls := cfg.listeners(t))}
@@ -103,7 +115,7 @@ class RelayService:
 
     def __init__(self, cfg: RelayConfig, reuse_port: bool = False):
         self.cfg = cfg
-        self.key = load_key(cfg.state_dir)
+        self.key = node_key(cfg)
         self.directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
         auth = DigestAuth(self.key, cfg.relay.domain, tuple(cfg.sip.digest_algorithms))
         self.forwarder: ForwardingBackend | None = None

@@ -1,5 +1,6 @@
-"""Bans shared between nodes (docs/cluster.md, "Shared bans"): a source banned for guessing
-digests on one node is refused on every node; legitimate sources are not touched.
+"""What nodes share to hold the line together (docs/cluster.md): a source banned for
+guessing digests on one node is refused on every node, legitimate sources untouched
+("Shared bans"); a nonce one node gave is honoured by another ("The node key").
 
 Two `pbx-relay run` nodes on a real redis-server; the guesser connects from 127.0.0.2 (its
 own source to the relays), the legitimate PBX from 127.0.0.1.
@@ -124,3 +125,25 @@ def test_impose_keeps_a_longer_ban_and_is_bounded() -> None:
         bans.impose(f"198.51.100.{i}", 60, 2.0)
     assert len(bans) == 3
 
+
+
+def test_every_node_honours_a_nonce_another_node_gave(
+    nodes: tuple[RelayProc, RelayProc, RedisServer],
+) -> None:
+    """The node key comes from the cluster secret, not each state directory's relay.key:
+    a PBX whose authorised retry lands on another node (another worker, another A
+    record) gets its credentials checked there, not a "stale nonce" challenge. (B's
+    directory does not hold the serial: the check then fails, 403; a nonce B could not
+    verify would draw a 401 before any check.)"""
+    a, b, _ = nodes
+    stream_a, stream_b = Stream(a), Stream(b)
+    try:
+        call_id = rand()
+        first = pbx_register(stream_a, SERIAL, cseq=1, call_id=call_id)
+        auth = authorization(challenge(first, "MD5"), SERIAL, a.secrets[SERIAL], f"sip:{SERIAL}@{DOMAIN}")
+        answer = pbx_register(stream_b, SERIAL, cseq=2, call_id=call_id, auth=auth)
+        assert answer.status == 403, answer.raw  # the nonce verified; the serial is not B's
+        assert b.metric("pbx_relay_pbx_auth_failures_total") == 1
+    finally:
+        stream_a.sock.close()
+        stream_b.sock.close()
