@@ -105,13 +105,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_parent(args: argparse.Namespace, cfg: config_mod.RelayConfig) -> int:
     """``--workers N``: what the workers share is made once, here, before they start (the
-    flow-token key, the self-signed certificate); then the parent supervises them."""
+    self-signed certificate; the node key comes from the cluster secret); then the parent
+    supervises them."""
     import trio
 
     from relay import workers
-    from relay.service import load_key, tls_files
+    from relay.service import tls_files
 
-    load_key(cfg.state_dir)
     if cfg.listeners("tls") or cfg.provisioning.enabled:
         tls_files(cfg)
     watchdog = workers.WORKER_WATCHDOG if args.worker_watchdog is None else args.worker_watchdog
