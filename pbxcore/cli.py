@@ -77,7 +77,8 @@ def describe(exc: BaseException) -> str:
     return one_line(exc) or type(exc).__name__
 
 
-def find_leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+def find_leaf(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...],
+              ) -> BaseException | None:
     """``exc`` itself or the first ``kind`` inside its exception groups (trio's nurseries
     wrap what a task raised)."""
     if isinstance(exc, kind):

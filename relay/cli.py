@@ -17,7 +17,8 @@ from pbxcore.statedir import private_dir
 from relay import config as config_mod
 from relay import operator
 from relay.admin import DIRECTORY_RELOAD
-from relay.pbx.directory import SERIAL_RULE, DirectoryError, PbxDirectory
+from relay.pbx.directory import SERIAL_RULE, DirectoryError
+from relay.pbx.shared import open_directory
 from relay.provisioning.command import add_link_command
 
 PROG = "pbx-relay"
@@ -147,7 +148,7 @@ def _named_bind_failure(exc: BaseException) -> ListenError | None:
 def cmd_pbx(args: argparse.Namespace) -> int:
     """pbx add|list|remove: the PBX directory the relay authenticates PBXs against."""
     cfg = _load(args)
-    directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
+    directory = open_directory(cfg.state_dir, cfg.cluster.redis_url)
     if args.action == "show":
         return operator.cmd_pbx_show(args, cfg)
     if args.action == "list":

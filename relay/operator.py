@@ -139,9 +139,14 @@ def push_call(
 
 
 def directory(cfg: RelayConfig) -> dict[str, tuple[str, float]]:
-    """serial → (realm, created) from the PBX directory; never creates it."""
+    """serial → (realm, created) from the PBX directory (the cluster's with redis_url);
+    never creates it."""
     from relay.pbx.directory import PbxDirectory
+    from relay.pbx.shared import open_directory
 
+    if cfg.cluster.redis_url:
+        shared = open_directory(cfg.state_dir, cfg.cluster.redis_url)
+        return {serial: (realm, created) for serial, realm, created in shared.list()}
     path = cfg.state_dir / "pbx.sqlite"
     if not path.exists():
         return {}

@@ -19,6 +19,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from pbxcore.errors import StateError
 from pbxcore.journal import set_level
 from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
@@ -32,7 +33,7 @@ from relay.media.ports import PortPool
 from relay.media.session import MediaSessions
 from relay.metrics import Gauges, Labelled, RelayCollector, relay_metrics
 from relay.pbx.digest import DigestAuth
-from relay.pbx.directory import PbxDirectory
+from relay.pbx.shared import MirroredDirectory, node_directory
 from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Send
@@ -116,7 +117,7 @@ class RelayService:
     def __init__(self, cfg: RelayConfig, reuse_port: bool = False):
         self.cfg = cfg
         self.key = node_key(cfg)
-        self.directory = PbxDirectory(cfg.state_dir / "pbx.sqlite")
+        self.directory = node_directory(cfg.state_dir, cfg.cluster.redis_url)
         auth = DigestAuth(self.key, cfg.relay.domain, tuple(cfg.sip.digest_algorithms))
         self.forwarder: ForwardingBackend | None = None
         self.media_backend = "off"
@@ -247,16 +248,38 @@ class RelayService:
 
     # -------------------------------------------------------------- directory
     async def _directory_refresh(self) -> None:
+        failing = False  # one line when reading starts failing, one when it works again
         while True:
             try:
                 await self.reload_directory()
-            except Exception as e:  # out of descriptors, a locked database: the loaded one stays
-                log.warning("event=directory_reload_failed error=%r (the loaded directory stays)", e)
+            except Exception as e:  # out of descriptors, a locked database, Redis away
+                if not failing:
+                    log.warning("event=directory_reload_failed error=%r (the loaded directory stays)", e)
+                failing = True
+            else:
+                if failing:
+                    log.info("event=directory_reload_back")
+                failing = False
             await trio.sleep(DIRECTORY_POLL)
 
     async def _load_directory(self) -> None:
-        self._directory_stamp = await trio.to_thread.run_sync(self.directory.stamp)
-        fresh = await trio.to_thread.run_sync(self.directory.load, self.cfg.relay.domain)
+        directory, realm = self.directory, self.cfg.relay.domain
+        try:
+            if isinstance(directory, MirroredDirectory):
+                # The PBXs of this node's own pbx.sqlite the cluster lacks (relay/pbx/shared.py).
+                adopted = await trio.to_thread.run_sync(directory.adopt_local)
+                if adopted:
+                    log.info("event=directory_adopted count=%d into=%s", adopted, directory.where)
+            stamp = await trio.to_thread.run_sync(directory.stamp)
+            fresh = await trio.to_thread.run_sync(directory.load, realm)
+        except StateError as e:
+            if not isinstance(directory, MirroredDirectory):
+                raise
+            # Redis away at start: this node's copy until it answers (the poll reads it).
+            log.warning("event=directory_unreachable error=%s (this node's copy is used; "
+                        "read again every %g s)", e, DIRECTORY_POLL)
+            stamp, fresh = -1.0, await trio.to_thread.run_sync(directory.local.load, realm)
+        self._directory_stamp = stamp
         self._directory_size = len(fresh)
         self.proxy.on_directory(fresh)
 

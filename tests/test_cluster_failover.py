@@ -10,7 +10,6 @@ expires, and a lookup that finds it then answers 480, as for an offline PBX (doc
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -37,9 +36,9 @@ redis_server = redisfixture.redis_server  # the fixture, by name
 
 
 def start_node(tmp: Path, redis: RedisServer, node_id: str, directory_of: RelayProc | None) -> RelayProc:
-    """A node without media (signalling is what moves); ``directory_of``: a node whose PBX
-    directory it gets a copy of (each node has its own pbx.sqlite today, docs/cluster.md),
-    None: the PBX is added to a fresh one."""
+    """A node without media (signalling is what moves); ``directory_of``: a node whose
+    PBX's secret it knows (the directory is the cluster's, in Redis: relay/pbx/shared.py),
+    None: the PBX is added (`pbx add` writes it to the shared directory)."""
     state = tmp / node_id
     state.mkdir()
     r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
@@ -49,7 +48,6 @@ def start_node(tmp: Path, redis: RedisServer, node_id: str, directory_of: RelayP
     if directory_of is None:
         r.add_pbx(SERIAL)
     else:
-        shutil.copy(directory_of.state_dir / "pbx.sqlite", state / "pbx.sqlite")
         r.secrets = dict(directory_of.secrets)
     return start_relay(r, lines, media)
 

@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS pbx (
 """
 
 
+Rows = list[tuple[str, str, str, str, float]]  # serial, realm, HA1 MD5, HA1 SHA-256, created
+
+
 class DirectoryError(PbxError):
     """A request the directory refuses (bad serial, a PBX that exists or does not)."""
 
@@ -119,6 +122,23 @@ class PbxDirectory:
     def list(self) -> list[tuple[str, str, float]]:
         """(serial, realm, created) of every PBX, by serial."""
         return self._run("SELECT serial, realm, created FROM pbx ORDER BY serial")[0]
+
+    def rows(self) -> Rows:
+        """Every PBX as (serial, realm, HA1 MD5, HA1 SHA-256, created), by serial."""
+        return self._run("SELECT serial, realm, ha1_md5, ha1_sha256, created FROM pbx ORDER BY serial")[0]
+
+    def replace(self, rows: Rows) -> None:
+        """Make the directory exactly ``rows`` (one transaction): a cluster node's local
+        copy of the shared directory (relay/pbx/shared.py)."""
+        db = self._db()
+        try:
+            with db:
+                db.execute("DELETE FROM pbx")
+                db.executemany("INSERT INTO pbx VALUES (?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as e:
+            raise self._state_error(e) from None
+        finally:
+            db.close()
 
     def load(self, realm: str) -> dict[str, dict[str, str]]:
         """serial → {algorithm: HA1} for PBXs created under ``realm``."""

@@ -146,7 +146,7 @@ class Proxy:
         the media port reserve."""
         self._next_sweep = now
         if wall is not None:
-            self._wall_offset = wall - now
+            self._wall_offset = self.registrar.wall_offset = wall - now
         return [] if self.media is None else list(self.media.sessions.start())
 
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Effect]:

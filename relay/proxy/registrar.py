@@ -116,6 +116,9 @@ class PbxRegistrar:
         self.directory: Mapping[str, Ha1s] = {}
         self.identity = identity
         self.bans = bans or AuthBans()
+        # Wall clock minus ``now`` (Proxy.start): nonces carry wall-clock stamps, so that
+        # another node of a cluster can tell a nonce's age (relay/pbx/digest.py).
+        self.wall_offset = 0.0
         # Cluster (docs/cluster.md): each bind gives a ClaimPbx, each unbind a ReleasePbx,
         # each ban a ShareBan.
         self.shared = shared
@@ -203,7 +206,7 @@ class PbxRegistrar:
         verdict = "none"
         if authorization:
             verdict, username = self.auth.check(authorization, "REGISTER", self.directory.get(serial),
-                                                now, bind)
+                                                now + self.wall_offset, bind)
             if verdict == "ok" and username != serial:
                 verdict = "fail"
         if verdict == "ok":
@@ -215,7 +218,8 @@ class PbxRegistrar:
             self.counters.inc("pbx_auth_failures_total")
             return [*self.replies.refuse(req, source, 403, "Forbidden"), *self._failed(source, serial, now)]
         # RFC 3261 §22.4: challenge; stale=true when only the nonce aged.
-        extra = [("WWW-Authenticate", c) for c in self.auth.challenges(now, verdict == "stale", bind)]
+        extra = [("WWW-Authenticate", c)
+                 for c in self.auth.challenges(now + self.wall_offset, verdict == "stale", bind)]
         answer = self.replies.reply(req, source, 401, "Unauthorized", extra=extra)
         if source.transport == "udp":
             # A spoofed source must not turn the relay into an amplifier: over UDP the
