@@ -25,6 +25,7 @@ from relay.proxy.effects import (
     DeviceGone,
     DeviceSeen,
     Effect,
+    ForgetPbx,
     LocatePbx,
     ReleasePbx,
     Send,
@@ -116,7 +117,7 @@ class Dispatcher:
             elif isinstance(e, Wake):
                 self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
             return
-        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx):
+        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ForgetPbx):
             if self.cluster is not None:
                 self.cluster(e)
             elif isinstance(e, LocatePbx):

@@ -435,7 +435,8 @@ def cluster_node(
     settings = NodeSettings(
         node_id=cfg.node_id, redis_url=c.redis_url, listen_host=listen.host, listen_port=listen.port,
         advertise=c.advertise, secret=c.secret.encode(), timeout=c.timeout, heartbeat=c.heartbeat,
-        max_links=c.max_links, max_pending_lookups=c.max_pending_lookups)
+        max_links=c.max_links, max_pending_lookups=c.max_pending_lookups,
+        lookup_cache_size=c.lookup_cache_size, lookup_cache_ttl=c.lookup_cache_ttl)
     return ClusterNode(settings, transports, dispatch.on_located, proxy.claim_token, proxy.registrations,
                        dispatch.count)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from relay.pbx.digest import DigestAuth
-from relay.proxy.core import ProxyConfig
+from relay.proxy.core import NOT_HELD, ProxyConfig
 from relay.proxy.effects import (
     LOCATE_BUSY,
     LOCATE_FAILED,
@@ -20,6 +20,7 @@ from relay.proxy.effects import (
     NOWHERE,
     ClaimPbx,
     Effect,
+    ForgetPbx,
     LocatePbx,
     ReleasePbx,
     Send,
@@ -154,7 +155,87 @@ def test_what_comes_from_another_node_is_never_looked_up_again(cluster: Cluster)
     cluster.a.on_flow_closed(PBX)
     (answer,) = cluster.at_a(fwd.data)
     assert (answer.flow, answer.status) == (LINK_AT_A, 480)
+    assert answer.msg.get(NOT_HELD.lower()) == SERIAL  # B may have cached A as the holder
     assert not [e for e in cluster.a.take_effects() if isinstance(e, LocatePbx)]
+
+
+LINK_TO_C = Flow("cluster", "198.51.100.12", CLUSTER_PORT, B_IP, 40200)  # B's link to a node C
+
+
+def not_held_at_a(cluster: Cluster, data: bytes) -> bytes:
+    """Node A, which no longer holds the PBX, answers what B sent it: 480 with NOT_HELD."""
+    cluster.a.on_flow_closed(PBX)
+    (answer,) = cluster.at_a(data)
+    assert answer.status == 480
+    return answer.data
+
+
+def test_an_invite_the_cached_node_no_longer_holds_goes_again_after_one_fresh_lookup(
+    cluster: Cluster,
+) -> None:
+    """B forwarded on a cached holder (A); A says it does not hold the PBX: B asks the
+    shared state afresh and sends the same INVITE to the node it names, the phone sees
+    no 480."""
+    trying, fwd = outs(cluster.at_b(invite()))
+    effects = cluster.b.on_message(parse_message(not_held_at_a(cluster, fwd.data)), LINK_AT_B, 1.2)
+    assert len(effects) == 1 and isinstance(effects[0], LocatePbx)
+    relocate = effects[0]
+    assert (relocate.serial, relocate.fresh, relocate.hop) == (SERIAL, True, None)
+    (again,) = outs(cluster.b.on_located(relocate, LINK_TO_C, LOCATED, 1.3))
+    assert (again.flow, again.data) == (LINK_TO_C, fwd.data)  # the same INVITE, same branch
+    # C's 180 and 200 reach the phone through B as any answer.
+    ringing = response_to(again.data, 180, "Ringing")
+    (up,) = outs(cluster.b.on_message(parse_message(ringing), LINK_TO_C, 1.4))
+    assert (up.flow, up.status) == (PHONE, 180)
+    # Only once: a second NOT_HELD for the same INVITE goes up to the caller.
+    assert cluster.b.counters.get("cluster_lookups_total", LOCATED) == 2
+
+
+def test_an_invite_whose_fresh_lookup_finds_nobody_gets_480(cluster: Cluster) -> None:
+    trying, fwd = outs(cluster.at_b(invite()))
+    (relocate,) = cluster.b.on_message(parse_message(not_held_at_a(cluster, fwd.data)), LINK_AT_B, 1.2)
+    assert isinstance(relocate, LocatePbx)
+    (answer,) = outs(cluster.b.on_located(relocate, None, NOWHERE, 1.3))
+    assert (answer.flow, answer.status) == (PHONE, 480)
+    assert not answer.msg.has(NOT_HELD.lower())
+    # The phone's ACK for it stays at B.
+    ack = request("ACK", f"sip:201@{PBX_DOMAIN}", flow=PHONE, via_host="192.168.1.20", via_port=5062,
+                  branch="z9hG4bKxphone1", call_id="xcall-1", to_tag=answer.msg.to().tag)
+    assert cluster.b.on_message(parse_message(ack, datagram=True), PHONE, 1.4) == []
+
+
+def test_a_second_not_held_for_the_same_invite_goes_to_the_caller(cluster: Cluster) -> None:
+    trying, fwd = outs(cluster.at_b(invite()))
+    not_held = not_held_at_a(cluster, fwd.data)
+    (relocate,) = cluster.b.on_message(parse_message(not_held), LINK_AT_B, 1.2)
+    assert isinstance(relocate, LocatePbx)
+    cluster.b.on_located(relocate, LINK_AT_B, LOCATED, 1.3)
+    effects = cluster.b.on_message(parse_message(not_held), LINK_AT_B, 1.4)
+    assert ForgetPbx(SERIAL) in effects
+    (up,) = outs([e for e in effects if not isinstance(e, ForgetPbx)])
+    assert (up.flow, up.status) == (PHONE, 480)
+    assert not up.msg.has(NOT_HELD.lower())
+
+
+def test_any_other_request_not_held_there_makes_the_node_forget_the_holder(cluster: Cluster) -> None:
+    options = request("OPTIONS", f"sip:{PBX_DOMAIN}", flow=PHONE, via_host="192.168.1.20",
+                      via_port=5062, branch="z9hG4bKxopt1", call_id="xopt-1")
+    (fwd,) = outs(cluster.at_b(options))
+    effects = cluster.b.on_message(parse_message(not_held_at_a(cluster, fwd.data)), LINK_AT_B, 1.2)
+    assert effects[0] == ForgetPbx(SERIAL)
+    (up,) = outs(effects[1:])
+    assert (up.flow, up.status) == (PHONE, 480)
+    assert not up.msg.has(NOT_HELD.lower())  # never leaves the relay
+
+
+def test_a_not_held_header_from_a_pbx_means_nothing_and_is_taken_off(cluster: Cluster) -> None:
+    trying, fwd = outs(cluster.at_b(invite()))
+    trying_a, to_pbx = cluster.at_a(fwd.data)
+    busy = response_to(to_pbx.data, 480, "Temporarily Unavailable", headers=[f"{NOT_HELD}: 999"])
+    effects = cluster.a.on_message(parse_message(busy), PBX, 1.2)
+    assert not [e for e in effects if isinstance(e, LocatePbx | ForgetPbx)]
+    (back,) = outs(effects)
+    assert back.flow == LINK_AT_A and not back.msg.has(NOT_HELD.lower())
 
 
 def test_a_register_over_a_node_link_is_refused_unchecked() -> None:

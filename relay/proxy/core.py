@@ -29,6 +29,7 @@ from relay.proxy.effects import (
     NOWHERE,
     ClaimPbx,
     Effect,
+    ForgetPbx,
     LocatePbx,
     Send,
 )
@@ -56,7 +57,9 @@ from relay.proxy.routetokens import TOKEN_PATH, Claim, RouteTokens
 from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
+    TxnEvent,
     TxnKey,
+    TxnState,
 )
 from relay.proxy.wake import (
     path_user,
@@ -79,6 +82,13 @@ COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 MAX_TRANSACTIONS = 100_000
 OVERLOAD_RETRY_AFTER = 5  # seconds, in that 503
 SWEEP_EVERY = 1.0  # seconds between sweeps of registrations, devices and silent media
+# Cluster (docs/cluster.md, "The holder cache"): the header of the 480 a node sends back
+# over a link for a PBX it does not hold, naming the serial. Only a 480 that came over a
+# link (authenticated: another node) is believed; the node that gets it forgets its
+# cached holder and, for an INVITE, asks the shared state once and sends it again. The
+# header never leaves the relay: it is taken off every 480 that passes through.
+NOT_HELD = "X-PbxRelay-Not-Held"
+_NOT_HELD = NOT_HELD.lower()  # how Message.get/has/remove name it
 
 
 @dataclass(slots=True)
@@ -201,8 +211,11 @@ class Proxy:
         """What came of a ``LocatePbx``: ``link`` (outcome LOCATED) is the flow to the node
         that holds the PBX; NOWHERE gets the 480 of an offline PBX; LOCATE_FAILED and
         LOCATE_BUSY a 503 the phone may retry."""
-        hop = locate.hop
         self.counters.inc("cluster_lookups_total", outcome)
+        if locate.retry:
+            return self._relocated(locate.retry, link, outcome, now)
+        hop = locate.hop
+        assert hop is not None
         if outcome == LOCATED and link is not None:
             hop.target = link
             return self._forward(hop, now)
@@ -211,6 +224,24 @@ class Proxy:
         retry = str(1 if outcome == LOCATE_BUSY else OVERLOAD_RETRY_AFTER)
         return list(self.replies.refuse(hop.req, hop.source, 503, "Service Unavailable",
                                         extra=[("Retry-After", retry)]))
+
+    def _relocated(self, key: TxnKey, link: Flow | None, outcome: str, now: float) -> list[Effect]:
+        """The fresh lookup of an INVITE the cached node said it no longer holds: the
+        same INVITE (our Via, Record-Route and branch as before) on the new link, or the
+        caller gets the answer it would have got without the cache."""
+        txn = self.txns.get(key)
+        if txn is None or txn.state is not TxnState.CALLING:
+            return []
+        if outcome == LOCATED and link is not None:
+            txn.outbound = link
+            return [Send(link, txn.forwarded)]
+        status, reason = (480, "Temporarily Unavailable") if outcome == NOWHERE else (
+            503, "Service Unavailable")
+        self.counters.inc("responses_sent_total", str(status))
+        txn.last_response = self.replies.upstream(txn, status, reason)
+        self.txns.finish(txn, TxnEvent.TIMEOUT, now)
+        effects: list[Effect] = [] if self.media is None else list(self.media.sessions.failed(txn.call_id))
+        return [*effects, Send(txn.inbound, txn.last_response)]
 
     def claim_token(self, claim: ClaimPbx, now: float) -> str:
         """The signed flow token a ClaimPbx stores in the shared state: it names the
@@ -371,7 +402,9 @@ class Proxy:
         from another node, and everything on a single node, gets the 480 of an offline PBX."""
         if self.cfg.cluster and not hop.source.node_link:
             return [LocatePbx(hop.serial, hop)]
-        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
+        # Over a link: the node that sent it may have a stale holder cached (NOT_HELD).
+        extra = [(NOT_HELD, hop.serial)] if hop.source.node_link else None
+        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable", extra=extra))
 
     def _for_us(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Effect]:
         if req.method == "REGISTER":
@@ -479,6 +512,11 @@ class Proxy:
         resp.pop_first_value("via")
         if not resp.has("via"):
             return []  # the answer to a CANCEL we generated
+        effects: list[Effect] = []
+        if resp.status == 480 and resp.has(_NOT_HELD):
+            effects = self._not_held(resp, source, branch)
+            if effects and isinstance(effects[0], LocatePbx):
+                return effects  # the INVITE goes again, to the node the shared state names
         method = resp.cseq[1]
         if method == "REGISTER" and resp.status >= 200:
             pending = self.devices.answered(branch)
@@ -486,8 +524,7 @@ class Proxy:
                 return [*self._send_response(resp.serialise(), back), *self._registered(pending, resp, now)]
         txn = self.txns.by_our_branch(branch)
         if txn is not None and method == "INVITE":
-            return self.invites.on_response(resp, txn, source, now)
-        effects: list[Effect] = []
+            return [*effects, *self.invites.on_response(resp, txn, source, now)]
         if self.media is not None and method == "BYE" and resp.status >= 200:
             effects += self.media.on_bye_answered(resp)
         if self.media is not None and method in SDP_METHODS and resp.status >= 200:
@@ -498,6 +535,21 @@ class Proxy:
                 return list(media_effects)
             effects += media_effects
         return [*effects, *self._send_response(resp.serialise(), back)]
+
+    def _not_held(self, resp: Response, source: Flow, branch: str) -> list[Effect]:
+        """A 480 with NOT_HELD: taken off in any case; from a link, the cached holder of
+        its serial is forgotten, and a first INVITE not yet answered is located afresh
+        (once: a second NOT_HELD for it goes up to the caller)."""
+        serial = resp.get(_NOT_HELD) or ""
+        resp.remove(_NOT_HELD)
+        if not source.node_link or not serial:
+            return []  # a PBX's own header passing through: it means nothing
+        txn = self.txns.by_our_branch(branch)
+        if (txn is not None and resp.cseq[1] == "INVITE" and txn.state is TxnState.CALLING
+                and txn.serial == serial and not txn.relocated and not txn.to_phone):
+            txn.relocated = True
+            return [LocatePbx(serial, None, fresh=True, retry=txn.key)]
+        return [ForgetPbx(serial)]
 
     def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Effect]:
         """The PBX said 2xx to a phone: its devices move, the push service hears of
