@@ -81,7 +81,7 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
         auth_failures_before_ban=cfg.limits.auth_failures_before_ban,
         auth_first_ban=cfg.limits.auth_first_ban,
-        cluster=bool(cfg.cluster.redis_url),
+        cluster=bool(cfg.cluster.redis_url), node_id=cfg.node_id if cfg.cluster.redis_url else "",
     )
 
 

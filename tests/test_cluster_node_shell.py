@@ -223,3 +223,17 @@ def test_the_holder_cache_is_bounded_and_drops_the_oldest() -> None:
     off = HolderCache(size=3, ttl=0.0)
     off.put("1", Holder("n", "h:1"), 0.0)
     assert len(off) == 0
+
+
+async def test_a_node_named_by_a_token_is_reached_without_a_lookup(nursery: trio.Nursery) -> None:
+    state = CountingState()
+    await start(nursery, state, "node-a")
+    b = await start(nursery, state, "node-b")
+    for node in ("node-a", "node-a", "node-gone", "node-b"):
+        b.node.submit(LocatePbx("1111111111", None, node=node))
+        await located(b, len(b.located) + 1)
+    outcomes = [(o, link is not None) for _, link, o in b.located]
+    assert outcomes == [(LOCATED, True), (LOCATED, True), (NOWHERE, False), (NOWHERE, False)]
+    assert b.located[0][1] == b.located[1][1]  # the same link, reused
+    # No claim read at all; one address read to open the link, one for the gone node.
+    assert state.reads == 2

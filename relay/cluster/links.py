@@ -187,6 +187,11 @@ class ClusterLinks:
         await stream.send_all(b"%s OK %s\r\n" % (PROTOCOL, ours.encode()))
         return peer, bytes(buf)
 
+    def open_to(self, node_id: str) -> Flow | None:
+        """The flow of the link to ``node_id`` open now, if any."""
+        flow = self._by_node.get(node_id)
+        return flow if flow is not None and flow in self.transports.conns else None
+
     async def flow_to(self, node_id: str, address: str) -> Flow:
         """The flow of a link to ``node_id`` (reached at ``address``, "host:port"):
         the open one, else a new one. Raises LinkFailed."""

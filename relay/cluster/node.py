@@ -208,7 +208,10 @@ class ClusterNode:
     async def _locate(self, locate: LocatePbx) -> None:
         link: Flow | None = None
         try:
-            outcome, link = await self._find(locate.serial, locate.fresh)
+            if locate.node:
+                outcome, link = await self._node_link(locate.node)
+            else:
+                outcome, link = await self._find(locate.serial, locate.fresh)
         except SharedStateUnavailable as e:
             self._store_failed("lookup", e)
             outcome = LOCATE_FAILED
@@ -249,6 +252,26 @@ class ClusterNode:
         link = await self.links.flow_to(holder.node_id, holder.address)
         self.holders.put(serial, holder, trio.current_time())
         return LOCATED, link
+
+    async def _node_link(self, node_id: str) -> tuple[str, Flow | None]:
+        """The link to ``node_id``, named by a token another node minted: the open one,
+        else opened at the address its heartbeat gives (one read). NOWHERE: no such
+        live node (or this one: the flow it named is gone)."""
+        if node_id == self.node_id:
+            return NOWHERE, None
+        link = self.links.open_to(node_id)
+        if link is not None:
+            self._count("cluster_node_links_total:open")
+            return LOCATED, link
+        assert self._state is not None
+        try:
+            address = await self._state.node_address(node_id)
+        except ValueError:
+            return NOWHERE, None
+        if address is None:
+            return NOWHERE, None  # stopped heartbeating: its flows are gone with it
+        self._count("cluster_node_links_total:opened")
+        return LOCATED, await self.links.flow_to(node_id, address)
 
     async def _holder(self, serial: str) -> Holder | None:
         """The live node the shared state says holds ``serial`` (two reads), or None."""

@@ -114,6 +114,7 @@ class ProxyConfig:
     # Several nodes share state (docs/cluster.md): claims, lookups and links between
     # nodes (ports["cluster"] is the node's cluster listener).
     cluster: bool = False
+    node_id: str = ""  # this node's id in the cluster: written into Path and Record-Route tokens
 
 
 class Proxy:
@@ -124,7 +125,8 @@ class Proxy:
         self.cfg = config
         self.counters = Counters()
         self.identity = RelayIdentity(config.domain, config.advertise, config.ports, config.local_names)
-        self.tokens = RouteTokens(FlowTokens(hashlib.sha256(b"flow" + key).digest()))
+        self.tokens = RouteTokens(FlowTokens(hashlib.sha256(b"flow" + key).digest()),
+                                  config.node_id if config.cluster else "")
         self._wall_offset = 0.0  # wall clock minus ``now``: tokens carry wall-clock expiries
         branch_key = hashlib.sha256(b"branch" + key).digest()
         self.branches = Branches(branch_key)
@@ -218,7 +220,13 @@ class Proxy:
         assert hop is not None
         if outcome == LOCATED and link is not None:
             hop.target = link
+            if locate.node:
+                hop.phone_flow = link  # our Record-Route names the way to the phone's node
             return self._forward(hop, now)
+        if outcome == NOWHERE and locate.node:
+            # RFC 5626 §5.3: the flow the token names is gone, with its node.
+            self.counters.inc("flow_failed_total")
+            return list(self.replies.refuse(hop.req, hop.source, 430, "Flow Failed"))
         if outcome == NOWHERE:
             return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
         retry = str(1 if outcome == LOCATE_BUSY else OVERLOAD_RETRY_AFTER)
@@ -304,19 +312,22 @@ class Proxy:
             return list(self.replies.refuse(req, source, 420, "Bad Extension",
                                             extra=[("Unsupported", ", ".join(proxy_require))]))
         mf = max_forwards(req)
-        token, ftag, routes_left = strip_own_routes(req, self.identity)
+        token, ftag, routes_left, stripped = strip_own_routes(req, self.identity)
         if token is None and self.identity.is_us(ruri) and not routes_left:
             return self._for_us(req, ruri, source, now)
         if mf <= 0:
             return list(self.replies.refuse(req, source, 483, "Too Many Hops"))
         if token is not None:
-            return self._route_by_token(req, source, via, token, ftag, mf, now)
+            return self._route_by_token(req, source, via, (token, ftag, stripped), mf, now)
         return self._route_by_domain(req, source, via, ruri, mf, now)
 
     def _route_by_token(
-        self, req: Request, source: Flow, via: Via, token: str, ftag: str | None, mf: int, now: float,
+        self, req: Request, source: Flow, via: Via, route: tuple[str, str | None, list[str]], mf: int,
+        now: float,
     ) -> list[Effect]:
-        """A request on a route we made: a Path (to a phone) or a Record-Route (in a dialog)."""
+        """A request on a route we made: a Path (to a phone) or a Record-Route (in a dialog).
+        ``route``: the token, its ``ftag`` and the Route entries of ours taken off."""
+        token, ftag, stripped = route
         try:
             claim = self.tokens.read(token, now + self._wall_offset)
         except BadToken as e:
@@ -328,7 +339,33 @@ class Proxy:
             # bound to what they were minted for): it routes nothing.
             self.counters.inc("forbidden_total", "token_other_dialog")
             return list(self.replies.refuse(req, source, 403, "Forbidden"))
+        if claim.node and claim.node != self.cfg.node_id and self.cfg.cluster:
+            hop = Hop(req, source, via, source, claim.serial, source, mf, True)
+            routed = self._to_node(hop, claim, ftag, stripped, now)
+            if routed is not None:
+                return routed
         return self._route_claim(req, source, via, claim, ftag, mf, now)
+
+    def _to_node(
+        self, hop: Hop, claim: Claim, ftag: str | None, stripped: list[str], now: float,
+    ) -> list[Effect] | None:
+        """A token another node minted (docs/cluster.md, "Tokens that name their node"): the
+        phone's flow is on ``claim.node``. Towards the phone, the request goes to that node
+        over a link with our Route entries put back (it routes them as its own), no lookup;
+        towards the PBX, None: routed here as any request (the PBX's claim says where it is)."""
+        req, source = hop.req, hop.source
+        pbx = self.registrar.lookup(claim.serial, now) if claim.serial else None
+        if not towards_phone(req, source, claim.kind, ftag, pbx.flow if pbx else None):
+            return None
+        if source.node_link:
+            # One hop only: the node that sent it should have held the flow itself.
+            self.counters.inc("flow_failed_total")
+            return list(self.replies.refuse(req, source, 430, "Flow Failed"))
+        if claim.kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
+            self.counters.inc("forbidden_total", "path_not_from_pbx")
+            return list(self.replies.refuse(req, source, 403, "Forbidden"))
+        req.insert_before("Route", ", ".join(stripped))
+        return [LocatePbx(claim.serial, hop, node=claim.node)]
 
     def _route_claim(
         self, req: Request, source: Flow, via: Via, claim: Claim, ftag: str | None, mf: int, now: float,

@@ -58,6 +58,8 @@ _METRICS = (
     Metric("cluster_store_errors_total", "Calls to the shared state (Redis/Valkey) that failed or timed out, "
            "by operation", "operation"),
     Metric("cluster_claims_dropped_total", "Claims and releases dropped: their queue was full"),
+    Metric("cluster_node_links_total", "Requests sent to the node a token names (no lookup), on a link "
+           "open already (open) or opened for it (opened)", "link"),
     Metric("cluster_lookup_cache_total", "Lookups of a PBX's node answered by the holder cache (hit), "
            "asked of the shared state (miss), and cached holders dropped early (forgotten)", "result"),
     Metric("cluster_links_refused_total", "Links from or to other nodes refused or failed, by reason",

@@ -96,12 +96,16 @@ class LocatePbx:
     ``fresh``: the node the cache named answered that it no longer holds the PBX: the
     shell forgets its entry and asks the shared state. ``retry``: the key of the INVITE
     transaction that got that answer (``hop`` is then None): on LOCATED the core sends
-    the same INVITE again on the new link; the caller never sees the stale node's 480."""
+    the same INVITE again on the new link; the caller never sees the stale node's 480.
+    ``node``: the request follows a Path or Record-Route token another node minted, for
+    a phone whose flow is on that node: the shell opens (or reuses) the link to ``node``
+    without asking which node holds ``serial``; NOWHERE (no such live node) → 430."""
 
     serial: str
     hop: Hop | None
     fresh: bool = False
     retry: tuple[str, ...] = ()
+    node: str = ""  # a token minted by this node names the phone's flow: go there, no lookup
 
 
 @dataclass(frozen=True, slots=True)
