@@ -239,6 +239,8 @@ class ClusterSection:
     """PBXs whose holding node is remembered at once (0: no cache); beyond, the oldest is dropped."""
     lookup_cache_ttl: float = 5.0
     """Seconds (0-60) a remembered holding node is used without asking Redis (0: no cache)."""
+    link_tls: bool = False
+    """Links between nodes inside TLS, with the relay's SIP TLS certificate (the same on every node)."""
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from relay.cluster.holders import CACHE_SIZE, CACHE_TTL, Holder, HolderCache
-from relay.cluster.links import ClusterLinks, LinkFailed
+from relay.cluster.links import ClusterLinks, LinkFailed, LinkTls
 from relay.cluster.redis import RedisState
 from relay.cluster.state import SharedState, SharedStateUnavailable
 from relay.proxy.effects import (
@@ -67,6 +67,7 @@ class NodeSettings:
     max_pending_lookups: int
     lookup_cache_size: int = CACHE_SIZE
     lookup_cache_ttl: float = CACHE_TTL
+    link_tls: LinkTls | None = None  # cluster.link_tls: the links inside TLS
 
 
 Located = Callable[[LocatePbx, Flow | None, str], None]
@@ -93,7 +94,7 @@ class ClusterNode:
         self._registrations = registrations
         self._count = count
         self.links = ClusterLinks(transports, settings.node_id, settings.secret, settings.max_links,
-                                  settings.timeout, count)
+                                  settings.timeout, count, settings.link_tls)
         self.problem: str | None = "starting"
         self.address = ""
         self.pending_lookups = 0
