@@ -5,12 +5,15 @@ token, naming X). The PBX's connection breaks and it reconnects: the kernel give
 connection to worker Y. Its INVITE along the phone's Path reaches Y, which reads X's
 id in the token and sends the request over the link to X without asking Redis which node
 holds anything; X delivers it to the phone. The answer, the ACK and the BYE follow the
-route set both nodes recorded. Plain sockets play the PBX (TCP) and the phone (UDP).
+route set both nodes recorded. With X gone, the same INVITE gets 430 Flow Failed.
+Plain sockets play the PBX (TCP) and the phone (UDP).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -106,32 +109,41 @@ def register_phone(phone: socket.socket, pbx: Pbx) -> str:
     return path
 
 
+def phone_port_on(parent: Parent, want: int) -> int:
+    """A UDP source port the kernel gives to worker ``want``."""
+    for _ in range(64):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+        probe.close()
+        if worker_of_source(parent, port) == want:
+            return port
+    raise AssertionError(f"64 source ports, none on worker {want}")
+
+
+def phone_of_x_pbx_on_y(parent: Parent, redis: RedisServer, phone: socket.socket) -> tuple[int, Pbx, str]:
+    """The phone registers through X, where the PBX is; the PBX's connection breaks and
+    its new one lands on Y. (X, the PBX on Y, the phone's Path.)"""
+    first = Pbx(parent.workers[0])
+    x = worker_of_pbx(parent, first)
+    phone.bind(("127.0.0.1", phone_port_on(parent, x)))
+    path = register_phone(phone, first)
+    first.stream.close()  # X releases its claim
+    wait_for("X's release", lambda: redis_cli(redis, "EXISTS", f"pbxrelay:pbx:{SERIAL}") == "0")
+    pbx = pbx_on_worker(parent, 1 - x)
+    wait_for("Y's claim", lambda: redis_cli(redis, "HGET", f"pbxrelay:pbx:{SERIAL}", "node")
+             == f"edge-w{1 - x}")
+    return x, pbx, path
+
+
 def test_the_pbx_reconnected_to_another_worker_reaches_a_phone_of_the_first_without_a_lookup(
     two_workers: tuple[Parent, RedisServer],
 ) -> None:
     parent, redis = two_workers
     wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
-    first = Pbx(parent.workers[0])
-    x = worker_of_pbx(parent, first)
-    y = 1 - x
-    for _ in range(64):  # a phone source port the kernel gives to X, the PBX's worker
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        if worker_of_source(parent, port) == x:
-            break
-    else:
-        raise AssertionError("64 source ports, none on the PBX's worker")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
-        phone.bind(("127.0.0.1", port))
-        path = register_phone(phone, first)
-        # The PBX's connection breaks; X releases its claim. It reconnects, and lands on Y.
-        first.stream.close()
-        wait_for("X's release", lambda: redis_cli(redis, "EXISTS", f"pbxrelay:pbx:{SERIAL}") == "0")
-        pbx = pbx_on_worker(parent, y)
-        wait_for("Y's claim", lambda: redis_cli(redis, "HGET", f"pbxrelay:pbx:{SERIAL}", "node")
-                 == f"edge-w{y}")
+        x, pbx, path = phone_of_x_pbx_on_y(parent, redis, phone)
+        y, port = 1 - x, phone.getsockname()[1]
 
         redis_cli(redis, "CONFIG", "RESETSTAT")
         ip, pport = pbx.stream.local
@@ -161,4 +173,40 @@ def test_the_pbx_reconnected_to_another_worker_reaches_a_phone_of_the_first_with
             assert got.get("call-id") == "tok-call@test"
         phone.sendto(answer(got, "200 OK", "ph1"), ("127.0.0.1", parent.workers[0].udp))
         assert from_pbx(pbx, 200).get("cseq") == "2 BYE"
+        pbx.stream.close()
+
+
+def worker_pid(parent: Parent, index: int) -> int:
+    for pid in parent.children():
+        if f"{index}/2" in Path(f"/proc/{pid}/cmdline").read_text().split("\0"):
+            return pid
+    raise AssertionError(f"no worker {index}")
+
+
+def test_a_token_naming_a_worker_that_is_gone_gets_430_flow_failed(
+    two_workers: tuple[Parent, RedisServer],
+) -> None:
+    """Worker X dies and is not started again (its parent stopped): once its heartbeat
+    expired, Y answers the PBX's INVITE along X's Path 430 Flow Failed (RFC 5626 §5.3)."""
+    parent, redis = two_workers
+    wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        x, pbx, path = phone_of_x_pbx_on_y(parent, redis, phone)
+        port = phone.getsockname()[1]
+        os.kill(parent.proc.pid, signal.SIGSTOP)  # no restart of X while the test looks
+        try:
+            os.kill(worker_pid(parent, x), signal.SIGKILL)
+            wait_for("X's heartbeat gone",
+                     lambda: redis_cli(redis, "EXISTS", f"pbxrelay:node:edge-w{x}") == "0")
+            ip, pport = pbx.stream.local
+            pbx.stream.send(from_tag(request(
+                "INVITE", f"sip:201@127.0.0.1:{port}", transport="TCP", local=(ip, pport), to=f"<{AOR}>",
+                from_=f"<sip:100@{SERIAL}.{DOMAIN}>", call_id="tok-gone", extra=[f"Route: {path}"]),
+                "pbx1"))
+            final = from_pbx(pbx, 430)
+            assert final.start == "SIP/2.0 430 Flow Failed"
+            assert parent.workers[1 - x].metric("pbx_relay_flow_failed_total") == 1
+            assert drain(phone, 0.3) == []
+        finally:
+            os.kill(parent.proc.pid, signal.SIGCONT)
         pbx.stream.close()
