@@ -45,6 +45,8 @@ NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a node id: safe in a
 MIN_CLUSTER_SECRET = 32  # characters: `openssl rand -hex 32` gives 64; 32 hex digits are 128 bits
 CLUSTER_TIMEOUT_RANGE = (0.01, 0.45)  # seconds: below SIP's 500 ms Timer A (relay/cluster/redis.py)
 HEARTBEAT_RANGE = (0.5, 60.0)  # seconds between heartbeats; a node is dead after 3 missed
+LOOKUP_CACHE_RANGE = (0, 500_000)  # holders cached: ~300 bytes each, 150 MB at most
+LOOKUP_CACHE_TTL_RANGE = (0.0, 60.0)  # seconds: longer, and a half-dead old holder keeps calls longer
 
 
 @dataclass
@@ -233,6 +235,12 @@ class ClusterSection:
     """Links to and from other nodes open at once (handshakes included), in total."""
     max_pending_lookups: int = 1000
     """Lookups of a PBX's node in flight at once; beyond, requests get 503 with Retry-After: 1."""
+    lookup_cache_size: int = 10_000
+    """PBXs whose holding node is remembered at once (0: no cache); beyond, the oldest is dropped."""
+    lookup_cache_ttl: float = 5.0
+    """Seconds (0-60) a remembered holding node is used without asking Redis (0: no cache)."""
+    link_tls: bool = False
+    """Links between nodes inside TLS, with the relay's SIP TLS certificate (the same on every node)."""
 
 
 @dataclass(kw_only=True)
@@ -423,6 +431,8 @@ class RelayConfig(ServiceConfig):
         for k in ("max_links", "max_pending_lookups"):
             if getattr(c, k) < 1:
                 raise ConfigError(f"{w('cluster.' + k)} must be >= 1")
+        self._within("cluster.lookup_cache_size", c.lookup_cache_size, LOOKUP_CACHE_RANGE, "")
+        self._within("cluster.lookup_cache_ttl", c.lookup_cache_ttl, LOOKUP_CACHE_TTL_RANGE)
         if not c.redis_url:
             return
         problem = _redis_url_problem(c.redis_url)

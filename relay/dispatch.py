@@ -26,6 +26,7 @@ from relay.proxy.effects import (
     DeviceGone,
     DeviceSeen,
     Effect,
+    ForgetPbx,
     LocatePbx,
     ReleasePbx,
     Send,
@@ -119,7 +120,7 @@ class Dispatcher:
             elif isinstance(e, Wake):
                 self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
             return
-        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ShareBan | AwaitDevice | Woken):
+        if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ForgetPbx | ShareBan | AwaitDevice | Woken):
             if self.cluster is not None:
                 self.cluster(e)
             elif isinstance(e, LocatePbx):

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from pbxcore.errors import StateError
 from pbxcore.journal import set_level
@@ -25,6 +25,7 @@ from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
 from relay.admin import DIRECTORY_RELOAD, as_json, directory_reload_route, serve_admin
 from relay.cli import operator_command
+from relay.cluster.links import LinkTls
 from relay.cluster.node import ClusterNode, NodeSettings
 from relay.config import ConfigError, RelayConfig
 from relay.dispatch import Dispatcher
@@ -460,6 +461,14 @@ def tls_files(cfg: RelayConfig, running: RelayConfig | None = None) -> tuple[Pat
     return ensure_self_signed(base.state_dir / "tls", base.relay.domain, ips)
 
 
+def link_tls(cfg: RelayConfig) -> LinkTls:
+    """TLS of the links between nodes: the certificate and key SIP over TLS uses
+    (sip.tls_cert/tls_key, else the self-signed pair in state_dir)."""
+    cert, key = tls_files(cfg)
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    return LinkTls.of(server_context(cert, key), leaf.public_bytes(serialization.Encoding.DER))
+
+
 def cluster_node(
     cfg: RelayConfig, transports: Transports, dispatch: Dispatcher, proxy: Proxy,
 ) -> ClusterNode | None:
@@ -471,7 +480,9 @@ def cluster_node(
     settings = NodeSettings(
         node_id=cfg.node_id, redis_url=c.redis_url, listen_host=listen.host, listen_port=listen.port,
         advertise=c.advertise, secret=c.secret.encode(), timeout=c.timeout, heartbeat=c.heartbeat,
-        max_links=c.max_links, max_pending_lookups=c.max_pending_lookups)
+        max_links=c.max_links, max_pending_lookups=c.max_pending_lookups,
+        lookup_cache_size=c.lookup_cache_size, lookup_cache_ttl=c.lookup_cache_ttl,
+        link_tls=link_tls(cfg) if c.link_tls else None)
     return ClusterNode(settings, transports, dispatch.on_located, proxy.claim_token, proxy.registrations,
                        dispatch.count,
                        impose_ban=lambda ip, seconds: proxy.on_shared_ban(ip, seconds, trio.current_time()))

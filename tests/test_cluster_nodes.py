@@ -8,6 +8,7 @@ calls go on. Everything listens on 127.0.0.1 on ports picked free for the test.
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -31,7 +32,7 @@ SECRET = "test-cluster-secret-0123456789abcdef"
 MEDIA_PORTS = {"node-a": 31000, "node-b": 31400}
 
 
-def cluster_lines(redis: RedisServer, node_id: str, secret: str = SECRET) -> str:
+def cluster_lines(redis: RedisServer, node_id: str, secret: str = SECRET, extra: str = "") -> str:
     return f"""
 [cluster]
 redis_url = "redis://127.0.0.1:{redis.port}"
@@ -39,15 +40,15 @@ node_id = "{node_id}"
 listen = "127.0.0.1:{free_port()}"
 secret = "{secret}"
 heartbeat = 0.5
-"""
+{extra}"""
 
 
 def start_node(tmp: Path, redis: RedisServer, node_id: str, serials: tuple[str, ...] = (),
-               secret: str = SECRET) -> RelayProc:
+               secret: str = SECRET, extra: str = "") -> RelayProc:
     state = tmp / node_id
     state.mkdir()
     r = RelayProc(state, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
-    lines = cluster_lines(redis, node_id, secret)
+    lines = cluster_lines(redis, node_id, secret, extra)
     # Each node its own slice of RTP ports, as `--workers N` gives its workers.
     first = MEDIA_PORTS[node_id]
     media = f"port_min = {first}\nport_max = {first + 400}"
@@ -264,6 +265,43 @@ def test_a_node_without_the_secret_gets_no_link(tmp_path: Path, redis_server: Re
         assert a.metric('pbx_relay_connections_total{transport="cluster"}') == 0
         pbx.proc.kill()
         pbx.proc.wait()
+    finally:
+        stop_relay(a)
+        stop_relay(b)
+
+
+def link_hello_over_tls(node: RelayProc, redis: RedisServer, node_id: str) -> bytes:
+    """The first line a node's link listener says to a TLS client."""
+    address = redis_cli(redis, "GET", f"pbxrelay:node:{node_id}")
+    host, _, port = address.rpartition(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        return tls.recv(256)
+
+
+def test_links_over_tls_carry_a_call_both_nodes_with_their_own_certificate(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    """[cluster] link_tls = true on both nodes (each its self-signed certificate, made in
+    its state_dir): the call phone → B → link → A → PBX goes through inside TLS."""
+    a = start_node(tmp_path, redis_server, "node-a", (SERIAL,), extra="link_tls = true\n")
+    b = start_node(tmp_path, redis_server, "node-b", extra="link_tls = true\n")
+    try:
+        wait_for("both nodes ready", lambda: readyz(a) == 200 and readyz(b) == 200)
+        assert link_hello_over_tls(a, redis_server, "node-a").startswith(b"PBXRELAY-CLUSTER/1 HELLO node-a ")
+        pbx = pbx_on(a, tmp_path, a, sc.pbx_answers_phone())
+        a.wait_registered(SERIAL)
+        wait_for("the claim",
+                 lambda: redis_cli(redis_server, "HGET", f"pbxrelay:pbx:{SERIAL}", "node") == "node-a")
+        phone = phone_on(b, tmp_path, sc.phone_calls_pbx())
+        rc_phone, rc_pbx = phone.wait(), pbx.wait()
+        assert (rc_phone, rc_pbx) == (0, 0), f"{phone.errors()}\n{pbx.errors()}\n{b.log()[-3000:]}"
+        assert b.metric('pbx_relay_connections_total{transport="cluster"}') == 1
+        assert a.metric('pbx_relay_cluster_links_refused_total{reason="handshake"}') == 1  # our probe
+        assert b.metric('pbx_relay_cluster_links_refused_total{reason="handshake"}') == 0
     finally:
         stop_relay(a)
         stop_relay(b)

@@ -211,6 +211,8 @@ SECRET32 = "0123456789abcdef0123456789abcdef"
         ("heartbeat = 0\n", "cluster.heartbeat must be between"),
         ("max_links = 0\n", "cluster.max_links must be >= 1"),
         ("max_pending_lookups = 0\n", "cluster.max_pending_lookups must be >= 1"),
+        ("lookup_cache_size = -1\n", "cluster.lookup_cache_size must be between 0 and 500000"),
+        ("lookup_cache_ttl = 61\n", "cluster.lookup_cache_ttl must be between 0 and 60"),
         (f'redis_url = "redis://127.0.0.1:6379"\nsecret = "{SECRET32}"\nlisten = "0.0.0.0:5070"\n',
          "cluster.advertise is needed"),
     ],

@@ -14,16 +14,25 @@ recorded handshake cannot be replayed, and the opener checks that the listener i
 the node the shared state named. Anything else, or nothing within
 HANDSHAKE_TIMEOUT, closes the connection unread. Then the link is a flow of
 transport ``cluster`` in :class:`relay.transport.flows.Transports`: the same framing,
-limits and events as a PBX's TCP connection. The bytes are not encrypted: links
-belong on loopback or a private network (TLS between nodes is not built yet).
+limits and events as a PBX's TCP connection.
+
+With ``cluster.link_tls`` the exchange above, and all SIP after it, runs inside TLS
+(:class:`LinkTls`): the listener presents the relay's certificate (sip.tls_cert, or
+the self-signed one), and both MACs also cover the SHA-256 fingerprint of that
+certificate as each side sees it (``|<fingerprint>`` appended). No CA is needed: a
+man in the middle who terminates TLS shows the opener another certificate, so the
+opener's MAC does not verify at the listener, and he cannot make a MAC himself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -59,10 +68,44 @@ def _mac(secret: bytes, *parts: str) -> str:
     return hmac.new(secret, "|".join(parts).encode(), "sha256").hexdigest()
 
 
+def _bound(mark: str) -> tuple[str, ...]:
+    """What a MAC covers beyond the handshake's words: over TLS, the listener's
+    certificate fingerprint; over plain TCP nothing (the MACs of docs/cluster.md)."""
+    return (mark,) if mark else ()
+
+
+@dataclass(frozen=True)
+class LinkTls:
+    """TLS on the links (``cluster.link_tls``): the listener's context (the relay's
+    certificate), the opener's (no CA: the handshake's MACs bind the certificate), and
+    the SHA-256 fingerprint of this node's certificate."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    fingerprint: str
+
+    @staticmethod
+    def of(server: ssl.SSLContext, certificate_der: bytes) -> LinkTls:
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Not a CA check: who is at the other end is proven by the MACs over its
+        # certificate's fingerprint (module docstring).
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        return LinkTls(server, client, fingerprint(certificate_der))
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+Link = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
 class Prefixed(trio.abc.Stream):
     """A stream that gives back the bytes read past the handshake before reading more."""
 
-    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
+    def __init__(self, stream: Link, head: bytes) -> None:
         self.stream = stream
         self.head = head
 
@@ -72,7 +115,7 @@ class Prefixed(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self.head:
             data, self.head = self.head, b""
             return data
@@ -82,7 +125,7 @@ class Prefixed(trio.abc.Stream):
         await self.stream.aclose()
 
 
-async def _line(stream: trio.SocketStream, buf: bytearray) -> list[str]:
+async def _line(stream: Link, buf: bytearray) -> list[str]:
     """One handshake line's words; what came after it stays in ``buf``."""
     while b"\r\n" not in buf:
         if len(buf) > MAX_LINE:
@@ -99,9 +142,10 @@ async def _line(stream: trio.SocketStream, buf: bytearray) -> list[str]:
     return words[1:]
 
 
-def _flow_of(stream: trio.SocketStream) -> Flow:
-    peer = stream.socket.getpeername()
-    local = stream.socket.getsockname()
+def _flow_of(stream: Link) -> Flow:
+    tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    peer = tcp.socket.getpeername()
+    local = tcp.socket.getsockname()
     return Flow(CLUSTER, peer[0], peer[1], local[0], local[1])
 
 
@@ -110,8 +154,9 @@ class ClusterLinks:
     ``max_links`` at once in all (handshakes included), one per peer node in use."""
 
     def __init__(self, transports: Transports, node_id: str, secret: bytes, max_links: int,
-                 timeout: float, count: Callable[[str], None]) -> None:
+                 timeout: float, count: Callable[[str], None], tls: LinkTls | None = None) -> None:
         self.transports = transports
+        self.tls = tls
         self.node_id = node_id
         self._secret = secret
         self.max_links = max_links
@@ -158,10 +203,16 @@ class ClusterLinks:
         assert self._nursery is not None
         self._nursery.start_soon(self._accepted, trio.SocketStream(sock), ip)
 
-    async def _accepted(self, stream: trio.SocketStream, ip: str) -> None:
+    async def _accepted(self, tcp: trio.SocketStream, ip: str) -> None:
+        stream: Link = tcp
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                peer, rest = await self._listener_side(stream)
+                mark = ""
+                if self.tls is not None:
+                    stream = trio.SSLStream(tcp, self.tls.server, server_side=True)
+                    await stream.do_handshake()
+                    mark = self.tls.fingerprint
+                peer, rest = await self._listener_side(stream, mark)
             flow = _flow_of(stream)
         except (LinkFailed, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
             self._count("cluster_links_refused_total:handshake")
@@ -176,7 +227,8 @@ class ClusterLinks:
                 self._handshakes[ip] -= 1
         await self._run(Prefixed(stream, rest), flow, peer)
 
-    async def _listener_side(self, stream: trio.SocketStream) -> tuple[str, bytes]:
+    async def _listener_side(self, stream: Link, mark: str) -> tuple[str, bytes]:
+        """The listener's half; ``mark``: its certificate's fingerprint over TLS, else ""."""
         nonce = secrets.token_hex(NONCE_BYTES)
         await stream.send_all(b"%s HELLO %s %s\r\n" % (PROTOCOL, self.node_id.encode(), nonce.encode()))
         buf = bytearray()
@@ -184,12 +236,17 @@ class ClusterLinks:
         if len(words) != 4 or words[0] != "AUTH":
             raise LinkFailed("no AUTH")
         _, peer, peer_nonce, mac = words
-        good = _mac(self._secret, "open", nonce, peer_nonce, peer, self.node_id)
+        good = _mac(self._secret, "open", nonce, peer_nonce, peer, self.node_id, *_bound(mark))
         if not hmac.compare_digest(mac, good) or peer == self.node_id:
             raise LinkFailed("bad credentials")
-        ours = _mac(self._secret, "listen", nonce, peer_nonce, self.node_id, peer)
+        ours = _mac(self._secret, "listen", nonce, peer_nonce, self.node_id, peer, *_bound(mark))
         await stream.send_all(b"%s OK %s\r\n" % (PROTOCOL, ours.encode()))
         return peer, bytes(buf)
+
+    def open_to(self, node_id: str) -> Flow | None:
+        """The flow of the link to ``node_id`` open now, if any."""
+        flow = self._by_node.get(node_id)
+        return flow if flow is not None and flow in self.transports.conns else None
 
     async def flow_to(self, node_id: str, address: str) -> Flow:
         """The flow of a link to ``node_id`` (reached at ``address``, "host:port"):
@@ -224,34 +281,42 @@ class ClusterLinks:
             del self._opening[node_id]
             done.set()
 
-    async def _open(self, node_id: str, address: str) -> tuple[trio.SocketStream, Flow, bytes]:
+    async def _open(self, node_id: str, address: str) -> tuple[Link, Flow, bytes]:
         host, _, port = address.rpartition(":")
         try:
             with trio.fail_after(self.timeout):
-                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
         except (OSError, ValueError, trio.TooSlowError) as e:
             self._count("cluster_links_refused_total:connect")
             raise LinkFailed(f"cannot connect to {node_id} at {address}: {type(e).__name__}") from e
+        stream: Link = tcp
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                rest = await self._opener_side(stream, node_id)
+                mark = ""
+                if self.tls is not None:
+                    stream = trio.SSLStream(tcp, self.tls.client, server_hostname=None)
+                    await stream.do_handshake()
+                    mark = fingerprint(stream.getpeercert(binary_form=True) or b"")
+                rest = await self._opener_side(stream, node_id, mark)
             return stream, _flow_of(stream), rest
         except (LinkFailed, trio.TooSlowError, trio.BrokenResourceError, OSError) as e:
             self._count("cluster_links_refused_total:handshake")
             await trio.aclose_forcefully(stream)
             raise LinkFailed(f"handshake with {node_id} at {address} failed: {e or type(e).__name__}") from e
 
-    async def _opener_side(self, stream: trio.SocketStream, node_id: str) -> bytes:
+    async def _opener_side(self, stream: Link, node_id: str, mark: str) -> bytes:
+        """The opener's half; ``mark``: the fingerprint of the certificate the listener
+        showed over TLS, else ""."""
         buf = bytearray()
         words = await _line(stream, buf)
         if len(words) != 3 or words[0] != "HELLO" or words[1] != node_id:
             raise LinkFailed("not the node the shared state named")
         nonce = secrets.token_hex(NONCE_BYTES)
-        mac = _mac(self._secret, "open", words[2], nonce, self.node_id, node_id)
+        mac = _mac(self._secret, "open", words[2], nonce, self.node_id, node_id, *_bound(mark))
         await stream.send_all(b"%s AUTH %s %s %s\r\n" % (
             PROTOCOL, self.node_id.encode(), nonce.encode(), mac.encode()))
         answer = await _line(stream, buf)
-        good = _mac(self._secret, "listen", words[2], nonce, node_id, self.node_id)
+        good = _mac(self._secret, "listen", words[2], nonce, node_id, self.node_id, *_bound(mark))
         if len(answer) != 2 or answer[0] != "OK" or not hmac.compare_digest(answer[1], good):
             raise LinkFailed("the listener did not prove the secret")
         return bytes(buf)

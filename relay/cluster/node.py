@@ -20,7 +20,8 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from relay.cluster.bans import Impose, SharedBans
-from relay.cluster.links import ClusterLinks, LinkFailed
+from relay.cluster.holders import CACHE_SIZE, CACHE_TTL, Holder, HolderCache
+from relay.cluster.links import ClusterLinks, LinkFailed, LinkTls
 from relay.cluster.redis import RedisState
 from relay.cluster.state import SharedState, SharedStateUnavailable
 from relay.cluster.wakes import CrossWakes
@@ -32,6 +33,7 @@ from relay.proxy.effects import (
     AwaitDevice,
     ClaimPbx,
     ClusterEffect,
+    ForgetPbx,
     LocatePbx,
     ReleasePbx,
     ShareBan,
@@ -68,6 +70,9 @@ class NodeSettings:
     heartbeat: float
     max_links: int
     max_pending_lookups: int
+    lookup_cache_size: int = CACHE_SIZE
+    lookup_cache_ttl: float = CACHE_TTL
+    link_tls: LinkTls | None = None  # cluster.link_tls: the links inside TLS
 
 
 Located = Callable[[LocatePbx, Flow | None, str], None]
@@ -95,11 +100,12 @@ class ClusterNode:
         self._count = count
         self.bans = SharedBans(settings.node_id, impose_ban or (lambda ip, seconds: None), count)
         self.links = ClusterLinks(transports, settings.node_id, settings.secret, settings.max_links,
-                                  settings.timeout, count)
+                                  settings.timeout, count, settings.link_tls)
         self.wakes = CrossWakes(settings.node_id, self.links.flow_to, transports.send, count)
         self.problem: str | None = "starting"
         self.address = ""
         self.pending_lookups = 0
+        self.holders = HolderCache(settings.lookup_cache_size, settings.lookup_cache_ttl)
         self._state: SharedState | None = None
         self._nursery: trio.Nursery | None = None
         self._claims_in, self._claims_out = trio.open_memory_channel[tuple[str, str, str, float]](CLAIM_QUEUE)
@@ -187,7 +193,11 @@ class ClusterNode:
         """Carry out one cluster effect of the core; never blocks."""
         now = trio.current_time()
         if isinstance(effect, ClaimPbx):
+            self.holders.forget(effect.serial)  # registered here now: no hop
             self._queue(effect, now)
+        elif isinstance(effect, ForgetPbx):
+            if self.holders.forget(effect.serial):
+                self._count("cluster_lookup_cache_total:forgotten")
         elif isinstance(effect, ReleasePbx):
             self._put(("release", effect.serial, "", 0.0))
         elif isinstance(effect, ShareBan):
@@ -212,7 +222,10 @@ class ClusterNode:
     async def _locate(self, locate: LocatePbx) -> None:
         link: Flow | None = None
         try:
-            outcome, link = await self._find(locate.serial)
+            if locate.node:
+                outcome, link = await self._node_link(locate.node)
+            else:
+                outcome, link = await self._find(locate.serial, locate.fresh)
         except SharedStateUnavailable as e:
             self._store_failed("lookup", e)
             outcome = LOCATE_FAILED
@@ -227,20 +240,68 @@ class ClusterNode:
             self.pending_lookups -= 1
         self._located(locate, link, outcome)
 
-    async def _find(self, serial: str) -> tuple[str, Flow | None]:
+    async def _find(self, serial: str, fresh: bool = False) -> tuple[str, Flow | None]:
+        """The link to the node holding ``serial``: the cached holder's (no Redis read),
+        else the shared state's answer, remembered. ``fresh``: the cached node said it
+        does not hold it: forget it and ask."""
+        if fresh:
+            if self.holders.forget(serial):
+                self._count("cluster_lookup_cache_total:forgotten")
+        else:
+            cached = self.holders.get(serial, trio.current_time())
+            if cached is not None:
+                try:
+                    link = await self.links.flow_to(cached.node_id, cached.address)
+                except LinkFailed:
+                    # Its node stopped or moved: the shared state knows better.
+                    self.holders.forget(serial)
+                    self._count("cluster_lookup_cache_total:forgotten")
+                else:
+                    self._count("cluster_lookup_cache_total:hit")
+                    return LOCATED, link
+            self._count("cluster_lookup_cache_total:miss")
+        holder = await self._holder(serial)
+        if holder is None:
+            return NOWHERE, None
+        link = await self.links.flow_to(holder.node_id, holder.address)
+        self.holders.put(serial, holder, trio.current_time())
+        return LOCATED, link
+
+    async def _node_link(self, node_id: str) -> tuple[str, Flow | None]:
+        """The link to ``node_id``, named by a token another node minted: the open one,
+        else opened at the address its heartbeat gives (one read). NOWHERE: no such
+        live node (or this one: the flow it named is gone)."""
+        if node_id == self.node_id:
+            return NOWHERE, None
+        link = self.links.open_to(node_id)
+        if link is not None:
+            self._count("cluster_node_links_total:open")
+            return LOCATED, link
+        assert self._state is not None
+        try:
+            address = await self._state.node_address(node_id)
+        except ValueError:
+            return NOWHERE, None
+        if address is None:
+            return NOWHERE, None  # stopped heartbeating: its flows are gone with it
+        self._count("cluster_node_links_total:opened")
+        return LOCATED, await self.links.flow_to(node_id, address)
+
+    async def _holder(self, serial: str) -> Holder | None:
+        """The live node the shared state says holds ``serial`` (two reads), or None."""
         assert self._state is not None
         try:
             claim = await self._state.pbx_node(serial)
         except ValueError:
-            return NOWHERE, None  # longer than any serial: nobody claimed it
+            return None  # longer than any serial: nobody claimed it
         if claim is None or claim.node_id == self.node_id:
             # Claimed by this node but not registered here: a claim left from before a
             # restart, or released meanwhile. One hop only: never back out.
-            return NOWHERE, None
+            return None
         address = await self._state.node_address(claim.node_id)
         if address is None:
-            return NOWHERE, None  # its node stopped heartbeating: gone with its flows
-        return LOCATED, await self.links.flow_to(claim.node_id, address)
+            return None  # its node stopped heartbeating: gone with its flows
+        return Holder(claim.node_id, address)
 
     # ------------------------------------------------------------------ views
     def gauges(self) -> dict[str, tuple[str, float]]:
@@ -250,6 +311,8 @@ class ClusterNode:
             "cluster_links_open": ("Links to and from other nodes open now, handshakes included",
                                    self.links.open),
             "cluster_lookups_pending": ("Lookups of a PBX's node in flight", self.pending_lookups),
+            "cluster_lookup_cache_entries": ("PBXs whose holding node this node has cached",
+                                             len(self.holders)),
             "cluster_claims_queued": ("Claims and releases waiting for the shared state",
                                       self._claims_out.statistics().current_buffer_used),
         }

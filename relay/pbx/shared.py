@@ -2,7 +2,7 @@
 
 With ``[cluster] redis_url`` set, ``pbx add``/``remove``/``list`` and every node read and
 write one hash, ``pbxrelay:directory`` (serial → realm, the two digest hashes, created),
-with a counter ``pbxrelay:directory:version`` that moves on each change: a node reads the
+with a counter (``pbxrelay:directory:meta`` field ``version``) that moves on each change: a node reads the
 counter every ``DIRECTORY_POLL`` and the hash when it moved, and ``pbx add`` also asks the
 local relay (all its workers) to read it at once. Only digest hashes are stored, as in
 SQLite (relay/pbx/directory.py); the secret is shown once and never written.
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     Redis = coredis.Redis[str]
 
 HASH = "pbxrelay:directory"
-VERSION = "pbxrelay:directory:version"
+# The change counter, a field of its own hash (read with HGET: a node's poll is told
+# apart from the cluster's GETs of node addresses in INFO commandstats).
+META = "pbxrelay:directory:meta"
 # Seconds one call may take (connecting included): an operator command or a reload
 # of a healthy local Redis takes milliseconds.
 TIMEOUT = 5.0
@@ -49,7 +51,7 @@ TIMEOUT = 5.0
 # Add only a PBX not there yet, and move the version with it (atomic).
 _ADD = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('INCR', KEYS[2])
+  redis.call('HINCRBY', KEYS[2], 'version', 1)
   return 1
 end
 return 0
@@ -57,7 +59,7 @@ return 0
 
 _REMOVE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  redis.call('INCR', KEYS[2])
+  redis.call('HINCRBY', KEYS[2], 'version', 1)
   return 1
 end
 return 0
@@ -108,13 +110,13 @@ class SharedDirectory:
         secret = command_line_secret()
         row = (serial, realm, ha1("MD5", serial, realm, secret), ha1("SHA-256", serial, realm, secret),
                time.time())
-        if not self._call(lambda r: r.eval(_ADD, keys=[HASH, VERSION], args=[serial, _encode(row)])):
+        if not self._call(lambda r: r.eval(_ADD, keys=[HASH, META], args=[serial, _encode(row)])):
             raise DirectoryError(f"PBX {serial} already exists")
         return secret
 
     def remove(self, serial: str) -> bool:
         """Delete the PBX; False when there was none."""
-        return bool(self._call(lambda r: r.eval(_REMOVE, keys=[HASH, VERSION], args=[serial])))
+        return bool(self._call(lambda r: r.eval(_REMOVE, keys=[HASH, META], args=[serial])))
 
     def list(self) -> list[tuple[str, str, float]]:
         """(serial, realm, created) of every PBX, by serial."""
@@ -126,7 +128,7 @@ class SharedDirectory:
 
     def stamp(self) -> float:
         """Changes whenever the directory does (the version counter)."""
-        return float(self._call(lambda r: r.get(VERSION)) or 0)
+        return float(self._call(lambda r: r.hget(META, "version")) or 0)
 
     # ------------------------------------------------------------------ more
     def rows(self) -> Rows:
@@ -143,7 +145,7 @@ class SharedDirectory:
         async def work(r: Redis) -> int:
             added = 0
             for row in rows:
-                done = await r.eval(_ADD, keys=[HASH, VERSION], args=[row[0], _encode(row)])
+                done = await r.eval(_ADD, keys=[HASH, META], args=[row[0], _encode(row)])
                 added += int(done)  # type: ignore[arg-type]
             return added
 

@@ -30,6 +30,7 @@ from relay.proxy.effects import (
     NOWHERE,
     ClaimPbx,
     Effect,
+    ForgetPbx,
     LocatePbx,
     Send,
     Woken,
@@ -58,7 +59,9 @@ from relay.proxy.routetokens import TOKEN_PATH, Claim, RouteTokens
 from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
+    TxnEvent,
     TxnKey,
+    TxnState,
 )
 from relay.proxy.wake import (
     path_user,
@@ -81,6 +84,13 @@ COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 MAX_TRANSACTIONS = 100_000
 OVERLOAD_RETRY_AFTER = 5  # seconds, in that 503
 SWEEP_EVERY = 1.0  # seconds between sweeps of registrations, devices and silent media
+# Cluster (docs/cluster.md, "The holder cache"): the header of the 480 a node sends back
+# over a link for a PBX it does not hold, naming the serial. Only a 480 that came over a
+# link (authenticated: another node) is believed; the node that gets it forgets its
+# cached holder and, for an INVITE, asks the shared state once and sends it again. The
+# header never leaves the relay: it is taken off every 480 that passes through.
+NOT_HELD = "X-PbxRelay-Not-Held"
+_NOT_HELD = NOT_HELD.lower()  # how Message.get/has/remove name it
 
 
 @dataclass(slots=True)
@@ -109,7 +119,9 @@ class ProxyConfig:
     # The cluster's shared secret: names a held device in the shared state without its
     # push token (relay/proxy/crosswake.py).
     cluster_key: bytes = b""
-    node_id: str = ""  # this node's id in the cluster ("" alone)
+    # This node's id in the cluster ("" alone): written into Path and Record-Route tokens,
+    # and part of the loop hash (each node tells its own Vias from the others').
+    node_id: str = ""
 
 
 class Proxy:
@@ -120,7 +132,8 @@ class Proxy:
         self.cfg = config
         self.counters = Counters()
         self.identity = RelayIdentity(config.domain, config.advertise, config.ports, config.local_names)
-        self.tokens = RouteTokens(FlowTokens(hashlib.sha256(b"flow" + key).digest()))
+        self.tokens = RouteTokens(FlowTokens(hashlib.sha256(b"flow" + key).digest()),
+                                  config.node_id if config.cluster else "")
         self._wall_offset = 0.0  # wall clock minus ``now``: tokens carry wall-clock expiries
         branch_key = hashlib.sha256(b"branch" + key).digest()
         self.branches = Branches(branch_key)
@@ -212,16 +225,43 @@ class Proxy:
         """What came of a ``LocatePbx``: ``link`` (outcome LOCATED) is the flow to the node
         that holds the PBX; NOWHERE gets the 480 of an offline PBX; LOCATE_FAILED and
         LOCATE_BUSY a 503 the phone may retry."""
-        hop = locate.hop
         self.counters.inc("cluster_lookups_total", outcome)
+        if locate.retry:
+            return self._relocated(locate.retry, link, outcome, now)
+        hop = locate.hop
+        assert hop is not None
         if outcome == LOCATED and link is not None:
             hop.target = link
+            if locate.node:
+                hop.phone_flow = link  # our Record-Route names the way to the phone's node
             return self._forward(hop, now)
+        if outcome == NOWHERE and locate.node:
+            # RFC 5626 §5.3: the flow the token names is gone, with its node.
+            self.counters.inc("flow_failed_total")
+            return list(self.replies.refuse(hop.req, hop.source, 430, "Flow Failed"))
         if outcome == NOWHERE:
             return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
         retry = str(1 if outcome == LOCATE_BUSY else OVERLOAD_RETRY_AFTER)
         return list(self.replies.refuse(hop.req, hop.source, 503, "Service Unavailable",
                                         extra=[("Retry-After", retry)]))
+
+    def _relocated(self, key: TxnKey, link: Flow | None, outcome: str, now: float) -> list[Effect]:
+        """The fresh lookup of an INVITE the cached node said it no longer holds: the
+        same INVITE (our Via, Record-Route and branch as before) on the new link, or the
+        caller gets the answer it would have got without the cache."""
+        txn = self.txns.get(key)
+        if txn is None or txn.state is not TxnState.CALLING:
+            return []
+        if outcome == LOCATED and link is not None:
+            txn.outbound = link
+            return [Send(link, txn.forwarded)]
+        status, reason = (480, "Temporarily Unavailable") if outcome == NOWHERE else (
+            503, "Service Unavailable")
+        self.counters.inc("responses_sent_total", str(status))
+        txn.last_response = self.replies.upstream(txn, status, reason)
+        self.txns.finish(txn, TxnEvent.TIMEOUT, now)
+        effects: list[Effect] = [] if self.media is None else list(self.media.sessions.failed(txn.call_id))
+        return [*effects, Send(txn.inbound, txn.last_response)]
 
     def claim_token(self, claim: ClaimPbx, now: float) -> str:
         """The signed flow token a ClaimPbx stores in the shared state: it names the
@@ -286,19 +326,22 @@ class Proxy:
             return list(self.replies.refuse(req, source, 420, "Bad Extension",
                                             extra=[("Unsupported", ", ".join(proxy_require))]))
         mf = max_forwards(req)
-        token, ftag, routes_left = strip_own_routes(req, self.identity)
+        token, ftag, routes_left, stripped = strip_own_routes(req, self.identity)
         if token is None and self.identity.is_us(ruri) and not routes_left:
             return self._for_us(req, ruri, source, now)
         if mf <= 0:
             return list(self.replies.refuse(req, source, 483, "Too Many Hops"))
         if token is not None:
-            return self._route_by_token(req, source, via, token, ftag, mf, now)
+            return self._route_by_token(req, source, via, (token, ftag, stripped), mf, now)
         return self._route_by_domain(req, source, via, ruri, mf, now)
 
     def _route_by_token(
-        self, req: Request, source: Flow, via: Via, token: str, ftag: str | None, mf: int, now: float,
+        self, req: Request, source: Flow, via: Via, route: tuple[str, str | None, list[str]], mf: int,
+        now: float,
     ) -> list[Effect]:
-        """A request on a route we made: a Path (to a phone) or a Record-Route (in a dialog)."""
+        """A request on a route we made: a Path (to a phone) or a Record-Route (in a dialog).
+        ``route``: the token, its ``ftag`` and the Route entries of ours taken off."""
+        token, ftag, stripped = route
         try:
             claim = self.tokens.read(token, now + self._wall_offset)
         except BadToken as e:
@@ -310,7 +353,33 @@ class Proxy:
             # bound to what they were minted for): it routes nothing.
             self.counters.inc("forbidden_total", "token_other_dialog")
             return list(self.replies.refuse(req, source, 403, "Forbidden"))
+        if claim.node and claim.node != self.cfg.node_id and self.cfg.cluster:
+            hop = Hop(req, source, via, source, claim.serial, source, mf, True)
+            routed = self._to_node(hop, claim, ftag, stripped, now)
+            if routed is not None:
+                return routed
         return self._route_claim(req, source, via, claim, ftag, mf, now)
+
+    def _to_node(
+        self, hop: Hop, claim: Claim, ftag: str | None, stripped: list[str], now: float,
+    ) -> list[Effect] | None:
+        """A token another node minted (docs/cluster.md, "Tokens that name their node"): the
+        phone's flow is on ``claim.node``. Towards the phone, the request goes to that node
+        over a link with our Route entries put back (it routes them as its own), no lookup;
+        towards the PBX, None: routed here as any request (the PBX's claim says where it is)."""
+        req, source = hop.req, hop.source
+        pbx = self.registrar.lookup(claim.serial, now) if claim.serial else None
+        if not towards_phone(req, source, claim.kind, ftag, pbx.flow if pbx else None):
+            return None
+        if source.node_link:
+            # One hop only: the node that sent it should have held the flow itself.
+            self.counters.inc("flow_failed_total")
+            return list(self.replies.refuse(req, source, 430, "Flow Failed"))
+        if claim.kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
+            self.counters.inc("forbidden_total", "path_not_from_pbx")
+            return list(self.replies.refuse(req, source, 403, "Forbidden"))
+        req.insert_before("Route", ", ".join(stripped))
+        return [LocatePbx(claim.serial, hop, node=claim.node)]
 
     def _route_claim(
         self, req: Request, source: Flow, via: Via, claim: Claim, ftag: str | None, mf: int, now: float,
@@ -386,7 +455,9 @@ class Proxy:
         from another node, and everything on a single node, gets the 480 of an offline PBX."""
         if self.cfg.cluster and not hop.source.node_link:
             return [LocatePbx(hop.serial, hop)]
-        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
+        # Over a link: the node that sent it may have a stale holder cached (NOT_HELD).
+        extra = [(NOT_HELD, hop.serial)] if hop.source.node_link else None
+        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable", extra=extra))
 
     def _for_us(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Effect]:
         if req.method == "REGISTER":
@@ -497,6 +568,11 @@ class Proxy:
         resp.pop_first_value("via")
         if not resp.has("via"):
             return []  # the answer to a CANCEL we generated
+        effects: list[Effect] = []
+        if resp.status == 480 and resp.has(_NOT_HELD):
+            effects = self._not_held(resp, source, branch)
+            if effects and isinstance(effects[0], LocatePbx):
+                return effects  # the INVITE goes again, to the node the shared state names
         method = resp.cseq[1]
         if method == "REGISTER" and resp.status >= 200:
             pending = self.devices.answered(branch)
@@ -504,8 +580,7 @@ class Proxy:
                 return [*self._send_response(resp.serialise(), back), *self._registered(pending, resp, now)]
         txn = self.txns.by_our_branch(branch)
         if txn is not None and method == "INVITE":
-            return self.invites.on_response(resp, txn, source, now)
-        effects: list[Effect] = []
+            return [*effects, *self.invites.on_response(resp, txn, source, now)]
         if self.media is not None and method == "BYE" and resp.status >= 200:
             effects += self.media.on_bye_answered(resp)
         if self.media is not None and method in SDP_METHODS and resp.status >= 200 and not (
@@ -517,6 +592,21 @@ class Proxy:
                 return list(media_effects)
             effects += media_effects
         return [*effects, *self._send_response(resp.serialise(), back)]
+
+    def _not_held(self, resp: Response, source: Flow, branch: str) -> list[Effect]:
+        """A 480 with NOT_HELD: taken off in any case; from a link, the cached holder of
+        its serial is forgotten, and a first INVITE not yet answered is located afresh
+        (once: a second NOT_HELD for it goes up to the caller)."""
+        serial = resp.get(_NOT_HELD) or ""
+        resp.remove(_NOT_HELD)
+        if not source.node_link or not serial:
+            return []  # a PBX's own header passing through: it means nothing
+        txn = self.txns.by_our_branch(branch)
+        if (txn is not None and resp.cseq[1] == "INVITE" and txn.state is TxnState.CALLING
+                and txn.serial == serial and not txn.relocated and not txn.to_phone):
+            txn.relocated = True
+            return [LocatePbx(serial, None, fresh=True, retry=txn.key)]
+        return [ForgetPbx(serial)]
 
     def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Effect]:
         """The PBX said 2xx to a phone: its devices move, the push service hears of

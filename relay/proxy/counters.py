@@ -63,6 +63,10 @@ _METRICS = (
     Metric("cluster_bans_dropped_total", "Bans not shared with the other nodes: their queue was full"),
     Metric("cluster_wakes_total", "Wake-ups across nodes: calls awaited in the shared state, nodes told "
            "of a device that registered here, failures (docs/cluster.md)", "outcome"),
+    Metric("cluster_node_links_total", "Requests sent to the node a token names (no lookup), on a link "
+           "open already (open) or opened for it (opened)", "link"),
+    Metric("cluster_lookup_cache_total", "Lookups of a PBX's node answered by the holder cache (hit), "
+           "asked of the shared state (miss), and cached holders dropped early (forgotten)", "result"),
     Metric("cluster_links_refused_total", "Links from or to other nodes refused or failed, by reason",
            "reason"),
     Metric("internal_errors_total", "Messages that hit a bug (one message lost, the relay kept running)"),

@@ -89,12 +89,23 @@ LOCATE_BUSY = "busy"  # too many lookups in flight (cluster.max_pending_lookups)
 @dataclass(frozen=True, slots=True)
 class LocatePbx:
     """Cluster: a request for PBX ``serial``, which is not registered here. The shell
-    asks the shared state which node holds it, opens (or reuses) the link to that
-    node and reports with ``Proxy.on_located(locate, link_flow, outcome, now)``.
-    ``hop`` is the request on its way, opaque to the shell."""
+    asks which node holds it (its holder cache, else the shared state), opens (or
+    reuses) the link to that node and reports with ``Proxy.on_located(locate,
+    link_flow, outcome, now)``. ``hop`` is the request on its way, opaque to the shell.
+
+    ``fresh``: the node the cache named answered that it no longer holds the PBX: the
+    shell forgets its entry and asks the shared state. ``retry``: the key of the INVITE
+    transaction that got that answer (``hop`` is then None): on LOCATED the core sends
+    the same INVITE again on the new link; the caller never sees the stale node's 480.
+    ``node``: the request follows a Path or Record-Route token another node minted, for
+    a phone whose flow is on that node: the shell opens (or reuses) the link to ``node``
+    without asking which node holds ``serial``; NOWHERE (no such live node) → 430."""
 
     serial: str
-    hop: Hop
+    hop: Hop | None
+    fresh: bool = False
+    retry: tuple[str, ...] = ()
+    node: str = ""  # a token minted by this node names the phone's flow: go there, no lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +135,16 @@ class Woken:
     message: bytes
 
 
-ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx | ShareBan | AwaitDevice | Woken
+@dataclass(frozen=True, slots=True)
+class ForgetPbx:
+    """Cluster: the node this one forwarded a request to for PBX ``serial`` answered
+    that it does not hold it (any more): the shell drops what its holder cache says
+    of ``serial``, so the next request asks the shared state."""
+
+    serial: str
+
+
+ClusterEffect = ClaimPbx | ReleasePbx | LocatePbx | ForgetPbx | ShareBan | AwaitDevice | Woken
 
 
 Effect = Send | PushEffect | MediaEffect | ClusterEffect
@@ -132,6 +152,6 @@ Effect = Send | PushEffect | MediaEffect | ClusterEffect
 __all__ = [
     "LOCATED", "LOCATE_BUSY", "LOCATE_FAILED", "NOWHERE",
     "AwaitDevice", "BindPorts", "ClaimPbx", "CloseLeg", "ClusterEffect", "DeviceGone", "DeviceSeen", "Effect",
-    "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send", "ShareBan",
-    "Wake", "Woken",
+    "ForgetPbx", "LocatePbx", "MediaEffect", "OpenLeg", "PushEffect", "RelatchLeg", "ReleasePbx", "Send",
+    "ShareBan", "Wake", "Woken",
 ]

@@ -52,11 +52,14 @@ def stamp_via(req: Request, via: Via, source: Flow) -> None:
             return
 
 
-def strip_own_routes(req: Request, identity: RelayIdentity) -> tuple[str | None, str | None, bool]:
+def strip_own_routes(
+    req: Request, identity: RelayIdentity,
+) -> tuple[str | None, str | None, bool, list[str]]:
     """Loose routing (RFC 3261 §16.4): remove the leading Route entries naming us.
 
     Returns (the token of the last one that carried one, its ``ftag``, whether any
-    Route entry is left). The values are split once and the headers rewritten once.
+    Route entry is left, the entries removed). The values are split once and the
+    headers rewritten once.
     """
     values = req.get_all("route")
     token: str | None = None
@@ -72,9 +75,8 @@ def strip_own_routes(req: Request, identity: RelayIdentity) -> tuple[str | None,
         ours += 1
         if uri.user:
             token, ftag = uri.user, uri.params.get("ftag")
-    if ours:
-        req.pop_first_values("route", ours)
-    return token, ftag, ours < len(values)
+    stripped = req.pop_first_values("route", ours) if ours else []
+    return token, ftag, ours < len(values), stripped
 
 
 def max_forwards(req: Request) -> int:

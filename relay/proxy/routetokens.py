@@ -35,6 +35,8 @@ DIALOG_LIFETIME = 24 * 3600.0
 MAX_PATH_LIFETIME = 24 * 3600.0
 # A response's way back: far beyond Timer C (180 s) and any transaction's linger.
 VIA_LIFETIME = 3600.0
+# Between the minting node's id and the payload (node ids are letters, digits, . _ -).
+NODE_MARK = "|"
 
 
 def dialog_id(call_id: str, creator_tag: str | None) -> str:
@@ -51,6 +53,7 @@ class Claim:
     flow: Flow  # the phone's flow when it was minted
     serial: str
     rest: str  # Path: the device ("" when none); Record-Route: the dialog id
+    node: str = ""  # cluster: the node that minted it, where ``flow`` is ("" on one node)
 
     def is_path(self) -> bool:
         return self.kind == TOKEN_PATH
@@ -67,21 +70,24 @@ class Claim:
 
 class RouteTokens:
     """Mints and reads the relay's tokens; ``wall`` is wall-clock seconds (tokens outlive
-    a restart, the trio clock does not)."""
+    a restart, the trio clock does not). ``node``: in a cluster, this node's id, written
+    into every Path and Record-Route token (``<node>|<payload>``, under the signature):
+    a node that reads a token minted by another knows where its flow is."""
 
-    def __init__(self, tokens: FlowTokens):
+    def __init__(self, tokens: FlowTokens, node: str = ""):
         self.tokens = tokens
+        self._node = node + NODE_MARK if node else ""
 
     def path(self, flow: Flow, serial: str, device: str, expires: float, wall: float) -> str:
         """The Path token of a phone's REGISTER asking for ``expires`` seconds."""
         lifetime = min(max(expires, 0.0), MAX_PATH_LIFETIME) + VIA_LIFETIME
         payload = f"{TOKEN_PATH}.{serial}.{device}" if device else f"{TOKEN_PATH}.{serial}"
-        return self.tokens.mint(flow, payload, wall + lifetime)
+        return self.tokens.mint(flow, self._node + payload, wall + lifetime)
 
     def record_route(self, flow: Flow, kind: str, serial: str, req: Request, wall: float) -> str:
         """The Record-Route token of the dialog ``req`` creates."""
         payload = f"{kind}.{serial}.{dialog_id(req.call_id, req.from_tag)}"
-        return self.tokens.mint(flow, payload, wall + DIALOG_LIFETIME)
+        return self.tokens.mint(flow, self._node + payload, wall + DIALOG_LIFETIME)
 
     def via(self, flow: Flow, wall: float) -> str:
         """The ``pf`` token of our Via: the flow the response goes back on."""
@@ -90,9 +96,10 @@ class RouteTokens:
     def read(self, token: str, wall: float) -> Claim:
         """The claim of a Route token; BadToken (or ExpiredToken) otherwise."""
         flow, payload = self.tokens.verify(token, wall)
+        node, mark, payload = payload.rpartition(NODE_MARK)
         kind, _, rest = payload.partition(".")
         serial, _, rest = rest.partition(".")
-        return Claim(kind, flow, serial, rest)
+        return Claim(kind, flow, serial, rest, node if mark else "")
 
     def back(self, token: str, wall: float) -> Flow:
         """The flow a Via ``pf`` token names; BadToken otherwise."""

@@ -131,6 +131,7 @@ class InviteTransaction:
     cancel_pending: bool = False  # CANCELled before any provisional: sent on the first one
     cancelled: bool = False  # a CANCEL went downstream
     released: bool = False  # was held, then forwarded to the woken phone's new flow
+    relocated: bool = False  # sent again after the cached node said it does not hold the PBX (cluster)
     ringing: bool = False  # held, and the 180 went upstream once the push was out
     extra: object = None  # what a component keeps with the transaction (the held INVITE)
     timer_gen: int = 0
