@@ -7,9 +7,10 @@ generation with ``gc.callbacks`` and, at exit, writes one JSON object to the fil
 
 - ``collections``: per generation the count, total / mean / max pause (ms) and the
   objects collected; ``full``: every generation-2 collection (time since start, pause);
-- ``census``: the GC-tracked objects by type (top 30), the total, and the frozen count,
-  taken once at the end of the first full collection at least BENCH_GC_CENSUS_AT
-  seconds (default 12) after start — what the next full collection will scan.
+- ``census`` (only with BENCH_GC_CENSUS_AT=<s>): the GC-tracked objects by type (top 30),
+  the total, and the frozen count, taken once at the end of the first full collection at
+  least that many seconds after start — what the next full collection will scan. It
+  stops the relay for tens of ms: not in a run whose setup times count.
 
 With BENCH_GC_GARBAGE=1 the collector keeps what it finds unreachable (``DEBUG_SAVEALL``)
 and the probe counts it by type after each collection (``garbage``, top 40), then lets
@@ -22,6 +23,9 @@ outside the timed part.
 
     PYTHONPATH=bench/gcprobe BENCH_GC_PROBE=/tmp/gc.json \\
         .venv/bin/python bench/run_sip.py --out OUT calls --rate 400 --duration 15 --no-direct
+
+(With ``--relay-commit REV`` run_sip.py puts REV's tree before this directory on
+PYTHONPATH and starts ``python -m relay.cli``: the probe is still found and used.)
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from collections import Counter
 
 _OUT = os.environ.get("BENCH_GC_PROBE")
 _GARBAGE = os.environ.get("BENCH_GC_GARBAGE") == "1"
-_CENSUS_AT = float(os.environ.get("BENCH_GC_CENSUS_AT", "12"))
+_CENSUS_AT = float(os.environ.get("BENCH_GC_CENSUS_AT") or "inf")
 
 
 def _is_relay() -> bool:
+    """``pbx-relay ... run``, or ``python -m relay.cli ... run`` (run_sip.py --relay-commit;
+    while site runs, such a process's argv[0] is still "-m")."""
     argv = getattr(sys, "argv", [])
-    return bool(argv) and (argv[0].endswith("pbx-relay") or "relay.cli" in argv) and "run" in argv
+    return bool(argv) and (argv[0].endswith("pbx-relay") or argv[0] == "-m") and "run" in argv
 
 
 class _Probe:
