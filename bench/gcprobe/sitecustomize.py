@@ -5,8 +5,10 @@ Put this directory first on PYTHONPATH and set BENCH_GC_PROBE=<file.json>: every
 commit's, e.g. the d9440f1 worktree with its own .venv) times each collection by
 generation with ``gc.callbacks`` and, at exit, writes one JSON object to the file:
 
-- ``collections``: per generation the count, total / mean / max pause (ms) and the
-  objects collected; ``full``: every generation-2 collection (time since start, pause);
+- ``collections``: per generation the count, total / mean / max pause (ms, wall) and
+  the objects collected, and mean / max of the collector's own CPU time (``thread_time``:
+  what preemption by other processes on a shared machine does not inflate); ``full``:
+  every generation-2 collection (s since start, pause ms, CPU ms, objects collected);
 - ``census`` (only with BENCH_GC_CENSUS_AT=<s>): the GC-tracked objects by type (top 30),
   the total, and the frozen count, taken once at the end of the first full collection at
   least that many seconds after start — what the next full collection will scan. It
@@ -54,19 +56,20 @@ class _Probe:
     def __init__(self, out: str) -> None:
         self.out = out
         self.t_start = time.perf_counter()
-        self.t0 = 0.0
-        self.stats = {g: [0, 0.0, 0.0, 0] for g in (0, 1, 2)}  # count, total s, max s, collected
-        self.full: list[tuple[float, float, int]] = []
+        self.t0 = self.c0 = 0.0
+        # count, total s, max s, collected, total CPU s, max CPU s
+        self.stats = {g: [0, 0.0, 0.0, 0, 0.0, 0.0] for g in (0, 1, 2)}
+        self.full: list[tuple[float, float, float, int]] = []
         self.census: dict[str, object] | None = None
         self.garbage: Counter[str] = Counter()
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.thread_time()
         if phase == "start":
-            self.t0 = now
+            self.t0, self.c0 = now, cpu
             return
         gen = info["generation"]
-        pause = now - self.t0
+        pause, pause_cpu = now - self.t0, cpu - self.c0
         if _GARBAGE:
             self.garbage.update(f"{gen}:{_name(o)}" for o in gc.garbage)
             gc.garbage.clear()
@@ -75,8 +78,11 @@ class _Probe:
         s[1] += pause
         s[2] = max(s[2], pause)
         s[3] += info.get("collected", 0)
+        s[4] += pause_cpu
+        s[5] = max(s[5], pause_cpu)
         if gen == 2:
-            self.full.append((round(now - self.t_start, 3), round(pause * 1e3, 2), info.get("collected", 0)))
+            self.full.append((round(now - self.t_start, 3), round(pause * 1e3, 2), round(pause_cpu * 1e3, 2),
+                              info.get("collected", 0)))
             if self.census is None and now - self.t_start >= _CENSUS_AT:
                 self.census = self._census()
 
@@ -101,6 +107,8 @@ class _Probe:
                 "mean_ms": round(s[1] * 1e3 / n, 3) if n else 0.0,
                 "max_ms": round(s[2] * 1e3, 2),
                 "collected": int(s[3]),
+                "cpu_mean_ms": round(s[4] * 1e3 / n, 3) if n else 0.0,
+                "cpu_max_ms": round(s[5] * 1e3, 2),
             }
 
         data = {
