@@ -185,9 +185,10 @@ class Finished:
     live = False
 
 
-# Finished as the table keeps it: only str, bytes, int, float, bool and None, in exact
-# tuples, so that the cyclic collector untracks it (CPython untracks a tuple of untracked
-# items at the first collection it survives; a NamedTuple or a dataclass it never does).
+# Finished as the table keeps it: only str, bytes, int, bool and None, in exact tuples, so
+# that the cyclic collector untracks it (CPython untracks a tuple of untracked items during
+# a young collection it takes part in, one holding tuples maybe at the next; a NamedTuple
+# or a dataclass instance it tracks for good).
 _FlowFields = tuple[str, str, int, str, int]
 _DownFields = tuple[str, str, str, str, str, int, str]
 _Packed = tuple[str, str, bytes | None, bool, bool, str, _FlowFields, _FlowFields | None, _DownFields | None]
