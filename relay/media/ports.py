@@ -27,8 +27,8 @@ class PortPool:
 
     Reuse is least recently freed first, over every pair not in use, bound or not:
     a freed pair waits behind all the others, so late packets of an ended call do not
-    land in a new one (the same order rtpengine's free-port queue keeps; it also holds
-    a deleted call's ports for ``delete-delay``, 30 s). Pairs never used come first,
+    land in a new one (rtpengine holds a deleted call's ports for ``delete-delay``,
+    30 s in its sample configuration, to the same end). Pairs never used come first,
     then those freed by calls, oldest first.
 
     A pair goes free → binding (the shell was asked to bind it) → ready (bound, idle,
