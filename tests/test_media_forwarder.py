@@ -81,7 +81,12 @@ async def test_calls_reuse_bound_pairs_without_binding_again() -> None:
     async with trio.open_nursery() as nursery:
         fwd = UdpForwarder("127.0.0.1", lambda n, k: None)
         real_bind = fwd.bind
-        fwd.bind = lambda port: binds.append(port) or real_bind(port)  # type: ignore[method-assign]
+
+        def counted_bind(port: int) -> bool:
+            binds.append(port)
+            return real_bind(port)
+
+        fwd.bind = counted_bind  # type: ignore[method-assign]
         fwd.attach(nursery)
         mc = MediaRig(fwd, "127.0.0.1", PortPool(31400, 31420, reserve=2))
         seen: list[tuple[int, int]] = []
