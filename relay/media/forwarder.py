@@ -133,8 +133,9 @@ class UdpForwarder:
                     if entry is not None:
                         self._drain(*entry)
                 await trio.lowlevel.checkpoint()
-        except (trio.ClosedResourceError, ValueError, OSError):
-            return  # close_all(): the relay is stopping
+        except (trio.ClosedResourceError, ValueError):
+            if not self._epoll.closed:
+                raise  # not close_all(): a bug, to surface at the nursery
 
     def _drain(self, sock: socket.socket, port: int) -> None:
         entry = self._legs.get(port)
