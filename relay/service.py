@@ -326,6 +326,8 @@ class RelayService:
         if self.media is not None:
             gauges["media_sessions"] = ("Calls whose media the relay anchors", len(self.media.sessions))
             gauges["media_ports_in_use"] = ("UDP ports held by calls", self.media.ports.in_use * 2)
+            gauges["media_ports_bound"] = ("UDP ports bound, held by calls or idle for reuse",
+                                           self.media.ports.held * 2)
             packets, octets = self.media.relayed()
             gauges["media_packets_total"] = ("RTP/RTCP packets relayed", packets)
             gauges["media_bytes_total"] = ("RTP/RTCP bytes relayed", octets)

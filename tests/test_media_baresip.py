@@ -485,8 +485,12 @@ def test_relay_drops_none_of_the_callees_first_packets(call: Call) -> None:
 
 def test_relay_reports_no_other_media_trouble(call: Call) -> None:
     other = {k: v for k, v in _relay_media_trouble(call.end).items()
-             if "send_error" not in k and "unlatched_source" not in k}
+             if "send_error" not in k and "unlatched_source" not in k and "idle_port" not in k}
     assert not other, call.evidence()
+    # What each baresip sends as it stops its stream (an RTCP BYE, a last RTP packet)
+    # arrives after the relay ended the call: its pairs stay bound, so those few late
+    # packets are read there and dropped as idle_port (a closed port used to refuse them).
+    assert call.end.get('pbx_relay_media_dropped_total{reason="idle_port"}', 0) <= 8, call.evidence()
 
 
 def test_the_backend_asked_for_carried_the_audio(call: Call) -> None:

@@ -612,3 +612,62 @@ def test_the_handover_order_model_refuses_real_reordering() -> None:
     or two swaps that no single hand-over explains, are refused."""
     assert _two_fifos([0, 1, 2, 3]) and _two_fifos([0, 2, 1, 3, 4]) and _two_fifos([2, 3, 0, 1])
     assert not _two_fifos([1, 0, 3, 2]) and not _two_fifos([2, 1, 0]) and not _two_fifos([0, 3, 2, 1])
+
+
+# ------------------------------------------------------------ reused pairs
+SMALL_RANGE_PAIRS = 16
+IDLE = f'{M}media_dropped_total{{reason="idle_port"}}'
+
+
+@pytest.fixture
+def small_range_relay(backend: str, relay_factory, tmp_path: Path) -> Iterator[RelayProc]:  # type: ignore[no-untyped-def]
+    # Below the ephemeral ports and above the default range other relays on 127.0.0.1 use.
+    low = 20_000 + 2 * SMALL_RANGE_PAIRS * (os.getpid() % 350)
+    yield from _relay(backend, relay_factory, tmp_path,
+                      f"port_min = {low}\nport_max = {low + 2 * SMALL_RANGE_PAIRS}")
+
+
+@needs_other_ip
+def test_a_reused_pair_carries_the_next_call_not_the_last_ones_late_packets(
+        small_range_relay: RelayProc) -> None:
+    """Pairs stay bound after a call and are handed out again, least recently freed first:
+    the first call's phone, still sending to its relay port after BYE, is dropped as
+    ``idle_port`` while the pair is idle and as a stranger once a later call holds it;
+    that later call's audio flows through the same pair, and no call binds a new one."""
+    relay = small_range_relay
+    peers = Peers(relay)
+    try:
+        a, b = peers.endpoint(), peers.endpoint()
+        late = peers.endpoint(host=_other_ip(relay))  # the first call's phone, on another network
+        first = establish(peers.phone, peers.pbx, late, b)
+        late.send_rtp(5)
+        assert b.wait_for(5, quiet=0) == 5
+        old_port = late.relay_rtp
+        hang_up(first)
+        assert wait_metric(relay, SESSIONS, 0) == 0
+        late.send_rtp(3, dest=old_port)
+        assert wait_metric(relay, IDLE, 3) == 3
+
+        # The next calls take the other pairs first; the first call's comes back last.
+        for n in range(SMALL_RANGE_PAIRS):
+            call = establish(peers.phone, peers.pbx, a, b)
+            if a.relay_rtp == old_port:
+                break
+            assert n < SMALL_RANGE_PAIRS // 2, "a freed pair came back before the others"
+            hang_up(call)
+        else:
+            pytest.fail("the first call's pair was never handed out again")
+        assert n == SMALL_RANGE_PAIRS // 2 - 1, n  # after every other pair: 2 per call
+        unlatched = relay.metric(UNLATCHED)
+        sent_a, got_b = len(a.talker.sent), b.count()
+        a.send_rtp(10)
+        late.send_rtp(4, dest=old_port)  # the old phone: not a party to this call
+        a.send_rtp(10)
+        assert b.wait_for(got_b + 20) == got_b + 20
+        _assert_delivered(a, b, since=got_b, sent_since=sent_a, relay=relay)
+        assert wait_metric(relay, UNLATCHED, unlatched + 4) == unlatched + 4
+        hang_up(call)
+        assert relay.metric(f"{M}media_ports_bound") <= 2 * SMALL_RANGE_PAIRS
+        assert_healthy(relay)
+    finally:
+        peers.close()

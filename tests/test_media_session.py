@@ -37,8 +37,7 @@ class FakeBackend:
         self.open_ports |= {leg.port, leg.port + 1}
 
     def close(self, leg: Leg) -> None:
-        self.open_ports -= {leg.port, leg.port + 1}
-        self.bound.discard(leg.port)
+        self.open_ports -= {leg.port, leg.port + 1}  # the pair stays bound, for a later leg
 
     def relatch(self, leg: Leg) -> None:
         self.relatched.append(leg.port)

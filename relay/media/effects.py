@@ -35,7 +35,8 @@ class RelatchLeg:
 
 @dataclass(frozen=True, slots=True)
 class CloseLeg:
-    """Stop forwarding for ``leg`` and close its two ports."""
+    """Stop forwarding for ``leg``; its two ports stay bound, idle, until a later leg
+    (relay.media.ports hands the pair out again, least recently freed first)."""
 
     leg: Leg
 

@@ -1,4 +1,4 @@
-"""The RTP port range: even RTP, RTCP on the next odd port (RFC 3550 §11), and a reserve of bound pairs."""
+"""The RTP port range: even RTP, RTCP on the next odd port (RFC 3550 §11), bound once and reused."""
 
 from __future__ import annotations
 
@@ -20,10 +20,20 @@ class PortsExhausted(Exception):
 class PortPool:
     """Hands out (rtp, rtp+1) pairs from [low, high], least recently freed first.
 
-    Reusing the pair freed longest ago keeps late packets of an ended call from
-    landing in a new one (rtpengine does the same). A pair goes free → binding (the
-    shell was asked to bind it) → ready (bound, idle) → in use → free again; a pair
-    the shell could not bind (another program holds it) is retired for good.
+    A pair is bound once, the first time it is needed, and stays bound until the relay
+    stops: a call's end hands it back still bound (the backend keeps its sockets and
+    reads and drops what reaches them), so a call costs no socket(), bind() or close().
+    The range bounds the sockets held, as before: at most two per pair.
+
+    Reuse is least recently freed first, over every pair not in use, bound or not:
+    a freed pair waits behind all the others, so late packets of an ended call do not
+    land in a new one (rtpengine holds a deleted call's ports for ``delete-delay``,
+    30 s in its sample configuration, to the same end). Pairs never used come first,
+    then those freed by calls, oldest first.
+
+    A pair goes free → binding (the shell was asked to bind it) → ready (bound, idle,
+    in the reserve) → in use → free again (bound now); a pair the shell could not bind
+    (another program holds it) is retired for good.
     """
 
     def __init__(self, low: int = 10_000, high: int = 20_000, reserve: int = RESERVE):
@@ -33,7 +43,8 @@ class PortPool:
             raise ValueError("port range too small")
         self.low, self.high = low, high
         self.reserve = reserve
-        self._free: deque[int] = deque(range(low, high, 2))
+        self._free: deque[int] = deque(range(low, high, 2))  # least recently freed first
+        self._bound: set[int] = set()  # pairs the shell bound (idle or in use)
         self._binding: set[int] = set()
         self._ready: deque[int] = deque()
         self._used: set[int] = set()
@@ -47,7 +58,7 @@ class PortPool:
         return port
 
     def give_back(self, port: int) -> None:
-        """A leg's pair was closed: free again (unbound)."""
+        """A leg's pair was closed: free again, still bound, behind every other free pair."""
         if port in self._used:
             self._used.remove(port)
             self._free.append(port)
@@ -59,13 +70,17 @@ class PortPool:
             self._ready.appendleft(port)
 
     def to_bind(self) -> tuple[int, ...]:
-        """Pairs the shell should bind now to bring the reserve back to its size."""
+        """Bring the reserve back to its size, oldest free pairs first; returns the pairs
+        among them the shell must bind now (those already bound join the reserve at once)."""
         want = self.reserve - len(self._ready) - len(self._binding)
         out = []
         while want > 0 and self._free:
             port = self._free.popleft()
-            self._binding.add(port)
-            out.append(port)
+            if port in self._bound:
+                self._ready.append(port)
+            else:
+                self._binding.add(port)
+                out.append(port)
             want -= 1
         return tuple(out)
 
@@ -74,6 +89,7 @@ class PortPool:
         for port in ports:
             if port in self._binding:
                 self._binding.remove(port)
+                self._bound.add(port)
                 self._ready.append(port)
         for port in failed:
             self._binding.discard(port)  # another program holds it: never handed out again
@@ -92,3 +108,8 @@ class PortPool:
     def ready(self) -> int:
         """Pairs bound and idle, in the reserve."""
         return len(self._ready)
+
+    @property
+    def held(self) -> int:
+        """Pairs bound (two sockets each), in use or idle."""
+        return len(self._bound)

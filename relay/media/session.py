@@ -135,13 +135,15 @@ class MediaBackend(Protocol):
     forwarder (trio) is one; a kernel forwarder (nftables, DESIGN §9) is another."""
 
     def bind(self, port: int) -> bool:
-        """Bind ``port`` and ``port + 1`` and hold them idle; False if another program has one."""
+        """Bind ``port`` and ``port + 1`` and hold them idle (until the relay stops: a pair
+        is bound once and reused, relay.media.ports); False if another program has one."""
 
     def open(self, leg: Leg) -> None:
         """Start forwarding what reaches leg.port/leg.port + 1 to leg.peer."""
 
     def close(self, leg: Leg) -> None:
-        """Stop forwarding for ``leg`` and free its two ports."""
+        """Stop forwarding for ``leg``; its two ports stay bound, idle, for a later leg
+        (what reaches them meanwhile is dropped)."""
 
     def relatch(self, leg: Leg) -> None:
         """``leg``'s latches were reopened: whatever the backend derived from the old
