@@ -21,7 +21,7 @@ from pbxcore.metrics import MetricSet, Plain
 from pbxcore.wire import DeviceUpdate
 from push.gateways.base import Gateway, deliver
 from push.model import PROVIDERS, Outcome, PushMessage, PushResult, PushTarget
-from push.store import Device, LogRow, Store
+from push.store import Device, LogRow, Store, StoreUnavailable
 
 __all__ = ["DeviceUpdate", "Metrics", "PushError", "PushService", "PushSettings", "WakeRequest"]
 
@@ -83,6 +83,9 @@ class Metrics:
         self.erasures = m.counter("erasures_total", "Users erased (GDPR Art. 17).")
         self.purged = m.counter("purged_total", "Rows deleted by the retention purge, by table.", ["table"])
         self.purge_errors = m.counter("purge_errors_total", "Purges that failed (retried next interval).")
+        self.log_failures = m.counter(
+            "push_log_failures_total", "Push log rows not written: the store did not answer (the push "
+            "itself went as its outcome says).")
         self.latency = m.histogram(
             "latency_seconds", "Seconds from a wake-up request to the provider's final answer.",
             LATENCY_BUCKETS, ["provider"])
@@ -146,7 +149,7 @@ class PushService:
             serial=update.serial, username=update.username, ip=update.ip, port=update.port,
             transport=update.transport, updated_at=self.clock(),
         )
-        moved = await self.store.upsert_device(device)
+        moved = await self.store.upsert_device(device, device.updated_at + self.settings.device_stale_after)
         self.metrics.device_updates.inc()
         log.info("event=device_registered device=%s provider=%s serial=%s moved=%s",
                  device.device_id, t.provider, update.serial, moved)
@@ -245,7 +248,12 @@ class PushService:
             status=result.status, reason=result.reason[:200], attempts=result.attempts,
             latency_ms=round(result.latency_ms, 3),
         )
-        await self.store.add_log(row, now + self.settings.log_retention)
+        try:
+            await self.store.add_log(row, now + self.settings.log_retention)
+        except StoreUnavailable as e:
+            # The push went (or not) whatever the log says: answer the caller with it.
+            self.metrics.log_failures.inc()
+            log.warning("event=push_log_failed call_id=%s device=%s error=%s", req.call_id, req.device_id, e)
         self.metrics.pushes.labels(provider or "none", str(result.outcome)).inc()
         if device is not None and result.attempts:
             self.metrics.observe(provider, result.latency_ms / 1000)

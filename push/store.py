@@ -9,9 +9,11 @@ DESIGN §3 rows enforced here:
 - push log: one row per push; rows older than the retention are deleted by
   :meth:`Store.purge`. Never a message body.
 
-``Store`` is the interface (SQLite now; Redis/Valkey with native TTLs fits it:
-``add_log`` gets the row's expiry, ``purge`` may do nothing). ``SqliteStore`` runs
-sqlite3 in a worker thread, one call at a time.
+``Store`` is the interface, with two implementations: ``SqliteStore`` here, the
+embedded default (sqlite3 in a worker thread, one call at a time), and
+:class:`push.redisstore.RedisStore`, shared by several pbx-push processes, where
+Redis's own key expiry enforces the retention (``upsert_device`` and ``add_log`` get
+the row's expiry; SQLite has none and relies on ``purge``).
 
 What is left in the database files: ``secure_delete`` overwrites deleted rows, and
 an address change, a delete, an erasure and a purge checkpoint the WAL and truncate
@@ -33,7 +35,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -42,6 +45,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pbxcore.errors import PbxError
 from push.model import PushTarget
 
 T = TypeVar("T")
@@ -99,9 +103,19 @@ class LogRow:
 LOG_FIELDS = tuple(f.name for f in fields(LogRow))
 
 
+class StoreUnavailable(PbxError):
+    """The store did not answer in time (a shared store's server is down or stalled)."""
+
+
 class Store(Protocol):
-    async def upsert_device(self, device: Device) -> bool:
-        """Insert or replace; True when the address (ip, port, transport) changed."""
+    def session(self) -> AbstractAsyncContextManager[None]:
+        """Keep the store's connections open for the block; the service runs inside one."""
+        ...
+
+    async def upsert_device(self, device: Device, expires_at: float | None = None) -> bool:
+        """Insert or replace; True when the address (ip, port, transport) changed, the old
+        address gone. ``expires_at``: when the device goes if not registered again
+        (wall clock; a store without expiry leaves that to ``purge``)."""
         ...
 
     async def get_device(self, device_id: str) -> Device | None: ...
@@ -275,6 +289,11 @@ class SqliteStore:
             return
         self._checkpoint()
 
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        """Nothing to open: the file is open from the constructor to :meth:`aclose`."""
+        yield
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._threaded:
             return fn(*args)
@@ -299,7 +318,8 @@ class SqliteStore:
         self._after_write(moved)
         return moved
 
-    async def upsert_device(self, device: Device) -> bool:
+    async def upsert_device(self, device: Device, expires_at: float | None = None) -> bool:
+        # SQLite has no TTL: purge() deletes by ``updated_at``.
         return await self._run(self._upsert, device)
 
     def _row_device(self, row: tuple[Any, ...]) -> Device:
