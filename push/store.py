@@ -220,6 +220,7 @@ class SqliteStore:
         self.checkpoint_failures = 0
         self._checkpoint_pending = False
         self._checkpoint_tried = -math.inf  # time.monotonic() of the last attempt
+        self._closed = False
         self._migrate(key)
 
     def _migrate(self, key: bytes) -> None:
@@ -421,5 +422,8 @@ class SqliteStore:
         await self._run(self._close)
 
     def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._checkpoint()
         self._db.close()
