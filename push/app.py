@@ -34,7 +34,7 @@ from push.config import Listen, PushConfig, check_files
 from push.gateways.base import Gateway
 from push.redisstore import RedisStore
 from push.service import DAY, PushService, PushSettings
-from push.store import SqliteStore, Store
+from push.store import SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("push")
 
@@ -328,7 +328,12 @@ async def run(
     current = copy.deepcopy(cfg)
 
     async def check() -> str | None:
-        await service.store.counts()  # the watchdog pings only while the store answers
+        try:
+            await service.store.counts()  # the watchdog pings only while the store answers...
+        except StoreUnavailable:
+            # ...or says in time that it cannot (a shared store's server is down): /readyz
+            # says 503, and restarting this process would not bring Redis back.
+            pass
         return None
 
     with trio.open_signal_receiver(*SIGNALS) as signals:
