@@ -38,7 +38,7 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -51,6 +51,8 @@ from push.store import LOG_FIELDS, Device, LogRow, StoreUnavailable, TokenBox
 __all__ = ["DEFAULT_TIMEOUT", "KEY_PREFIX", "MAX_LOG_TTL", "RedisStore", "StoreUnavailable"]
 
 T = TypeVar("T")
+# (value, one index, another index) of each member of a batch: what a purge deletes.
+KeysOf = Callable[[list[str]], Awaitable[list[tuple[str, str, str]]]]
 
 KEY_PREFIX = "pbxpush:"
 # DESIGN §3: push metadata is deleted after 7 days at the latest, whatever the caller asks.
@@ -61,7 +63,7 @@ DEFAULT_DEVICE_TTL = 30 * 86400.0
 # and the relay's ring timeout is tens of seconds; a healthy local Redis answers in well
 # under 1 ms, so 1 s only ever trips on a server that is gone or stalled. /readyz waits 2 s.
 DEFAULT_TIMEOUT = 1.0
-# Keys per MGET (and values per reply): a few hundred KiB at most per round trip.
+# Keys per MGET or index members per ZRANGE: a few hundred KiB at most per round trip.
 READ_CHUNK = 500
 # Index members looked at per purge script: each script runs atomically, so a batch
 # is short (~1 ms) and other clients' calls go between two batches.
@@ -241,9 +243,17 @@ class RedisStore:
         return values
 
     async def _members(self, index: str) -> list[str]:
-        return list(await self._call(self._conn.raw.zrange(index, 0, -1)))
+        """Every member of an index, in order, :data:`READ_CHUNK` per round trip."""
+        members: list[str] = []
+        while True:
+            first = len(members)
+            chunk = await self._call(self._conn.raw.zrange(index, first, first + READ_CHUNK - 1))
+            members.extend(chunk)
+            if len(chunk) < READ_CHUNK:
+                return members
 
-    async def _drop(self, indexes: tuple[str, str], members: list[str], value_key: Any) -> None:
+    async def _drop(self, indexes: tuple[str, str], members: list[str], value_key: Callable[[str], str],
+                    ) -> None:
         """Drop members whose value is gone from two indexes (the one read and the global one)."""
         for i in range(0, len(members), READ_CHUNK):
             chunk = members[i:i + READ_CHUNK]
@@ -331,7 +341,7 @@ class RedisStore:
         devices = await self._purge_index(_Keys.devices, devices_before, self._device_keys)
         return logs, devices
 
-    async def _purge_index(self, index: str, before: float, keys_of: Any) -> int:
+    async def _purge_index(self, index: str, before: float, keys_of: KeysOf) -> int:
         total = 0
         while True:
             members = list(await self._call(self._conn.raw.zrange(
