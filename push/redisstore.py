@@ -12,6 +12,9 @@ Redis itself enforces DESIGN §3 even when no purge runs:
 - ``pbxpush:log:<row id>`` — one push log row, a JSON string, expiring at the row's
   retention (``log_retention_days``, never more than :data:`MAX_LOG_TTL`, 7 days)
   counted from when it was written, on Redis's clock.
+- ``pbxpush:push:<device id> <Call-ID>`` — the claim of the one push of a call to a
+  device (DESIGN §2: one push per call per device, across workers), then its outcome;
+  expiring after the dedupe window.
 - indexes, sorted sets scored by the service's wall clock (``updated_at``, ``at``):
   ``pbxpush:devices`` and ``pbxpush:logs`` (all), ``pbxpush:udev:<user>`` and
   ``pbxpush:ulog:<user>`` (one user: serial and username), ``pbxpush:sdev:<serial>``
@@ -46,7 +49,7 @@ from typing import Any, TypeVar
 import coredis
 
 from pbxcore.redisconn import RedisConn, RedisUnavailable, new_client
-from push.store import LOG_FIELDS, Device, LogRow, StoreUnavailable, TokenBox
+from push.store import LOG_FIELDS, Device, LogRow, PushClaim, StoreUnavailable, TokenBox
 
 __all__ = ["DEFAULT_TIMEOUT", "KEY_PREFIX", "MAX_LOG_TTL", "RedisStore", "StoreUnavailable"]
 
@@ -394,6 +397,31 @@ class RedisStore:
             "devices": await self._call(self._conn.raw.zcard(_Keys.devices)),
             "push_log_rows": await self._call(self._conn.raw.zcard(_Keys.logs)),
         }
+
+    # ------------------------------------------------------------- one push per call
+    # ``pbxpush:push:<claim>``: "" while the claiming process pushes, then {"outcome",
+    # "status"}; it expires after the dedupe window whatever happens to its process.
+    async def claim_push(self, claim: str, ttl: float) -> bool:
+        done = await self._call(self._conn.raw.set(KEY_PREFIX + "push:" + claim, "", px=_ms(ttl),
+                                                         condition=coredis.PureToken.NX))
+        return bool(done)
+
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        value = await self._call(self._conn.raw.get(KEY_PREFIX + "push:" + claim))
+        if value is None:
+            return None
+        if not value:
+            return PushClaim(None)
+        v = json.loads(value)
+        return PushClaim(str(v["outcome"]), v["status"])
+
+    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
+        value = json.dumps({"outcome": outcome, "status": status})
+        await self._call(self._conn.raw.set(KEY_PREFIX + "push:" + claim, value,
+                                            condition=coredis.PureToken.XX, keepttl=True))
+
+    async def release_push(self, claim: str) -> None:
+        await self._call(self._conn.raw.delete([KEY_PREFIX + "push:" + claim]))
 
     async def aclose(self) -> None:
         """Nothing to do: the connection pool closes when :meth:`session` ends."""

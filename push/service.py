@@ -28,6 +28,12 @@ __all__ = ["DeviceUpdate", "Metrics", "PushError", "PushService", "PushSettings"
 log = logging.getLogger("push")
 
 DAY = 86400.0
+# Seconds between two looks at another process's push for the same (device, call): a
+# duplicate ask is rare (the relay asks once per call per device), and its answer is
+# only needed before the ring timeout.
+CLAIM_POLL = 0.05
+# Seconds a cancelled wake-up may spend giving its claim back (shielded from the cancel).
+CLAIM_RELEASE_TIMEOUT = 1.0
 # Latency buckets (seconds) of the wake histogram, Prometheus-style upper bounds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -171,7 +177,9 @@ class PushService:
         asks: a second ask sends nothing and answers what the first push came to
         (reason ``duplicate``), waiting for it while it is in flight — at most until
         the second ask's own ring timeout. A first ask that was cancelled before its
-        push ended leaves nothing behind: the next ask pushes."""
+        push ended leaves nothing behind: the next ask pushes. In one process the rule
+        is kept in memory; across processes sharing a store, by the store's claims
+        (:meth:`push.store.Store.claim_push`)."""
         started = trio.current_time()
         deadline = started + req.ring_timeout
         device = await self.store.get_device(req.device_id)
@@ -201,28 +209,74 @@ class PushService:
             return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
                               latency_ms=(trio.current_time() - started) * 1000.0)
         pushed = self._recent[key] = _Pushed(started)
+        claim = f"{req.device_id} {req.call_id}"  # the id is hex: the first space ends it
+        claimed = False
         try:
-            gateway = self.gateways.get(device.provider)
-            if gateway is None:
-                result = PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
-            else:
-                msg = PushMessage(
-                    target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
-                    caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
-                    sent_at=self.clock(), device_id=device.device_id,
-                )
-                result = await deliver(gateway, msg, deadline, started=started)
-            pushed.result = result
+            elsewhere = await self._claim_or_wait(claim, device.provider, started, deadline)
+            if elsewhere is not None:
+                pushed.result = elsewhere
+                return elsewhere
+            claimed = True
+            result = pushed.result = await self._push(device, req, deadline, started)
             pushed.done.set()
+            await self._finish_claim(claim, result)
             if result.outcome is Outcome.UNREGISTERED:
                 # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
                 await self.unregister_device(device.device_id, "unregistered")
             await self._log(req, device, result)
             return result
         finally:
-            if pushed.result is None and self._recent.get(key) is pushed:
-                del self._recent[key]  # cancelled (or broken) before the push ended: no key left
+            if pushed.result is None:
+                if self._recent.get(key) is pushed:
+                    del self._recent[key]  # cancelled (or broken) before the push ended: no key left
+                if claimed:
+                    await self._release_claim(claim)
             pushed.done.set()
+
+    async def _push(self, device: Device, req: WakeRequest, deadline: float, started: float) -> PushResult:
+        gateway = self.gateways.get(device.provider)
+        if gateway is None:
+            return PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
+        msg = PushMessage(
+            target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
+            caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
+            sent_at=self.clock(), device_id=device.device_id,
+        )
+        return await deliver(gateway, msg, deadline, started=started)
+
+    async def _claim_or_wait(self, claim: str, provider: str, started: float, deadline: float,
+                             ) -> PushResult | None:
+        """The same rule across processes sharing the store: None when this process is
+        to push; else what another process's push for the same (device, call) came to,
+        waited for while in flight (polled every ``CLAIM_POLL`` s, until ``deadline``)."""
+        while not await self.store.claim_push(claim, self.settings.dedupe_window):
+            first = await self.store.push_claimed(claim)
+            if first is None:
+                continue  # released (its ask was cancelled) or expired just now: claim again
+            if first.outcome is None and trio.current_time() < deadline:
+                await trio.sleep_until(min(deadline, trio.current_time() + CLAIM_POLL))
+                continue
+            self.metrics.pushes.labels(provider, "duplicate").inc()
+            latency_ms = (trio.current_time() - started) * 1000.0
+            if first.outcome is None:
+                return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
+                                  latency_ms=latency_ms)
+            return PushResult(Outcome(first.outcome), status=first.status, reason="duplicate",
+                              latency_ms=latency_ms)
+        return None
+
+    async def _finish_claim(self, claim: str, result: PushResult) -> None:
+        try:
+            await self.store.finish_push(claim, str(result.outcome), result.status)
+        except StoreUnavailable as e:  # the others' duplicates then wait for it until their deadline
+            log.warning("event=push_claim_failed what=finish error=%s", e)
+
+    async def _release_claim(self, claim: str) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_RELEASE_TIMEOUT):
+            try:
+                await self.store.release_push(claim)
+            except StoreUnavailable as e:  # it expires with the dedupe window anyway
+                log.warning("event=push_claim_failed what=release error=%s", e)
 
     def _forget_old(self, now: float) -> None:
         """Drop finished entries older than the window, from the oldest end (the dict

@@ -103,6 +103,14 @@ class LogRow:
 LOG_FIELDS = tuple(f.name for f in fields(LogRow))
 
 
+@dataclass(frozen=True, slots=True)
+class PushClaim:
+    """What a store knows of a (device, call) push another process claimed."""
+
+    outcome: str | None  # None while that push is in flight
+    status: int | None = None
+
+
 class StoreUnavailable(PbxError):
     """The store did not answer in time (a shared store's server is down or stalled)."""
 
@@ -139,6 +147,25 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Gauges for /metrics: at least ``devices`` and ``push_log_rows``."""
+        ...
+
+    # One push per (device, call) across processes sharing the store (DESIGN §2). ``claim``
+    # names the pair; a store used by one process only may claim always (the service
+    # also keeps the rule in memory, which is all one process needs).
+    async def claim_push(self, claim: str, ttl: float) -> bool:
+        """True when this process is the first to push for ``claim`` within ``ttl`` s."""
+        ...
+
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        """What another process's claim came to; None when nobody holds ``claim``."""
+        ...
+
+    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
+        """Record what the claimed push came to (for the other processes' duplicates)."""
+        ...
+
+    async def release_push(self, claim: str) -> None:
+        """Give a claim up (its push was cancelled before it ended): the next ask pushes."""
         ...
 
     async def aclose(self) -> None: ...
@@ -417,6 +444,19 @@ class SqliteStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._run(self._counts)
+
+    # One process per SQLite file: the service's in-memory rule is the whole rule.
+    async def claim_push(self, claim: str, ttl: float) -> bool:
+        return True
+
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        return None
+
+    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
+        return None
+
+    async def release_push(self, claim: str) -> None:
+        return None
 
     async def aclose(self) -> None:
         await self._run(self._close)

@@ -421,3 +421,68 @@ async def test_a_reader_does_not_stall_the_store_and_the_old_address_goes_later(
     assert (await svc.store.counts())["wal_checkpoint_pending"] == 0
     assert parse_metrics(await svc.metrics_text())["pbx_push_wal_checkpoint_failures_total"] == 1
     await svc.aclose()
+
+
+# ------------------------------------------------------------------ one push per call, two workers
+
+
+async def _two_workers(backend: Backend, first: ScriptedGateway, second: ScriptedGateway,
+                       ) -> tuple[PushService, PushService]:
+    """Two services (two workers' stores) on the same Redis; the device registered through one."""
+    a, b = backend.open(KEY), backend.open(KEY)
+    svc_a = PushService(a, {"apns": first}, KEY, clock=time.time)
+    svc_b = PushService(b, {"apns": second}, KEY, clock=time.time)
+    return svc_a, svc_b
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_second_worker_does_not_push_a_call_the_first_pushed(backend: Backend) -> None:
+    first, second = ScriptedGateway("rejected", 400, "BadTopic"), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        assert (await svc_a.wake(wake(svc_a, ALICE))).outcome is Outcome.REJECTED
+        again = await svc_b.wake(wake(svc_b, ALICE))
+        assert (again.outcome, again.status, again.reason, again.attempts) == (
+            Outcome.REJECTED, 400, "duplicate", 0)
+        assert (await svc_b.wake(wake(svc_b, ALICE, "call-2"))).outcome is Outcome.SENT  # another call
+        assert (len(first.sent), len(second.sent)) == (1, 1)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_second_worker_waits_for_the_first_worker_s_push_in_flight(backend: Backend) -> None:
+    gate = trio.Event()
+    first, second = ScriptedGateway("ok", 200, gate=gate), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    results: list[tuple[str, Outcome, str]] = []
+
+    async def ask(name: str, svc: PushService) -> None:
+        r = await svc.wake(wake(svc, ALICE))
+        results.append((name, r.outcome, r.reason))
+
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "a", svc_a)
+            while not first.sent:
+                await trio.sleep(0.01)
+            nursery.start_soon(ask, "b", svc_b)
+            await trio.sleep(0.3)
+            assert results == []  # b waits for a's push, it does not answer by itself
+            gate.set()
+        assert sorted(results) == [("a", Outcome.SENT, ""), ("b", Outcome.SENT, "duplicate")]
+        assert (len(first.sent), len(second.sent)) == (1, 0)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_wake_cancelled_on_one_worker_lets_the_other_push(backend: Backend) -> None:
+    first, second = ScriptedGateway("ok", 200, gate=trio.Event()), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        with trio.move_on_after(0.2):
+            await svc_a.wake(wake(svc_a, ALICE))  # its caller went away before an answer
+        assert len(first.sent) == 1
+        again = await svc_b.wake(wake(svc_b, ALICE))
+        assert (again.outcome, again.reason, again.attempts) == (Outcome.SENT, "", 1)
+        assert len(second.sent) == 1
