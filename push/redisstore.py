@@ -90,6 +90,16 @@ end
 return old
 """
 
+# KEYS: device, push claim. ARGV: the claim's expiry (ms). Returns {device value or nil,
+# 1 when the device exists and the claim is now this caller's, else 0}.
+_DEVICE_FOR_PUSH = """
+local d = redis.call('GET', KEYS[1])
+if not d then return {false, 0} end
+local ok = redis.call('SET', KEYS[2], '', 'NX', 'PX', ARGV[1])
+if ok then return {d, 1} end
+return {d, 0}
+"""
+
 # KEYS: device, all devices, the user's devices, the PBX's devices. ARGV: device id.
 _DELETE = """
 local n = redis.call('DEL', KEYS[1])
@@ -97,13 +107,15 @@ for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return n
 """
 
-# KEYS: row, all rows, the user's rows. ARGV: value, at, expiry (ms), row id.
+# KEYS: row, all rows, the user's rows[, a push claim]. ARGV: value, at, expiry (ms),
+# row id[, the claimed push's outcome]: the claim, if still there, gets it.
 _ADD_LOG = _EXTEND + """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 for i = 2, 3 do
   redis.call('ZADD', KEYS[i], ARGV[2], ARGV[4])
   extend(KEYS[i], ARGV[3])
 end
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[5], 'XX', 'KEEPTTL') end
 return 1
 """
 
@@ -196,6 +208,10 @@ class _Keys:
     def sdev(serial: str) -> str:
         return KEY_PREFIX + "sdev:" + serial
 
+    @staticmethod
+    def claim(claim: str) -> str:
+        return KEY_PREFIX + "push:" + claim
+
 
 def _new_row_id() -> str:
     """Unique, and ordered as written (wall-clock ns first): rows of one instant keep
@@ -215,6 +231,7 @@ class RedisStore:
         r = client
         self._upsert = r.register_script(_UPSERT)
         self._delete = r.register_script(_DELETE)
+        self._device_for_push = r.register_script(_DEVICE_FOR_PUSH)
         self._add_log = r.register_script(_ADD_LOG)
         self._purge = r.register_script(_PURGE)
         self._drop_stale = r.register_script(_DROP_STALE)
@@ -317,13 +334,18 @@ class RedisStore:
                        and (username is None or d.username == username)), key=lambda d: d.device_id)
 
     # ------------------------------------------------------------- push log
-    async def add_log(self, row: LogRow, expires_at: float) -> None:
-        """Write a row expiring ``expires_at - row.at`` seconds from now (at most 7 days)."""
+    async def add_log(self, row: LogRow, expires_at: float, claim: str | None = None) -> None:
+        """Write a row expiring ``expires_at - row.at`` seconds from now (at most 7 days);
+        with ``claim``, in the same script, that claim's outcome (see :meth:`claim_push`)."""
         ttl = min(expires_at - row.at, MAX_LOG_TTL)
         row_id = _new_row_id()
         keys = [_Keys.row(row_id), _Keys.logs, _Keys.ulog(row.serial, row.username)]
         value = json.dumps(asdict(row), separators=(",", ":"))
-        await self._call(self._add_log(keys=keys, args=[value, repr(row.at), _ms(ttl), row_id]))
+        args: list[str | int] = [value, repr(row.at), _ms(ttl), row_id]
+        if claim is not None:
+            keys.append(_Keys.claim(claim))
+            args.append(json.dumps({"outcome": row.outcome, "status": row.status}))
+        await self._call(self._add_log(keys=keys, args=args))
 
     async def log_rows(self, serial: str, username: str) -> list[LogRow]:
         index = _Keys.ulog(serial, username)
@@ -400,14 +422,21 @@ class RedisStore:
 
     # ------------------------------------------------------------- one push per call
     # ``pbxpush:push:<claim>``: "" while the claiming process pushes, then {"outcome",
-    # "status"}; it expires after the dedupe window whatever happens to its process.
+    # "status"} (written with the push log row, :meth:`add_log`); it expires after the
+    # dedupe window whatever happens to its process.
     async def claim_push(self, claim: str, ttl: float) -> bool:
-        done = await self._call(self._conn.raw.set(KEY_PREFIX + "push:" + claim, "", px=_ms(ttl),
+        done = await self._call(self._conn.raw.set(_Keys.claim(claim), "", px=_ms(ttl),
                                                          condition=coredis.PureToken.NX))
         return bool(done)
 
+    async def device_for_push(self, device_id: str, claim: str, ttl: float) -> tuple[Device | None, bool]:
+        got: Any = await self._call(self._device_for_push(
+            keys=[_Keys.dev(device_id), _Keys.claim(claim)], args=[_ms(ttl)]))
+        value, claimed = got
+        return (None if value is None else self._decode_device(value)), bool(claimed)
+
     async def push_claimed(self, claim: str) -> PushClaim | None:
-        value = await self._call(self._conn.raw.get(KEY_PREFIX + "push:" + claim))
+        value = await self._call(self._conn.raw.get(_Keys.claim(claim)))
         if value is None:
             return None
         if not value:
@@ -415,13 +444,8 @@ class RedisStore:
         v = json.loads(value)
         return PushClaim(str(v["outcome"]), v["status"])
 
-    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
-        value = json.dumps({"outcome": outcome, "status": status})
-        await self._call(self._conn.raw.set(KEY_PREFIX + "push:" + claim, value,
-                                            condition=coredis.PureToken.XX, keepttl=True))
-
     async def release_push(self, claim: str) -> None:
-        await self._call(self._conn.raw.delete([KEY_PREFIX + "push:" + claim]))
+        await self._call(self._conn.raw.delete([_Keys.claim(claim)]))
 
     async def aclose(self) -> None:
         """Nothing to do: the connection pool closes when :meth:`session` ends."""

@@ -182,48 +182,39 @@ class PushService:
         (:meth:`push.store.Store.claim_push`)."""
         started = trio.current_time()
         deadline = started + req.ring_timeout
-        device = await self.store.get_device(req.device_id)
+        claim = f"{req.device_id} {req.call_id}"  # the id is hex: the first space ends it
+        device, claimed = await self.store.device_for_push(req.device_id, claim, self.settings.dedupe_window)
         if device is not None and req.serial and device.serial != req.serial:
             # Another PBX's device: not woken, and not told apart from a missing one.
             log.warning("event=wake_refused device=%s reason=serial_mismatch serial=%s",
                         req.device_id, req.serial)
             device = None
         if device is None:
+            if claimed:
+                await self._release_claim(claim)
             result = PushResult(Outcome.UNKNOWN_DEVICE, reason="no such device")
             await self._log(req, None, result)
             return result
         key = (req.device_id, req.call_id)
-        self._forget_old(started)
-        while (first := self._recent.get(key)) is not None:
-            if first.result is None:
-                with trio.move_on_at(deadline):
-                    await first.done.wait()
-                if not first.done.is_set():
-                    self.metrics.pushes.labels(device.provider, "duplicate").inc()
-                    return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
-                                      latency_ms=(trio.current_time() - started) * 1000.0)
-                if first.result is None:
-                    continue  # the first ask was cancelled: look again (and push if nobody does)
-            # One push per call per device: a second ask is not a second push.
-            self.metrics.pushes.labels(device.provider, "duplicate").inc()
-            return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
-                              latency_ms=(trio.current_time() - started) * 1000.0)
+        duplicate = await self._duplicate_in_memory(key, device.provider, started, deadline)
+        if duplicate is not None:
+            if claimed:  # (only if the first push's claim expired before its entry here)
+                await self._release_claim(claim)
+            return duplicate
         pushed = self._recent[key] = _Pushed(started)
-        claim = f"{req.device_id} {req.call_id}"  # the id is hex: the first space ends it
-        claimed = False
         try:
-            elsewhere = await self._claim_or_wait(claim, device.provider, started, deadline)
-            if elsewhere is not None:
-                pushed.result = elsewhere
-                return elsewhere
-            claimed = True
+            if not claimed:
+                elsewhere = await self._claim_or_wait(claim, device.provider, started, deadline)
+                if elsewhere is not None:
+                    pushed.result = elsewhere
+                    return elsewhere
+                claimed = True
             result = pushed.result = await self._push(device, req, deadline, started)
             pushed.done.set()
-            await self._finish_claim(claim, result)
+            await self._log(req, device, result, claim)  # the claim's outcome goes with the row
             if result.outcome is Outcome.UNREGISTERED:
                 # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
                 await self.unregister_device(device.device_id, "unregistered")
-            await self._log(req, device, result)
             return result
         finally:
             if pushed.result is None:
@@ -232,6 +223,27 @@ class PushService:
                 if claimed:
                     await self._release_claim(claim)
             pushed.done.set()
+
+    async def _duplicate_in_memory(self, key: tuple[str, str], provider: str, started: float,
+                                   deadline: float) -> PushResult | None:
+        """What an earlier ask in this process for the same (device, call) came to, waited
+        for while in flight (until ``deadline``); None when there is none (this ask pushes)."""
+        self._forget_old(started)
+        while (first := self._recent.get(key)) is not None:
+            if first.result is None:
+                with trio.move_on_at(deadline):
+                    await first.done.wait()
+                if not first.done.is_set():
+                    self.metrics.pushes.labels(provider, "duplicate").inc()
+                    return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
+                                      latency_ms=(trio.current_time() - started) * 1000.0)
+                if first.result is None:
+                    continue  # the first ask was cancelled: look again (and push if nobody does)
+            # One push per call per device: a second ask is not a second push.
+            self.metrics.pushes.labels(provider, "duplicate").inc()
+            return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
+                              latency_ms=(trio.current_time() - started) * 1000.0)
+        return None
 
     async def _push(self, device: Device, req: WakeRequest, deadline: float, started: float) -> PushResult:
         gateway = self.gateways.get(device.provider)
@@ -265,12 +277,6 @@ class PushService:
                               latency_ms=latency_ms)
         return None
 
-    async def _finish_claim(self, claim: str, result: PushResult) -> None:
-        try:
-            await self.store.finish_push(claim, str(result.outcome), result.status)
-        except StoreUnavailable as e:  # the others' duplicates then wait for it until their deadline
-            log.warning("event=push_claim_failed what=finish error=%s", e)
-
     async def _release_claim(self, claim: str) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_RELEASE_TIMEOUT):
             try:
@@ -290,7 +296,8 @@ class PushService:
                 break
             del recent[key]
 
-    async def _log(self, req: WakeRequest, device: Device | None, result: PushResult) -> None:
+    async def _log(self, req: WakeRequest, device: Device | None, result: PushResult,
+                   claim: str | None = None) -> None:
         provider = device.provider if device else ""
         now = self.clock()
         row = LogRow(
@@ -303,9 +310,10 @@ class PushService:
             latency_ms=round(result.latency_ms, 3),
         )
         try:
-            await self.store.add_log(row, now + self.settings.log_retention)
+            await self.store.add_log(row, now + self.settings.log_retention, claim)
         except StoreUnavailable as e:
             # The push went (or not) whatever the log says: answer the caller with it.
+            # (Another worker waiting on the claim then answers "in flight" at its deadline.)
             self.metrics.log_failures.inc()
             log.warning("event=push_log_failed call_id=%s device=%s error=%s", req.call_id, req.device_id, e)
         self.metrics.pushes.labels(provider or "none", str(result.outcome)).inc()

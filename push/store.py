@@ -132,7 +132,11 @@ class Store(Protocol):
 
     async def devices(self, serial: str | None = None, username: str | None = None) -> list[Device]: ...
 
-    async def add_log(self, row: LogRow, expires_at: float) -> None: ...
+    async def add_log(self, row: LogRow, expires_at: float, claim: str | None = None) -> None:
+        """Write a push log row kept until ``expires_at``. With ``claim``, the row's outcome
+        and status are also what that claimed push came to (:meth:`push_claimed`), in the
+        same round trip where the store can."""
+        ...
 
     async def log_rows(self, serial: str, username: str) -> list[LogRow]: ...
 
@@ -156,12 +160,13 @@ class Store(Protocol):
         """True when this process is the first to push for ``claim`` within ``ttl`` s."""
         ...
 
-    async def push_claimed(self, claim: str) -> PushClaim | None:
-        """What another process's claim came to; None when nobody holds ``claim``."""
+    async def device_for_push(self, device_id: str, claim: str, ttl: float) -> tuple[Device | None, bool]:
+        """:meth:`get_device` and, when the device exists, :meth:`claim_push` — in one
+        round trip where the store can."""
         ...
 
-    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
-        """Record what the claimed push came to (for the other processes' duplicates)."""
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        """What another process's claim came to; None when nobody holds ``claim``."""
         ...
 
     async def release_push(self, claim: str) -> None:
@@ -394,7 +399,7 @@ class SqliteStore:
         )
         self._after_write(False)
 
-    async def add_log(self, row: LogRow, expires_at: float) -> None:
+    async def add_log(self, row: LogRow, expires_at: float, claim: str | None = None) -> None:
         # SQLite has no TTL: purge() deletes by ``at``; expires_at is for stores that do.
         await self._run(self._add_log, row)
 
@@ -452,8 +457,8 @@ class SqliteStore:
     async def push_claimed(self, claim: str) -> PushClaim | None:
         return None
 
-    async def finish_push(self, claim: str, outcome: str, status: int | None) -> None:
-        return None
+    async def device_for_push(self, device_id: str, claim: str, ttl: float) -> tuple[Device | None, bool]:
+        return await self.get_device(device_id), True
 
     async def release_push(self, claim: str) -> None:
         return None
