@@ -51,7 +51,7 @@ from pbxcore.wire import (
     wake_result_json,
 )
 from push.service import PushError, PushService, WakeRequest
-from push.store import Device
+from push.store import Device, StoreUnavailable
 
 log = logging.getLogger("push.api")
 
@@ -380,6 +380,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                         status_code=exc.status_code, headers=dict(exc.headers or {}))
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    # A shared store (Redis) not answering: another worker, or this one a moment later, may.
+    log.warning("event=store_unavailable path=%s error=%s", request.url.path, exc)
+    return JSONResponse({"error": "store not answering"}, status_code=503, headers={"Retry-After": "1"})
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # The traceback goes to hypercorn's error log (push.http); the body says nothing more.
     log.error("event=api_error path=%s error=%s", request.url.path, type(exc).__name__)
@@ -391,5 +397,6 @@ _HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
     PushError: _bad_input,
     WireError: _bad_input,
     HTTPException: _http_error,
+    StoreUnavailable: _store_unavailable,
     Exception: _internal_error,
 }

@@ -26,13 +26,15 @@ from pbxcore.config import changed_keys
 from pbxcore.errors import ConfigError, ListenError
 from pbxcore.journal import set_level
 from pbxcore.lifecycle import SIGNALS, supervise
+from pbxcore.redisconn import redis_url_shown
 from pbxcore.sdnotify import Notifier
 from pbxcore.statedir import private_dir
 from push.api import admin_routes, make_api
 from push.config import Listen, PushConfig, check_files
 from push.gateways.base import Gateway
+from push.redisstore import RedisStore
 from push.service import DAY, PushService, PushSettings
-from push.store import SqliteStore
+from push.store import SqliteStore, Store, StoreUnavailable
 
 log = logging.getLogger("push")
 
@@ -129,11 +131,17 @@ def build_service(
     clock: Callable[[], float] = time.time,
     gateways: Mapping[str, Gateway] | None = None,
 ) -> PushService:
-    """The service over <state_dir>/push.sqlite with the configured gateways
-    (``gateways`` replaces them, e.g. in tests)."""
+    """The service over its store (store.redis_url, else <state_dir>/push.sqlite) with
+    the configured gateways (``gateways`` replaces them, e.g. in tests). A Redis store
+    connects once :func:`serve` runs."""
     check_files(cfg)
     key = load_key(cfg.state_dir)
-    store = SqliteStore(cfg.state_dir / "push.sqlite", key)
+    store: Store
+    if cfg.store.redis_url:
+        store = RedisStore.from_url(cfg.store.redis_url, key,
+                                    device_ttl=cfg.push.device_stale_days * DAY)
+    else:
+        store = SqliteStore(cfg.state_dir / "push.sqlite", key)
     return PushService(store, gateways if gateways is not None else build_gateways(cfg, key), key,
                        _settings(cfg), clock=clock)
 
@@ -199,7 +207,7 @@ async def serve(
     try:
         secret = load_api_secret(cfg)
         api = make_api(service, secret)
-        async with trio.open_nursery() as nursery:
+        async with service.store.session(), trio.open_nursery() as nursery:
             api_hc = _hypercorn_config(cfg.api_listen, cfg)
             api_binds = await _start_http(nursery, api, api_hc, "push API")
             routes = admin_routes(service)
@@ -238,6 +246,8 @@ def banner(cfg: PushConfig, running: Running) -> str:
         name = {"apns": "APNs", "fcm": "FCM"}.get(provider, provider)
         lines.append(f"  {name:<7} {mode}{extra}")
     lines.append(f"  state   {cfg.state_dir}  (push log kept {cfg.push.log_retention_days:g} days)")
+    if cfg.store.redis_url:
+        lines.append(f"  store   {redis_url_shown(cfg.store.redis_url)}  (shared: devices and push log)")
     if not cfg.api_tls and not cfg.is_loopback_only():
         lines.append("  WARNING the API listens beyond loopback without TLS: set api.tls_cert/tls_key")
     return "\n".join(lines)
@@ -318,7 +328,12 @@ async def run(
     current = copy.deepcopy(cfg)
 
     async def check() -> str | None:
-        await service.store.counts()  # the watchdog pings only while the store answers
+        try:
+            await service.store.counts()  # the watchdog pings only while the store answers...
+        except StoreUnavailable:
+            # ...or says in time that it cannot (a shared store's server is down): /readyz
+            # says 503, and restarting this process would not bring Redis back.
+            pass
         return None
 
     with trio.open_signal_receiver(*SIGNALS) as signals:

@@ -19,6 +19,7 @@ from typing import Any
 from pbxcore import config as loader
 from pbxcore.config import Listen, ServiceConfig, path_field
 from pbxcore.errors import ConfigError
+from pbxcore.redisconn import redis_url_problem
 
 __all__ = ["ConfigError", "Listen", "PushConfig", "check_files", "load"]
 
@@ -47,6 +48,15 @@ class PushSection:
     """Days a device may go without registering before it is deleted."""
     purge_interval: float = 600.0
     """Seconds between two purges while the service runs."""
+
+
+@dataclass
+class StoreSection:
+    """``[store]``: where devices and the push log live."""
+
+    redis_url: str = ""
+    """redis://[:password@]host:port of a Redis/Valkey shared by several pbx-push
+    processes; empty: SQLite in <state_dir>/push.sqlite."""
 
 
 @dataclass
@@ -114,6 +124,8 @@ class PushConfig(ServiceConfig):
 
     push: PushSection = field(default_factory=PushSection)
     """``[push]``"""
+    store: StoreSection = field(default_factory=StoreSection)
+    """``[store]``"""
     api: ApiSection = field(default_factory=ApiSection)
     """``[api]``"""
     admin: AdminSection = field(default_factory=AdminSection)
@@ -173,6 +185,7 @@ class PushConfig(ServiceConfig):
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first key that is wrong."""
         self._validate_push()
+        self._validate_store()
         _ = self.api_listen, self.admin_listen  # each raises on a bad address
         self._validate_api()
         self._validate_providers()
@@ -192,6 +205,12 @@ class PushConfig(ServiceConfig):
         for k in ("device_stale_days", "purge_interval"):
             if not 0 < getattr(p, k) < math.inf:
                 raise ConfigError(f"{w('push.' + k)} must be > 0")
+
+    def _validate_store(self) -> None:
+        url = self.store.redis_url
+        problem = redis_url_problem(url) if url else None
+        if problem is not None:
+            raise ConfigError(f"{self.where('store.redis_url')} {problem}")
 
     def _validate_api(self) -> None:
         a, w = self.api, self.where

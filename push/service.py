@@ -21,13 +21,19 @@ from pbxcore.metrics import MetricSet, Plain
 from pbxcore.wire import DeviceUpdate
 from push.gateways.base import Gateway, deliver
 from push.model import PROVIDERS, Outcome, PushMessage, PushResult, PushTarget
-from push.store import Device, LogRow, Store
+from push.store import Device, LogRow, Store, StoreUnavailable
 
 __all__ = ["DeviceUpdate", "Metrics", "PushError", "PushService", "PushSettings", "WakeRequest"]
 
 log = logging.getLogger("push")
 
 DAY = 86400.0
+# Seconds between two looks at another process's push for the same (device, call): a
+# duplicate ask is rare (the relay asks once per call per device), and its answer is
+# only needed before the ring timeout.
+CLAIM_POLL = 0.05
+# Seconds a cancelled wake-up may spend giving its claim back (shielded from the cancel).
+CLAIM_RELEASE_TIMEOUT = 1.0
 # Latency buckets (seconds) of the wake histogram, Prometheus-style upper bounds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -83,6 +89,9 @@ class Metrics:
         self.erasures = m.counter("erasures_total", "Users erased (GDPR Art. 17).")
         self.purged = m.counter("purged_total", "Rows deleted by the retention purge, by table.", ["table"])
         self.purge_errors = m.counter("purge_errors_total", "Purges that failed (retried next interval).")
+        self.log_failures = m.counter(
+            "push_log_failures_total", "Push log rows not written: the store did not answer (the push "
+            "itself went as its outcome says).")
         self.latency = m.histogram(
             "latency_seconds", "Seconds from a wake-up request to the provider's final answer.",
             LATENCY_BUCKETS, ["provider"])
@@ -146,7 +155,7 @@ class PushService:
             serial=update.serial, username=update.username, ip=update.ip, port=update.port,
             transport=update.transport, updated_at=self.clock(),
         )
-        moved = await self.store.upsert_device(device)
+        moved = await self.store.upsert_device(device, device.updated_at + self.settings.device_stale_after)
         self.metrics.device_updates.inc()
         log.info("event=device_registered device=%s provider=%s serial=%s moved=%s",
                  device.device_id, t.provider, update.serial, moved)
@@ -168,58 +177,112 @@ class PushService:
         asks: a second ask sends nothing and answers what the first push came to
         (reason ``duplicate``), waiting for it while it is in flight — at most until
         the second ask's own ring timeout. A first ask that was cancelled before its
-        push ended leaves nothing behind: the next ask pushes."""
+        push ended leaves nothing behind: the next ask pushes. In one process the rule
+        is kept in memory; across processes sharing a store, by the store's claims
+        (:meth:`push.store.Store.claim_push`)."""
         started = trio.current_time()
         deadline = started + req.ring_timeout
-        device = await self.store.get_device(req.device_id)
+        claim = f"{req.device_id} {req.call_id}"  # the id is hex: the first space ends it
+        device, claimed = await self.store.device_for_push(req.device_id, claim, self.settings.dedupe_window)
         if device is not None and req.serial and device.serial != req.serial:
             # Another PBX's device: not woken, and not told apart from a missing one.
             log.warning("event=wake_refused device=%s reason=serial_mismatch serial=%s",
                         req.device_id, req.serial)
             device = None
         if device is None:
+            if claimed:
+                await self._release_claim(claim)
             result = PushResult(Outcome.UNKNOWN_DEVICE, reason="no such device")
             await self._log(req, None, result)
             return result
         key = (req.device_id, req.call_id)
+        duplicate = await self._duplicate_in_memory(key, device.provider, started, deadline)
+        if duplicate is not None:
+            if claimed:  # (only if the first push's claim expired before its entry here)
+                await self._release_claim(claim)
+            return duplicate
+        pushed = self._recent[key] = _Pushed(started)
+        try:
+            if not claimed:
+                elsewhere = await self._claim_or_wait(claim, device.provider, started, deadline)
+                if elsewhere is not None:
+                    pushed.result = elsewhere
+                    return elsewhere
+                claimed = True
+            result = pushed.result = await self._push(device, req, deadline, started)
+            pushed.done.set()
+            await self._log(req, device, result, claim)  # the claim's outcome goes with the row
+            if result.outcome is Outcome.UNREGISTERED:
+                # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
+                await self.unregister_device(device.device_id, "unregistered")
+            return result
+        finally:
+            if pushed.result is None:
+                if self._recent.get(key) is pushed:
+                    del self._recent[key]  # cancelled (or broken) before the push ended: no key left
+                if claimed:
+                    await self._release_claim(claim)
+            pushed.done.set()
+
+    async def _duplicate_in_memory(self, key: tuple[str, str], provider: str, started: float,
+                                   deadline: float) -> PushResult | None:
+        """What an earlier ask in this process for the same (device, call) came to, waited
+        for while in flight (until ``deadline``); None when there is none (this ask pushes)."""
         self._forget_old(started)
         while (first := self._recent.get(key)) is not None:
             if first.result is None:
                 with trio.move_on_at(deadline):
                     await first.done.wait()
                 if not first.done.is_set():
-                    self.metrics.pushes.labels(device.provider, "duplicate").inc()
+                    self.metrics.pushes.labels(provider, "duplicate").inc()
                     return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
                                       latency_ms=(trio.current_time() - started) * 1000.0)
                 if first.result is None:
                     continue  # the first ask was cancelled: look again (and push if nobody does)
             # One push per call per device: a second ask is not a second push.
-            self.metrics.pushes.labels(device.provider, "duplicate").inc()
+            self.metrics.pushes.labels(provider, "duplicate").inc()
             return PushResult(first.result.outcome, status=first.result.status, reason="duplicate",
                               latency_ms=(trio.current_time() - started) * 1000.0)
-        pushed = self._recent[key] = _Pushed(started)
-        try:
-            gateway = self.gateways.get(device.provider)
-            if gateway is None:
-                result = PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
-            else:
-                msg = PushMessage(
-                    target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
-                    caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
-                    sent_at=self.clock(), device_id=device.device_id,
-                )
-                result = await deliver(gateway, msg, deadline, started=started)
-            pushed.result = result
-            pushed.done.set()
-            if result.outcome is Outcome.UNREGISTERED:
-                # Apple 410 / Google UNREGISTERED: the token is dead, so is the device row.
-                await self.unregister_device(device.device_id, "unregistered")
-            await self._log(req, device, result)
-            return result
-        finally:
-            if pushed.result is None and self._recent.get(key) is pushed:
-                del self._recent[key]  # cancelled (or broken) before the push ended: no key left
-            pushed.done.set()
+        return None
+
+    async def _push(self, device: Device, req: WakeRequest, deadline: float, started: float) -> PushResult:
+        gateway = self.gateways.get(device.provider)
+        if gateway is None:
+            return PushResult(Outcome.REJECTED, reason=f"no {device.provider} gateway")
+        msg = PushMessage(
+            target=PushTarget(device.provider, device.token, device.param), call_id=req.call_id,
+            caller=req.caller, callee=req.callee, ttl=max(1, int(req.ring_timeout)),
+            sent_at=self.clock(), device_id=device.device_id,
+        )
+        return await deliver(gateway, msg, deadline, started=started)
+
+    async def _claim_or_wait(self, claim: str, provider: str, started: float, deadline: float,
+                             ) -> PushResult | None:
+        """The same rule across processes sharing the store: None when this process is
+        to push; else what another process's push for the same (device, call) came to,
+        waited for while in flight (polled every ``CLAIM_POLL`` s, until ``deadline``)."""
+        while not await self.store.claim_push(claim, self.settings.dedupe_window):
+            first = await self.store.push_claimed(claim)
+            if first is None:
+                continue  # released (its ask was cancelled) or expired just now: claim again
+            if first.outcome is None and trio.current_time() < deadline:
+                await trio.sleep_until(min(deadline, trio.current_time() + CLAIM_POLL))
+                continue
+            self.metrics.pushes.labels(provider, "duplicate").inc()
+            latency_ms = (trio.current_time() - started) * 1000.0
+            if first.outcome is None:
+                return PushResult(Outcome.FAILED, reason="duplicate: first push still in flight",
+                                  latency_ms=latency_ms)
+            return PushResult(Outcome(first.outcome), status=first.status, reason="duplicate",
+                              latency_ms=latency_ms)
+        return None
+
+    async def _release_claim(self, claim: str) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_RELEASE_TIMEOUT):
+            try:
+                await self.store.release_push(claim)
+            except StoreUnavailable as e:  # it expires with the dedupe window anyway
+                log.warning("event=push_claim_failed what=release error=%s", e)
 
     def _forget_old(self, now: float) -> None:
         """Drop finished entries older than the window, from the oldest end (the dict
@@ -233,7 +296,8 @@ class PushService:
                 break
             del recent[key]
 
-    async def _log(self, req: WakeRequest, device: Device | None, result: PushResult) -> None:
+    async def _log(self, req: WakeRequest, device: Device | None, result: PushResult,
+                   claim: str | None = None) -> None:
         provider = device.provider if device else ""
         now = self.clock()
         row = LogRow(
@@ -245,7 +309,13 @@ class PushService:
             status=result.status, reason=result.reason[:200], attempts=result.attempts,
             latency_ms=round(result.latency_ms, 3),
         )
-        await self.store.add_log(row, now + self.settings.log_retention)
+        try:
+            await self.store.add_log(row, now + self.settings.log_retention, claim)
+        except StoreUnavailable as e:
+            # The push went (or not) whatever the log says: answer the caller with it.
+            # (Another worker waiting on the claim then answers "in flight" at its deadline.)
+            self.metrics.log_failures.inc()
+            log.warning("event=push_log_failed call_id=%s device=%s error=%s", req.call_id, req.device_id, e)
         self.metrics.pushes.labels(provider or "none", str(result.outcome)).inc()
         if device is not None and result.attempts:
             self.metrics.observe(provider, result.latency_ms / 1000)

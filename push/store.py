@@ -9,9 +9,11 @@ DESIGN §3 rows enforced here:
 - push log: one row per push; rows older than the retention are deleted by
   :meth:`Store.purge`. Never a message body.
 
-``Store`` is the interface (SQLite now; Redis/Valkey with native TTLs fits it:
-``add_log`` gets the row's expiry, ``purge`` may do nothing). ``SqliteStore`` runs
-sqlite3 in a worker thread, one call at a time.
+``Store`` is the interface, with two implementations: ``SqliteStore`` here, the
+embedded default (sqlite3 in a worker thread, one call at a time), and
+:class:`push.redisstore.RedisStore`, shared by several pbx-push processes, where
+Redis's own key expiry enforces the retention (``upsert_device`` and ``add_log`` get
+the row's expiry; SQLite has none and relies on ``purge``).
 
 What is left in the database files: ``secure_delete`` overwrites deleted rows, and
 an address change, a delete, an erasure and a purge checkpoint the WAL and truncate
@@ -33,7 +35,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -42,6 +45,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pbxcore.errors import PbxError
 from push.model import PushTarget
 
 T = TypeVar("T")
@@ -99,9 +103,27 @@ class LogRow:
 LOG_FIELDS = tuple(f.name for f in fields(LogRow))
 
 
+@dataclass(frozen=True, slots=True)
+class PushClaim:
+    """What a store knows of a (device, call) push another process claimed."""
+
+    outcome: str | None  # None while that push is in flight
+    status: int | None = None
+
+
+class StoreUnavailable(PbxError):
+    """The store did not answer in time (a shared store's server is down or stalled)."""
+
+
 class Store(Protocol):
-    async def upsert_device(self, device: Device) -> bool:
-        """Insert or replace; True when the address (ip, port, transport) changed."""
+    def session(self) -> AbstractAsyncContextManager[None]:
+        """Keep the store's connections open for the block; the service runs inside one."""
+        ...
+
+    async def upsert_device(self, device: Device, expires_at: float | None = None) -> bool:
+        """Insert or replace; True when the address (ip, port, transport) changed, the old
+        address gone. ``expires_at``: when the device goes if not registered again
+        (wall clock; a store without expiry leaves that to ``purge``)."""
         ...
 
     async def get_device(self, device_id: str) -> Device | None: ...
@@ -110,7 +132,11 @@ class Store(Protocol):
 
     async def devices(self, serial: str | None = None, username: str | None = None) -> list[Device]: ...
 
-    async def add_log(self, row: LogRow, expires_at: float) -> None: ...
+    async def add_log(self, row: LogRow, expires_at: float, claim: str | None = None) -> None:
+        """Write a push log row kept until ``expires_at``. With ``claim``, the row's outcome
+        and status are also what that claimed push came to (:meth:`push_claimed`), in the
+        same round trip where the store can."""
+        ...
 
     async def log_rows(self, serial: str, username: str) -> list[LogRow]: ...
 
@@ -125,6 +151,26 @@ class Store(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Gauges for /metrics: at least ``devices`` and ``push_log_rows``."""
+        ...
+
+    # One push per (device, call) across processes sharing the store (DESIGN §2). ``claim``
+    # names the pair; a store used by one process only may claim always (the service
+    # also keeps the rule in memory, which is all one process needs).
+    async def claim_push(self, claim: str, ttl: float) -> bool:
+        """True when this process is the first to push for ``claim`` within ``ttl`` s."""
+        ...
+
+    async def device_for_push(self, device_id: str, claim: str, ttl: float) -> tuple[Device | None, bool]:
+        """:meth:`get_device` and, when the device exists, :meth:`claim_push` — in one
+        round trip where the store can."""
+        ...
+
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        """What another process's claim came to; None when nobody holds ``claim``."""
+        ...
+
+    async def release_push(self, claim: str) -> None:
+        """Give a claim up (its push was cancelled before it ended): the next ask pushes."""
         ...
 
     async def aclose(self) -> None: ...
@@ -206,6 +252,7 @@ class SqliteStore:
         self.checkpoint_failures = 0
         self._checkpoint_pending = False
         self._checkpoint_tried = -math.inf  # time.monotonic() of the last attempt
+        self._closed = False
         self._migrate(key)
 
     def _migrate(self, key: bytes) -> None:
@@ -275,6 +322,11 @@ class SqliteStore:
             return
         self._checkpoint()
 
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        """Nothing to open: the file is open from the constructor to :meth:`aclose`."""
+        yield
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._threaded:
             return fn(*args)
@@ -299,7 +351,8 @@ class SqliteStore:
         self._after_write(moved)
         return moved
 
-    async def upsert_device(self, device: Device) -> bool:
+    async def upsert_device(self, device: Device, expires_at: float | None = None) -> bool:
+        # SQLite has no TTL: purge() deletes by ``updated_at``.
         return await self._run(self._upsert, device)
 
     def _row_device(self, row: tuple[Any, ...]) -> Device:
@@ -346,7 +399,7 @@ class SqliteStore:
         )
         self._after_write(False)
 
-    async def add_log(self, row: LogRow, expires_at: float) -> None:
+    async def add_log(self, row: LogRow, expires_at: float, claim: str | None = None) -> None:
         # SQLite has no TTL: purge() deletes by ``at``; expires_at is for stores that do.
         await self._run(self._add_log, row)
 
@@ -397,9 +450,25 @@ class SqliteStore:
     async def counts(self) -> dict[str, int]:
         return await self._run(self._counts)
 
+    # One process per SQLite file: the service's in-memory rule is the whole rule.
+    async def claim_push(self, claim: str, ttl: float) -> bool:
+        return True
+
+    async def push_claimed(self, claim: str) -> PushClaim | None:
+        return None
+
+    async def device_for_push(self, device_id: str, claim: str, ttl: float) -> tuple[Device | None, bool]:
+        return await self.get_device(device_id), True
+
+    async def release_push(self, claim: str) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self._run(self._close)
 
     def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._checkpoint()
         self._db.close()

@@ -11,6 +11,7 @@ from pbxcore.cli import run_command
 from pbxcore.config import Listen
 from pbxcore.errors import ConfigError, ListenError
 from pbxcore.metrics import MetricSet, Plain, parse
+from pbxcore.redisconn import redis_address, redis_url_problem, redis_url_shown
 
 
 async def _start(nursery: trio.Nursery) -> int:
@@ -128,3 +129,15 @@ def test_the_cli_handler_finds_the_error_inside_exception_groups(capsys: pytest.
     assert capsys.readouterr().err == "pbx-test: f.toml: push.x must be\n"
     with pytest.raises(RuntimeError):
         run_command("pbx-test", lambda: (_ for _ in ()).throw(RuntimeError("a bug keeps its traceback")))
+
+
+def test_redis_urls_are_checked_and_shown_without_their_password() -> None:
+    assert redis_url_problem("redis://127.0.0.1:6379") is None
+    assert redis_url_problem("redis://:pw@[::1]:6379/0") is None
+    assert redis_url_problem("rediss://h:6379") == (
+        "is not redis://host:port (rediss:// and unix sockets are not supported yet)")
+    assert redis_url_problem("redis://h") == "needs a port (redis://host:6379)"
+    assert redis_url_problem("redis://h:99999") == "has a bad port"
+    assert redis_address("redis://:p%40ss@10.0.0.5:6379") == ("10.0.0.5", 6379, "p@ss")
+    assert redis_url_shown("redis://:s3cret@10.0.0.5:6379") == "redis://:***@10.0.0.5:6379"
+    assert redis_url_shown("redis://[::1]:6379") == "redis://[::1]:6379"

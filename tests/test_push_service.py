@@ -1,8 +1,11 @@
 """The push service's core over a real SQLite file: the DESIGN §3 rows for the
 push registry and the push log, proven on the rows and on the file's bytes.
+The tests taking ``backend`` run on Redis too (a redis-server of the test), proven
+on every key and value it holds (tests/pushstores.py).
 
 Wall time is a function of trio's MockClock, so seven days pass in milliseconds
-and the purge loop runs exactly as in production.
+and the purge loop runs exactly as in production (SQLite only: Redis answers over a
+socket, and an autojumping clock would jump past its replies' deadlines).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from push.gateways.base import Gateway
 from push.gateways.log import LogGateway
 from push.model import Attempt, Outcome, PushMessage, PushTarget
 from push.service import DAY, DeviceUpdate, PushService, PushSettings, WakeRequest
-from push.store import SqliteStore, TokenBox
+from push.store import SqliteStore, Store, TokenBox
+from tests.pushstores import Backend, backend, store
+
+__all__ = ["backend", "store"]  # fixtures
 
 KEY = b"K" * 32
 T0 = 1_790_000_000.0  # a wall-clock origin (2026-09)
@@ -58,9 +64,10 @@ class ScriptedGateway:
         pass
 
 
-def service(tmp_path: Path, apns: Gateway | None = None, **settings: float) -> tuple[PushService, LogGateway]:
+def service(tmp_path: Path, apns: Gateway | None = None, store: Store | None = None,
+            **settings: float) -> tuple[PushService, LogGateway]:
     gw = LogGateway("apns", device_key=KEY)
-    store = SqliteStore(tmp_path / "push.sqlite", KEY, threaded=False)
+    store = store or SqliteStore(tmp_path / "push.sqlite", KEY, threaded=False)
     svc = PushService(store, {"apns": apns or gw, "fcm": LogGateway("fcm", device_key=KEY)}, KEY,
                       PushSettings(**settings), clock=lambda: T0 + trio.current_time())
     return svc, gw
@@ -84,14 +91,16 @@ def file_bytes(tmp_path: Path) -> bytes:
     return b"".join(p.read_bytes() for p in tmp_path.glob("push.sqlite*"))
 
 
-async def test_an_address_change_replaces_the_old_address_in_the_file(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path)
+async def test_an_address_change_replaces_the_old_address_in_the_file(
+    tmp_path: Path, backend: Backend, store: Store,
+) -> None:
+    svc, _ = service(tmp_path, store=store)
     await svc.register_device(update(ALICE, "198.51.100.23", 40001))
-    assert b"198.51.100.23" in file_bytes(tmp_path)
+    assert b"198.51.100.23" in await backend.held()
     await svc.register_device(update(ALICE, "192.0.2.77", 50002))
     (dev,) = await svc.store.devices()
     assert (dev.ip, dev.port, dev.token) == ("192.0.2.77", 50002, TOKEN)
-    raw = file_bytes(tmp_path)
+    raw = await backend.held()
     assert b"198.51.100.23" not in raw  # not in the table, the free pages or the WAL
     assert b"192.0.2.77" in raw
     assert TOKEN.encode() not in raw  # the token is sealed at rest
@@ -141,8 +150,8 @@ async def test_purge_loop_deletes_expired_rows_by_itself(
     await svc.aclose()
 
 
-async def test_one_push_per_call_per_device(tmp_path: Path) -> None:
-    svc, gw = service(tmp_path)
+async def test_one_push_per_call_per_device(tmp_path: Path, backend: Backend, store: Store) -> None:
+    svc, gw = service(tmp_path, store=store)
     await svc.register_device(update(ALICE, "192.0.2.77", 50002))
     await svc.wake(wake(svc, ALICE, "call-1"))
     again = await svc.wake(wake(svc, ALICE, "call-1"))
@@ -153,8 +162,10 @@ async def test_one_push_per_call_per_device(tmp_path: Path) -> None:
     await svc.aclose()
 
 
-async def test_unknown_device_is_not_pushed_and_is_logged(tmp_path: Path) -> None:
-    svc, gw = service(tmp_path)
+async def test_unknown_device_is_not_pushed_and_is_logged(
+    tmp_path: Path, backend: Backend, store: Store,
+) -> None:
+    svc, gw = service(tmp_path, store=store)
     result = await svc.wake(wake(svc, ALICE))
     assert result.outcome is Outcome.UNKNOWN_DEVICE
     assert list(gw.sent) == []
@@ -162,8 +173,10 @@ async def test_unknown_device_is_not_pushed_and_is_logged(tmp_path: Path) -> Non
     await svc.aclose()
 
 
-async def test_export_and_erase_cover_exactly_one_user(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path)
+async def test_export_and_erase_cover_exactly_one_user(
+    tmp_path: Path, backend: Backend, store: Store,
+) -> None:
+    svc, _ = service(tmp_path, store=store)
     await svc.register_device(update(ALICE, "192.0.2.77", 50002, user="201"))
     await svc.register_device(update(BOB, "192.0.2.88", 50003, user="202"))
     await svc.register_device(update(
@@ -183,25 +196,25 @@ async def test_export_and_erase_cover_exactly_one_user(tmp_path: Path) -> None:
     left = await svc.store.devices()
     assert sorted((d.serial, d.username) for d in left) == [("0123456789", "202"), ("9999999999", "201")]
     assert len(await svc.user_log("0123456789", "202")) == 1
-    assert b"192.0.2.77" not in file_bytes(tmp_path)
+    assert b"192.0.2.77" not in await backend.held()
     await svc.aclose()
 
 
-async def test_unregister_deletes_the_device_row(tmp_path: Path) -> None:
-    svc, _ = service(tmp_path)
+async def test_unregister_deletes_the_device_row(tmp_path: Path, backend: Backend, store: Store) -> None:
+    svc, _ = service(tmp_path, store=store)
     dev = await svc.register_device(update(ALICE, "192.0.2.77", 50002))
     assert await svc.unregister_device(dev.device_id)
     assert await svc.store.devices() == []
     assert not await svc.unregister_device(dev.device_id)
-    assert b"192.0.2.77" not in file_bytes(tmp_path)
+    assert b"192.0.2.77" not in await backend.held()
     await svc.aclose()
 
 
 # ------------------------------------------------------------------ devices: one per (target, PBX, user)
 
 
-async def test_one_phone_on_two_pbxs_is_two_devices(tmp_path: Path) -> None:
-    svc, gw = service(tmp_path)
+async def test_one_phone_on_two_pbxs_is_two_devices(tmp_path: Path, backend: Backend, store: Store) -> None:
+    svc, gw = service(tmp_path, store=store)
     mine = await svc.register_device(update(ALICE, "192.0.2.77", 50002, serial=SERIAL, user="201"))
     theirs = await svc.register_device(update(ALICE, "192.0.2.88", 50003, serial=OTHER, user="301"))
     assert mine.device_id != theirs.device_id
@@ -229,8 +242,10 @@ def test_device_ids_do_not_collide_across_field_boundaries() -> None:
     assert ALICE.token not in ALICE.device_id(KEY, SERIAL, "201")
 
 
-async def test_a_wake_for_another_pbx_s_device_is_refused(tmp_path: Path) -> None:
-    svc, gw = service(tmp_path)
+async def test_a_wake_for_another_pbx_s_device_is_refused(
+    tmp_path: Path, backend: Backend, store: Store,
+) -> None:
+    svc, gw = service(tmp_path, store=store)
     dev = await svc.register_device(update(ALICE, "192.0.2.77", 50002, serial=OTHER))
     req = WakeRequest(dev.device_id, "call-1", "100", "201", "203.0.113.7:41000", 30.0, serial=SERIAL)
     result = await svc.wake(req)
@@ -267,9 +282,11 @@ async def test_devices_of_the_old_schema_are_rekeyed_on_open(tmp_path: Path) -> 
 # ------------------------------------------------------------------ one push per call
 
 
-async def test_a_duplicate_answers_what_the_first_push_came_to(tmp_path: Path) -> None:
+async def test_a_duplicate_answers_what_the_first_push_came_to(
+    tmp_path: Path, backend: Backend, store: Store,
+) -> None:
     refusing = ScriptedGateway("rejected", 400, "BadTopic")
-    svc, _ = service(tmp_path, apns=refusing)
+    svc, _ = service(tmp_path, apns=refusing, store=store)
     await svc.register_device(update(ALICE, "192.0.2.77", 50002))
     first = await svc.wake(wake(svc, ALICE))
     again = await svc.wake(wake(svc, ALICE))
@@ -318,10 +335,10 @@ async def test_a_duplicate_waits_no_longer_than_its_own_ring_timeout(
     await svc.aclose()
 
 
-async def test_a_cancelled_wake_leaves_no_key_behind(tmp_path: Path) -> None:
+async def test_a_cancelled_wake_leaves_no_key_behind(tmp_path: Path, backend: Backend, store: Store) -> None:
     gate = trio.Event()
     gw = ScriptedGateway("ok", 200, gate=gate)
-    svc, _ = service(tmp_path, apns=gw)
+    svc, _ = service(tmp_path, apns=gw, store=store)
     await svc.register_device(update(ALICE, "192.0.2.77", 50002))
     with trio.move_on_after(0.05):
         await svc.wake(wake(svc, ALICE))
@@ -404,3 +421,68 @@ async def test_a_reader_does_not_stall_the_store_and_the_old_address_goes_later(
     assert (await svc.store.counts())["wal_checkpoint_pending"] == 0
     assert parse_metrics(await svc.metrics_text())["pbx_push_wal_checkpoint_failures_total"] == 1
     await svc.aclose()
+
+
+# ------------------------------------------------------------------ one push per call, two workers
+
+
+async def _two_workers(backend: Backend, first: ScriptedGateway, second: ScriptedGateway,
+                       ) -> tuple[PushService, PushService]:
+    """Two services (two workers' stores) on the same Redis; the device registered through one."""
+    a, b = backend.open(KEY), backend.open(KEY)
+    svc_a = PushService(a, {"apns": first}, KEY, clock=time.time)
+    svc_b = PushService(b, {"apns": second}, KEY, clock=time.time)
+    return svc_a, svc_b
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_second_worker_does_not_push_a_call_the_first_pushed(backend: Backend) -> None:
+    first, second = ScriptedGateway("rejected", 400, "BadTopic"), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        assert (await svc_a.wake(wake(svc_a, ALICE))).outcome is Outcome.REJECTED
+        again = await svc_b.wake(wake(svc_b, ALICE))
+        assert (again.outcome, again.status, again.reason, again.attempts) == (
+            Outcome.REJECTED, 400, "duplicate", 0)
+        assert (await svc_b.wake(wake(svc_b, ALICE, "call-2"))).outcome is Outcome.SENT  # another call
+        assert (len(first.sent), len(second.sent)) == (1, 1)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_second_worker_waits_for_the_first_worker_s_push_in_flight(backend: Backend) -> None:
+    gate = trio.Event()
+    first, second = ScriptedGateway("ok", 200, gate=gate), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    results: list[tuple[str, Outcome, str]] = []
+
+    async def ask(name: str, svc: PushService) -> None:
+        r = await svc.wake(wake(svc, ALICE))
+        results.append((name, r.outcome, r.reason))
+
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "a", svc_a)
+            while not first.sent:
+                await trio.sleep(0.01)
+            nursery.start_soon(ask, "b", svc_b)
+            await trio.sleep(0.3)
+            assert results == []  # b waits for a's push, it does not answer by itself
+            gate.set()
+        assert sorted(results) == [("a", Outcome.SENT, ""), ("b", Outcome.SENT, "duplicate")]
+        assert (len(first.sent), len(second.sent)) == (1, 0)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_a_wake_cancelled_on_one_worker_lets_the_other_push(backend: Backend) -> None:
+    first, second = ScriptedGateway("ok", 200, gate=trio.Event()), ScriptedGateway()
+    svc_a, svc_b = await _two_workers(backend, first, second)
+    async with svc_a.store.session(), svc_b.store.session():
+        await svc_a.register_device(update(ALICE, "192.0.2.77", 50002))
+        with trio.move_on_after(0.2):
+            await svc_a.wake(wake(svc_a, ALICE))  # its caller went away before an answer
+        assert len(first.sent) == 1
+        again = await svc_b.wake(wake(svc_b, ALICE))
+        assert (again.outcome, again.reason, again.attempts) == (Outcome.SENT, "", 1)
+        assert len(second.sent) == 1
