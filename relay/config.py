@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from pbxcore import config as loader
 from pbxcore.config import Listen, ServiceConfig, path_field
 from pbxcore.errors import ConfigError
+from pbxcore.redisconn import redis_url_problem
 from relay.media import session as media_session
 from relay.pbx.digest import ALGORITHMS
 from relay.provisioning.settings import ProvisioningSettings
@@ -435,7 +436,7 @@ class RelayConfig(ServiceConfig):
         self._within("cluster.lookup_cache_ttl", c.lookup_cache_ttl, LOOKUP_CACHE_TTL_RANGE)
         if not c.redis_url:
             return
-        problem = _redis_url_problem(c.redis_url)
+        problem = redis_url_problem(c.redis_url)
         if problem is not None:
             raise ConfigError(f"{w('cluster.redis_url')} {problem}")
         if len(c.secret) < MIN_CLUSTER_SECRET:
@@ -482,22 +483,6 @@ def host_port(value: str, where: str) -> tuple[str, int]:
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not host:port (IPv6 as [::1]:5070)") from None
     return host, p
-
-
-def _redis_url_problem(url: str) -> str | None:
-    """What is wrong with a redis_url, or None."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        return "has a bad port"
-    if parts.scheme != "redis" or not parts.hostname:
-        return "is not redis://host:port (rediss:// and unix sockets are not supported yet)"
-    if port is None:
-        return "needs a port (redis://host:6379)"
-    if parts.path not in ("", "/", "/0") or parts.query or parts.fragment:
-        return "may name no database but 0, and no options"
-    return None
 
 
 def load(

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import trio
 
+from pbxcore.redisconn import redis_address
 from relay.cluster.bans import Impose, SharedBans
 from relay.cluster.holders import CACHE_SIZE, CACHE_TTL, Holder, HolderCache
 from relay.cluster.links import ClusterLinks, LinkFailed, LinkTls
@@ -76,13 +76,6 @@ class NodeSettings:
 
 
 Located = Callable[[LocatePbx, Flow | None, str], None]
-
-
-def redis_address(url: str) -> tuple[str, int, str | None]:
-    """(host, port, password) of a ``redis://[:password@]host:port`` URL (checked by the config)."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    return parts.hostname, parts.port, unquote(parts.password) if parts.password else None
 
 
 class ClusterNode:

@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import unquote, urlsplit
 
 from pbxcore.cli import find_leaf
 from pbxcore.errors import StateError
@@ -200,9 +199,9 @@ def open_directory(state_dir: Path, redis_url: str) -> PbxDirectory | SharedDire
     else this state directory's pbx.sqlite."""
     if not redis_url:
         return PbxDirectory(state_dir / "pbx.sqlite")
-    parts = urlsplit(redis_url)
-    assert parts.hostname is not None and parts.port is not None
-    return SharedDirectory(parts.hostname, parts.port, unquote(parts.password) if parts.password else None)
+    from pbxcore.redisconn import redis_address  # (coredis: only when clustered)
+
+    return SharedDirectory(*redis_address(redis_url))
 
 
 def node_directory(state_dir: Path, redis_url: str) -> PbxDirectory | MirroredDirectory:
