@@ -32,7 +32,7 @@ is stopped by its PID, the state directories are removed; logs and `results.json
     # 20,000 TLS PBXs, 200 calls/s × 15 s per phase:
     flock /tmp/bench.lock .venv/bin/python bench/run_cluster.py
     # a quick look:
-    flock /tmp/bench.lock .venv/bin/python bench/run_cluster.py --transport tcp --pbxs 400 --rate 20 \
+    flock /tmp/bench.lock .venv/bin/python bench/run_cluster.py --transport tcp --pbxs 400 --rate 20 \\
         --duration 3
 """
 
