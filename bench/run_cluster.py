@@ -424,8 +424,11 @@ class Phone:
         setups = [c.setup_ms for c in calls.values() if c.setup_ms is not None]
         states = Counter(c.state if c.state != "failed" else f"failed {c.code}" for c in calls.values())
         # calls slower than 50 ms to set up: seconds into the phase, entry node, setup ms (stalls in time?)
-        slow = [(round(c.t0 - t0, 3), c.node, round(c.setup_ms, 1)) for c in calls.values()
-                if c.setup_ms is not None and c.setup_ms > 50]
+        slow = [
+            (round(c.t0 - t0, 3), c.node, round(c.setup_ms, 1))
+            for c in calls.values()
+            if c.setup_ms is not None and c.setup_ms > 50
+        ]
         return {
             "slow_calls": sorted(slow),
             "calls": len(plan),
