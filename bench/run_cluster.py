@@ -199,13 +199,15 @@ secret = "{SECRET}"
     return r
 
 
-def start_node(procs: Procs, r: Relay, i: int, out: Path) -> None:
+def start_node(procs: Procs, r: Relay, i: int, out: Path, timed: bool) -> None:
     stdout = out / f"node{i}.out"
+    exe = [PYTHON, str(BENCH / "relay_timed.py")] if timed else [RELAY_EXE]
     r.proc = procs.start(
         f"node{i}",
-        [RELAY_EXE, "--config", str(r.config), "run", "--workers", "1"],
+        [*exe, "--config", str(r.config), "run", "--workers", "1"],
         log=out / f"node{i}.log",
         stdout=stdout,
+        env={**os.environ, "RELAY_TIMED_OUT": str(out / f"node{i}.timed.jsonl")} if timed else None,
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -465,6 +467,22 @@ def plans(secrets: list[dict[str, str]], a: argparse.Namespace) -> dict[str, lis
     return out
 
 
+def gc_counters(nodes: list[Relay], out: Path) -> list[dict[str, dict[str, float]]]:
+    """relay_timed.py's counters of every node now (SIGUSR1 appends a line to its file)."""
+    files = [out / f"node{i}.timed.jsonl" for i in range(NODES)]
+    before = [len(f.read_text().splitlines()) if f.exists() else 0 for f in files]
+    for n in nodes:
+        os.kill(n.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(
+            f.exists() and len(f.read_text().splitlines()) > k for f, k in zip(files, before, strict=True)
+        ):
+            break
+        time.sleep(0.05)
+    return [json.loads(f.read_text().splitlines()[-1]) for f in files]
+
+
 def phase(
     name: str,
     phone: Phone,
@@ -478,9 +496,23 @@ def phase(
     pids = {f"node{i}": n.pid for i, n in enumerate(nodes)} | {"redis": redis.proc.pid, "phone": os.getpid()}
     pids |= {f"pbxs{i}": c.pid for i, c in enumerate(clients)}
     load0 = uptime()
+    gc0 = gc_counters(nodes, a.outdir) if a.timed else []
     meter, mm = CpuMeter(pids), MachineMeter()
     res = phone.run(plan, a.rate)
     cpu, busy = meter.stop(), mm.stop()
+    if a.timed:  # cyclic GC per node over the phase: collections and mean pause per generation
+        res["gc"] = [
+            {
+                g: {
+                    "count": b[g]["calls"] - a0[g]["calls"],
+                    "mean_ms": round(
+                        1000 * (b[g]["cpu_s"] - a0[g]["cpu_s"]) / max(b[g]["calls"] - a0[g]["calls"], 1), 1
+                    ),
+                }
+                for g in ("gc_gen0", "gc_gen1", "gc_gen2")
+            }
+            for a0, b in zip(gc0, gc_counters(nodes, a.outdir), strict=True)
+        ]
     cmds = redis.commands()
     done = max(int(res["done"]), 1)  # type: ignore[call-overload]
     nodes_cpu = sum(cpu[f"node{i}"]["cpu_s"] for i in range(NODES))
@@ -597,6 +629,7 @@ def run(a: argparse.Namespace, tmp: Path, out: Path, procs: Procs) -> dict[str, 
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
     }
+    a.outdir = out  # relay_timed.py's files (--timed)
     res["nofile"] = raise_nofile(max(65536, 3 * a.pbxs))
     redis = start_redis(procs, tmp, out)
     log(f"redis-server on port {redis.port}; writing {a.pbxs} PBXs into the shared directory")
@@ -606,7 +639,7 @@ def run(a: argparse.Namespace, tmp: Path, out: Path, procs: Procs) -> dict[str, 
     mem = {"directory": redis.memory()}
     nodes = [node_config(tmp, i, redis) for i in range(NODES)]
     for i, n in enumerate(nodes):
-        start_node(procs, n, i, out)
+        start_node(procs, n, i, out, a.timed)
     time.sleep(2)
     start = [rss_kib(n.pid) for n in nodes]
     log(f"4 nodes up (RSS {[s // 1024 for s in start]} MiB); {a.pbxs} PBXs phone home over {a.transport}")
@@ -647,6 +680,7 @@ def main() -> None:
     ap.add_argument("--register-timeout", type=float, default=300.0)
     ap.add_argument("--append-results", action="store_true", help="append the section to bench/RESULTS.md")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--timed", action="store_true", help="nodes under relay_timed.py: GC pauses per phase")
     a = ap.parse_args()
     if a.pbxs < 12 * NODES or a.pbxs > 40_000 or a.rate * a.duration > 20_000 or a.duration > 120:
         ap.error("bounded: 48 ≤ --pbxs ≤ 40,000, --rate × --duration ≤ 20,000, --duration ≤ 120")
