@@ -188,6 +188,24 @@ def test_rewritten_packets_keep_a_valid_udp_checksum(kernel: tuple[KernelNet, Re
     assert bare in got, "a packet without UDP checksum was lost"
 
 
+def test_a_fragmented_datagram_is_left_to_userspace_and_arrives_whole(
+        kernel: tuple[KernelNet, RelayProc, Peers]) -> None:
+    """A datagram larger than the link's MTU (1,500 here) arrives as IP fragments;
+    only the first carries the UDP ports. Rewritten and forwarded by itself, it
+    would reach the far end without the rest (lost there), and the rest would wait
+    in the relay's reassembly queue. The kernel path leaves fragments alone: they
+    are reassembled for the relay's socket and userspace forwards the datagram."""
+    _net, relay, peers = kernel
+    a, b, _ = _in_kernel(relay, peers, 5)
+    assert a.relay_rtp is not None
+    big = b"\x80\x00" + bytes(range(256)) * 7  # 1,794 bytes: two fragments
+    a.rtp.sendto(big, a.relay_rtp)
+    a.send_rtp(3)  # and the stream goes on in the kernel
+    b.wait_for(5 + 4, quiet=0.3)
+    assert big in b.rtp_payloads(), "a fragmented datagram from the latched source was lost"
+    assert relay.metric(KERNEL) == 2  # still the kernel's
+
+
 def test_kill_9_and_restart_leaves_nothing_forwarding(tmp_path: Path) -> None:
     """A relay killed with SIGKILL cannot clean up: its table keeps forwarding the
     streams it had (that is the point of the kernel path) until the next start,

@@ -128,9 +128,12 @@ def test_ruleset_fences_forwarding_and_untracks_only_the_relay_ports() -> None:
     text = ruleset(RELAY, 10000, 20000)
     assert text.index("add table inet pbx_relay") < text.index("delete table inet pbx_relay")
     assert "type filter hook forward priority filter; policy drop;" in text
-    assert f"ip daddr {RELAY} udp dport 10000-20000 notrack udp checksum != 0" in text
+    # fragments (only the first has ports) and zero checksums stay with userspace
+    assert f"ip daddr {RELAY} udp dport 10000-20000 notrack ip frag-off & 0x3fff == 0 udp checksum != 0" \
+        in text
     assert f"ip saddr {RELAY} udp sport 10000-20000 notrack" in text
     v6 = ruleset("2001:db8::10", 10000, 20000)
+    assert "notrack exthdr frag missing udp checksum != 0" in v6
     assert "ip6 daddr 2001:db8::10" in v6 and "ipv6_addr . inet_service . inet_service : mark" in v6
 
 

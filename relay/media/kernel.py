@@ -19,7 +19,8 @@ kernel:
 - output (priority raw): what the relay's sockets send is ``notrack``ed too.
 
 Anything else sent to a relay port - a stranger, a latched source's old address,
-a packet with no UDP checksum (the rewrite cannot keep a zero checksum) -
+a packet with no UDP checksum (the rewrite cannot keep a zero checksum), an IP
+fragment (only the first carries the ports; the socket gets the datagram whole) -
 misses the map and reaches the socket, where the userspace latch drops and counts
 it. docs/media.md ("Kernel forwarding") has the measurements and the choices.
 """
@@ -91,6 +92,7 @@ def ruleset(address: str, port_min: int, port_max: int) -> str:
     ``add``+``delete`` first, so the batch works whether the table exists or not."""
     v6 = ":" in address
     ip, addr_type = ("ip6", "ipv6_addr") if v6 else ("ip", "ipv4_addr")
+    whole = "exthdr frag missing" if v6 else "ip frag-off & 0x3fff == 0"  # not a fragment
     ports = f"{port_min}-{port_max}"
     return f"""
 add table inet {TABLE}
@@ -102,7 +104,7 @@ table inet {TABLE} {{
   map from_port {{ type mark : inet_service; counter; }}
   chain prerouting {{
     type filter hook prerouting priority raw; policy accept;
-    {ip} daddr {address} udp dport {ports} notrack udp checksum != 0 meta mark set {ip} saddr . udp sport . udp dport map @latched {ip} daddr set meta mark map @to_addr udp dport set meta mark map @to_port
+    {ip} daddr {address} udp dport {ports} notrack {whole} udp checksum != 0 meta mark set {ip} saddr . udp sport . udp dport map @latched {ip} daddr set meta mark map @to_addr udp dport set meta mark map @to_port
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;

@@ -602,7 +602,7 @@ class Proxy:
         if not source.node_link or not serial:
             return []  # a PBX's own header passing through: it means nothing
         txn = self.txns.by_our_branch(branch)
-        if (txn is not None and resp.cseq[1] == "INVITE" and txn.state is TxnState.CALLING
+        if (isinstance(txn, InviteTransaction) and resp.cseq[1] == "INVITE" and txn.state is TxnState.CALLING
                 and txn.serial == serial and not txn.relocated and not txn.to_phone):
             txn.relocated = True
             return [LocatePbx(serial, None, fresh=True, retry=txn.key)]

@@ -46,14 +46,18 @@ class FlowTokens:
         if len(key) < 16:
             raise ValueError("flow token key must be at least 16 bytes")
         self._key = key
-        self._minted: dict[tuple[Flow, str, int], str] = {}
+        # Keyed by the flow's fields, not the Flow: a tuple of str and int only, which the
+        # cyclic collector stops tracking (one entry a call, for its dialog's tokens; issue 9).
+        self._minted: dict[tuple[str, str, int, str, int, str, int], str] = {}
         self._verified: dict[str, tuple[Flow, str, int]] = {}
 
     def mint(self, flow: Flow, payload: str, until: float) -> str:
         """A token naming ``flow`` and ``payload``, good until ``until`` (wall-clock
         seconds, rounded up to GRAIN)."""
         expires = min(int(-(-until // GRAIN) * GRAIN), 0xFFFFFFFF)
-        token = self._minted.get((flow, payload, expires))
+        cached = (flow.transport, flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port,
+                  payload, expires)
+        token = self._minted.get(cached)
         if token is not None:
             return token
         rip = _pack(flow.remote_ip)
@@ -65,7 +69,7 @@ class FlowTokens:
         token = base64.urlsafe_b64encode(mac + body).rstrip(b"=").decode("ascii")
         if len(self._minted) >= CACHE_SIZE:
             self._minted.clear()
-        self._minted[(flow, payload, expires)] = token
+        self._minted[cached] = token
         return token
 
     def verify(self, token: str, now: float) -> tuple[Flow, str]:

@@ -22,6 +22,7 @@ from relay.proxy.transaction import (
     TIMER_B,
     TIMER_C,
     Downstream,
+    Finished,
     InviteTransaction,
     TransactionTable,
     TxnEvent,
@@ -87,19 +88,19 @@ class InviteTransactions:
         own answer nothing, the ACK of a released call's non-2xx the phone's new flow
         (RFC 3261 §17.2.3, §17.1.1.3) — or None: route it as usual."""
         if req.method == "INVITE":
-            txn = self.txns.get(txn_key(req, via))
+            txn = self.txns.find(txn_key(req, via))
             if txn is None:
                 return None
             self.counters.inc("retransmissions_absorbed_total")
             return [Send(source, txn.last_response)] if txn.last_response else []
         if req.method == "ACK":
-            txn = self.txns.get(txn_key(req, via, "INVITE"))
-            if txn is not None and txn.state is TxnState.ANSWERED:
+            fin = self.txns.finished(txn_key(req, via, "INVITE"))
+            if fin is not None and fin.state is TxnState.ANSWERED:
                 return []  # ACK for the answer the relay generated itself
-            if txn is not None and txn.released and txn.state is TxnState.COMPLETED:
+            if fin is not None and fin.released and fin.state is TxnState.COMPLETED:
                 # The caller's Route names the flow the phone slept on; the INVITE
                 # went out on the one it woke up on: so does the ACK.
-                return self.downstream_request(txn, "ACK", req.get("to") or "")
+                return self.downstream_request(fin, "ACK", req.get("to") or "")
         return None
 
     def next_due(self) -> float | None:
@@ -108,6 +109,7 @@ class InviteTransactions:
     def on_timer(self, now: float) -> list[Effect]:
         """Retransmissions, timeouts and expiries due by ``now``."""
         out: list[Effect] = []
+        self.txns.expire(now)
         for txn in self.txns.due(now):
             out += self._on_timer(txn, now)
             if self.txns.get(txn.key) is txn:
@@ -150,14 +152,14 @@ class InviteTransactions:
 
 
     def cancel(self, req: Request, source: Flow, via: Via) -> list[Effect]:
-        txn = self.txns.get(txn_key(req, via, "INVITE"))
+        txn = self.txns.find(txn_key(req, via, "INVITE"))
         if txn is None:
             # RFC 3261 §16.10 says forward statelessly; with no INVITE state we
             # would not know where the INVITE went, so we answer instead.
             return list(self.replies.refuse(req, source, 481, "Call/Transaction Does Not Exist"))
         out: list[Effect] = [self.replies.reply(req, source, 200, "OK")]
         log.info("event=cancel call_id=%s final=%s", req.call_id, not txn.live)
-        if not txn.live:
+        if isinstance(txn, Finished):
             return out
         if self.media is not None:
             out += self.media.sessions.failed(txn.call_id)  # a CANCELled re-INVITE keeps the call's media
@@ -177,7 +179,7 @@ class InviteTransactions:
         return self.downstream_request(txn, "CANCEL", txn.downstream.to)
 
 
-    def downstream_request(self, txn: InviteTransaction, method: str, to: str) -> list[Effect]:
+    def downstream_request(self, txn: InviteTransaction | Finished, method: str, to: str) -> list[Effect]:
         """CANCEL, or ACK for a non-2xx: the forwarded INVITE's Request-URI, Route
         set, From, Call-ID, CSeq number and top Via (RFC 3261 §9.1, §17.1.1.3)."""
         t = txn.downstream
@@ -195,9 +197,12 @@ class InviteTransactions:
     # --------------------------------------------------------------- responses
 
     def on_response(
-        self, resp: Response, txn: InviteTransaction, source: Flow, now: float,
+        self, resp: Response, txn: InviteTransaction | Finished, source: Flow, now: float,
     ) -> list[Effect]:
-        if resp.status < 200 and txn.live:
+        """A response to an INVITE the relay keeps a transaction for (live or lingering)."""
+        if isinstance(txn, Finished):
+            return self._late_response(resp, txn, source, now)
+        if resp.status < 200:
             # Any provisional, 100 included, ends Timer A and Timer B (RFC 3261
             # §17.1.1.2); from then on proxy Timer C applies, and one other
             # than 100 restarts it (§16.7 step 2).
@@ -222,10 +227,9 @@ class InviteTransactions:
     def _response_up(
         self, resp: Response, txn: InviteTransaction, source: Flow, now: float,
     ) -> list[Effect]:
-        """A response (not 100) to an INVITE the relay keeps a transaction for."""
-        answered = txn.state is TxnState.ANSWERED
+        """A response (not 100) to a live INVITE: passed up; a final one ends it."""
         effects: list[Effect] = []
-        if self.media is not None and not answered and not self.media.passes_through(
+        if self.media is not None and not self.media.passes_through(
                 resp.call_id, source.node_link, txn.inbound.node_link, initial=False):
             media_effects, ok = self.media.on_invite_response(resp, txn.to_phone, source.remote_ip, now)
             if not ok:
@@ -233,35 +237,39 @@ class InviteTransactions:
             effects += media_effects
         txn.retransmit_at = None
         data = resp.serialise()
-        if answered:
-            # The caller already has our own answer: end the callee's transaction
-            # ourselves (RFC 3261 §17.1.1.3, ACK for a non-2xx). A 2xx still
-            # goes to the caller (§16.7 step 5): the callee answered.
-            if resp.status >= 300:
-                return [*effects, *self.downstream_request(txn, "ACK", resp.get("to") or "")]
-            if resp.status < 200:
-                return effects
+        txn.last_response = data
         if resp.status >= 200:
-            if txn.live:
-                # A failed call at INFO; an answered one is DEBUG: its "bye" line follows
-                # (docs/relay.md, "What is logged": two INFO lines per call, as before issue 9).
-                log.log(logging.INFO if resp.status >= 300 else logging.DEBUG,
-                        "event=invite_final call_id=%s status=%d", txn.call_id, resp.status)
-                self.txns.finish(txn, TxnEvent.FINAL, now)
-            else:
-                self.txns.move(txn, TxnEvent.FINAL)
-            txn.last_response = data
-        elif txn.live:
-            txn.last_response = data  # a late provisional does not replace the final
+            # A failed call at INFO; an answered one is DEBUG: its "bye" line follows
+            # (docs/relay.md, "What is logged": two INFO lines per call, as before issue 9).
+            log.log(logging.INFO if resp.status >= 300 else logging.DEBUG,
+                    "event=invite_final call_id=%s status=%d", txn.call_id, resp.status)
+            self.txns.finish(txn, TxnEvent.FINAL, now)
         return [*effects, *self.send_back(data, txn.inbound)]
 
+    def _late_response(self, resp: Response, fin: Finished, source: Flow, now: float) -> list[Effect]:
+        """A response to an INVITE already answered upstream. COMPLETED: a retransmitted
+        final or another 2xx of a forking callee, passed up again (a provisional too).
+        ANSWERED, the caller has the relay's own answer: an error is ACKed by the relay
+        (RFC 3261 §17.1.1.3), a 2xx still goes to the caller (§16.7 step 5)."""
+        if resp.status == 100:
+            return []  # hop by hop
+        effects: list[Effect] = []
+        if fin.state is TxnState.ANSWERED:
+            if resp.status >= 300:
+                return self.downstream_request(fin, "ACK", resp.get("to") or "")
+            if resp.status < 200:
+                return []
+        elif self.media is not None:
+            media_effects, ok = self.media.on_invite_response(resp, fin.to_phone, source.remote_ip, now)
+            if not ok:
+                return list(media_effects)
+            effects += media_effects
+        data = resp.serialise()
+        if resp.status >= 200:
+            self.txns.answered_again(fin, TxnEvent.FINAL, data)
+        return [*effects, *self.send_back(data, fin.inbound)]
 
     def _on_timer(self, txn: InviteTransaction, now: float) -> list[Effect]:
-        if not txn.live:
-            if now >= txn.expires_at:
-                self.txns.move(txn, TxnEvent.LINGER_END)
-                self.txns.remove(txn)
-            return []
         if now >= txn.give_up_at:
             if txn.state is TxnState.HELD:
                 # The woken phone did not register within the ring timeout.

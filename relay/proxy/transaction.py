@@ -15,12 +15,22 @@ is the documentation, and a transition not in it raises)::
       │               │  ▲ final (a late answer: ACKed if an error, passed up if a 2xx)
       │               └──┘──linger_end──▶ TERMINATED
       └──abandoned──▶ TERMINATED  (the caller's connection closed while the phone slept)
+
+A live transaction is an :class:`InviteTransaction`. Once it is COMPLETED or ANSWERED
+it lingers LINGER seconds, at 400 calls/s some 13,000 of them, and only what the
+lingering needs is kept (:class:`Finished`): the answer a retransmitted INVITE gets,
+the flows and the Via/From/To/... an ACK or a late answer needs, no parsed message.
+The table stores it as one plain tuple of strings, bytes and numbers, which CPython's
+cyclic collector stops tracking: a full collection does not scan the lingering
+transactions at all (issue 9: they were most of what it scanned, ~15 objects each,
+and its pauses were the call-setup p99; bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from enum import Enum
 
 from relay.proxy.flow import Flow
@@ -127,7 +137,6 @@ class InviteTransaction:
     retransmit_at: float | None = None  # Timer A
     interval: float = T1
     give_up_at: float = 0.0  # Timer B, Timer C or the ring timeout
-    expires_at: float = 0.0  # end of the linger
     cancel_pending: bool = False  # CANCELled before any provisional: sent on the first one
     cancelled: bool = False  # a CANCEL went downstream
     released: bool = False  # was held, then forwarded to the woken phone's new flow
@@ -138,10 +147,7 @@ class InviteTransaction:
 
     def move(self, event: TxnEvent) -> TxnState:
         """Apply ``event``; raises TransactionStateError if the table has no such transition."""
-        try:
-            self.state = TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise TransactionStateError(f"{event.value} in state {self.state.value}") from None
+        self.state = _step(self.state, event)
         return self.state
 
     @property
@@ -154,86 +160,160 @@ class InviteTransaction:
         return self.state is TxnState.PROCEEDING
 
     def next_deadline(self) -> float:
-        """The earliest of this transaction's running timers."""
-        if not self.live:
-            return self.expires_at
+        """The earliest of this (live) transaction's running timers."""
         if self.retransmit_at is not None:
             return min(self.retransmit_at, self.give_up_at)
         return self.give_up_at
 
 
-@dataclass(order=True, slots=True)
-class _Entry:
-    when: float
-    seq: int
-    key: TxnKey = field(compare=False)
-    gen: int = field(compare=False)
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A transaction that answered upstream (COMPLETED or ANSWERED) and lingers: what a
+    retransmitted INVITE, the ACK of a released call's error and a late answer from
+    downstream still need. A value made for each look-up (see :class:`TransactionTable`)."""
+
+    key: TxnKey
+    state: TxnState
+    call_id: str
+    last_response: bytes | None
+    to_phone: bool
+    released: bool
+    our_branch: str
+    inbound: Flow
+    outbound: Flow | None
+    downstream: Downstream | None
+
+    live = False
+
+
+# Finished as the table keeps it: only str, bytes, int, bool and None, in exact tuples, so
+# that the cyclic collector untracks it (CPython untracks a tuple of untracked items during
+# a young collection it takes part in, one holding tuples maybe at the next; a NamedTuple
+# or a dataclass instance it tracks for good).
+_FlowFields = tuple[str, str, int, str, int]
+_DownFields = tuple[str, str, str, str, str, int, str]
+_Packed = tuple[str, str, bytes | None, bool, bool, str, _FlowFields, _FlowFields | None, _DownFields | None]
+
+
+def _flow_fields(f: Flow) -> _FlowFields:
+    return (f.transport, f.remote_ip, f.remote_port, f.local_ip, f.local_port)
+
+
+def _pack(txn: InviteTransaction | Finished) -> _Packed:
+    d = txn.downstream
+    return (
+        txn.state.value, txn.call_id, txn.last_response, txn.to_phone, txn.released, txn.our_branch,
+        _flow_fields(txn.inbound), None if txn.outbound is None else _flow_fields(txn.outbound),
+        None if d is None else (d.uri, d.via, d.from_, d.to, d.call_id, d.cseq, d.route),
+    )
+
+
+def _unpack(key: TxnKey, p: _Packed) -> Finished:
+    state, call_id, last, to_phone, released, branch, inbound, outbound, down = p
+    return Finished(
+        key, TxnState(state), call_id, last, to_phone, released, branch, Flow(*inbound),
+        None if outbound is None else Flow(*outbound), None if down is None else Downstream(*down),
+    )
 
 
 class TransactionTable:
     """Transactions by key (RFC 3261 §17.2.3) and by the branch the relay sent them
-    with, and one timer per transaction. Timer entries name their transaction by
-    key, so a transaction that ended is freed at once, not when its entry comes due."""
+    with. Live ones have one timer each (a heap; entries name their transaction by
+    key, so a transaction that ended is freed at once, not when its entry comes due).
+    Finished ones linger in the order they finished (every linger is LINGER long: a
+    queue, no heap), kept packed (see :class:`Finished`)."""
 
     def __init__(self) -> None:
-        self._txns: dict[TxnKey, InviteTransaction] = {}
-        self._by_branch: dict[str, InviteTransaction] = {}
-        self._heap: list[_Entry] = []
+        self._txns: dict[TxnKey, InviteTransaction] = {}  # live
+        self._done: dict[TxnKey, _Packed] = {}  # lingering
+        self._expiry: deque[tuple[float, TxnKey]] = deque()  # lingering, oldest first
+        self._by_branch: dict[str, TxnKey] = {}
+        self._heap: list[tuple[float, int, TxnKey, int]] = []  # (when, seq, key, gen), live only
         self._seq = 0
-        self.live_count = 0  # transactions in a LIVE state, kept as they move
-        # ... and per source IP and per PBX serial (admission caps, issue 10)
+        # Live transactions per source IP and per PBX serial (admission caps, issue 10).
         self.live_by_source: dict[str, int] = {}
         self.live_by_serial: dict[str, int] = {}
 
     def __len__(self) -> int:
+        return len(self._txns) + len(self._done)
+
+    @property
+    def live_count(self) -> int:
+        """Transactions in a LIVE state (what a drain waits for)."""
         return len(self._txns)
 
     def get(self, key: TxnKey) -> InviteTransaction | None:
+        """The live transaction ``key``."""
         return self._txns.get(key)
 
-    def by_our_branch(self, branch: str) -> InviteTransaction | None:
-        return self._by_branch.get(branch)
+    def finished(self, key: TxnKey) -> Finished | None:
+        """The lingering transaction ``key``."""
+        packed = self._done.get(key)
+        return None if packed is None else _unpack(key, packed)
+
+    def find(self, key: TxnKey) -> InviteTransaction | Finished | None:
+        """Transaction ``key``, live or lingering."""
+        return self._txns.get(key) or self.finished(key)
+
+    def by_our_branch(self, branch: str) -> InviteTransaction | Finished | None:
+        key = self._by_branch.get(branch)
+        return None if key is None else self.find(key)
 
     def add(self, txn: InviteTransaction, branch: str = "") -> None:
-        """Keep ``txn`` (and find it by ``branch``, the one it went downstream with)."""
+        """Keep ``txn``, a live transaction (and find it by ``branch``, the one it went
+        downstream with)."""
+        assert txn.live, "only a live transaction is added"
         self._txns[txn.key] = txn
-        if txn.live:
-            self._count_live(txn, 1)
+        self._count_live(txn, 1)
         if branch:
             self.link_branch(txn, branch)
         self.schedule(txn)
 
     def link_branch(self, txn: InviteTransaction, branch: str) -> None:
         txn.our_branch = branch
-        self._by_branch[branch] = txn
+        self._by_branch[branch] = txn.key
 
     def move(self, txn: InviteTransaction, event: TxnEvent) -> TxnState:
-        """``txn.move(event)``, keeping the count of live transactions right."""
-        was_live = txn.live
+        """``txn.move(event)`` for a live transaction that stays live or is abandoned
+        (a final answer goes through :meth:`finish`)."""
         state = txn.move(event)
-        if was_live and not txn.live:
-            self._count_live(txn, -1)
-            txn.forwarded = b""  # no more Timer A: the INVITE's bytes are not needed
-            txn.extra = None
+        assert txn.live or state is TxnState.TERMINATED, "a final answer goes through finish()"
         return state
 
     def finish(self, txn: InviteTransaction, event: TxnEvent, now: float) -> None:
         """A live transaction got its final answer (``FINAL``) or gave one itself
-        (``TIMEOUT``): it lingers LINGER seconds to absorb retransmissions."""
-        self.move(txn, event)
-        txn.expires_at = now + LINGER
-        self.schedule(txn)
-
-    def remove(self, txn: InviteTransaction) -> None:
+        (``TIMEOUT``; ``txn.last_response`` is that answer): it lingers LINGER seconds
+        to absorb retransmissions, packed."""
+        txn.move(event)
+        assert not txn.live
         if self._txns.get(txn.key) is txn:
             del self._txns[txn.key]
-            if txn.live:
-                self._count_live(txn, -1)
-        if self._by_branch.get(txn.our_branch) is txn:
+            self._count_live(txn, -1)
+        self._done[txn.key] = _pack(txn)
+        self._expiry.append((now + LINGER, txn.key))
+
+    def answered_again(self, fin: Finished, event: TxnEvent, last_response: bytes | None) -> Finished:
+        """A lingering transaction took ``event`` (a retransmitted or late answer from
+        downstream, which may replace what retransmitted INVITEs get)."""
+        state = _step(fin.state, event)
+        assert state is fin.state, "a lingering transaction lingers until LINGER_END"
+        if self._done.get(fin.key) is None:
+            return fin
+        fin = Finished(fin.key, state, fin.call_id, last_response, fin.to_phone, fin.released,
+                       fin.our_branch, fin.inbound, fin.outbound, fin.downstream)
+        self._done[fin.key] = _pack(fin)
+        return fin
+
+    def remove(self, txn: InviteTransaction) -> None:
+        """Forget a live transaction that ends without an answer of its own (abandoned,
+        or refused on its way out)."""
+        if self._txns.get(txn.key) is txn:
+            del self._txns[txn.key]
+            self._count_live(txn, -1)
+        if self._by_branch.get(txn.our_branch) == txn.key:
             del self._by_branch[txn.our_branch]
 
     def _count_live(self, txn: InviteTransaction, step: int) -> None:
-        self.live_count += step
         for table, key in ((self.live_by_source, txn.inbound.remote_ip), (self.live_by_serial, txn.serial)):
             n = table.get(key, 0) + step
             if n > 0:
@@ -243,30 +323,63 @@ class TransactionTable:
 
     # ------------------------------------------------------------------ timers
     def schedule(self, txn: InviteTransaction) -> None:
-        """(Re)arm ``txn``'s one timer at its next deadline; any earlier entry is stale."""
+        """(Re)arm live ``txn``'s one timer at its next deadline; any earlier entry is stale."""
         txn.timer_gen += 1
         self._seq += 1
-        heapq.heappush(self._heap, _Entry(txn.next_deadline(), self._seq, txn.key, txn.timer_gen))
+        heapq.heappush(self._heap, (txn.next_deadline(), self._seq, txn.key, txn.timer_gen))
         if len(self._heap) > 2 * len(self._txns) + HEAP_SLACK:
             self._compact()
 
     def next_due(self) -> float | None:
-        return self._heap[0].when if self._heap else None
+        """When the next live timer or linger ends."""
+        heap, expiry = self._heap, self._expiry
+        while heap:  # entries of transactions that moved on or finished go first
+            _, _, key, gen = heap[0]
+            txn = self._txns.get(key)
+            if txn is not None and txn.timer_gen == gen:
+                break
+            heapq.heappop(heap)
+        if heap and expiry:
+            return min(heap[0][0], expiry[0][0])
+        if heap:
+            return heap[0][0]
+        return expiry[0][0] if expiry else None
 
     def due(self, now: float) -> list[InviteTransaction]:
-        """Transactions whose timer has come, each once, oldest deadline first."""
+        """Live transactions whose timer has come, each once, oldest deadline first."""
         out = []
         heap = self._heap
-        while heap and heap[0].when <= now:
-            entry = heapq.heappop(heap)
-            txn = self._txns.get(entry.key)
-            if txn is not None and txn.timer_gen == entry.gen:
+        while heap and heap[0][0] <= now:
+            _, _, key, gen = heapq.heappop(heap)
+            txn = self._txns.get(key)
+            if txn is not None and txn.timer_gen == gen:
                 out.append(txn)
         return out
 
+    def expire(self, now: float) -> int:
+        """End the lingers due by ``now`` (LINGER_END); how many ended."""
+        expiry, done = self._expiry, self._done
+        n = 0
+        while expiry and expiry[0][0] <= now:
+            _, key = expiry.popleft()
+            packed = done.pop(key, None)
+            if packed is None:
+                continue
+            _step(TxnState(packed[0]), TxnEvent.LINGER_END)
+            branch = packed[5]
+            if self._by_branch.get(branch) == key and key not in self._txns:
+                del self._by_branch[branch]
+            n += 1
+        return n
+
     def _compact(self) -> None:
-        self._heap = [
-            _Entry(t.next_deadline(), i, t.key, t.timer_gen) for i, t in enumerate(self._txns.values())
-        ]
+        self._heap = [(t.next_deadline(), i, t.key, t.timer_gen) for i, t in enumerate(self._txns.values())]
         heapq.heapify(self._heap)
         self._seq = len(self._heap)
+
+
+def _step(state: TxnState, event: TxnEvent) -> TxnState:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise TransactionStateError(f"{event.value} in state {state.value}") from None
