@@ -79,8 +79,14 @@ async def one(
             async with trio.open_nursery() as n:
 
                 async def drain() -> None:
-                    while await stream.receive_some(65536):
-                        pass
+                    framer = Framer()
+                    while data := await stream.receive_some(65536):
+                        if not a.answer:
+                            continue
+                        for msg in framer.feed(data):
+                            reply = answer(msg, serial, local, "tcp" if a.plain else "tls")
+                            if reply:
+                                await stream.send_all(reply)
 
                 n.start_soon(drain)
                 await hold.wait()
@@ -89,6 +95,31 @@ async def one(
         pass
     finally:
         await trio.aclose_forcefully(stream)
+
+
+_COMPACT = {"v": "via", "f": "from", "t": "to", "i": "call-id"}
+
+
+def answer(msg: bytes, serial: str, local: tuple[str, int], transport: str) -> bytes | None:
+    """``--answer``: what a PBX says to a request the relay forwards (INVITE → 200 with a
+    Contact and the Record-Route echoed, BYE/OPTIONS/CANCEL → 200, ACK and responses → nothing)."""
+    if msg.startswith(b"SIP/2.0 ") or msg.startswith(b"ACK "):
+        return None
+    lines = msg.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+    method = lines[0].split(" ", 1)[0]
+    out = ["SIP/2.0 200 OK"]
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = _COMPACT.get(name.strip().lower(), name.strip().lower())
+        value = value.strip()
+        if key == "to" and method == "INVITE" and ";tag=" not in value:
+            value += f";tag=p{serial}"
+        if key in ("via", "from", "to", "call-id", "cseq") or (key == "record-route" and method == "INVITE"):
+            out.append(f"{key.title()}: {value}")
+    if method == "INVITE":
+        out.append(f"Contact: <sip:{serial}@{local[0]}:{local[1]};transport={transport}>")
+    out.append("Content-Length: 0")
+    return ("\r\n".join(out) + "\r\n\r\n").encode()
 
 
 async def amain(a: argparse.Namespace) -> None:
@@ -139,6 +170,8 @@ def main() -> int:
     ap.add_argument("--algorithm", default="SHA-256")
     ap.add_argument("--expires", type=int, default=3600)
     ap.add_argument("--concurrency", type=int, default=200, help="handshakes+REGISTERs in flight")
+    ap.add_argument("--answer", action="store_true",
+                    help="answer what the relay forwards (INVITE/BYE/OPTIONS → 200)")
     ap.add_argument("--hold", type=float, default=120.0, help="keep connections open at most this long")
     a = ap.parse_args()
     a.host, _, port = a.relay.rpartition(":")
