@@ -52,6 +52,13 @@ log = logging.getLogger("relay.cluster")
 CLAIM_QUEUE = 10_000
 # A node is gone after this many heartbeats missed: its address expires with it.
 HEARTBEATS_TO_LIVE = 3
+# Heartbeats missed in a row before this node calls the store unreachable (/readyz 503,
+# claims held back, all claimed again when it answers). One miss is retried after
+# HEARTBEAT_RETRY: a node whose loop was busy for a moment (a registration storm, a full
+# garbage collection) misses a 250 ms deadline without Redis being away, and must not
+# flap its readiness and re-claim thousands of PBXs for it (bench/run_cluster.py saw it).
+HEARTBEAT_MISSES_TO_DOWN = 2
+HEARTBEAT_RETRY = 1.0
 
 UNREACHABLE = "shared store unreachable"
 
@@ -96,6 +103,8 @@ class ClusterNode:
                                   settings.timeout, count, settings.link_tls)
         self.wakes = CrossWakes(settings.node_id, self.links.flow_to, transports.send, count)
         self.problem: str | None = "starting"
+        self._missed = 0  # heartbeats missed in a row
+        self._unclaimed: set[str] = set()  # claims that missed their deadline, at most CLAIM_QUEUE
         self.address = ""
         self.pending_lookups = 0
         self.holders = HolderCache(settings.lookup_cache_size, settings.lookup_cache_ttl)
@@ -132,7 +141,8 @@ class ClusterNode:
 
     async def _heartbeats(self) -> None:
         while True:
-            await trio.sleep(self.settings.heartbeat)
+            every = self.settings.heartbeat
+            await trio.sleep(min(HEARTBEAT_RETRY, every) if self._missed and self.problem is None else every)
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
@@ -141,29 +151,42 @@ class ClusterNode:
         try:
             await self._state.node_heartbeat(self.node_id, ttl, self.address)
         except SharedStateUnavailable as e:
+            self._missed += 1
             self._store_failed("heartbeat", e)
+            if self._missed >= HEARTBEAT_MISSES_TO_DOWN or self.problem == "starting":
+                self._store_down("heartbeat", e)
             return
+        self._missed = 0
         if self.problem is not None:
             if self.problem != "starting":
                 log.warning("event=cluster_store_back node=%s (claiming this node's PBXs again)",
                             self.node_id)
             self.problem = None
+            self._unclaimed.clear()
             self._reclaim()
+        elif self._unclaimed:
+            self._reclaim(self._unclaimed)
+            self._unclaimed = set()
 
     def _store_failed(self, operation: str, e: Exception) -> None:
+        """One call missed its deadline: counted; the store is called unreachable only
+        by heartbeats missed in a row (_store_down)."""
         self._count("cluster_store_errors_total:" + operation)
+        log.debug("event=cluster_store_slow node=%s operation=%s error=%s", self.node_id, operation, e)
+
+    def _store_down(self, operation: str, e: Exception) -> None:
         if self.problem is None or self.problem == "starting":
             log.warning("event=cluster_store_unreachable node=%s operation=%s error=%s "
                         "(own flows keep working; not ready until it answers)", self.node_id, operation, e)
         self.problem = UNREACHABLE
 
-    def _reclaim(self) -> None:
-        """Claim every registration held now: Redis may have restarted empty, or claims
-        were dropped while it did not answer."""
+    def _reclaim(self, only: set[str] | None = None) -> None:
+        """Claim every registration held now (``only``: of these serials): Redis may have
+        restarted empty, or claims were dropped or missed their deadline."""
         now = trio.current_time()
         for reg in self._registrations():
             ttl = reg.expires_at - now
-            if ttl > 0:
+            if ttl > 0 and (only is None or reg.serial in only):
                 self._queue(ClaimPbx(reg.serial, reg.flow, ttl), now)
 
     async def _claims(self) -> None:
@@ -178,6 +201,8 @@ class ClusterNode:
                     await self._state.release_pbx(serial, self.node_id)
             except SharedStateUnavailable as e:
                 self._store_failed(op, e)
+                if op == "claim" and len(self._unclaimed) < CLAIM_QUEUE:
+                    self._unclaimed.add(serial)  # claimed again after the next heartbeat
             except ValueError as e:  # a serial longer than a key part: never claimed
                 log.warning("event=cluster_claim_refused serial_length=%d error=%s", len(serial), e)
 
