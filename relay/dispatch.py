@@ -10,7 +10,7 @@ earlier. A bug in the core costs one event, never the relay.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
@@ -98,38 +98,49 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- effects
     def run(self, effects: Iterable[Effect]) -> None:
-        """Execute ``effects`` in order; consecutive sends go out as one batch."""
+        """Execute ``effects`` in order; consecutive sends go out as one batch. What an
+        effect leads to at once (the proxy's answer to a bind, a push or a lookup that
+        cannot happen) is executed in its place, depth first — from a stack, not by
+        recursion: a range full of ports held by another program makes one refill after
+        another, which recursed once per batch until RecursionError."""
         sends: list[Send] = []
-        for e in effects:
+        stack: list[Iterator[Effect]] = [iter(effects)]
+        while stack:
+            e = next(stack[-1], None)
+            if e is None:
+                stack.pop()
+                continue
             if type(e) is Send:
                 sends.append(e)
                 continue
             if sends:
                 self.send(sends)
                 sends = []
-            self._other(e)
+            more = self._other(e)
+            if more:
+                stack.append(iter(more))
         if sends:
             self.send(sends)
         if self.proxy.next_timer() < self.armed:
             self.timer_moved.set()
 
-    def _other(self, e: Effect) -> None:
+    def _other(self, e: Effect) -> list[Effect]:
+        """Carry out one effect that is not a Send; what the proxy answers to it at once."""
         if isinstance(e, Wake | DeviceSeen | DeviceGone):
             if self.push is not None:
                 self.push(e)
             elif isinstance(e, Wake):
-                self.run(self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time()))
-            return
+                return self.proxy.on_wake_result(e.key, WakeOutcome.FAILED, trio.current_time())
+            return []
         if isinstance(e, ClaimPbx | ReleasePbx | LocatePbx | ForgetPbx | ShareBan | AwaitDevice | Woken):
             if self.cluster is not None:
                 self.cluster(e)
             elif isinstance(e, LocatePbx):
-                self.run(self.proxy.on_located(e, None, LOCATE_FAILED, trio.current_time()))
-            return
+                return self.proxy.on_located(e, None, LOCATE_FAILED, trio.current_time())
+            return []
         assert self.backend is not None and not isinstance(e, Send), "media effects need a media backend"
         bound = carry_out(self.backend, e)
-        if bound is not None:
-            self.run(self.proxy.on_ports_bound(*bound))
+        return [] if bound is None else self.proxy.on_ports_bound(*bound)
 
     def _guarded(self, event: Callable[[], list[Effect]], where: str) -> None:
         try:
