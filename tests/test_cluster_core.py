@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 
 from relay.pbx.digest import DigestAuth
-from relay.proxy.core import NOT_HELD, ProxyConfig
+from relay.proxy.clusterevents import NOT_HELD
+from relay.proxy.core import ProxyConfig
 from relay.proxy.effects import (
     LOCATE_BUSY,
     LOCATE_FAILED,

@@ -15,25 +15,19 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from pbxcore.wire import WakeOutcome
 from relay.media.session import MediaSessions
 from relay.pbx.digest import DigestAuth
-from relay.proxy.authbans import FIRST_BAN, MAX_FAILURES, AuthBans
+from relay.proxy.authbans import AuthBans
+from relay.proxy.clusterevents import _NOT_HELD, OVERLOAD_RETRY_AFTER, ClusterEvents
 from relay.proxy.counters import Counters
-from relay.proxy.crosswake import WokenElsewhere, device_id, is_woken, parse_woken, woken_message
-from relay.proxy.devices import PendingRegister, PhoneDevices, Registered
+from relay.proxy.crosswake import device_id, is_woken
+from relay.proxy.devices import PendingRegister, PhoneDevices
 from relay.proxy.effects import (
-    LOCATE_BUSY,
-    LOCATED,
-    NOWHERE,
-    ClaimPbx,
     Effect,
-    ForgetPbx,
     LocatePbx,
     Send,
-    Woken,
 )
 from relay.proxy.flow import Flow
 from relay.proxy.flowtoken import BadToken, ExpiredToken, FlowTokens
@@ -49,9 +43,10 @@ from relay.proxy.forwarding import (
 )
 from relay.proxy.holds import COPIED, Held, Holds
 from relay.proxy.identity import OUR_BRANCH, RelayIdentity
-from relay.proxy.invites import InviteTransactions, PendingLimits
+from relay.proxy.invites import InviteTransactions
 from relay.proxy.liveness import Liveness
 from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
+from relay.proxy.proxyconfig import ProxyConfig as ProxyConfig  # re-exported: the core's configuration
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
 from relay.proxy.routeentries import add_route_entries, towards_phone
@@ -59,9 +54,7 @@ from relay.proxy.routetokens import TOKEN_PATH, Claim, RouteTokens
 from relay.proxy.transaction import (
     InviteTransaction,
     TransactionTable,
-    TxnEvent,
     TxnKey,
-    TxnState,
 )
 from relay.proxy.wake import (
     path_user,
@@ -77,54 +70,10 @@ log = logging.getLogger("relay.calls")
 
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, PRACK, INFO, MESSAGE, SUBSCRIBE, NOTIFY, REFER"
 COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
-# Methods whose out-of-dialog request creates a dialog: the relay must stay on
-# its route (Record-Route, RFC 3261 §16.6 item 4).
-# INVITE transactions in flight at most (each ~2 KB). Beyond, new INVITEs get
-# 503 + Retry-After (RFC 3261 §21.5.4) instead of the relay growing without bound.
-MAX_TRANSACTIONS = 100_000
-OVERLOAD_RETRY_AFTER = 5  # seconds, in that 503
 SWEEP_EVERY = 1.0  # seconds between sweeps of registrations, devices and silent media
-# Cluster (docs/cluster.md, "The holder cache"): the header of the 480 a node sends back
-# over a link for a PBX it does not hold, naming the serial. Only a 480 that came over a
-# link (authenticated: another node) is believed; the node that gets it forgets its
-# cached holder and, for an INVITE, asks the shared state once and sends it again. The
-# header never leaves the relay: it is taken off every 480 that passes through.
-NOT_HELD = "X-PbxRelay-Not-Held"
-_NOT_HELD = NOT_HELD.lower()  # how Message.get/has/remove name it
 
 
-@dataclass(slots=True)
-class ProxyConfig:
-    """What the core needs to know of the configuration."""
-
-    domain: str  # relay domain: PBXs register sip:<serial>@domain, phones use <serial>.domain
-    advertise: str  # host (name or IP) we put in Via / Record-Route / Path
-    ports: dict[str, int]  # transport → advertised port
-    local_names: frozenset[str] = frozenset()  # extra hosts meaning "us" (listen IPs)
-    pbx_expires_default: int = 3600
-    pbx_expires_min: int = 60  # RFC 3261 §10.3: 423 Interval Too Brief below this
-    pbx_expires_max: int = 3600
-    # RFC 8599: wake phones that registered push parameters (needs a push service)
-    push: bool = False
-    ring_timeout: float = 30.0  # seconds an INVITE waits for a woken phone, then 480
-    udp_asleep_after: float = 40.0  # a UDP phone silent this long (no SIP, CRLF or STUN) sleeps
-    max_transactions: int = MAX_TRANSACTIONS
-    pending: PendingLimits = PendingLimits()  # INVITEs pending per source and per PBX
-    exempt_sources: frozenset[str] = frozenset()  # never held to a per-source share
-    auth_failures_before_ban: int = MAX_FAILURES
-    auth_first_ban: float = FIRST_BAN
-    # Several nodes share state (docs/cluster.md): claims, lookups and links between
-    # nodes (ports["cluster"] is the node's cluster listener).
-    cluster: bool = False
-    # The cluster's shared secret: names a held device in the shared state without its
-    # push token (relay/proxy/crosswake.py).
-    cluster_key: bytes = b""
-    # This node's id in the cluster ("" alone): written into Path and Record-Route tokens,
-    # and part of the loop hash (each node tells its own Vias from the others').
-    node_id: str = ""
-
-
-class Proxy:
+class Proxy(ClusterEvents):
     """The relay's routing core. One instance per relay process; not thread-safe."""
 
     def __init__(self, config: ProxyConfig, key: bytes, auth: DigestAuth,
@@ -205,11 +154,6 @@ class Proxy:
         """The PBX directory as it is now (serial → digest hashes)."""
         self.registrar.set_directory(directory)
 
-    def on_shared_ban(self, ip: str, seconds: float, now: float) -> None:
-        """Another node of the cluster banned ``ip`` for wrong digest responses: REGISTERs
-        from it are refused here too for ``seconds`` (docs/cluster.md, "Shared bans")."""
-        self.registrar.impose_ban(ip, seconds, now)
-
     def on_wake_result(self, key: TxnKey, outcome: WakeOutcome, now: float) -> list[Effect]:
         """What came of a ``Wake``."""
         self.counters.inc("push_wakes_total", outcome.value)
@@ -220,53 +164,6 @@ class Proxy:
         if failed:
             self.counters.inc("media_bind_failures_total", n=len(failed))
         return [] if self.media is None else list(self.media.sessions.on_ports_bound(bound, failed))
-
-    def on_located(self, locate: LocatePbx, link: Flow | None, outcome: str, now: float) -> list[Effect]:
-        """What came of a ``LocatePbx``: ``link`` (outcome LOCATED) is the flow to the node
-        that holds the PBX; NOWHERE gets the 480 of an offline PBX; LOCATE_FAILED and
-        LOCATE_BUSY a 503 the phone may retry."""
-        self.counters.inc("cluster_lookups_total", outcome)
-        if locate.retry:
-            return self._relocated(locate.retry, link, outcome, now)
-        hop = locate.hop
-        assert hop is not None
-        if outcome == LOCATED and link is not None:
-            hop.target = link
-            if locate.node:
-                hop.phone_flow = link  # our Record-Route names the way to the phone's node
-            return self._forward(hop, now)
-        if outcome == NOWHERE and locate.node:
-            # RFC 5626 §5.3: the flow the token names is gone, with its node.
-            self.counters.inc("flow_failed_total")
-            return list(self.replies.refuse(hop.req, hop.source, 430, "Flow Failed"))
-        if outcome == NOWHERE:
-            return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable"))
-        retry = str(1 if outcome == LOCATE_BUSY else OVERLOAD_RETRY_AFTER)
-        return list(self.replies.refuse(hop.req, hop.source, 503, "Service Unavailable",
-                                        extra=[("Retry-After", retry)]))
-
-    def _relocated(self, key: TxnKey, link: Flow | None, outcome: str, now: float) -> list[Effect]:
-        """The fresh lookup of an INVITE the cached node said it no longer holds: the
-        same INVITE (our Via, Record-Route and branch as before) on the new link, or the
-        caller gets the answer it would have got without the cache."""
-        txn = self.txns.get(key)
-        if txn is None or txn.state is not TxnState.CALLING:
-            return []
-        if outcome == LOCATED and link is not None:
-            txn.outbound = link
-            return [Send(link, txn.forwarded)]
-        status, reason = (480, "Temporarily Unavailable") if outcome == NOWHERE else (
-            503, "Service Unavailable")
-        self.counters.inc("responses_sent_total", str(status))
-        txn.last_response = self.replies.upstream(txn, status, reason)
-        self.txns.finish(txn, TxnEvent.TIMEOUT, now)
-        effects: list[Effect] = [] if self.media is None else list(self.media.sessions.failed(txn.call_id))
-        return [*effects, Send(txn.inbound, txn.last_response)]
-
-    def claim_token(self, claim: ClaimPbx, now: float) -> str:
-        """The signed flow token a ClaimPbx stores in the shared state: it names the
-        PBX's flow on this node (payload ``n.<serial>``), good for the claim's TTL."""
-        return self.tokens.tokens.mint(claim.flow, "n." + claim.serial, now + self._wall_offset + claim.ttl)
 
     def drain(self, until: float) -> None:
         """Refuse new calls (503 + Retry-After) until ``until``; everything else goes on."""
@@ -360,27 +257,6 @@ class Proxy:
                 return routed
         return self._route_claim(req, source, via, claim, ftag, mf, now)
 
-    def _to_node(
-        self, hop: Hop, claim: Claim, ftag: str | None, stripped: list[str], now: float,
-    ) -> list[Effect] | None:
-        """A token another node minted (docs/cluster.md, "Tokens that name their node"): the
-        phone's flow is on ``claim.node``. Towards the phone, the request goes to that node
-        over a link with our Route entries put back (it routes them as its own), no lookup;
-        towards the PBX, None: routed here as any request (the PBX's claim says where it is)."""
-        req, source = hop.req, hop.source
-        pbx = self.registrar.lookup(claim.serial, now) if claim.serial else None
-        if not towards_phone(req, source, claim.kind, ftag, pbx.flow if pbx else None):
-            return None
-        if source.node_link:
-            # One hop only: the node that sent it should have held the flow itself.
-            self.counters.inc("flow_failed_total")
-            return list(self.replies.refuse(req, source, 430, "Flow Failed"))
-        if claim.kind == TOKEN_PATH and (pbx is None or pbx.flow.remote_ip != source.remote_ip):
-            self.counters.inc("forbidden_total", "path_not_from_pbx")
-            return list(self.replies.refuse(req, source, 403, "Forbidden"))
-        req.insert_before("Route", ", ".join(stripped))
-        return [LocatePbx(claim.serial, hop, node=claim.node)]
-
     def _route_claim(
         self, req: Request, source: Flow, via: Via, claim: Claim, ftag: str | None, mf: int, now: float,
     ) -> list[Effect]:
@@ -448,16 +324,6 @@ class Proxy:
             # A PBX addressing its own domain through us would loop straight back.
             return list(self.replies.refuse(req, source, 482, "Loop Detected"))
         return self._forward(Hop(req, source, via, pbx.flow, serial, source, mf, False), now)
-
-    def _elsewhere(self, hop: Hop) -> list[Effect]:
-        """A request for a PBX not registered here: in a cluster, ask which node holds it
-        (``LocatePbx``; ``hop.target`` is set by ``on_located``). One hop only: what came
-        from another node, and everything on a single node, gets the 480 of an offline PBX."""
-        if self.cfg.cluster and not hop.source.node_link:
-            return [LocatePbx(hop.serial, hop)]
-        # Over a link: the node that sent it may have a stale holder cached (NOT_HELD).
-        extra = [(NOT_HELD, hop.serial)] if hop.source.node_link else None
-        return list(self.replies.refuse(hop.req, hop.source, 480, "Temporarily Unavailable", extra=extra))
 
     def _for_us(self, req: Request, ruri: SipUri, source: Flow, now: float) -> list[Effect]:
         if req.method == "REGISTER":
@@ -593,21 +459,6 @@ class Proxy:
             effects += media_effects
         return [*effects, *self._send_response(resp.serialise(), back)]
 
-    def _not_held(self, resp: Response, source: Flow, branch: str) -> list[Effect]:
-        """A 480 with NOT_HELD: taken off in any case; from a link, the cached holder of
-        its serial is forgotten, and a first INVITE not yet answered is located afresh
-        (once: a second NOT_HELD for it goes up to the caller)."""
-        serial = resp.get(_NOT_HELD) or ""
-        resp.remove(_NOT_HELD)
-        if not source.node_link or not serial:
-            return []  # a PBX's own header passing through: it means nothing
-        txn = self.txns.by_our_branch(branch)
-        if (isinstance(txn, InviteTransaction) and resp.cseq[1] == "INVITE" and txn.state is TxnState.CALLING
-                and txn.serial == serial and not txn.relocated and not txn.to_phone):
-            txn.relocated = True
-            return [LocatePbx(serial, None, fresh=True, retry=txn.key)]
-        return [ForgetPbx(serial)]
-
     def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Effect]:
         """The PBX said 2xx to a phone: its devices move, the push service hears of
         it, and what waited for this phone goes out."""
@@ -618,21 +469,6 @@ class Proxy:
             if self.cfg.cluster and pending.path:
                 out.append(self._woken(r, pending))
         return out
-
-    def _woken(self, r: Registered, pending: PendingRegister) -> Woken:
-        """Cluster: a node may hold calls for this device (crosswake, step 2)."""
-        device = device_id(self.cfg.cluster_key, r.target, pending.serial, pending.username)
-        woken = WokenElsewhere(device, pending.serial, pending.username, r.contact_uri, pending.path)
-        branch = OUR_BRANCH + hashlib.sha256(f"{device}{pending.until}".encode()).hexdigest()[:20]
-        return Woken(device, woken_message(woken, self.identity.advertise, branch))
-
-    def _woken_elsewhere(self, req: Request, link: Flow, now: float) -> list[Effect]:
-        """Another node says a device registered again through it (crosswake, step 3)."""
-        woken = parse_woken(req)
-        if woken is None:
-            self.counters.inc("dropped_total", "bad_woken")
-            return []
-        return self.holds.release_elsewhere(woken, link, now, self._release)
 
     def _send_response(self, data: bytes, back: Flow) -> list[Send]:
         if not self.liveness.alive(back):
