@@ -65,6 +65,18 @@ def command_line_secret() -> str:
     return secret
 
 
+def new_row(serial: str, realm: str) -> tuple[tuple[str, str, str, str, float], str]:
+    """A new PBX's row (serial, realm, HA1 MD5, HA1 SHA-256, created) and its secret,
+    which only the operator sees; DirectoryError for a serial :data:`SERIAL_RULE` refuses."""
+    problem = serial_problem(serial)
+    if problem is not None:
+        raise DirectoryError(problem)
+    secret = command_line_secret()
+    row = (serial, realm, ha1("MD5", serial, realm, secret), ha1("SHA-256", serial, realm, secret),
+           time.time())
+    return row, secret
+
+
 class PbxDirectory:
     """Blocking SQLite access; the relay calls it through trio.to_thread. A database
     that cannot be opened or written is a :class:`StateError` naming the file."""
@@ -103,12 +115,7 @@ class PbxDirectory:
 
     def add(self, serial: str, realm: str) -> str:
         """Create the PBX and return its new secret (shown once, never stored)."""
-        problem = serial_problem(serial)
-        if problem is not None:
-            raise DirectoryError(problem)
-        secret = command_line_secret()
-        row = (serial, realm, ha1("MD5", serial, realm, secret), ha1("SHA-256", serial, realm, secret),
-               time.time())
+        row, secret = new_row(serial, realm)
         try:
             self._run("INSERT INTO pbx VALUES (?, ?, ?, ?, ?)", row)
         except sqlite3.IntegrityError:

@@ -22,22 +22,23 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
+
+import coredis
+import coredis.exceptions
+import coredis.retry
+import trio
 
 from pbxcore.cli import find_leaf
 from pbxcore.errors import StateError
-from relay.pbx.digest import ha1
-from relay.pbx.directory import DirectoryError, PbxDirectory, command_line_secret, serial_problem
+from pbxcore.redisconn import redis_address
+from relay.pbx.directory import DirectoryError, PbxDirectory, new_row
 
 T = TypeVar("T")
 log = logging.getLogger("relay")
-if TYPE_CHECKING:
-    import coredis
-
-    Redis = coredis.Redis[str]
+Redis = coredis.Redis[str]
 
 HASH = "pbxrelay:directory"
 # The change counter, a field of its own hash (read with HGET: a node's poll is told
@@ -76,11 +77,6 @@ class SharedDirectory:
         self.where = f"redis://{host}:{port}"
 
     def _call(self, work: Callable[[Redis], Awaitable[T]]) -> T:
-        # Imported here: `pbx-relay pbx add` on one node must not pay for coredis.
-        import coredis
-        import coredis.exceptions
-        import trio
-
         async def run() -> T:
             client: coredis.Redis[str] = coredis.Redis(
                 host=self.host, port=self.port, password=self.password, decode_responses=True,
@@ -103,12 +99,7 @@ class SharedDirectory:
     # ------------------------------------------------------------ PbxDirectory's
     def add(self, serial: str, realm: str) -> str:
         """Create the PBX and return its new secret (shown once, never stored)."""
-        problem = serial_problem(serial)
-        if problem is not None:
-            raise DirectoryError(problem)
-        secret = command_line_secret()
-        row = (serial, realm, ha1("MD5", serial, realm, secret), ha1("SHA-256", serial, realm, secret),
-               time.time())
+        row, secret = new_row(serial, realm)
         if not self._call(lambda r: r.eval(_ADD, keys=[HASH, META], args=[serial, _encode(row)])):
             raise DirectoryError(f"PBX {serial} already exists")
         return secret
@@ -199,8 +190,6 @@ def open_directory(state_dir: Path, redis_url: str) -> PbxDirectory | SharedDire
     else this state directory's pbx.sqlite."""
     if not redis_url:
         return PbxDirectory(state_dir / "pbx.sqlite")
-    from pbxcore.redisconn import redis_address  # (coredis: only when clustered)
-
     return SharedDirectory(*redis_address(redis_url))
 
 
