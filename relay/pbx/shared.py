@@ -168,7 +168,12 @@ class MirroredDirectory:
     def adopt_local(self) -> int:
         """Put this node's PBXs (its copy, or a relay's own directory before it joined a
         cluster) into the shared directory where missing; how many."""
-        return self.shared.adopt(self.local.rows())
+        try:
+            rows = self.local.rows()
+        except StateError as e:  # the copy is a convenience: never a reason not to serve
+            log.warning("event=directory_copy_unreadable error=%s", e)
+            return 0
+        return self.shared.adopt(rows)
 
     def stamp(self) -> float:
         stamp = self.shared.stamp()
@@ -180,7 +185,12 @@ class MirroredDirectory:
 
     def load(self, realm: str) -> dict[str, dict[str, str]]:
         rows = self.shared.rows()
-        self.local.replace(rows)
+        try:
+            self.local.replace(rows)
+        except StateError as e:
+            # The workers of one machine share the state directory, so the same copy: one
+            # of them writing it while another does ("database is locked") is harmless.
+            log.info("event=directory_copy_skipped error=%s", e)
         return {s: {"MD5": md5, "SHA-256": sha} for s, r, md5, sha, _ in rows if r == realm}
 
 
