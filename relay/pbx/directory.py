@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pbxcore import sqlitewait
 from pbxcore.errors import PbxError, StateError
 from pbxcore.statedir import private_dir, private_file
 from relay.pbx.digest import ha1, new_secret
@@ -37,6 +39,7 @@ CREATE TABLE IF NOT EXISTS pbx (
 
 
 Rows = list[tuple[str, str, str, str, float]]  # serial, realm, HA1 MD5, HA1 SHA-256, created
+T = TypeVar("T")
 
 
 class DirectoryError(PbxError):
@@ -85,33 +88,43 @@ class PbxDirectory:
         self.path = path
         self._run(_SCHEMA)
 
-    def _db(self) -> sqlite3.Connection:
-        try:
-            private_file(private_dir(self.path.parent) / self.path.name)
-            db = sqlite3.connect(self.path, timeout=5)
-            db.execute("PRAGMA journal_mode=WAL")
-        except (OSError, sqlite3.Error) as e:
-            raise self._state_error(e) from None
-        return db
-
     def _state_error(self, e: Exception) -> StateError:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return StateError(f"cannot use the PBX directory {self.path}: {reason} "
                           f"(the state directory must be writable by this user)")
 
-    def _run(self, sql: str, args: tuple[object, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
-        """(rows, rowcount) of one statement in its own transaction."""
-        db = self._db()
+    def _retrying(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in its own connection and transaction, again while another process
+        holds the file (pbxcore.sqlitewait: every statement here opens its own
+        connection, so workers starting together meet that); else a StateError."""
         try:
+            return sqlitewait.when_free(lambda: self._once(work), sqlitewait.BUSY_WAIT)
+        except sqlite3.OperationalError as e:
+            raise self._state_error(e) from None
+
+    def _once(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            private_file(private_dir(self.path.parent) / self.path.name)
+            db = sqlite3.connect(self.path, timeout=sqlitewait.BUSY_WAIT)
+        except OSError as e:
+            raise self._state_error(e) from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
             with db:
-                cur = db.execute(sql, args)
-                return cur.fetchall(), cur.rowcount
-        except sqlite3.IntegrityError:
+                return work(db)
+        except (sqlite3.IntegrityError, sqlite3.OperationalError):
             raise
         except sqlite3.Error as e:
             raise self._state_error(e) from None
         finally:
             db.close()
+
+    def _run(self, sql: str, args: tuple[object, ...] = ()) -> tuple[list[tuple[Any, ...]], int]:
+        """(rows, rowcount) of one statement in its own transaction."""
+        def statement(db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int]:
+            cur = db.execute(sql, args)
+            return cur.fetchall(), cur.rowcount
+        return self._retrying(statement)
 
     def add(self, serial: str, realm: str) -> str:
         """Create the PBX and return its new secret (shown once, never stored)."""
@@ -137,15 +150,10 @@ class PbxDirectory:
     def replace(self, rows: Rows) -> None:
         """Make the directory exactly ``rows`` (one transaction): a cluster node's local
         copy of the shared directory (relay/pbx/shared.py)."""
-        db = self._db()
-        try:
-            with db:
-                db.execute("DELETE FROM pbx")
-                db.executemany("INSERT INTO pbx VALUES (?, ?, ?, ?, ?)", rows)
-        except sqlite3.Error as e:
-            raise self._state_error(e) from None
-        finally:
-            db.close()
+        def swap(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM pbx")
+            db.executemany("INSERT INTO pbx VALUES (?, ?, ?, ?, ?)", rows)
+        self._retrying(swap)
 
     def load(self, realm: str) -> dict[str, dict[str, str]]:
         """serial → {algorithm: HA1} for PBXs created under ``realm``."""
@@ -159,5 +167,6 @@ class PbxDirectory:
             return self.path.stat().st_mtime + (wal.stat().st_mtime if wal.exists() else 0)
         except FileNotFoundError:
             return 0.0
+
 
 

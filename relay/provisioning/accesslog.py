@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from pbxcore import sqlitewait
 from relay.provisioning.limits import MAX_ACCESS_LOG_ROWS
 
 T = TypeVar("T")
@@ -87,7 +88,12 @@ class AccessLog:
         self.max_rows = max_rows
         self._threaded = threaded
         self._limiter = trio.CapacityLimiter(1)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=sqlitewait.BUSY_WAIT)
+        # Workers open the one file together at start (pbxcore.sqlitewait).
+        sqlitewait.when_free(self._prepare)
+
+    def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA secure_delete=ON")
