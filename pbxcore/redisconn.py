@@ -26,8 +26,8 @@ import trio
 
 from pbxcore.errors import PbxError
 
-__all__ = ["RedisConn", "RedisUnavailable", "open_client", "redis_address", "redis_url_problem",
-           "redis_url_shown"]
+__all__ = ["RedisConn", "RedisUnavailable", "client_at", "new_client", "open_client",
+           "redis_address", "redis_url_problem", "redis_url_shown"]
 
 T = TypeVar("T")
 
@@ -85,7 +85,12 @@ class RedisConn:
 
 def new_client(url: str, timeout: float) -> coredis.Redis[str]:
     """A client for ``url`` that connects lazily; enter it (``async with``) before use."""
-    host, port, password = redis_address(url)
+    return client_at(*redis_address(url), timeout=timeout)
+
+
+def client_at(host: str, port: int, password: str | None, *, timeout: float) -> coredis.Redis[str]:
+    """A client for ``host:port`` that connects lazily, with strings in and out and no
+    retries of its own; enter it (``async with``) before use."""
     return coredis.Redis(
         host=host, port=port, password=password, decode_responses=True,
         connect_timeout=timeout, stream_timeout=timeout,

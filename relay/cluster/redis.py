@@ -5,9 +5,8 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import coredis
-import coredis.exceptions
-import trio
 
+from pbxcore.redisconn import RedisConn, RedisUnavailable, client_at
 from relay.cluster.state import (
     KEY_PREFIX,
     MAX_SHARED_BANS,
@@ -114,7 +113,7 @@ class RedisState:
 
     def __init__(self, client: "coredis.Redis[str]", timeout: float, max_bans: int = MAX_SHARED_BANS) -> None:
         self._client = client
-        self._timeout = timeout
+        self._conn = RedisConn(client, timeout)
         self._max_bans = max_bans
 
     @classmethod
@@ -123,21 +122,15 @@ class RedisState:
                    password: str | None = None, max_bans: int = MAX_SHARED_BANS,
                    ) -> AsyncIterator["RedisState"]:
         """Connect lazily to ``host:port``; the first call that cannot reach it raises."""
-        client: coredis.Redis[str] = coredis.Redis(
-            host=host, port=port, password=password, decode_responses=True,
-            connect_timeout=timeout, stream_timeout=timeout,
-            # Our own deadline bounds each call; coredis's retries would only eat into it.
-            retry_policy=coredis.retry.NoRetryPolicy(),
-        )
+        client = client_at(host, port, password, timeout=timeout)
         async with client:
             yield cls(client, timeout, max_bans)
 
     async def _call(self, request: Awaitable[T]) -> T:
         try:
-            with trio.fail_after(self._timeout):
-                return await request
-        except (trio.TooSlowError, coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
-            raise SharedStateUnavailable(f"shared state: {type(exc).__name__}") from exc
+            return await self._conn.call(request)
+        except RedisUnavailable as exc:
+            raise SharedStateUnavailable(f"shared state: {type(exc.__cause__).__name__}") from exc
 
     async def claim_pbx(self, serial: str, node_id: str, flow_token: str, ttl: float) -> None:
         """See SharedState.claim_pbx."""

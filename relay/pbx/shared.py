@@ -28,12 +28,11 @@ from typing import TypeVar
 
 import coredis
 import coredis.exceptions
-import coredis.retry
 import trio
 
 from pbxcore.cli import find_leaf
 from pbxcore.errors import StateError
-from pbxcore.redisconn import redis_address
+from pbxcore.redisconn import client_at, redis_address
 from relay.pbx.directory import DirectoryError, PbxDirectory, new_row
 
 T = TypeVar("T")
@@ -78,10 +77,7 @@ class SharedDirectory:
 
     def _call(self, work: Callable[[Redis], Awaitable[T]]) -> T:
         async def run() -> T:
-            client: coredis.Redis[str] = coredis.Redis(
-                host=self.host, port=self.port, password=self.password, decode_responses=True,
-                connect_timeout=TIMEOUT, stream_timeout=TIMEOUT,
-                retry_policy=coredis.retry.NoRetryPolicy())
+            client = client_at(self.host, self.port, self.password, timeout=TIMEOUT)
             async with client:
                 with trio.fail_after(TIMEOUT):
                     return await work(client)
