@@ -449,11 +449,10 @@ class Proxy(ClusterEvents):
             return [*effects, *self.invites.on_response(resp, txn, source, now)]
         if self.media is not None and method == "BYE" and resp.status >= 200:
             effects += self.media.on_bye_answered(resp)
-        if self.media is not None and method in SDP_METHODS and resp.status >= 200 and not (
-                self.media.passes_through(resp.call_id, source.node_link, back.node_link, initial=False)):
+        if self.media is not None and method in SDP_METHODS and resp.status >= 200:
             # UPDATE/PRACK answers: from the side the response is not going to
             to_pbx = self.registrar.registry.serial_of(back) is not None
-            media_effects, ok = self.media.on_other_response(resp, to_pbx, source.remote_ip, now)
+            media_effects, ok = self.media.on_other_response(resp, to_pbx, source, back, now)
             if not ok:
                 return list(media_effects)
             effects += media_effects

@@ -229,9 +229,8 @@ class InviteTransactions:
     ) -> list[Effect]:
         """A response (not 100) to a live INVITE: passed up; a final one ends it."""
         effects: list[Effect] = []
-        if self.media is not None and not self.media.passes_through(
-                resp.call_id, source.node_link, txn.inbound.node_link, initial=False):
-            media_effects, ok = self.media.on_invite_response(resp, txn.to_phone, source.remote_ip, now)
+        if self.media is not None:
+            media_effects, ok = self.media.on_invite_response(resp, txn.to_phone, source, txn.inbound, now)
             if not ok:
                 return list(media_effects)
             effects += media_effects
@@ -260,7 +259,7 @@ class InviteTransactions:
             if resp.status < 200:
                 return []
         elif self.media is not None:
-            media_effects, ok = self.media.on_invite_response(resp, fin.to_phone, source.remote_ip, now)
+            media_effects, ok = self.media.on_invite_response(resp, fin.to_phone, source, fin.inbound, now)
             if not ok:
                 return list(media_effects)
             effects += media_effects

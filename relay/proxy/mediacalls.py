@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from relay.media.effects import MediaEffect
 from relay.media.session import PBX, PHONE, MediaError, MediaSessions, NoPorts, OverShare, Owner
 from relay.proxy.counters import Counters
@@ -12,6 +14,13 @@ from relay.sip.headers import NameAddr
 from relay.sip.message import Request, Response, SipMessage
 
 SDP_METHODS = frozenset({"INVITE", "ACK", "PRACK", "UPDATE"})
+# Over a link between nodes the flow's address is a node's, not the phone's or the PBX's:
+# a node that passes a message from a phone or a PBX on to another node names that peer's
+# IP in this header, and the anchoring node (``passes_through``) reads it as the side's
+# signalling IP (where its media comes from and goes before latching). Believed only from
+# a link (authenticated: another node); always taken off before a phone or a PBX sees it.
+PEER = "X-PbxRelay-Peer"
+_PEER = PEER.lower()  # how Message.get/has/remove name it
 # Seconds a caller is asked to wait after 503 for want of media ports (RFC 3261 §21.5.4).
 NO_PORTS_RETRY_AFTER = 5
 
@@ -53,7 +62,9 @@ class MediaCalls:
         # stranger's BYE reusing a live call's Call-ID draws a 481 from the far end.
         initial = req.method == "INVITE" and _initial(req)
         if self.passes_through(req.call_id, source.node_link, target.node_link, initial):
+            self.pass_on(req, source, target.node_link)
             return [], None
+        signal_ip = self.signal_ip(req, source)
         if initial and self._live(req.call_id):
             # A second dialog-creating INVITE on a live call's Call-ID: a merged or
             # forged request (RFC 3261 §8.2.2.2), never a way into that call's media.
@@ -68,8 +79,8 @@ class MediaCalls:
             return [], []
         try:
             body, effects = self.sessions.on_sdp(
-                req.call_id, PBX if to_phone else PHONE, req.body, source.remote_ip, now,
-                target.remote_ip, offer=req.method in ("INVITE", "UPDATE"),
+                req.call_id, PBX if to_phone else PHONE, req.body, signal_ip, now,
+                "" if target.node_link else target.remote_ip, offer=req.method in ("INVITE", "UPDATE"),
                 owner=Owner(serial, share) if serial else None)
         except MediaError as e:
             self.counters.inc("media_refused_total", _reason(e))
@@ -81,6 +92,30 @@ class MediaCalls:
             return [], self.replies.refuse(req, source, 488, "Not Acceptable Here")
         req.set_body(body)
         return effects, None
+
+    @staticmethod
+    def pass_on(msg: SipMessage, source: Flow, link_out: bool) -> None:
+        """A message this node passes through without anchoring: onto a link, it names
+        the phone or PBX it came from (:data:`PEER`; what a peer put there is replaced);
+        to a phone or a PBX, it carries no such header."""
+        if link_out:
+            if not source.node_link:
+                msg.set(PEER, source.remote_ip)
+        elif msg.has(_PEER):
+            msg.remove(_PEER)
+
+    @staticmethod
+    def signal_ip(msg: SipMessage, source: Flow) -> str:
+        """The IP the side that sent ``msg`` signals from: its flow's; over a link, what
+        the node it came through named (:data:`PEER`, taken off here), "" if nothing
+        usable (the side is then latched by the address its SDP names, or its next SDP)."""
+        if not source.node_link:
+            return source.remote_ip
+        named = msg.get(_PEER)
+        if named is None:
+            return ""
+        msg.remove(_PEER)
+        return named if _is_ip(named) else ""
 
     def _live(self, call_id: str) -> bool:
         session = self.sessions.sessions.get(call_id)
@@ -94,42 +129,65 @@ class MediaCalls:
         return []
 
     def on_response(
-        self, resp: Response, from_side: str, source_ip: str, now: float,
+        self, resp: Response, from_side: str, source: Flow, now: float,
     ) -> tuple[list[MediaEffect], bool]:
         """Rewrite an answer (or late offer) in a response; False: drop the response.
         Passing the SDP on untouched would send media around the relay, which fails
         behind NAT: the caller sees no answer rather than a broken call."""
+        signal_ip = self.signal_ip(resp, source)
         if not has_sdp(resp):
             return [], True
         try:
-            body, effects = self.sessions.on_sdp(resp.call_id, from_side, resp.body, source_ip, now)
+            body, effects = self.sessions.on_sdp(resp.call_id, from_side, resp.body, signal_ip, now)
         except MediaError as e:
             self.counters.inc("media_refused_total", _reason(e))
             return [], False
         resp.set_body(body)
         return effects, True
 
+    def _passed_on(self, resp: Response, source: Flow, back: Flow) -> bool:
+        """A response this node does not anchor (``passes_through``), made ready to go
+        ``back`` (:meth:`pass_on`)."""
+        if not self.passes_through(resp.call_id, source.node_link, back.node_link, initial=False):
+            return False
+        self.pass_on(resp, source, back.node_link)
+        return True
+
     def on_invite_response(
-        self, resp: Response, to_phone: bool, source_ip: str, now: float,
+        self, resp: Response, to_phone: bool, source: Flow, back: Flow, now: float,
     ) -> tuple[list[MediaEffect], bool]:
-        """A response to an INVITE: an error ends a call's media that never came up, a
-        2xx establishes it; SDP in either way is anchored. False: drop the response."""
+        """A response to an INVITE, from ``source`` going ``back``: an error ends a call's
+        media that never came up, a 2xx establishes it; SDP in either way is anchored
+        (unless another node anchors this call). False: drop the response."""
+        if self._passed_on(resp, source, back):
+            return [], True
         if resp.status >= 300:
+            self.signal_ip(resp, source)  # the header goes in any case
             return self.sessions.failed(resp.call_id), True
-        effects, ok = self.on_response(resp, PHONE if to_phone else PBX, source_ip, now)
+        effects, ok = self.on_response(resp, PHONE if to_phone else PBX, source, now)
         if ok and resp.status >= 200:
             effects += self.sessions.established(resp.call_id)
         return effects, ok
 
     def on_other_response(
-        self, resp: Response, to_pbx: bool, source_ip: str, now: float,
+        self, resp: Response, to_pbx: bool, source: Flow, back: Flow, now: float,
     ) -> tuple[list[MediaEffect], bool]:
         """A final response to UPDATE or PRACK, from the side it is not going to."""
-        effects, ok = self.on_response(resp, PHONE if to_pbx else PBX, source_ip, now)
+        if self._passed_on(resp, source, back):
+            return [], True
+        effects, ok = self.on_response(resp, PHONE if to_pbx else PBX, source, now)
         if ok and resp.cseq[1] == "UPDATE":
             effects += (self.sessions.established(resp.call_id) if resp.status < 300
                         else self.sessions.failed(resp.call_id))
         return effects, ok
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _initial(req: Request) -> bool:
