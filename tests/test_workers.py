@@ -198,8 +198,9 @@ class Parent:
         return sorted(int(pid) for t in tasks for pid in t.read_text().split())
 
 
-def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, ...] = ()) -> Parent:
-    parent = spawn_workers(tmp, redis, count, extra=extra)
+def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, ...] = (),
+                  push: str | None = None) -> Parent:
+    parent = spawn_workers(tmp, redis, count, extra=extra, push=push)
     proc = parent.proc
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -216,8 +217,9 @@ def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, .
 
 def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None,
                   extra: tuple[str, ...] = (), block_link_of: tuple[int, socket.socket] | None = None,
-                  admin_port: int = 0) -> Parent:
-    """The parent started, its workers not necessarily serving yet."""
+                  admin_port: int = 0, push: str | None = None) -> Parent:
+    """The parent started, its workers not necessarily serving yet. ``push``: lines of
+    relay.toml's [push] (None: push.mode = "off")."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), admin_port or free_port(),
                   log_path=tmp / "relay.log")
     link = free_run(count or os.cpu_count() or 1)
@@ -230,7 +232,7 @@ secret = "{SECRET}"
 heartbeat = 0.5
 """
     low = random.randrange(20000, 60000, 2)  # a range of our own, as tests/test_systemd.py picks one
-    write_config(r, cluster, f"port_min = {low}\nport_max = {low + 399}")
+    write_config(r, cluster, f"port_min = {low}\nport_max = {low + 399}", push)
     runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
     runtime.mkdir()
     r.add_pbx(SERIAL)
