@@ -13,8 +13,11 @@ from __future__ import annotations
 import http.client
 import json
 import multiprocessing
+import socket
+import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +27,19 @@ import pytest
 
 from push.api import mint_token
 from push.app import load_key
+from tests.conftest import needs_sipp
 from tests.pushfakes import FakeApns, running
-from tests.realpeers import ROOT, RelayProc, free_port, write_config
+from tests.realpeers import DOMAIN, ROOT, RelayProc, free_port, sipp, write_config
 from tests.redisfixture import RedisServer, redis_server
+from tests.test_cluster_nodes import SERIAL as PBX_SERIAL
 from tests.test_cluster_nodes import readyz, redis_cli, wait_for
+from tests.test_push_sipp import (
+    RING_TIMEOUT,
+    TOKEN,
+    pbx_calls_sleeping_phone,
+    phone_goes_to_sleep,
+    woken_phone_answers,
+)
 from tests.test_workers import Parent, ready_, start_workers, stop_workers
 
 __all__ = ["redis_server"]  # the fixture, by name
@@ -208,6 +220,86 @@ def test_a_push_api_on_port_0_cannot_be_shared_by_workers(tmp_path: Path, redis_
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
         f"pbx-relay: {conf}: api.listen: port 0 cannot be shared by --workers: the workers serve the "
         "push API on one address; give it a port"])
+
+
+def tcp_worker_of_source(parent: Parent, port: int) -> int:
+    """Which worker the kernel gives a TCP connection from 127.0.0.1:``port`` to the SIP
+    port: the one whose count of lookups for a serial nobody holds goes up. The probe's
+    connection ends with a reset (SO_LINGER 0), leaving no TIME_WAIT: SIPp can take the
+    same source port next, and lands on the same worker (the same 4-tuple)."""
+    before = [w.metric('pbx_relay_cluster_lookups_total{outcome="nowhere"}') for w in parent.workers]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.bind(("127.0.0.1", port))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", parent.workers[0].tcp))
+        probe = (f"OPTIONS sip:5555555555.{DOMAIN} SIP/2.0\r\n"
+                 f"Via: SIP/2.0/TCP 127.0.0.1:{port};branch=z9hG4bK-t{time.monotonic_ns()};rport\r\n"
+                 f"Max-Forwards: 70\r\nFrom: <sip:probe@{DOMAIN}>;tag=t1\r\nTo: <sip:x@{DOMAIN}>\r\n"
+                 f"Call-ID: t-{time.monotonic_ns()}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+        s.sendall(probe.encode())
+        got = b""
+        while b"SIP/2.0 480" not in got:
+            got += s.recv(65535)
+    after = [w.metric('pbx_relay_cluster_lookups_total{outcome="nowhere"}') for w in parent.workers]
+    (index,) = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
+    return index
+
+
+@needs_sipp
+@pytest.mark.sipp
+def test_a_call_held_on_a_worker_is_woken_through_that_workers_push_service(
+    tmp_path: Path, redis_server: RedisServer, apns: FakeApns,
+) -> None:
+    """SIPp as the PBX (TCP, on whichever worker the kernel picks) and as the phone: it
+    registers with push parameters through the PBX's worker and sleeps (its connection
+    closes). The PBX calls: that worker holds the INVITE and pushes through its own push
+    service (one push, one push log row, in Redis); the woken phone's new connection lands
+    on either worker, and answers."""
+    conf, _, admin = push_toml(tmp_path, apns)
+    parent = start_workers(tmp_path, redis_server, 2,
+                           push=f'config = "{conf}"\nring_timeout = {RING_TIMEOUT}')
+    try:
+        wait_for("both workers ready", lambda: all(ready_(w) for w in parent.workers))
+        w0 = parent.workers[0]
+
+        def run(name: str, xml: str, port: int, auth: bool = False):  # type: ignore[no-untyped-def]
+            return sipp(tmp_path, name, xml, f"127.0.0.1:{w0.tcp}", transport="t1", local_port=port,
+                        variables={"serial": PBX_SERIAL, "domain": DOMAIN},
+                        auth=(PBX_SERIAL, w0.secrets[PBX_SERIAL]) if auth else None, timeout_s=30)
+
+        pbx = run("pbx", pbx_calls_sleeping_phone(), free_port(), auth=True)
+        wait_for("the PBX on a worker", lambda: any(w.registry() for w in parent.workers))
+        holder = next(i for i, w in enumerate(parent.workers) if w.registry())
+        for _ in range(64):  # a phone source port the kernel gives to the PBX's worker
+            port = free_port()
+            if tcp_worker_of_source(parent, port) == holder:
+                break
+        else:
+            raise AssertionError("64 source ports, none on the PBX's worker")
+        sleeper = run("phone1", phone_goes_to_sleep(apns), port)
+        assert sleeper.wait() == 0, sleeper.errors()
+        (push,) = apns.wait_for(1, timeout=10)
+        assert push.status == 200 and push.token == TOKEN
+        woken = run("phone2", woken_phone_answers(apns), free_port())
+        codes = [woken.wait(40), pbx.wait(40)]
+        assert codes == [0, 0], f"{woken.errors()}\n{pbx.errors()}"
+        # The worker that held the call pushed, through its own push service; once.
+        held = [w.metric('pbx_relay_push_holds_total{outcome="started"}') for w in parent.workers]
+        assert held[holder] == 1 and held[1 - holder] == 0
+        m = push_metrics(admin)
+        sent = [m.get(f'pbx_push_pushes_total{{outcome="sent",provider="apns",worker="{i}"}}', 0)
+                for i in (0, 1)]
+        assert sent[holder] == 1 and sent[1 - holder] == 0
+        assert len(apns.requests) == 1
+        # One push log row (metadata only), in the shared store; the token nowhere in clear.
+        assert len(redis_cli(redis_server, "KEYS", "pbxpush:log:*").split()) == 1
+        for key in redis_cli(redis_server, "KEYS", "pbxpush:*").split():
+            if redis_cli(redis_server, "TYPE", key) == "string":
+                assert TOKEN not in redis_cli(redis_server, "GET", key)
+    finally:
+        assert stop_workers(parent) == 0
 
 
 def _load_key(state: str) -> bytes:
