@@ -68,7 +68,7 @@ async def prepare_workers_push(cfg: RelayConfig) -> PushConfig:
     from push import app as push_app
 
     pcfg = embedded_push_config(cfg)
-    embedded_push_config(cfg, shared=True)  # what each worker loads: it loads
+    embedded_push_config(cfg, shared=True)  # as each worker will load it (its store and admin set)
     if pcfg.api_listen.port == 0:
         raise ConfigError(f"{pcfg.where('api.listen')}: port 0 cannot be shared by --workers: the "
                           "workers serve the push API on one address; give it a port")
