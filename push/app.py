@@ -6,7 +6,9 @@ import copy
 import logging
 import os
 import secrets
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,15 +53,26 @@ RELOADABLE = frozenset({"push.log_level", "push.log_retention_days", "push.devic
 
 
 def _create_once(path: Path, data: bytes) -> bytes:
-    """Write ``data`` to a new file, mode 0600, unless a concurrent start made it first."""
+    """Write ``data`` to a new file, mode 0600, unless a concurrent start made it first;
+    what the file holds then. The file appears whole or not at all: ``data`` is written
+    to a temporary file of the same directory, which is then linked to ``path`` (link(2)
+    fails when ``path`` exists). Another process starting at the same moment therefore
+    reads either nothing (and makes its own, which loses the race) or all of the winner's
+    key, never an empty or half-written file."""
     private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return data
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes()
+        return data
+    finally:
+        os.unlink(tmp)
 
 
 def load_key(state_dir: Path) -> bytes:
@@ -86,6 +99,17 @@ def load_api_secret(cfg: PushConfig) -> bytes:
     if len(text) < SECRET_BYTES:
         raise ConfigError(f"{path}: secret shorter than {SECRET_BYTES} bytes")
     return text
+
+
+def create_state(cfg: PushConfig) -> None:
+    """Every file the service makes in its state directory as it starts, made now when
+    missing: the directory (0700), push.key, and api.secret unless api.jwt_secret is set
+    (a SQLite store's push.sqlite is its store's, and several processes never share one).
+    The parent of `pbx-relay run --workers N` calls it before it starts any worker, so
+    that every worker reads the same key and secret (docs/cluster.md, "Workers")."""
+    private_dir(cfg.state_dir)
+    load_key(cfg.state_dir)
+    load_api_secret(cfg)
 
 
 def build_gateways(cfg: PushConfig, key: bytes | None = None) -> dict[str, Gateway]:
@@ -173,6 +197,24 @@ def _hypercorn_config(listen: Listen, cfg: PushConfig) -> HypercornConfig:
     return hc
 
 
+def _reuse_port_bind(listen: Listen) -> str:
+    """``listen`` bound with SO_REUSEPORT, as a hypercorn bind: ``fd://N``, hypercorn's way
+    to serve a socket made elsewhere. Each worker of `pbx-relay run --workers N` binds
+    the push API's one address so, and the kernel gives each new connection to one of
+    them. (hypercorn 0.18's Config has no ``reuse_port``: it sets SO_REUSEPORT only in its
+    own multi-process mode, ``workers > 1``, which :func:`hypercorn.trio.serve` ignores.)"""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((listen.host, listen.port))
+    except OSError as e:
+        sock.close()
+        raise ListenError.from_oserror("push API", str(listen), e) from None
+    return f"fd://{sock.detach()}"  # hypercorn owns it from here (and closes it)
+
+
 async def _start_http(nursery: trio.Nursery, app: Starlette, hc: HypercornConfig, what: str) -> list[str]:
     """Start hypercorn on ``hc.bind``; its bound URLs. A bind failure becomes one
     ListenError naming ``what`` and the address (hypercorn wraps it in exception groups)."""
@@ -197,11 +239,14 @@ async def serve(
     cfg: PushConfig,
     service: PushService | None = None,
     *,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the API, the admin endpoint and the purge loop until cancelled, then close
     the service (gateways and store). Port 0 in a listen address picks a free port;
-    the bound addresses are in the :class:`Running` given to ``task_status``."""
+    the bound addresses are in the :class:`Running` given to ``task_status``.
+    ``reuse_port``: the API's address is shared with other processes (SO_REUSEPORT),
+    as the workers of `pbx-relay run --workers N` share it."""
     if service is None:
         service = build_service(cfg)
     try:
@@ -209,6 +254,8 @@ async def serve(
         api = make_api(service, secret)
         async with service.store.session(), trio.open_nursery() as nursery:
             api_hc = _hypercorn_config(cfg.api_listen, cfg)
+            if reuse_port:
+                api_hc.bind = [_reuse_port_bind(cfg.api_listen)]
             api_binds = await _start_http(nursery, api, api_hc, "push API")
             routes = admin_routes(service)
             admin: str = await nursery.start(serve_admin, "push admin", cfg.admin_listen, routes)

@@ -73,9 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     if args.workers is None:  # one per core with a shared store (docs/cluster.md, "Workers")
-        args.workers, note = (1, "") if args.worker else workers.default_workers(cfg, os.cpu_count())
-        if note:
-            print(f"{PROG}: {note}", file=sys.stderr)
+        args.workers = 1 if args.worker else workers.default_workers(cfg, os.cpu_count())
     workers.check_workers(cfg, args.workers)
     reuse_port = args.workers > 1
     load = lambda: _load(args)  # noqa: E731
@@ -106,21 +104,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_parent(args: argparse.Namespace, cfg: config_mod.RelayConfig) -> int:
     """``--workers N``: what the workers share is made once, here, before they start (the
-    self-signed certificate; the node key comes from the cluster secret); then the parent
-    supervises them."""
+    self-signed certificate; the embedded push service's key and API secret; the node key
+    comes from the cluster secret); then the parent supervises them."""
     import trio
 
     from relay import workers
+    from relay.pushlink import prepare_workers_push
     from relay.service import tls_files
 
     if cfg.listeners("tls") or cfg.provisioning.enabled:
         tls_files(cfg)
+    push = trio.run(prepare_workers_push, cfg) if cfg.push.mode == "embedded" else None
     watchdog = workers.WORKER_WATCHDOG if args.worker_watchdog is None else args.worker_watchdog
     if not watchdog > 0:
         raise config_mod.ConfigError(f"--worker-watchdog {watchdog:g}: seconds, more than 0")
     argv = workers.worker_argv(getattr(args, "config", None), getattr(args, "state_dir", None))
     try:
-        trio.run(workers.run_workers, argv, args.workers, cfg, None, watchdog)
+        trio.run(workers.run_workers, argv, args.workers, cfg, None, watchdog, push)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "softphone at it. SIGHUP reloads, SIGTERM drains, Ctrl-C stops at once.")
     run.add_argument("--workers", type=int, metavar="N",
                      help="run N relay processes (nodes of one cluster, sharing [cluster] redis_url) "
-                     "behind the same SIP ports, supervised by this one (default: one per core when "
-                     "[cluster] redis_url is set, else 1; docs/cluster.md)")
+                     "behind the same SIP ports and push API, supervised by this one (default: one "
+                     "per core when [cluster] redis_url is set, else 1; docs/cluster.md)")
     run.add_argument("--worker-watchdog", type=float, metavar="SECONDS",
                      help="with --workers: a worker whose health check (its timer task runs, a "
                      "thread answers) stays silent this long is killed and started again (default 30)")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import httpx
 import trio
 
+from pbxcore.errors import ConfigError
 from pbxcore.wire import DeviceUpdate, WakeOutcome
+from push import config as push_config
 from push.config import PushConfig
 from push.service import PushService
 from relay.config import RelayConfig
@@ -32,7 +34,49 @@ PUSH_PROBE_EVERY = 5.0  # seconds between two checks that the push service answe
 PUSH_PROBE_TIMEOUT = 3.0
 PUSH_PROBE_PATH = "/v1/devices/readiness-probe"
 
+# `run --workers N`: each worker's embedded push service serves its admin routes on
+# loopback, a port the kernel picks; the parent serves the configured push admin.listen
+# for all of them (relay/workeradmin.py), as it does the relay's admin.listen.
+WORKER_PUSH_ADMIN = "127.0.0.1:0"
+
 WakeResult = Callable[[tuple[str, ...], WakeOutcome], None]
+
+
+def embedded_push_config(cfg: RelayConfig, shared: bool = False) -> PushConfig:
+    """The embedded push service's configuration: push.config, else its defaults with the
+    state in <state_dir>/push. ``shared``: it runs in each worker of `run --workers N`,
+    and then its store is Redis — push.toml's own ``[store] redis_url`` (or
+    $PBX_PUSH_STORE_REDIS_URL) when set, else the cluster's ``redis_url`` — and its admin
+    endpoint is a loopback one (:data:`WORKER_PUSH_ADMIN`)."""
+    path, overrides = cfg.embedded_push_source()
+    pcfg = push_config.load(path, overrides)
+    if not shared:
+        return pcfg
+    more: dict[str, Any] = {"admin.listen": WORKER_PUSH_ADMIN}
+    if not pcfg.store.redis_url:
+        more["store.redis_url"] = cfg.cluster.redis_url
+    return push_config.load(path, {**overrides, **more})
+
+
+async def prepare_workers_push(cfg: RelayConfig) -> PushConfig:
+    """The parent of `run --workers N`, before any worker starts: the embedded push
+    service's configuration checked as one process checks it (a bad push.toml: one line,
+    exit 2), and what its workers must share made once, here: its state directory,
+    push.key and api.secret (push.app.create_state) — two workers making their own key
+    at the same moment would each seal tokens the other cannot read. Returns the
+    configuration as written (the parent serves its admin.listen for the workers)."""
+    from push import app as push_app
+
+    pcfg = embedded_push_config(cfg)
+    embedded_push_config(cfg, shared=True)  # as each worker will load it (its store and admin set)
+    if pcfg.api_listen.port == 0:
+        raise ConfigError(f"{pcfg.where('api.listen')}: port 0 cannot be shared by --workers: the "
+                          "workers serve the push API on one address; give it a port")
+    push_config.check_files(pcfg)
+    push_app.create_state(pcfg)
+    for gateway in push_app.build_gateways(pcfg, push_app.load_key(pcfg.state_dir)).values():
+        await gateway.aclose()  # built to check the credentials (a bad .p8 key), as a worker builds them
+    return pcfg
 
 
 class _QuietProbe(logging.Filter):
@@ -48,8 +92,10 @@ class PushLink:
     ``on_wake_result(key, outcome)`` is called (synchronously, from this link's
     tasks) once per ``Wake`` submitted, whatever happens to it."""
 
-    def __init__(self, cfg: RelayConfig, counters: Counters, on_wake_result: WakeResult):
+    def __init__(self, cfg: RelayConfig, counters: Counters, on_wake_result: WakeResult,
+                 shared: bool = False):
         self.cfg = cfg
+        self.shared = shared  # one of `run --workers N` (embedded_push_config)
         self.mode: str = cfg.push.mode
         self.counters = counters
         self.on_wake_result = on_wake_result
@@ -84,10 +130,9 @@ class PushLink:
                                    ca_file=self.cfg.push.ca_file or None)
         elif self.mode == "embedded":
             from push import app as push_app
-            from push import config as push_config
 
-            pcfg = push_config.load(*self._embedded_source())
-            running = await nursery.start(push_app.serve, pcfg)
+            pcfg = embedded_push_config(self.cfg, self.shared)
+            running = await nursery.start(partial(push_app.serve, pcfg, reuse_port=self.shared))
             self.client = InProcessPush(running.service)
             self.embedded = running.service
             self._embedded_cfg = pcfg
@@ -144,22 +189,15 @@ class PushLink:
                 self.on_wake_result(effect.key, WakeOutcome.FAILED)
 
     # -------------------------------------------------------------- embedded
-    def _embedded_source(self) -> tuple[str | None, dict[str, Any]]:
-        """push.toml of the embedded push service, and what the relay sets in it."""
-        path = self.cfg.push.config or None
-        state: Path = self.cfg.state_dir / "push"
-        return path, ({} if path else {"push.state_dir": str(state)})
-
     async def reload(self) -> None:
         """SIGHUP reaches the embedded push service too: gateway credentials, retention
         (its log level is the relay's)."""
         if self.embedded is None or self._embedded_cfg is None or self._nursery is None:
             return
         from push import app as push_app
-        from push import config as push_config
 
         try:
-            fresh = push_config.load(*self._embedded_source())
+            fresh = embedded_push_config(self.cfg, self.shared)
         except (push_config.ConfigError, OSError) as e:
             log.error("event=reload_failed what=push_config error=%s (nothing changed)", e)
             return

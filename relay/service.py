@@ -144,7 +144,7 @@ class RelayService:
             trusted=self._is_trusted,
         )
         self.transports.reuse_port = reuse_port  # one of `--workers N` (relay/workers.py)
-        self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result)
+        self.push = PushLink(cfg, self.proxy.counters, self.dispatch.on_wake_result, shared=reuse_port)
         self.cluster = cluster_node(cfg, self.transports, self.dispatch, self.proxy)
         self.bound: dict[str, list[str]] = {}
         self._directory_stamp = -1.0

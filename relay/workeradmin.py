@@ -15,7 +15,12 @@ itself and answers from the workers:
 - ``POST /v1/directory/reload``: sent to every serving worker at once, answered once all
   have read the directory: a PBX added with ``pbx-relay pbx add`` is accepted by
   whichever worker its connection lands on (a worker being started reads it as it starts);
-- ``GET /v1/workers``: index, pid, serving, admin address and starts of each worker.
+- ``GET /v1/workers``: index, pid, serving, admin addresses and starts of each worker.
+
+With the embedded push service (``push.mode = "embedded"``) each worker's push service
+serves its admin routes on a loopback port too, and the parent serves the push service's
+``admin.listen`` (push.toml) the same way (:meth:`WorkerAdmin.push_routes`): ``/metrics``
+(each worker's ``pbx_push_*`` series labelled ``worker``), ``/healthz``, ``/readyz``.
 
 What it can be made to hold is pbxcore.admin's bound (64 connections, small requests);
 each request fans out to at most N workers (``MAX_WORKERS``), each answer within
@@ -58,6 +63,7 @@ class WorkerView:
     serving: bool
     admin: str | None  # "127.0.0.1:port" once its banner named it
     starts: int
+    push_admin: str | None = None  # its embedded push service's admin "127.0.0.1:port"
 
 
 class Pool(Protocol):
@@ -83,11 +89,14 @@ class Answer:
 
 
 class WorkerAdmin:
-    """The parent's admin routes, asking the workers with one HTTP client."""
+    """The parent's admin routes, asking the workers with one HTTP client: the relay's
+    (``service="relay"``, :meth:`routes`) or their push services' (``"push"``,
+    :meth:`push_routes`)."""
 
-    def __init__(self, pool: Pool, client: httpx.AsyncClient) -> None:
+    def __init__(self, pool: Pool, client: httpx.AsyncClient, service: str = "relay") -> None:
         self.pool = pool
         self.client = client
+        self.service = service
 
     def routes(self) -> Routes:
         return {
@@ -99,6 +108,17 @@ class WorkerAdmin:
             ("GET", WORKERS_ROUTE): self.workers,
         }
 
+    def push_routes(self) -> Routes:
+        """The push service's admin routes (push/api.py admin_routes), for all workers."""
+        return {
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/healthz"): self.healthz,
+            ("GET", "/readyz"): self.readyz,
+        }
+
+    def _address(self, view: WorkerView) -> str | None:
+        return view.push_admin if self.service == "push" else view.admin
+
     # ---------------------------------------------------------------- asking
     async def _ask(self, method: str, path: str) -> list[Answer]:
         """``method path`` to every worker that serves, at once; one Answer per worker."""
@@ -107,7 +127,7 @@ class WorkerAdmin:
 
         async def one(i: int, view: WorkerView) -> None:
             try:
-                resp = await self.client.request(method, f"http://{view.admin}{path}")
+                resp = await self.client.request(method, f"http://{self._address(view)}{path}")
             except httpx.HTTPError as e:
                 answers[i] = Answer(view, error=f"no answer ({type(e).__name__})")
                 return
@@ -115,7 +135,7 @@ class WorkerAdmin:
 
         async with trio.open_nursery() as nursery:
             for i, view in enumerate(views):
-                if view.serving and view.admin:
+                if view.serving and self._address(view):
                     nursery.start_soon(one, i, view)
         return answers
 
@@ -123,7 +143,7 @@ class WorkerAdmin:
     async def metrics(self, request: AdminRequest) -> AdminAnswer:
         answers = await self._ask("GET", "/metrics")
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(answers, self.pool.restarts))
+        registry.register(_Merged(answers, self.pool.restarts, f"pbx_{self.service}"))
         return AdminAnswer(200, generate_latest(registry), CONTENT_TYPE)
 
     async def registry(self, request: AdminRequest) -> AdminAnswer:
@@ -164,9 +184,10 @@ class _Merged:
     """A collector: the parent's own families, then each family of the workers' answers
     once, with every worker's samples labelled ``worker``."""
 
-    def __init__(self, answers: Sequence[Answer], restarts: int) -> None:
+    def __init__(self, answers: Sequence[Answer], restarts: int, prefix: str = "pbx_relay") -> None:
         self.answers = answers
         self.restarts = restarts
+        self.prefix = prefix
 
     def collect(self) -> Iterator[Metric]:
         yield from self._own()
@@ -181,13 +202,14 @@ class _Merged:
         yield from merged.values()
 
     def _own(self) -> Iterator[Metric]:
-        serving = GaugeMetricFamily("pbx_relay_workers_serving", "Workers serving now (run --workers N)")
+        p = self.prefix
+        serving = GaugeMetricFamily(f"{p}_workers_serving", "Workers serving now (run --workers N)")
         serving.add_metric([], sum(a.worker.serving for a in self.answers))
-        up = GaugeMetricFamily("pbx_relay_worker_up", "1 when the worker answered this scrape",
+        up = GaugeMetricFamily(f"{p}_worker_up", "1 when the worker answered this scrape",
                                labels=["worker"])
         for a in self.answers:
             up.add_metric([str(a.worker.index)], int(a.ok))
-        restarts = CounterMetricFamily("pbx_relay_worker_restarts",
+        restarts = CounterMetricFamily(f"{p}_worker_restarts",
                                        "Workers started again after they died or hung")
         restarts.add_metric([], self.restarts)
         yield from (serving, up, restarts)

@@ -10,6 +10,12 @@ one worker and a phone on another reach each other over the cluster links, as be
 machines. The parent runs no SIP: it starts the workers, restarts one that dies, forwards
 SIGHUP and SIGTERM, tells systemd READY once every worker is serving, and serves
 ``admin.listen`` with answers gathered from the workers (relay/workeradmin.py).
+
+With ``push.mode = "embedded"`` each worker runs the push service too, over one Redis
+store (relay/pushlink.py ``embedded_push_config``), its API on the one address of
+push.toml's ``api.listen`` (SO_REUSEPORT, like the SIP ports), its admin routes on a
+loopback port; the parent makes the push service's key material once before any worker
+starts (``prepare_workers_push``) and serves push.toml's ``admin.listen`` for all.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pbxcore.admin import serve_admin
 from pbxcore.errors import EXIT_CONFIG, ConfigError, PbxError
 from pbxcore.lifecycle import SIGNALS, supervise
 from pbxcore.sdnotify import Notifier
+from push.config import PushConfig
 from relay.config import RelayConfig
 from relay.workeradmin import WorkerAdmin, WorkerView, client
 
@@ -47,6 +54,8 @@ MAX_WORKERS = 64
 READY_LINE = b"user and password are the PBX's extension"
 # The banner's admin line names the worker's admin address (relay/service.py banner).
 ADMIN_LINE = re.compile(rb"^\s*admin\s+http://(\S+?)/metrics\b")
+# Its push line names its embedded push service's admin address (relay/service.py banner).
+PUSH_ADMIN_LINE = re.compile(rb"^\s*push\s+API\s+\S+\s+admin\s+http://(\S+?)/metrics\b")
 # Where a worker serves its admin routes: loopback, a port the kernel picks; the parent
 # serves admin.listen and asks the workers (relay/workeradmin.py).
 WORKER_ADMIN = "127.0.0.1:0"
@@ -70,22 +79,16 @@ PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DI
 WORKER_FLAG = "--worker"
 
 
-def default_workers(cfg: RelayConfig, cpus: int | None) -> tuple[int, str]:
-    """How many workers ``run`` starts without ``--workers``, and why: one per core when a
-    shared store is configured (the workers share state there), else one. With the push
-    service embedded (one process by nature) it stays one, and says how to get more."""
+def default_workers(cfg: RelayConfig, cpus: int | None) -> int:
+    """How many workers ``run`` starts without ``--workers``: one per core when a shared
+    store is configured (the workers share state there, the embedded push service's
+    devices and push log too), else one."""
     if not cfg.cluster.redis_url:
-        return 1, ""
+        return 1
     cores = max(1, min(cpus or 1, MAX_WORKERS))
-    if cores == 1:
-        return 1, ""
-    if cfg.push.mode == "embedded":
-        return 1, (f"note: 1 worker, not {cores} (one per core): push.mode = \"embedded\" runs in one "
-                   "process; set push.mode = \"remote\" (pbx-push as its own service) or \"off\" for "
-                   "one worker per core, or give --workers 1 to say so")
     if cfg.media.enabled:
         cores = max(1, min(cores, (cfg.media.port_max - cfg.media.port_min + 1) // 6))
-    return cores, ""
+    return cores
 
 
 def check_workers(cfg: RelayConfig, count: int) -> None:
@@ -98,10 +101,6 @@ def check_workers(cfg: RelayConfig, count: int) -> None:
         raise ConfigError(f"--workers {count} needs [cluster] redis_url in {cfg.source}: the workers "
                           "are nodes sharing state in Redis/Valkey (docs/cluster.md; e.g. "
                           "redis_url = \"redis://127.0.0.1:6379\" with Debian's redis-server)")
-    if cfg.push.mode == "embedded":
-        raise ConfigError(f"--workers {count}: push.mode = \"embedded\" runs the push service inside one "
-                          "process; run pbx-push as its own service (push.mode = \"remote\") or set "
-                          "push.mode = \"off\"")
     if len(f"{cfg.node_id}-w{count - 1}") > 64:
         raise ConfigError(f"cluster.node_id {cfg.node_id!r} is too long for worker ids (<node_id>-w<i>)")
     if cfg.media.enabled and _slice_size(cfg, count) < 6:
@@ -134,7 +133,9 @@ def worker_overrides(cfg: RelayConfig, index: int, count: int) -> dict[str, Any]
     their port; admin on loopback, any port (:data:`WORKER_ADMIN`: the parent serves
     admin.listen); the i-th slice of the RTP range; the provisioning port on
     worker 0 only (a PBX's provisioning link and the phones' requests must meet in one
-    process). The SIP listeners are the same for every worker (SO_REUSEPORT)."""
+    process). The SIP listeners are the same for every worker (SO_REUSEPORT), and so is
+    the embedded push service's API; what else changes in its push.toml is
+    relay/pushlink.py ``embedded_push_config``'s."""
     out: dict[str, Any] = {
         "cluster.node_id": f"{cfg.node_id}-w{index}",
         "cluster.listen": _plus(cfg.cluster.listen, index),
@@ -208,10 +209,11 @@ class Worker:
     starts: int = 0
     pinged: float = 0.0  # when it last said WATCHDOG=1 (or started serving)
     admin: str | None = None  # its admin "host:port", from this run's banner
+    push_admin: str | None = None  # its embedded push service's admin "host:port", likewise
 
     def view(self) -> WorkerView:
         pid = self.proc.pid if self.proc is not None else None
-        return WorkerView(self.index, pid, self.serving, self.admin, self.starts)
+        return WorkerView(self.index, pid, self.serving, self.admin, self.starts, self.push_admin)
 
 
 class WorkerPool:
@@ -243,11 +245,11 @@ class WorkerPool:
             code = await self._run_once(worker)
             if self.stopping:
                 return
+            if code == EXIT_CONFIG:
+                raise ConfigError(f"worker {worker.index}: its configuration was refused (its log is above)")
             if not worker.ready.is_set():
                 raise PbxError(f"worker {worker.index} exited with {code} before it served "
                                "(its log is above)")
-            if code == EXIT_CONFIG:
-                raise ConfigError(f"worker {worker.index}: its configuration was refused (its log is above)")
             delay = RESTART_DELAY if trio.current_time() - started > RESTART_RESET else delay
             log.warning("event=worker_exited worker=%d code=%s restart_in=%g", worker.index, code, delay)
             self.restarts += 1
@@ -260,7 +262,7 @@ class WorkerPool:
         if "RUNTIME_DIRECTORY" in env:
             os.makedirs(env["RUNTIME_DIRECTORY"], mode=0o700, exist_ok=True)
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
-        worker.proc, worker.serving, worker.admin = proc, False, None
+        worker.proc, worker.serving, worker.admin, worker.push_admin = proc, False, None, None
         worker.starts += 1
         log.info("event=worker_started worker=%d pid=%d", worker.index, proc.pid)
         try:
@@ -268,7 +270,7 @@ class WorkerPool:
             await self._pump(worker, proc.stdout)
             return await proc.wait()
         finally:
-            worker.proc, worker.serving, worker.admin = None, False, None
+            worker.proc, worker.serving, worker.admin, worker.push_admin = None, False, None, None
             if proc.returncode is None:  # the parent is cancelled: never leave a worker behind
                 proc.kill()
                 with trio.CancelScope(shield=True):
@@ -284,6 +286,8 @@ class WorkerPool:
                 sys.stdout.write(f"[w{worker.index}] {line.decode(errors='replace')}\n")
                 if admin := ADMIN_LINE.match(line):
                     worker.admin = admin.group(1).decode()
+                if push_admin := PUSH_ADMIN_LINE.match(line):
+                    worker.push_admin = push_admin.group(1).decode()
                 if READY_LINE in line:
                     worker.serving, worker.pinged = True, trio.current_time()
                     worker.ready.set()
@@ -374,17 +378,19 @@ class WorkerPool:
 
 
 async def run_workers(argv: list[str], count: int, cfg: RelayConfig, notifier: Notifier | None = None,
-                      watchdog: float = WORKER_WATCHDOG) -> None:
-    """The parent: start the workers, READY once all serve, then supervise until stopped."""
+                      watchdog: float = WORKER_WATCHDOG, push: PushConfig | None = None) -> None:
+    """The parent: start the workers, READY once all serve, then supervise until stopped.
+    ``push``: the embedded push service's configuration (its admin.listen is the parent's)."""
     notify_dir = Path(tempfile.mkdtemp(prefix="pbx-relay-workers-"))  # 0700
     try:
         await _run_pool(WorkerPool(argv, count, float(cfg.relay.drain_timeout), notify_dir, watchdog),
-                        cfg, notifier)
+                        cfg, notifier, push)
     finally:
         shutil.rmtree(notify_dir, ignore_errors=True)
 
 
-async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | None) -> None:
+async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | None,
+                    push: PushConfig | None) -> None:
     count = pool.count
     notify = notifier or Notifier.from_environ()
 
@@ -399,6 +405,11 @@ async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | Non
             # Bound before any worker starts: a taken admin port stops the parent at once.
             routes = WorkerAdmin(pool, http).routes()
             admin = await nursery.start(serve_admin, "admin", cfg.admin_listen, routes)
+            push_line = ""
+            if push is not None:
+                push_routes = WorkerAdmin(pool, http, "push").push_routes()
+                push_admin = await nursery.start(serve_admin, "push admin", push.admin_listen, push_routes)
+                push_line = f"; push API {push.api_url}/v1 admin http://{push_admin}/metrics"
             for w in pool.workers:
                 nursery.start_soon(pool.keep, w)
             if await _stopped_while_starting(pool, signals):
@@ -407,8 +418,8 @@ async def _run_pool(pool: WorkerPool, cfg: RelayConfig, notifier: Notifier | Non
                 return
             pids = " ".join(str(w.proc.pid) for w in pool.workers if w.proc is not None)
             print(f"pbx-relay: {count} workers serving (pids {pids}); node ids {cfg.node_id}-w0 .. "
-                  f"{cfg.node_id}-w{count - 1}; admin http://{admin}/metrics /registry /v1/workers",
-                  flush=True)
+                  f"{cfg.node_id}-w{count - 1}; admin http://{admin}/metrics /registry /v1/workers"
+                  f"{push_line}", flush=True)
             await supervise(signals, notify, status=status, check=check, reload=pool.reload, drain=pool.drain)
             await pool.stop()
             nursery.cancel_scope.cancel()

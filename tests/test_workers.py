@@ -120,8 +120,7 @@ def test_each_worker_gets_its_node_id_ports_and_a_slice_of_the_rtp_range(tmp_pat
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("", "--workers 2 needs [cluster] redis_url"),
-    (CLUSTER.replace('mode = "off"', 'mode = "embedded"'), 'push.mode = "embedded"'),
+    ("", "--workers 2 needs [cluster] redis_url"),  # the embedded push service too: no Redis, no workers
     (CLUSTER + "[media]\nport_min = 10000\nport_max = 10008\n", "workers need at least 12 ports"),
 ])
 def test_what_workers_cannot_run_with_is_refused(tmp_path: Path, text: str, says: str) -> None:
@@ -133,19 +132,22 @@ def test_what_workers_cannot_run_with_is_refused(tmp_path: Path, text: str, says
 
 def test_by_default_one_worker_per_core_when_redis_is_configured(tmp_path: Path) -> None:
     """The issue's default: `run` without --workers starts one worker per core with a shared
-    store, one process without; the embedded push service keeps it at one, and says why."""
+    store, one process without; the embedded push service (the default push.mode) too: its
+    workers share that store (tests/test_workers_push.py)."""
     clustered = load(tmp_path, CLUSTER)
-    assert default_workers(clustered, 4) == (4, "")
-    assert default_workers(clustered, 1) == (1, "")
-    assert default_workers(clustered, None) == (1, "")
-    assert default_workers(clustered, 500) == (64, "")  # MAX_WORKERS
+    assert default_workers(clustered, 4) == 4
+    assert default_workers(clustered, 1) == 1
+    assert default_workers(clustered, None) == 1
+    assert default_workers(clustered, 500) == 64  # MAX_WORKERS
     alone = load(tmp_path, '[push]\nmode = "off"\n')
-    assert default_workers(alone, 8) == (1, "")
-    embedded = load(tmp_path, CLUSTER.replace('mode = "off"', 'mode = "embedded"'))
-    count, note = default_workers(embedded, 8)
-    assert count == 1 and 'push.mode = "embedded" runs in one process' in note
+    assert default_workers(alone, 8) == 1
+    embedded = load(tmp_path, CLUSTER.replace('[push]\nmode = "off"', ""))
+    assert embedded.push.mode == "embedded" and default_workers(embedded, 8) == 8
+    check_workers(embedded, 8)
+    embedded_alone = load(tmp_path, "")  # no Redis: one process, as before
+    assert embedded_alone.push.mode == "embedded" and default_workers(embedded_alone, 8) == 1
     few_ports = load(tmp_path, CLUSTER + "[media]\nport_min = 30000\nport_max = 30011\n")
-    assert default_workers(few_ports, 8) == (2, "")  # each worker's slice holds 6 ports or more
+    assert default_workers(few_ports, 8) == 2  # each worker's slice holds 6 ports or more
     check_workers(few_ports, 2)
 
 
@@ -196,8 +198,9 @@ class Parent:
         return sorted(int(pid) for t in tasks for pid in t.read_text().split())
 
 
-def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, ...] = ()) -> Parent:
-    parent = spawn_workers(tmp, redis, count, extra=extra)
+def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, ...] = (),
+                  push: str | None = None) -> Parent:
+    parent = spawn_workers(tmp, redis, count, extra=extra, push=push)
     proc = parent.proc
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -214,8 +217,9 @@ def start_workers(tmp: Path, redis: RedisServer, count: int, extra: tuple[str, .
 
 def spawn_workers(tmp: Path, redis: RedisServer, count: int, env: dict[str, str] | None = None,
                   extra: tuple[str, ...] = (), block_link_of: tuple[int, socket.socket] | None = None,
-                  admin_port: int = 0) -> Parent:
-    """The parent started, its workers not necessarily serving yet."""
+                  admin_port: int = 0, push: str | None = None) -> Parent:
+    """The parent started, its workers not necessarily serving yet. ``push``: lines of
+    relay.toml's [push] (None: push.mode = "off")."""
     r = RelayProc(tmp, "127.0.0.1", free_port(), free_port(), free_port(), admin_port or free_port(),
                   log_path=tmp / "relay.log")
     link = free_run(count or os.cpu_count() or 1)
@@ -228,7 +232,7 @@ secret = "{SECRET}"
 heartbeat = 0.5
 """
     low = random.randrange(20000, 60000, 2)  # a range of our own, as tests/test_systemd.py picks one
-    write_config(r, cluster, f"port_min = {low}\nport_max = {low + 399}")
+    write_config(r, cluster, f"port_min = {low}\nport_max = {low + 399}", push)
     runtime = tmp / "run"  # as systemd's RuntimeDirectory=: the reload ledgers
     runtime.mkdir()
     r.add_pbx(SERIAL)
