@@ -70,9 +70,26 @@ def _create_once(path: Path, data: bytes) -> bytes:
             os.link(tmp, path)
         except FileExistsError:
             return path.read_bytes()
+        except OSError:
+            # A file system without hard links (vfat, some FUSE mounts: EPERM, ENOTSUP).
+            return _create_exclusive(path, data)
         return data
     finally:
         os.unlink(tmp)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bytes:
+    """:func:`_create_once` where link(2) cannot be used: O_EXCL still makes one winner
+    (a reader racing it may see a short file, which :func:`load_key` refuses by length)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return data
 
 
 def load_key(state_dir: Path) -> bytes:

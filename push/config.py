@@ -271,3 +271,10 @@ def check_files(cfg: PushConfig) -> None:
             raise ConfigError(f"{cfg.where(k)}: {p}: no such file")
         if not os.access(p, os.R_OK):
             raise ConfigError(f"{cfg.where(k)}: {p}: not readable by this user")
+    old_store = cfg.state_dir / "push.sqlite"
+    if cfg.store.redis_url and old_store.exists():
+        # Switched to Redis (or `pbx-relay run` now starting workers): nothing would ever
+        # purge the devices and push log rows left in the SQLite store (7 days, DESIGN §3).
+        raise ConfigError(f"{cfg.where('store.redis_url')}: {old_store} holds a SQLite store that "
+                          "nothing purges while the store is Redis: delete it (phones register "
+                          "again) or run without Redis")

@@ -68,11 +68,11 @@ async def prepare_workers_push(cfg: RelayConfig) -> PushConfig:
     from push import app as push_app
 
     pcfg = embedded_push_config(cfg)
-    embedded_push_config(cfg, shared=True)  # as each worker will load it (its store and admin set)
+    shared = embedded_push_config(cfg, shared=True)  # as each worker will load it (its store and admin set)
     if pcfg.api_listen.port == 0:
         raise ConfigError(f"{pcfg.where('api.listen')}: port 0 cannot be shared by --workers: the "
                           "workers serve the push API on one address; give it a port")
-    push_config.check_files(pcfg)
+    push_config.check_files(shared)  # its files, and no SQLite store left behind by one process
     push_app.create_state(pcfg)
     for gateway in push_app.build_gateways(pcfg, push_app.load_key(pcfg.state_dir)).values():
         await gateway.aclose()  # built to check the credentials (a bad .p8 key), as a worker builds them

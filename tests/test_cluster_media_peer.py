@@ -20,9 +20,11 @@ from relay.proxy.core import ProxyConfig
 from relay.proxy.effects import LOCATED, Effect, LocatePbx
 from relay.proxy.flow import Flow
 from relay.proxy.mediacalls import PEER
+from relay.proxy.transaction import TIMER_C
 from relay.sip import parse_message
 from tests.proxyharness import (
     DOMAIN,
+    PBX_DOMAIN,
     PBX_TCP,
     SECRET,
     SERIAL,
@@ -31,6 +33,7 @@ from tests.proxyharness import (
     directory_entry,
     outs,
     register_pbx,
+    request,
     response_to,
 )
 from tests.test_cluster_core import A_IP, B_IP, LINK_AT_A, LINK_AT_B, PHONE, PORTS, invite
@@ -107,7 +110,37 @@ def test_a_header_from_a_peer_is_never_believed_by_a_node_alone() -> None:
     _, to_pbx = outs(proxy.on_message(parse_message(forged_invite, datagram=True), PHONE, 1.0))
     ok = with_body(response_to(to_pbx.data, 200, "OK", headers=[PBX_CONTACT]),
                    PBX_ANSWER, f"{PEER}: {FORGED}\r\n")
-    outs(proxy.on_message(parse_message(ok), pbx, 1.0))
+    (to_phone,) = outs(proxy.on_message(parse_message(ok), pbx, 1.0))
+    assert not to_phone.resp.has(PEER.lower()) and FORGED.encode() not in to_phone.data
+    assert not to_pbx.req.has(PEER.lower()) and FORGED.encode() not in to_pbx.data
+    # Nor on a message the media relay never reads: taken off on arrival, whatever the method.
+    options = request("OPTIONS", f"sip:{PBX_DOMAIN}", flow=PHONE, via_host="192.168.1.20",
+                      via_port=5062, call_id="opt-1", headers=[f"{PEER}: {FORGED}"])
+    (fwd,) = outs(proxy.on_message(parse_message(options, datagram=True), PHONE, 1.0))
+    assert fwd.flow == pbx and not fwd.req.has(PEER.lower()) and FORGED.encode() not in fwd.data
     (session,) = media.sessions.values()
     assert session.streams[0].legs[PBX_SIDE].rtp.allowed_ips == frozenset({pbx.remote_ip, "10.1.1.1"})
     assert session.streams[0].legs[PHONE_SIDE].rtp.allowed_ips == frozenset({PHONE.remote_ip, "192.168.1.20"})
+
+
+def test_a_late_answer_after_the_relay_gave_up_names_no_pbx_to_the_phone() -> None:
+    """Timer C on the anchoring node answered the phone itself (408); the PBX's 200 comes
+    later through its node, which names the PBX's IP for B alone. B sends that 2xx on to
+    the phone (RFC 3261 §16.7 step 5) without the header: a phone never learns where a
+    PBX is (DESIGN §3)."""
+    a, _ = node(A_IP, b"a" * 32, 20_000)
+    b, _ = node(B_IP, b"b" * 32, 30_000)
+    a.on_flow_opened(LINK_AT_A)
+    b.on_flow_opened(LINK_AT_B)
+    register_pbx(a, PBX_TCP)
+    _, to_link = located(b, b.on_message(parse_message(invite(), datagram=True), PHONE, 1.0))
+    _, to_pbx = outs(a.on_message(parse_message(to_link.data), LINK_AT_A, 1.0))
+    (gave_up,) = [o for o in outs(b.on_timer(1.0 + TIMER_C + 1.0)) if o.flow == PHONE]
+    assert gave_up.status == 408
+
+    ok = with_body(response_to(to_pbx.data, 200, "OK", headers=[PBX_CONTACT]), PBX_ANSWER)
+    (back,) = outs(a.on_message(parse_message(ok), PBX_TCP, 190.0))
+    assert back.flow == LINK_AT_A and back.resp.get(PEER.lower()) == PBX_TCP.remote_ip
+    (late,) = outs(b.on_message(parse_message(back.data), LINK_AT_B, 190.0))
+    assert late.flow == PHONE and late.status == 200
+    assert not late.resp.has(PEER.lower()) and PBX_TCP.remote_ip.encode() not in late.data

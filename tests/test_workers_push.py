@@ -194,14 +194,21 @@ def test_two_workers_serve_one_push_api_over_one_store(
         assert PUSH_TOKEN not in redis_cli(redis_server, "GET", key)
 
 
+def start_two_workers(tmp_path: Path, redis_server: RedisServer, push_conf: Path,
+                      ) -> subprocess.CompletedProcess[str]:
+    """`run --workers 2` with the embedded push service configured by ``push_conf``, for a
+    start that is refused (what it printed, how it exited)."""
+    r = RelayProc(tmp_path, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
+    write_config(r, f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_server.port}"\n'
+                 f'secret = "{"s" * 40}"\nlisten = "127.0.0.1:{free_port()}"\n', push=f'config = "{push_conf}"')
+    return subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
+                           "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
 def test_a_bad_push_toml_under_workers_is_one_line_and_exit_2(tmp_path: Path, redis_server: RedisServer,
                                                               ) -> None:
     conf, _, _ = push_toml(tmp_path, extra="log_retention_days = 30")
-    r = RelayProc(tmp_path, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
-    write_config(r, f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_server.port}"\n'
-                 f'secret = "{"s" * 40}"\nlisten = "127.0.0.1:{free_port()}"\n', push=f'config = "{conf}"')
-    out = subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
-                          "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    out = start_two_workers(tmp_path, redis_server, conf)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"pbx-relay: {conf}: push.log_retention_days must be > 0 and <= 7 (got 30): push metadata is "
@@ -212,14 +219,27 @@ def test_a_bad_push_toml_under_workers_is_one_line_and_exit_2(tmp_path: Path, re
 def test_a_push_api_on_port_0_cannot_be_shared_by_workers(tmp_path: Path, redis_server: RedisServer) -> None:
     conf = tmp_path / "push.toml"
     conf.write_text(f'[push]\nstate_dir = "{tmp_path / "push"}"\n[api]\nlisten = "127.0.0.1:0"\n')
-    r = RelayProc(tmp_path, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
-    write_config(r, f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_server.port}"\n'
-                 f'secret = "{"s" * 40}"\nlisten = "127.0.0.1:{free_port()}"\n', push=f'config = "{conf}"')
-    out = subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
-                          "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    out = start_two_workers(tmp_path, redis_server, conf)
     assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
         f"pbx-relay: {conf}: api.listen: port 0 cannot be shared by --workers: the workers serve the "
         "push API on one address; give it a port"])
+
+
+def test_a_sqlite_push_store_left_behind_stops_workers_that_would_never_purge_it(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """One process kept devices and the push log in <state_dir>/push.sqlite; with Redis and
+    workers they live in Redis, and nothing would purge the old file's rows after 7 days
+    (DESIGN §3): the parent refuses, naming the file, before any worker starts."""
+    state = tmp_path / "push"
+    state.mkdir()
+    (state / "push.sqlite").write_bytes(b"")
+    conf = tmp_path / "push.toml"
+    conf.write_text(f'[push]\nstate_dir = "{state}"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n')
+    out = start_two_workers(tmp_path, redis_server, conf)
+    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
+        f"pbx-relay: {conf}: store.redis_url: {state / 'push.sqlite'} holds a SQLite store that nothing "
+        "purges while the store is Redis: delete it (phones register again) or run without Redis"])
+    assert not (state / "push.key").exists()  # refused before anything was made
 
 
 def tcp_worker_of_source(parent: Parent, port: int) -> int:
@@ -318,3 +338,18 @@ def test_workers_starting_at_once_read_one_key(tmp_path: Path) -> None:
         assert len(set(keys)) == 1 and len(keys[0]) == 32
         assert (state / "push.key").read_bytes() == keys[0]
         assert [p.name for p in state.iterdir()] == ["push.key"]  # no temporary file left
+
+
+def test_a_state_directory_without_hard_links_still_gets_one_key(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system where link(2) fails (vfat, some FUSE mounts: EPERM) push.key is
+    made with O_EXCL instead: one key, mode 0600, read again by the next start."""
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    key = load_key(tmp_path)
+    path = tmp_path / "push.key"
+    assert len(key) == 32 and path.read_bytes() == key
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_key(tmp_path) == key and [p.name for p in tmp_path.iterdir()] == ["push.key"]

@@ -167,6 +167,3 @@ class PbxDirectory:
             return self.path.stat().st_mtime + (wal.stat().st_mtime if wal.exists() else 0)
         except FileNotFoundError:
             return 0.0
-
-
-

@@ -91,7 +91,11 @@ class AccessLog:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=sqlitewait.BUSY_WAIT)
         # Workers open the one file together at start (pbxcore.sqlitewait).
-        sqlitewait.when_free(self._prepare)
+        try:
+            sqlitewait.when_free(self._prepare)
+        except BaseException:
+            self._db.close()
+            raise
 
     def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -45,7 +45,7 @@ from relay.proxy.holds import COPIED, Held, Holds
 from relay.proxy.identity import OUR_BRANCH, RelayIdentity
 from relay.proxy.invites import InviteTransactions
 from relay.proxy.liveness import Liveness
-from relay.proxy.mediacalls import SDP_METHODS, MediaCalls
+from relay.proxy.mediacalls import SDP_METHODS, MediaCalls, drop_foreign_peer
 from relay.proxy.proxyconfig import ProxyConfig as ProxyConfig  # re-exported: the core's configuration
 from relay.proxy.registrar import ExpiryPolicy, Ha1s, PbxRegistrar, PbxRegistration
 from relay.proxy.replies import Replies
@@ -114,6 +114,7 @@ class Proxy(ClusterEvents):
     def on_message(self, msg: SipMessage, source: Flow, now: float) -> list[Effect]:
         """A parsed SIP message from ``source``: what to send where, and what else to do."""
         self.liveness.heard(source, now)
+        drop_foreign_peer(msg, source)
         if log.isEnabledFor(logging.DEBUG):
             what = msg.method if isinstance(msg, Request) else f"{msg.status}/{msg.cseq[1]}"  # type: ignore[attr-defined]
             log.debug("event=sip_in call_id=%s msg=%s flow=%s", msg.call_id, what, source)

@@ -258,6 +258,8 @@ class InviteTransactions:
                 return self.downstream_request(fin, "ACK", resp.get("to") or "")
             if resp.status < 200:
                 return []
+            # Not anchored now, but never to a phone with the peer its node named.
+            MediaCalls.pass_on(resp, source, fin.inbound.node_link)
         elif self.media is not None:
             media_effects, ok = self.media.on_invite_response(resp, fin.to_phone, source, fin.inbound, now)
             if not ok:

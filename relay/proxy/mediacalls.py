@@ -25,6 +25,14 @@ _PEER = PEER.lower()  # how Message.get/has/remove name it
 NO_PORTS_RETRY_AFTER = 5
 
 
+def drop_foreign_peer(msg: SipMessage, source: Flow) -> None:
+    """On arrival: :data:`PEER` from a phone or a PBX means nothing and goes, whatever
+    the message (only a node names a peer; a message the media relay never reads must
+    not carry a stranger's header on either)."""
+    if not source.node_link and msg.has(_PEER):
+        msg.remove(_PEER)
+
+
 def has_sdp(msg: SipMessage) -> bool:
     """The body is an SDP (multipart bodies are not anchored: see relay.media.sdp)."""
     if not msg.body:
