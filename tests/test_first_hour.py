@@ -266,7 +266,7 @@ def test_the_longest_serial_is_accepted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ 9: files and secrets
 
 
-def test_state_is_0700_and_the_directory_0600(tmp_path: Path) -> None:
+def test_state_is_0700_and_its_files_0600(tmp_path: Path) -> None:
     state = tmp_path / "state"
     assert relay_cli("pbx", "add", SERIAL, "--state-dir", str(state), cwd=tmp_path).returncode == 0
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
