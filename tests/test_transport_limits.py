@@ -171,22 +171,41 @@ def test_tls_handshakes_in_progress(relay_factory) -> None:  # type: ignore[no-u
     silent[1].close()
 
 
+def send_options(sock: socket.socket, port: int, count: int) -> None:
+    """``count`` OPTIONS to the relay's UDP ``port``, back to back."""
+    local = sock.getsockname()
+    for n in range(count):
+        sock.sendto(b"OPTIONS sip:%s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bKu%d;rport\r\n"
+                    b"Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:%s>\r\nCall-ID: u%d\r\n"
+                    b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+                    % (DOMAIN.encode(), local[0].encode(), local[1], n, DOMAIN.encode(), n), (HOST, port))
+
+
 def test_udp_datagrams_per_source(relay_factory) -> None:  # type: ignore[no-untyped-def]
     # 1 datagram/s, a burst of 2: the third of three sent back to back is dropped unread.
     relay: RelayProc = relay_factory(transport(udp_rate_per_source=1.0))
     with udp_from(ATTACKER) as a, udp_from(CLIENT) as c:
-        local = a.getsockname()
-        for n in range(3):
-            a.sendto(b"OPTIONS sip:%s SIP/2.0\r\nVia: SIP/2.0/UDP %s:%d;branch=z9hG4bKu%d;rport\r\n"
-                     b"Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:%s>\r\nCall-ID: u%d\r\n"
-                     b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
-                     % (DOMAIN.encode(), local[0].encode(), local[1], n, DOMAIN.encode(), n),
-                     (HOST, relay.udp))
+        send_options(a, relay.udp, 3)
         got = drain(a, 0.5)
         assert len(got) == 2 and all(g.startswith(b"SIP/2.0 200") for g in got), got
         assert relay.metric('pbx_relay_udp_dropped_total{reason="rate"}') == 1
         assert f"event=udp_rate_limited source={ATTACKER}" in relay.log()
         assert options_barrier(relay, c) == []  # another source is served
+
+
+def test_an_exempt_address_sends_udp_without_a_per_source_budget(relay_factory) -> None:  # type: ignore[no-untyped-def]
+    """transport.exempt means held to the totals only: with 1 datagram/s per source,
+    40 OPTIONS back to back from an exempt address are all answered, while a stranger
+    sending the same is cut to its burst of 2."""
+    relay: RelayProc = relay_factory(f'[transport]\nudp_rate_per_source = 1.0\nexempt = ["{CLIENT}"]\n')
+    answered = {}
+    for source in (CLIENT, ATTACKER):
+        with udp_from(source) as s:
+            send_options(s, relay.udp, 40)
+            answered[source] = [g for g in drain(s, 0.5) if g.startswith(b"SIP/2.0 200")]
+    assert (len(answered[CLIENT]), len(answered[ATTACKER])) == (40, 2)
+    assert relay.metric('pbx_relay_udp_dropped_total{reason="rate"}') == 38
+    assert f"source={CLIENT}" not in relay.log()
 
 
 def test_udp_flooder_is_banned_in_the_kernel_then_let_back(relay_factory) -> None:  # type: ignore[no-untyped-def]

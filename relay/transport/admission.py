@@ -28,7 +28,9 @@ class SourceBuckets:
     (a datagram, a connection) from ``ip`` fits its budget, and takes it.
 
     A source asks ``trusted`` once when first seen and again at each sweep; a
-    trusted one gets ``limits.TRUSTED_FACTOR`` times the rate and burst. The table
+    trusted one gets ``limits.TRUSTED_FACTOR`` times the rate and burst. A source in
+    ``exempt`` (transport.exempt) is admitted without a bucket: held to the totals
+    only, as the operator asked. The table
     is bounded (``max_sources``): a bucket that has refilled is forgotten (it
     holds nothing a fresh one would not), at most once per ``sweep_every``; when
     the table is full of active sources, the oldest entry makes room.
@@ -38,8 +40,10 @@ class SourceBuckets:
         self, rate: float, trusted: Callable[[str], bool], *,
         burst_seconds: float = limits.BURST_SECONDS, trusted_factor: float = limits.TRUSTED_FACTOR,
         max_sources: int = limits.MAX_SOURCES_TRACKED, sweep_every: float = limits.SOURCE_SWEEP_EVERY,
+        exempt: frozenset[str] = frozenset(),
     ):
         self.rate = rate
+        self.exempt = exempt
         self.burst = max(1.0, rate * burst_seconds)
         self.trusted = trusted
         self.factor = trusted_factor
@@ -56,6 +60,8 @@ class SourceBuckets:
         """One unit from ``ip`` at ``now``: True if within budget (and taken)."""
         b = self._table.get(ip)
         if b is None:
+            if ip in self.exempt:
+                return True
             return self._first(ip, now)
         tokens = b.tokens + (now - b.stamp) * b.rate
         if tokens > b.burst:

@@ -196,7 +196,7 @@ class Transports:
         self.timeouts = timeouts
         self.limits = limits
         self._trusted = trusted
-        self.udp_gate = SourceBuckets(limits.udp_rate_per_source, self.is_trusted)
+        self.udp_gate = SourceBuckets(limits.udp_rate_per_source, self.is_trusted, exempt=limits.exempt)
         self.slots = ConnectionSlots(limits)
         self.notices = Notices()
         self.bans = Bans(limits.udp_ban_seconds)
