@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -291,11 +292,79 @@ class Relay:
         raise RuntimeError("no secret printed")
 
 
+# run_sip.py --workers N: the relay as `run --workers N`, N nodes sharing a redis-server
+# this script starts (docs/cluster.md, "Workers"); 0 = one process, as shipped by default.
+WORKERS = 0
+REDIS_URL = ""
+LINK_SECRET = "bench-" + "0" * 40  # the workers' link secret (loopback only)
+
+
+def free_run(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports free right now (worker i links at port + i)."""
+    while True:
+        first = free_port()
+        try:
+            held = []
+            for i in range(1, count):
+                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(t)
+                t.bind((HOST, first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+
+
+def start_redis(procs: Procs, workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Debian's redis-server on a port of its own, nothing written to disk."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", HOST,
+           "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    p = procs.start("redis", cmd, log=workdir / "redis.log", stdout=workdir / "redis.out")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return f"redis://{HOST}:{port}", p
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not answer in 10 s")
+
+
+def flush_redis() -> None:
+    """Empty the benchmark's redis-server: the PBX directory and registrations live there
+    with --workers, and every benchmark starts from a fresh relay state."""
+    host, port = REDIS_URL.removeprefix("redis://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as c:
+        c.sendall(b"FLUSHALL\r\n")
+        if not c.recv(16).startswith(b"+OK"):
+            raise RuntimeError("redis-server did not flush")
+
+
+def cluster_section() -> str:
+    if not WORKERS:
+        return ""
+    return f"""
+[cluster]
+redis_url = "{REDIS_URL}"
+node_id = "bench"
+listen = "{HOST}:{free_run(WORKERS)}"
+secret = "{LINK_SECRET}"
+"""
+
+
 def make_relay(workdir: Path, log_level: str = "info") -> Relay:
     state = workdir / "state"
     if state.exists():  # a fresh relay state for every benchmark (our own output dir only)
         shutil.rmtree(state)
     state.mkdir(parents=True, exist_ok=True)
+    if REDIS_URL:
+        flush_redis()
     r = Relay(state, free_port(), free_port(), free_port(), free_port(), state / "relay.toml")
     r.config.write_text(f"""
 [relay]
@@ -319,7 +388,7 @@ listen = "{HOST}:{r.admin}"
 
 [push]
 mode = "{os.environ.get("BENCH_PUSH_MODE", "off")}"
-""")
+{cluster_section()}""")
     return r
 
 
@@ -351,7 +420,7 @@ def relay_exe() -> list[str]:
 def start_relay(
     procs: Procs, r: Relay, workdir: Path, exe: list[str] | None = None, env: dict[str, str] | None = None
 ) -> Relay:
-    cmd = [*(exe or relay_exe()), "--config", str(r.config), "run"]
+    cmd = [*(exe or relay_exe()), "--config", str(r.config), "run", *(["--workers", str(WORKERS)] if WORKERS else [])]
     r.proc = procs.start(
         "relay",
         cmd,
@@ -364,7 +433,7 @@ def start_relay(
     while time.monotonic() < deadline:
         if r.proc.poll() is not None:
             raise RuntimeError(f"relay exited: {(workdir / 'relay.log').read_text()[-2000:]}")
-        if b"Point a softphone" in (workdir / "relay.out").read_bytes():
+        if re.search(rb"Point a softphone|workers serving", (workdir / "relay.out").read_bytes()):
             return r
         time.sleep(0.05)
     raise RuntimeError("relay did not start in 20 s")

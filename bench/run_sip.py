@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import (  # noqa: E402
     BENCH,
     DOMAIN,
@@ -56,6 +57,7 @@ from common import (  # noqa: E402
     sipp_stats,
     sipp_uas_timeout,
     start_kamailio,
+    start_redis,
     start_relay,
     wait_quiet,
 )
@@ -63,6 +65,12 @@ from common import (  # noqa: E402
 SERIAL = "0123456789"
 EXT = "100"
 SELF = "bench/run_sip.py"
+# --spread: SIPp's caller opens a UDP socket per call (-t un), so calls come from many
+# source ports - as from many phones - and SO_REUSEPORT spreads them over the workers
+# (with one socket, every call of the run lands on one worker). The setup times are then
+# sniffed at the callee's port (sniff.py --peer).
+UAC_TRANSPORT = "u1"
+EXTRA_PIDS: dict[str, int] = {}  # measured in every run beside the relay: redis-server with --workers
 
 
 def log(msg: str) -> None:
@@ -163,10 +171,11 @@ class Bench:
         wait_line(self.out / f"{name}.out", b"ready", p, 15, name)
         return p
 
-    def sniffer(self, port: int, name: str) -> subprocess.Popen[bytes]:
+    def sniffer(self, port: int, name: str, peer: bool = False) -> subprocess.Popen[bytes]:
         cmd = [
             PYTHON,
             str(BENCH / "sniff.py"),
+            *(["--peer"] if peer else []),
             "--port",
             str(port),
             "--out",
@@ -199,7 +208,9 @@ class Bench:
             "-s",
             EXT,
             "-t",
-            "u1",
+            UAC_TRANSPORT,
+            # a socket per call (-t un): SIPp wants its cap under the open-files limit
+            *(["-max_socket", "10000"] if UAC_TRANSPORT == "un" else []),
             "-i",
             HOST,
             "-p",
@@ -256,10 +267,12 @@ class Bench:
         count = max(1, int(rate * duration))
         timeout_s = int(duration + hold_ms / 1000 + grace_s)
         cmd, port = self.sipp_uac(name, xml, remote, rate, count, hold_ms, timeout_s)
-        sniff = self.sniffer(port, name)
+        spread = UAC_TRANSPORT == "un"
+        sniff = self.sniffer(int(remote.rsplit(":", 1)[1]) if spread else port, name, peer=spread)
         before = relay.metrics() if relay else {}
         rss0 = rss_kib(relay.pid) if relay else 0
-        meter = CpuMeter({**pids, "sniffer": sniff.pid}, trees=frozenset({"kamailio"}))
+        # "relay" as a tree: with --workers, the parent and its workers
+        meter = CpuMeter({**pids, **EXTRA_PIDS, "sniffer": sniff.pid}, trees=frozenset({"kamailio", "relay"}))
         machine_meter = MachineMeter()
         t0 = time.monotonic()
         uac = self.procs.start(name, cmd, log=self.out / f"{name}.log", cwd=self.out)
@@ -387,7 +400,7 @@ def fmt_phase(label: str, r: dict[str, object]) -> str:
             f"    proxy→PBX TCP socket: max Send-Q {q['max_send_q']} B, max Recv-Q {q['max_recv_q']} B "
             f"({q['samples']} samples, 5/s)" + ("; PBX CONNECTION CLOSED BY THE RELAY" if overflow else "")
         )
-    for k in ("relay", "kamailio", "connector", "sipp_uas", "sipp_uac", "sniffer"):
+    for k in ("relay", "redis", "kamailio", "connector", "sipp_uas", "sipp_uac", "sniffer"):
         if k in cpu:
             c = cpu[k]
             parts.append(
@@ -459,8 +472,12 @@ def kamailio_run(
 
 
 def per_call_us(r: dict[str, object], who: str) -> float | None:
+    """CPU per completed call; the relay's includes its redis-server's (--workers)."""
     c = r["cpu"].get(who)
-    return 1e6 * c["cpu_s"] / r["successful"] if c and r["successful"] else None
+    if not c or not r["successful"]:
+        return None
+    extra = r["cpu"].get("redis", {}).get("cpu_s", 0.0) if who == "relay" else 0.0
+    return 1e6 * (c["cpu_s"] + extra) / r["successful"]
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -1248,6 +1265,20 @@ def main() -> int:
         help="do not give the relay a core of its own (default: relay on the last core, load on the rest)",
     )
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the relay as `run --workers N` (N nodes sharing a redis-server this script starts; "
+        "its CPU is shown apart as 'redis'); N > 1 implies --no-pin",
+    )
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="SIPp's caller uses a UDP socket per call (-t un): calls from many source ports, "
+        "spread over the workers (use it for every run that is compared)",
+    )
+    ap.add_argument(
         "--kamailio",
         action="store_true",
         help="calls, register, maxrate: the same load through Kamailio 5.6 (bench/kamailio/kamailio.cfg) "
@@ -1304,12 +1335,25 @@ def main() -> int:
     out = (Path(a.out) if a.out else BENCH / "out" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
     raise_nofile()
+    global UAC_TRANSPORT
+    if a.spread:
+        UAC_TRANSPORT = "un"
+    if a.workers > 1 and not a.no_pin:
+        a.no_pin = True
+        print("--workers > 1: no pinning (the workers need every core; the load shares them)")
     placement = pin(not a.no_pin)
+    redis_procs = Procs()
+    if a.workers:
+        common.WORKERS = a.workers
+        common.REDIS_URL, redis = start_redis(redis_procs, (out / "redis").resolve())
+        EXTRA_PIDS["redis"] = redis.pid
     media = os.environ.get("BENCH_MEDIA", "true").lower()
     me = (
         ("BENCH_MEDIA=false " if media == "false" else "")
         + f".venv/bin/python {SELF}"
         + (" --no-pin" if a.no_pin else "")
+        + (f" --workers {a.workers}" if a.workers else "")
+        + (" --spread" if a.spread else "")
         + (" --kamailio" if a.kamailio else "")
     )
     if a.relay_commit:
@@ -1340,10 +1384,13 @@ def main() -> int:
         "cpus": placement,
         "git": f"{a.relay_commit} (git archive)" if a.relay_commit else git_state(),
         "relay_media_anchoring": media != "false",
+        "relay_workers": a.workers,
+        "uac_transport": UAC_TRANSPORT,
     }
     print(
         f"machine: {results['machine']}\ncpus: relay on {placement['relay']}, load on {placement['load']}"
-        f"\ngit: {results['git']}\nrelay media anchoring (BENCH_MEDIA): {media != 'false'}\noutput: {out}"
+        f"\ngit: {results['git']}\nrelay media anchoring (BENCH_MEDIA): {media != 'false'}"
+        f"\nrelay workers: {a.workers or 'none (one process)'}; SIPp caller transport -t {UAC_TRANSPORT}\noutput: {out}"
     )
     todo = (
         ["core", "calls", "profile", "decompose", "maxrate", "register", "tls", "stall"]
@@ -1454,6 +1501,7 @@ def main() -> int:
             res = {"stdout": cp.stdout, "rc": cp.returncode}
         results[name] = res
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    redis_procs.stop_all()
     print(f"\nall done in {time.monotonic() - t_all:.0f} s; figures in {out / 'results.json'}")
     return 0
 

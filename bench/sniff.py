@@ -60,6 +60,12 @@ def bpf_udp_port(port: int) -> bytes:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, required=True, help="the caller's (SIPp UAC's) UDP port")
+    ap.add_argument(
+        "--peer",
+        action="store_true",
+        help="--port is the callee's port instead (the relay's): for a caller with a socket per "
+        "call (SIPp -t un), whose requests are the packets sent to it",
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-seconds", type=float, default=600)
     a = ap.parse_args()
@@ -119,7 +125,8 @@ def main() -> int:
         if not m:
             continue
         cid = m.group(1).strip()
-        if sport == port:  # from the caller
+        dport = (data[ihl + 2] << 8) | data[ihl + 3]
+        if (dport == port) if a.peer else (sport == port):  # from the caller
             if payload.startswith((b"INVITE ", b"REGISTER ")):
                 if cid in sent:
                     retrans += 1
