@@ -420,7 +420,8 @@ def relay_exe() -> list[str]:
 def start_relay(
     procs: Procs, r: Relay, workdir: Path, exe: list[str] | None = None, env: dict[str, str] | None = None
 ) -> Relay:
-    cmd = [*(exe or relay_exe()), "--config", str(r.config), "run", *(["--workers", str(WORKERS)] if WORKERS else [])]
+    workers = ["--workers", str(WORKERS)] if WORKERS else []
+    cmd = [*(exe or relay_exe()), "--config", str(r.config), "run", *workers]
     r.proc = procs.start(
         "relay",
         cmd,

@@ -1390,7 +1390,8 @@ def main() -> int:
     print(
         f"machine: {results['machine']}\ncpus: relay on {placement['relay']}, load on {placement['load']}"
         f"\ngit: {results['git']}\nrelay media anchoring (BENCH_MEDIA): {media != 'false'}"
-        f"\nrelay workers: {a.workers or 'none (one process)'}; SIPp caller transport -t {UAC_TRANSPORT}\noutput: {out}"
+        f"\nrelay workers: {a.workers or 'none (one process)'}; SIPp caller transport -t {UAC_TRANSPORT}"
+        f"\noutput: {out}"
     )
     todo = (
         ["core", "calls", "profile", "decompose", "maxrate", "register", "tls", "stall"]

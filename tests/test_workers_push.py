@@ -199,8 +199,9 @@ def start_two_workers(tmp_path: Path, redis_server: RedisServer, push_conf: Path
     """`run --workers 2` with the embedded push service configured by ``push_conf``, for a
     start that is refused (what it printed, how it exited)."""
     r = RelayProc(tmp_path, "127.0.0.1", free_port(), free_port(), free_port(), free_port())
-    write_config(r, f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_server.port}"\n'
-                 f'secret = "{"s" * 40}"\nlisten = "127.0.0.1:{free_port()}"\n', push=f'config = "{push_conf}"')
+    cluster = (f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_server.port}"\n'
+               f'secret = "{"s" * 40}"\nlisten = "127.0.0.1:{free_port()}"\n')
+    write_config(r, cluster, push=f'config = "{push_conf}"')
     return subprocess.run([sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run",
                            "--workers", "2"], capture_output=True, text=True, timeout=30, cwd=ROOT)
 
