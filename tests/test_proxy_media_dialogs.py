@@ -113,3 +113,20 @@ def test_one_source_gets_its_share_of_the_ports_and_others_keep_calling() -> Non
     (back,) = feed(proxy, response_to(first[-1].data, 486, "Busy Here"), PBX_TCP, 2.0)
     assert back.status == 486
     assert call(STRANGER, 6)[-1].flow == PBX_TCP
+
+
+def test_an_answer_naming_another_calls_call_id_is_dropped_and_touches_nothing() -> None:
+    """The Call-ID of a response is the callee's to write: a 200 to another INVITE (our
+    branch, its own transaction) naming the live call's Call-ID is dropped, never anchored
+    into that call's session nor passed up (``dropped_total{reason=response_call_id_mismatch}``)."""
+    call = Call()
+    legs = [(leg.port, leg.rtp.destination()) for leg in call.media.sessions["live@test"].legs()]
+    _, fwd = call.feed(phone_invite(call_id="other", branch="z9hG4bKphone2"), PHONE_UDP)
+    ok = response_to(fwd.data, 200, "OK", headers=[PBX_CONTACT, "Content-Type: application/sdp"])
+    body = ANSWER.replace("10.1.1.1", "203.0.113.66")
+    ok = ok.replace(b"Content-Length: 0\r\n\r\n", f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    ok = ok.replace(b"Call-ID: other@test", b"Call-ID: live@test")
+    call.proxy.take_effects()
+    assert call.feed(ok, PBX_TCP) == []
+    assert call.proxy.counters.get("dropped_total", "response_call_id_mismatch") == 1
+    assert [(leg.port, leg.rtp.destination()) for leg in call.media.sessions["live@test"].legs()] == legs

@@ -448,15 +448,19 @@ class Proxy(ClusterEvents):
         txn = self.txns.by_our_branch(branch)
         if txn is not None and method == "INVITE":
             return [*effects, *self.invites.on_response(resp, txn, source, now)]
-        if self.media is not None and method == "BYE" and resp.status >= 200:
-            effects += self.media.on_bye_answered(resp)
-        if self.media is not None and method in SDP_METHODS and resp.status >= 200:
-            # UPDATE/PRACK answers: from the side the response is not going to
-            to_pbx = self.registrar.registry.serial_of(back) is not None
-            media_effects, ok = self.media.on_other_response(resp, to_pbx, source, back, now)
-            if not ok:
-                return list(media_effects)
-            effects += media_effects
+        if self.media is not None and resp.status >= 200 and (method == "BYE" or method in SDP_METHODS):
+            # The dialog's PBX: the one the answer goes to, or the one that answers.
+            serial_of = self.registrar.registry.serial_of
+            pbx_back = serial_of(back)
+            serials = (pbx_back or "", serial_of(source) or "")
+            if method == "BYE":
+                effects += self.media.on_bye_answered(resp, serials)
+            else:  # UPDATE/PRACK answers: from the side the response is not going to
+                media_effects, ok = self.media.on_other_response(
+                    resp, pbx_back is not None, source, back, now, serials)
+                if not ok:
+                    return list(media_effects)
+                effects += media_effects
         return [*effects, *self._send_response(resp.serialise(), back)]
 
     def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Effect]:
