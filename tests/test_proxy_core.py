@@ -725,11 +725,11 @@ def test_ack_to_a_refusal_with_nowhere_to_go_is_dropped(world: World) -> None:
         assert world.feed(ack, PHONE_UDP, 1.5) == []
 
 
-def test_ack_to_a_refusal_is_routed_like_any_ack(world: World) -> None:
+def test_ack_to_a_refusal_ends_at_the_relay(world: World) -> None:
     # 480 while OTHER_SERIAL is offline; it phones home before the phone's ACK
-    # arrives. No state was kept, so the ACK is routed like any other: on to the
-    # PBX, which drops an ACK that matches nothing (RFC 3261 §17.2.3). It is
-    # never answered.
+    # arrives. No state was kept, but the ACK carries the To tag the relay derived
+    # from the INVITE: it acknowledges the relay's own answer and ends there
+    # (RFC 3261 §17.1.1.3, as Kamailio's sl), never routed to the PBX nor answered.
     refused = refusal(world, phone_invite(f"sip:201@{OTHER_SERIAL}.relay.test"))
     assert refused.status == 480
     register_pbx(world.proxy, PBX_UDP, now=1.0, serial=OTHER_SERIAL, secret="other")
@@ -738,8 +738,8 @@ def test_ack_to_a_refusal_is_routed_like_any_ack(world: World) -> None:
         via_port=5062, branch="z9hG4bKphone1", call_id="call-1", to_tag=refused.msg.to().tag,
         headers=[OUTBOUND],
     )
-    fwd = one(world.feed(ack, PHONE_UDP, 1.5))
-    assert (fwd.flow, fwd.req.method) == (PBX_UDP, "ACK")
+    assert world.feed(ack, PHONE_UDP, 1.5) == []
+    assert world.proxy.counters.get("dropped_total", "ack_of_own_refusal") == 1
     assert len(world.proxy.txns) == 0
 
 

@@ -130,3 +130,25 @@ def test_an_answer_naming_another_calls_call_id_is_dropped_and_touches_nothing()
     assert call.feed(ok, PBX_TCP) == []
     assert call.proxy.counters.get("dropped_total", "response_call_id_mismatch") == 1
     assert [(leg.port, leg.rtp.destination()) for leg in call.media.sessions["live@test"].legs()] == legs
+
+
+def test_the_ack_of_the_relays_own_refusal_ends_at_the_relay() -> None:
+    """An INVITE the relay refuses itself (here 488: SDP it cannot anchor) is answered
+    statelessly; the caller's ACK of that answer is hop by hop (RFC 3261 §17.1.1.3) and
+    ends at the relay — it never reaches the PBX, which never saw the INVITE (Kamailio's
+    sl module absorbs these ACKs the same way). Another ACK to that PBX still goes."""
+    call = Call()
+    sdp16 = SDP + "".join(f"m=audio {6000 + 2 * k} RTP/AVP 0\r\n" for k in range(15))  # over 6 streams
+    bad = request("INVITE", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, via_host="192.168.1.20", via_port=5062,
+                  branch="z9hG4bKbad1", call_id="bad", headers=[OUTBOUND, "Content-Type: application/sdp"],
+                  body=sdp16)
+    (refused,) = [o for o in call.feed(bad, PHONE_UDP) if o.status != 100]
+    assert refused.status == 488 and refused.flow == PHONE_UDP
+    tag = refused.resp.get("to").split("tag=")[1]
+    ack = request("ACK", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, via_host="192.168.1.20", via_port=5062,
+                  branch="z9hG4bKbad1", call_id="bad", to_tag=tag, headers=[OUTBOUND])
+    assert call.feed(ack, PHONE_UDP) == []
+    assert call.proxy.counters.get("dropped_total", "ack_of_own_refusal") == 1
+    other = request("ACK", f"sip:201@{PBX_DOMAIN}", flow=PHONE_UDP, via_host="192.168.1.20", via_port=5062,
+                    branch="z9hG4bKbad1", call_id="bad", to_tag="pbx-own-tag", headers=[OUTBOUND])
+    assert [o.flow for o in call.feed(other, PHONE_UDP)] == [PBX_TCP]

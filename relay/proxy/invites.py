@@ -101,6 +101,9 @@ class InviteTransactions:
                 # The caller's Route names the flow the phone slept on; the INVITE
                 # went out on the one it woke up on: so does the ACK.
                 return self.downstream_request(fin, "ACK", req.get("to") or "")
+            if fin is None and self.replies.acks_a_refusal(req):
+                self.counters.inc("dropped_total", "ack_of_own_refusal")
+                return []
         return None
 
     def next_due(self) -> float | None:

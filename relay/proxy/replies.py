@@ -12,7 +12,7 @@ from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
 from relay.proxy.transaction import InviteTransaction, TxnKey
 from relay.sip.errors import SipParseError
-from relay.sip.headers import Via
+from relay.sip.headers import NameAddr, Via
 from relay.sip.message import Request, make_response
 
 log = logging.getLogger("relay.calls")
@@ -62,15 +62,28 @@ class Replies:
                 req.call_id, req.method, status, source)
         return [self.reply(req, source, status, reason, extra)]
 
-    def stateless_tag(self, req: Request) -> str:
+    def stateless_tag(self, req: Request, method: str | None = None) -> str:
         """RFC 3261 §8.2.7: a stateless answer to a retransmission carries the same
-        To tag, so it is derived from the request, not drawn at random."""
+        To tag, so it is derived from the request, not drawn at random. ``method``: the
+        request's transaction is that of another method (an ACK's is its INVITE's)."""
         try:
-            key = txn_key(req, req.top_via())
+            key = txn_key(req, req.top_via(), method)
         except (LookupError, SipParseError):
             key = (req.call_id, str(req.cseq[0]))
         mac = hmac.new(self._key, b"tag|" + "|".join(key).encode(), hashlib.sha256)
         return mac.hexdigest()[:12]
+
+    def acks_a_refusal(self, ack: Request) -> bool:
+        """``ack`` acknowledges one of this relay's stateless refusals of an INVITE (its To
+        tag is the one :meth:`refuse` gave): hop by hop, it ends here (§17.1.1.3), as
+        Kamailio's sl module absorbs the ACKs of its own replies."""
+        try:
+            tag = NameAddr.parse(ack.get("to") or "").tag
+        except SipParseError:
+            return False
+        if tag is None or len(tag) != 12:
+            return False
+        return hmac.compare_digest(tag, self.stateless_tag(ack, "INVITE"))
 
     @staticmethod
     def upstream(txn: InviteTransaction, status: int, reason: str, to_tag: str | None = None) -> bytes:
