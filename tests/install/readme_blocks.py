@@ -10,6 +10,7 @@ after it. Here-documents and continued lines are kept whole.
     python3 readme_blocks.py README.md list            # kind, first line, per block
     python3 readme_blocks.py README.md script N OUT    # step N (1-based) as a script
     python3 readme_blocks.py README.md raw KIND OUT    # the first KIND block, verbatim
+    python3 readme_blocks.py README.md pasted KIND OUT # the first KIND block as a script
 """
 
 from __future__ import annotations
@@ -85,13 +86,14 @@ def commands(block: Block) -> list[tuple[int, str]]:
     return out
 
 
-def script(block: Block, number: int) -> str:
+def script(block: Block, number: int, name: str = "") -> str:
     """The block as a bash script: echo each command with its README line, run it, stop
-    with the line and the status at the first one that fails."""
+    with the line and the status at the first one that fails. ``name``: how the block is
+    called in those lines (default: install block ``number``)."""
     parts = ["set -o pipefail"]
     for line, text in commands(block):
         shown = text.splitlines()[0] + (" ..." if "\n" in text else "")
-        where = f"README.md:{line} (install block {number})"
+        where = f"README.md:{line} ({name or f'install block {number}'})"
         parts.append(f"echo {shlex.quote(f'{where}# {shown}')}")
         parts.append(text)
         parts.append(f"rc=$?; if [ $rc -ne 0 ]; then echo {shlex.quote(f'STOPPED at {where}: {shown}')}"
@@ -113,12 +115,13 @@ def main(argv: list[str]) -> int:
         n, out = int(rest[0]), rest[1]
         Path(out).write_text(script(steps[n - 1], n))
         return 0
-    if verb == "raw":
+    if verb in ("raw", "pasted"):
         kind, out = rest
         block = next((b for b in found if b.kind == kind), None)
         if block is None:
             raise BlockError(f"no install-test: {kind} block in README.md")
-        Path(out).write_text("\n".join(block.lines) + "\n")
+        text = script(block, 0, kind) if verb == "pasted" else "\n".join(block.lines) + "\n"
+        Path(out).write_text(text)
         return 0
     raise SystemExit(f"unknown verb {verb}")
 
