@@ -72,11 +72,27 @@ async def prepare_workers_push(cfg: RelayConfig) -> PushConfig:
     if pcfg.api_listen.port == 0:
         raise ConfigError(f"{pcfg.where('api.listen')}: port 0 cannot be shared by --workers: the "
                           "workers serve the push API on one address; give it a port")
-    push_config.check_files(shared)  # its files, and no SQLite store left behind by one process
+    _retire_sqlite_store(shared)
+    push_config.check_files(shared)  # its files (and, as for pbx-push, no SQLite store left)
     push_app.create_state(pcfg)
     for gateway in push_app.build_gateways(pcfg, push_app.load_key(pcfg.state_dir)).values():
         await gateway.aclose()  # built to check the credentials (a bad .p8 key), as a worker builds them
     return pcfg
+
+
+def _retire_sqlite_store(pcfg: PushConfig) -> None:
+    """`run` became workers over Redis (``redis_url`` set, or more cores): the SQLite store
+    one process kept in push's state_dir is no longer read, and nothing would purge its
+    devices and push log after 7 days (DESIGN §3). The parent removes it before any worker
+    starts (no process of ours has it open: the one that did was this relay), with one
+    WARNING line; phones register again within their REGISTER interval (docs/cluster.md)."""
+    old = pcfg.state_dir / "push.sqlite"
+    if not old.exists():
+        return
+    for path in (old, old.with_name("push.sqlite-wal"), old.with_name("push.sqlite-shm")):
+        path.unlink(missing_ok=True)
+    log.warning("event=push_sqlite_removed path=%s reason=the push store is Redis under workers; "
+                "phones register again", old)
 
 
 class _QuietProbe(logging.Filter):

@@ -126,8 +126,8 @@ def test_a_header_from_a_peer_is_never_believed_by_a_node_alone() -> None:
 def test_a_late_answer_after_the_relay_gave_up_names_no_pbx_to_the_phone() -> None:
     """Timer C on the anchoring node answered the phone itself (408); the PBX's 200 comes
     later through its node, which names the PBX's IP for B alone. B sends that 2xx on to
-    the phone (RFC 3261 §16.7 step 5) without the header: a phone never learns where a
-    PBX is (DESIGN §3)."""
+    the phone (RFC 3261 §16.7 step 5) without the header: the relay never tells a phone
+    where a PBX is (the SDP of that late answer is passed as the PBX wrote it)."""
     a, _ = node(A_IP, b"a" * 32, 20_000)
     b, _ = node(B_IP, b"b" * 32, 30_000)
     a.on_flow_opened(LINK_AT_A)

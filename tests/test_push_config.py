@@ -119,3 +119,17 @@ def test_check_files_names_a_missing_file(tmp_path: Path) -> None:
         config.check_files(cfg)
     assert "fcm.service_account (from $PBX_PUSH_FCM_SERVICE_ACCOUNT)" in str(e.value)
     assert "no such file" in str(e.value)
+
+
+def test_a_redis_store_refuses_to_leave_a_sqlite_store_behind(tmp_path: Path) -> None:
+    """pbx-push told to keep its store in Redis while its state_dir holds the SQLite store
+    of an earlier run: nothing would purge those rows after 7 days (DESIGN §3), so the
+    configuration is refused, naming the file (``config check`` says the same)."""
+    (tmp_path / "push.sqlite").write_bytes(b"rows")
+    env = {"PBX_PUSH_PUSH_STATE_DIR": str(tmp_path), "PBX_PUSH_STORE_REDIS_URL": "redis://127.0.0.1:6379"}
+    cfg = config.load(None, environ=env)
+    with pytest.raises(config.ConfigError) as e:
+        config.check_files(cfg)
+    assert f"{tmp_path / 'push.sqlite'} holds a SQLite store that nothing purges" in str(e.value)
+    (tmp_path / "push.sqlite").unlink()
+    config.check_files(cfg)  # without it: fine

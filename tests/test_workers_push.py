@@ -226,21 +226,24 @@ def test_a_push_api_on_port_0_cannot_be_shared_by_workers(tmp_path: Path, redis_
         "push API on one address; give it a port"])
 
 
-def test_a_sqlite_push_store_left_behind_stops_workers_that_would_never_purge_it(
+def test_a_sqlite_push_store_left_behind_is_removed_when_run_becomes_workers(
         tmp_path: Path, redis_server: RedisServer) -> None:
-    """One process kept devices and the push log in <state_dir>/push.sqlite; with Redis and
-    workers they live in Redis, and nothing would purge the old file's rows after 7 days
-    (DESIGN §3): the parent refuses, naming the file, before any worker starts."""
+    """One process kept devices and the push log in push.sqlite; with Redis and workers they
+    live in Redis, and nothing would purge the old file's rows after 7 days (DESIGN §3): the
+    parent removes it (and its WAL) before any worker starts, saying so in one line. (A
+    `pbx-push` told to use Redis with such a file refuses instead: tests/test_push_config.py.)"""
     state = tmp_path / "push"
     state.mkdir()
-    (state / "push.sqlite").write_bytes(b"")
+    for name in ("push.sqlite", "push.sqlite-wal"):
+        (state / name).write_bytes(b"rows")
     conf = tmp_path / "push.toml"
-    conf.write_text(f'[push]\nstate_dir = "{state}"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n')
+    # A credentials file that is not there: the start stops (exit 2) after the removal.
+    conf.write_text(f'[push]\nstate_dir = "{state}"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
+                    f'[fcm]\nservice_account = "{tmp_path / "missing.json"}"\n')
     out = start_two_workers(tmp_path, redis_server, conf)
-    assert (out.returncode, out.stderr.strip().splitlines()) == (2, [
-        f"pbx-relay: {conf}: store.redis_url: {state / 'push.sqlite'} holds a SQLite store that nothing "
-        "purges while the store is Redis: delete it (phones register again) or run without Redis"])
-    assert not (state / "push.key").exists()  # refused before anything was made
+    assert out.returncode == 2 and "fcm.service_account" in out.stderr
+    assert not (state / "push.sqlite").exists() and not (state / "push.sqlite-wal").exists()
+    assert f"event=push_sqlite_removed path={state / 'push.sqlite'}" in out.stderr
 
 
 def tcp_worker_of_source(parent: Parent, port: int) -> int:

@@ -12,6 +12,7 @@ RFC 5626 (flows) and RFC 8599 (push) fill the frame in.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 from collections.abc import Mapping
@@ -364,7 +365,8 @@ class Proxy(ClusterEvents):
                                        req.get("path") or "")
         # Kept before our Via goes on: what a 100 or a 408 to the UAC copies.
         upstream = [h for h in req.headers if h.name in COPIED] if req.method == "INVITE" else []
-        our_via = self.identity.via(hop.target, branch, self.tokens.via(hop.source, now + self._wall_offset))
+        our_via = self.identity.via(hop.target, branch, self.tokens.via(hop.source, now + self._wall_offset),
+                                    self.branches.call_mark(req.call_id))
         req.insert_before("Via", our_via)
         data = req.serialise()
         self.counters.inc("requests_forwarded_total")
@@ -432,6 +434,11 @@ class Proxy(ClusterEvents):
         except BadToken:
             self.counters.inc("dropped_total", "response_bad_token")
             return []
+        if not hmac.compare_digest(via.params.get("ci") or "", self.branches.call_mark(resp.call_id)):
+            # Our branch, another call's Call-ID (or none of ours): a responder aiming at
+            # that call's media, which is found by Call-ID. Dropped, never passed on.
+            self.counters.inc("dropped_total", "response_call_id_mismatch")
+            return []
         resp.pop_first_value("via")
         if not resp.has("via"):
             return []  # the answer to a CANCEL we generated
@@ -448,19 +455,15 @@ class Proxy(ClusterEvents):
         txn = self.txns.by_our_branch(branch)
         if txn is not None and method == "INVITE":
             return [*effects, *self.invites.on_response(resp, txn, source, now)]
-        if self.media is not None and resp.status >= 200 and (method == "BYE" or method in SDP_METHODS):
-            # The dialog's PBX: the one the answer goes to, or the one that answers.
-            serial_of = self.registrar.registry.serial_of
-            pbx_back = serial_of(back)
-            serials = (pbx_back or "", serial_of(source) or "")
-            if method == "BYE":
-                effects += self.media.on_bye_answered(resp, serials)
-            else:  # UPDATE/PRACK answers: from the side the response is not going to
-                media_effects, ok = self.media.on_other_response(
-                    resp, pbx_back is not None, source, back, now, serials)
-                if not ok:
-                    return list(media_effects)
-                effects += media_effects
+        if self.media is not None and method == "BYE" and resp.status >= 200:
+            effects += self.media.on_bye_answered(resp)
+        if self.media is not None and method in SDP_METHODS and resp.status >= 200:
+            # UPDATE/PRACK answers: from the side the response is not going to
+            to_pbx = self.registrar.registry.serial_of(back) is not None
+            media_effects, ok = self.media.on_other_response(resp, to_pbx, source, back, now)
+            if not ok:
+                return list(media_effects)
+            effects += media_effects
         return [*effects, *self._send_response(resp.serialise(), back)]
 
     def _registered(self, pending: PendingRegister, resp: Response, now: float) -> list[Effect]:

@@ -124,6 +124,13 @@ class Branches:
         mac = hmac.new(self._key, "|".join(key).encode(), hashlib.sha256).digest()[:9]
         return f"{OUR_BRANCH}{base64.urlsafe_b64encode(mac).decode()}.{loop}"
 
+    def call_mark(self, call_id: str) -> str:
+        """What our Via carries as ``ci``: a MAC of the request's Call-ID. A response
+        names its call by a Call-ID the responder writes; the relay finds media sessions
+        by Call-ID, so an answer is believed only with the Call-ID of its request."""
+        mac = hmac.new(self._key, b"ci|" + call_id.encode(), hashlib.sha256).digest()[:6]
+        return base64.urlsafe_b64encode(mac).decode()
+
 
 def set_param(value: str, name: str, param: str) -> str:
     """Set ``;name=param`` on a Via value, replacing an empty or old one."""

@@ -46,11 +46,12 @@ class RelayIdentity:
         tp = "" if wire == "udp" else f";transport={wire}"
         return f"sip:{token}@{format_host(self.advertise)}:{port}{tp}"
 
-    def via(self, target: Flow, branch: str, flow_token: str) -> str:
-        """Our Via for a request sent on ``target``; ``pf`` names the flow its answer goes back on."""
+    def via(self, target: Flow, branch: str, flow_token: str, call_mark: str) -> str:
+        """Our Via for a request sent on ``target``; ``pf`` names the flow its answer goes
+        back on, ``ci`` the call it belongs to (``Branches.call_mark``)."""
         port = self.ports.get(target.transport, 5060)
         return (f"SIP/2.0/{_wire(target.transport).upper()} {format_host(self.advertise)}:{port}"
-                f";branch={branch};pf={flow_token}")
+                f";branch={branch};pf={flow_token};ci={call_mark}")
 
 
 def _wire(transport: str) -> str:

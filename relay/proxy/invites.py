@@ -203,11 +203,6 @@ class InviteTransactions:
         self, resp: Response, txn: InviteTransaction | Finished, source: Flow, now: float,
     ) -> list[Effect]:
         """A response to an INVITE the relay keeps a transaction for (live or lingering)."""
-        if resp.call_id != txn.call_id:
-            # Our branch, another call's Call-ID: a callee aiming at that call's media
-            # (sessions are found by Call-ID). Dropped, never passed up.
-            self.counters.inc("dropped_total", "response_call_id_mismatch")
-            return []
         if isinstance(txn, Finished):
             return self._late_response(resp, txn, source, now)
         if resp.status < 200:

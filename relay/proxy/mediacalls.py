@@ -132,26 +132,21 @@ class MediaCalls:
         msg.remove(_PEER)
         return named if _is_ip(named) else ""
 
-    def someone_elses(self, call_id: str, *serials: str) -> bool:
-        """The call ``call_id`` has media anchored for a PBX none of ``serials`` names
-        (empty ones ignored; none at all: unknown, e.g. over a link, whose node checked)."""
+    def someone_elses(self, call_id: str, serial: str) -> bool:
+        """The call ``call_id`` has media anchored for another PBX than ``serial`` (""
+        when unknown: over a link, whose node checked it)."""
         session = self.sessions.sessions.get(call_id)
         owner = session.owner if session is not None else None
-        named = [s for s in serials if s]
-        return bool(named) and owner is not None and owner.serial not in named
+        return bool(serial) and owner is not None and owner.serial != serial
 
     def _live(self, call_id: str) -> bool:
         session = self.sessions.sessions.get(call_id)
         return session is not None and session.established
 
-    def on_bye_answered(self, resp: Response, serials: tuple[str, ...]) -> list[MediaEffect]:
-        """A final response to a BYE between ``serials`` (the PBXs it comes from and goes
-        to): a 2xx ends the call's media, anything else leaves it (the far end did not
-        know that dialog); so does a 2xx naming a call of another PBX (its Call-ID is the
-        responder's to write)."""
-        if self.someone_elses(resp.call_id, *serials):
-            self.counters.inc("media_refused_total", "call_id_in_use")
-            return []
+    def on_bye_answered(self, resp: Response) -> list[MediaEffect]:
+        """A final response to a BYE (its Call-ID is its request's: ``Proxy`` checked
+        it): a 2xx ends the call's media, anything else leaves it (the far end did not
+        know that dialog)."""
         if 200 <= resp.status < 300:
             return self.sessions.end(resp.call_id)
         return []
@@ -199,13 +194,8 @@ class MediaCalls:
 
     def on_other_response(
         self, resp: Response, to_pbx: bool, source: Flow, back: Flow, now: float,
-        serials: tuple[str, ...] = (),
     ) -> tuple[list[MediaEffect], bool]:
-        """A final response to UPDATE or PRACK, from the side it is not going to, between
-        ``serials``: one naming another PBX's call is dropped."""
-        if self.someone_elses(resp.call_id, *serials):
-            self.counters.inc("media_refused_total", "call_id_in_use")
-            return [], False
+        """A final response to UPDATE or PRACK, from the side it is not going to."""
         if self._passed_on(resp, source, back):
             return [], True
         effects, ok = self.on_response(resp, PHONE if to_pbx else PBX, source, now)
