@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -91,7 +92,8 @@ def proxy_config(cfg: RelayConfig) -> ProxyConfig:
         pbx_expires_default=cfg.sip.pbx_expires_default, pbx_expires_min=cfg.sip.pbx_expires_min,
         pbx_expires_max=cfg.sip.pbx_expires_max, push=cfg.push.mode != "off",
         ring_timeout=cfg.push.ring_timeout, udp_asleep_after=cfg.push.udp_asleep_after,
-        exempt_sources=frozenset(cfg.transport.exempt),
+        # As the kernel writes a peer ("::1", not "0::1"): the transport's set is the same.
+        exempt_sources=frozenset(str(ipaddress.ip_address(a)) for a in cfg.transport.exempt),
         pending=PendingLimits(cfg.limits.pending_invites_per_source, cfg.limits.pending_invites_per_pbx),
         auth_failures_before_ban=cfg.limits.auth_failures_before_ban,
         auth_first_ban=cfg.limits.auth_first_ban,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay import config
+from relay.service import proxy_config
 from relay.transport import limits, sockfilter
 from relay.transport.admission import PER_SOURCE, RATE, TOTAL, Bans, ConnectionSlots, Notices, SourceBuckets
 from relay.transport.backoff import EXHAUSTED, AcceptBackoff
@@ -148,6 +149,8 @@ def test_config_keys_build_the_limits(tmp_path: Path) -> None:
     lim = TransportLimits.from_section(vars(config.load(path).transport))
     assert lim.max_connections == 100
     assert lim.exempt == frozenset({"::1", "192.0.2.1"})  # as the kernel writes a peer
+    # The core's exempt set (pending-INVITE and media shares) is written the same way.
+    assert proxy_config(config.load(path)).exempt_sources == lim.exempt
     assert TransportLimits.from_section(vars(config.load(None).transport)) == TransportLimits()
 
 
