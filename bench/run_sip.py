@@ -17,6 +17,7 @@ started by PID. See bench/README.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -1343,6 +1344,7 @@ def main() -> int:
         print("--workers > 1: no pinning (the workers need every core; the load shares them)")
     placement = pin(not a.no_pin)
     redis_procs = Procs()
+    atexit.register(redis_procs.stop_all)  # stopped by its PID even when a benchmark raises
     if a.workers:
         common.WORKERS = a.workers
         common.REDIS_URL, redis = start_redis(redis_procs, (out / "redis").resolve())
