@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.media_peers import MediaEndpoint, PbxUa, Phone, establish, exchange, hang_up
+from tests.media_peers import MediaEndpoint, Peers, establish, exchange, hang_up
 from tests.realpeers import RelayProc
 from tests.sipclient import SERIAL
 
@@ -50,25 +49,14 @@ def media_ports() -> str:
     return f"port_min = {base}\nport_max = {base + MEDIA_WINDOW}\n"
 
 
-@dataclass
-class Rig:
-    relay: RelayProc
-    pbx: PbxUa  # registered from LEGIT over TCP
-    phone: Phone  # on LEGIT over UDP
-    rss_before: float  # MiB, once the PBX registered
-    opened: list[object] = field(default_factory=list)
+class Rig(Peers):
+    """:class:`Peers` (the PBX registered from LEGIT over TCP, the phone on LEGIT over UDP,
+    everything ``add``-ed closed at the end) and the relay's RSS once the PBX registered."""
 
-    def add(self, thing: object) -> object:
-        """Close ``thing`` (a Phone, MediaEndpoint, socket, ...) at teardown."""
-        self.opened.append(thing)
-        return thing
-
-    def close(self) -> None:
-        for t in reversed(self.opened):
-            try:
-                t.close()  # type: ignore[attr-defined]
-            except OSError:
-                pass
+    def __init__(self, relay: RelayProc, serial: str = SERIAL):
+        super().__init__(relay, serial)  # PbxUa asserts the REGISTER's 200
+        relay.wait_registered(serial)
+        self.rss_before = rss_mib(relay)  # MiB
 
     def assert_rss_back(self, slack: float = RSS_SLACK_MIB) -> None:
         now = rss_mib(self.relay)
@@ -90,14 +78,7 @@ def make_rig(relay_factory: Callable[..., RelayProc], extra: str = "", media: st
     """A rig whose relay gets ``extra`` after the ``[transport]`` table (so it may add keys
     to it, then open ``[limits]``), and ``media`` lines for ``[media]`` (besides its port
     window). ``serials``: the PBXs provisioned; the first is the legit PBX."""
-    relay = relay_factory(TRANSPORT + extra, media=media_ports() + media, serials=serials)
-    opened: list[object] = []
-    pbx = PbxUa(relay, serials[0])  # asserts the REGISTER's 200
-    opened.append(pbx)
-    phone = Phone(relay, host=LEGIT)
-    opened.append(phone)
-    relay.wait_registered(pbx.pbx.serial)
-    return Rig(relay, pbx, phone, rss_mib(relay), opened)
+    return Rig(relay_factory(TRANSPORT + extra, media=media_ports() + media, serials=serials), serials[0])
 
 
 @pytest.fixture

@@ -517,12 +517,13 @@ class PbxCall:
 
 class Peers:
     """A PBX phoned home and a phone, and every endpoint a test opens: all closed
-    at the end whatever happened. Endpoints sit on the relay's ``peer_host``."""
+    at the end whatever happened. Endpoints sit on the relay's ``peer_host``. ``serial``:
+    the PBX's."""
 
-    def __init__(self, relay: RelayProc):
+    def __init__(self, relay: RelayProc, serial: str = SERIAL):
         self.relay = relay
         self.opened: list[object] = []
-        self.pbx = self.add(PbxUa(relay))
+        self.pbx = self.add(PbxUa(relay, serial))
         self.phone = self.add(Phone(relay))
 
     def add(self, thing: T) -> T:

@@ -32,8 +32,7 @@ from tests.attackrig import (
     call_carries_rtp,
     pbx_still_registers,
     rig,  # noqa: F401
-    rss_mib,
-)
+    )
 from tests.media_peers import MediaEndpoint, establish, exchange, hang_up
 from tests.realpeers import DOMAIN, ROOT, RelayProc
 from tests.sipclient import OTHER, SERIAL, Stream, authorization, challenge, parse, pbx_register, rand
@@ -80,13 +79,7 @@ def log_lines(relay: RelayProc, event: str) -> list[str]:
 def offline_rig(relay_factory: Callable[..., RelayProc], exempt: str = "[]") -> Rig:
     """tests/attackrig.make_rig with a second PBX, OTHER, in the directory and never
     registered (an existing, offline serial); ``exempt``: the [transport] key's value."""
-    relay = relay_factory(f"[transport]\nexempt = {exempt}\n", serials=(SERIAL, OTHER))
-    from tests.media_peers import PbxUa, Phone
-
-    pbx = PbxUa(relay)
-    phone = Phone(relay, host=LEGIT)
-    relay.wait_registered(SERIAL)
-    return Rig(relay, pbx, phone, rss_mib(relay), [pbx, phone])
+    return Rig(relay_factory(f"[transport]\nexempt = {exempt}\n", serials=(SERIAL, OTHER)))
 
 
 class Flood:

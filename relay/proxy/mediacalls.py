@@ -78,7 +78,7 @@ class MediaCalls:
             # forged request (RFC 3261 §8.2.2.2), never a way into that call's media.
             self.counters.inc("media_refused_total", "call_id_in_use")
             return [], self.replies.refuse(req, source, 482, "Loop Detected")
-        if not initial and self.someone_elses(req.call_id, serial):
+        if not initial and self._someone_elses(req.call_id, serial):
             # A Call-ID names one call (RFC 3261 §8.1.1.4): the same one in a dialog of
             # another PBX is forged, aimed at that call's media (end it, or take it).
             self.counters.inc("media_refused_total", "call_id_in_use")
@@ -132,7 +132,7 @@ class MediaCalls:
         msg.remove(_PEER)
         return named if _is_ip(named) else ""
 
-    def someone_elses(self, call_id: str, serial: str) -> bool:
+    def _someone_elses(self, call_id: str, serial: str) -> bool:
         """The call ``call_id`` has media anchored for another PBX than ``serial`` (""
         when unknown: over a link, whose node checked it)."""
         session = self.sessions.sessions.get(call_id)
