@@ -366,6 +366,7 @@ def make_relay(workdir: Path, log_level: str = "info") -> Relay:
     if REDIS_URL:
         flush_redis()
     r = Relay(state, free_port(), free_port(), free_port(), free_port(), state / "relay.toml")
+    log_level = os.environ.get("BENCH_LOG_LEVEL") or log_level  # what the per-call INFO lines cost
     r.config.write_text(f"""
 [relay]
 domain = "{DOMAIN}"
@@ -407,6 +408,28 @@ def pin(enabled: bool) -> dict[str, list[int]]:
     else:
         PIN["relay"] = PIN["load"] = None
     return {k: sorted(v) if v else cpus for k, v in PIN.items()}
+
+
+def build_compiled(src: Path, out: Path) -> Path:
+    """The compiled build of the tree ``src`` (setup.py: PBX_RELAY_COMPILE=1, mypyc), as an
+    operator makes it: a wheel, installed with --target into ``out``/compiled-site."""
+    site = (out / "compiled-site").resolve()
+    if site.exists():
+        return site
+    work = out / "compiled-build"
+    shutil.rmtree(work, ignore_errors=True)
+    for name in ("relay", "push", "pbxcore"):
+        shutil.copytree(src / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(src / name, work / name)
+    print(f"building the compiled relay from {src} (a minute)", flush=True)
+    env = {**os.environ, "PBX_RELAY_COMPILE": "1"}
+    subprocess.run([PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "wheels"), str(work)],
+                   check=True, env=env)
+    (wheel,) = (work / "wheels").glob("pbx_relay-*.whl")
+    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True)
+    return site
 
 
 def relay_exe() -> list[str]:

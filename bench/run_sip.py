@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     MachineMeter,
     Procs,
     Relay,
+    build_compiled,
     cpu_ticks,
     descendants,
     free_port,
@@ -1261,6 +1262,12 @@ def main() -> int:
         "instead of the working tree",
     )
     ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="benchmark the compiled build (setup.py, PBX_RELAY_COMPILE=1) of the working tree, "
+        "or of --relay-commit: a wheel built into the output dir",
+    )
+    ap.add_argument(
         "--no-pin",
         action="store_true",
         help="do not give the relay a core of its own (default: relay on the last core, load on the rest)",
@@ -1379,12 +1386,20 @@ def main() -> int:
         )
         sys.path.insert(0, str(src))
         me += f" --relay-commit {rev}"
+    if a.compiled:
+        site = build_compiled(Path(os.environ.get("BENCH_RELAY_SRC") or ROOT), out)
+        os.environ["BENCH_RELAY_SRC"] = str(site)
+        os.environ["PYTHONPATH"] = str(site) + (
+            os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
+        )
+        me += " --compiled"
     results: dict[str, object] = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "argv": sys.argv[1:],
         "cpus": placement,
-        "git": f"{a.relay_commit} (git archive)" if a.relay_commit else git_state(),
+        "git": (f"{a.relay_commit} (git archive)" if a.relay_commit else git_state())
+        + (" compiled (setup.py)" if a.compiled else ""),
         "relay_media_anchoring": media != "false",
         "relay_workers": a.workers,
         "uac_transport": UAC_TRANSPORT,

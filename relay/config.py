@@ -38,6 +38,7 @@ CONFIG_ENV = "PBX_RELAY_CONFIG"  # the configuration file's path; not a key
 COMMAND_ENV = "PBX_RELAY_COMMAND"  # how dev.sh runs pbx-relay ("./dev.sh"), for the banner; not a key
 # The operator token the operator commands read (relay/operator.py); not a key.
 OPERATOR_TOKEN_ENV = "PBX_RELAY_OPERATOR_TOKEN"
+COMPILE_ENV = "PBX_RELAY_COMPILE"  # build time: compile the core (setup.py); not a key
 MAX_DRAIN_TIMEOUT = 3600.0  # seconds: a stop that waits longer than an hour is a hang
 RING_TIMEOUT_RANGE = (1.0, 120.0)  # seconds; APNs/FCM keep a VoIP push about that long
 UDP_ASLEEP_RANGE = (5.0, 300.0)  # seconds; awake phones send UDP keepalives every 15-30 s
@@ -249,7 +250,7 @@ class RelayConfig(ServiceConfig):
     """The relay's whole configuration: ``cfg.sip.flow_idle_timeout`` and so on."""
 
     ENV_PREFIX = "PBX_RELAY_"
-    ENV_NOT_KEYS = frozenset({CONFIG_ENV, OPERATOR_TOKEN_ENV, COMMAND_ENV})
+    ENV_NOT_KEYS = frozenset({CONFIG_ENV, OPERATOR_TOKEN_ENV, COMMAND_ENV, COMPILE_ENV})
 
     relay: RelaySection = field(default_factory=RelaySection)
     """``[relay]``"""

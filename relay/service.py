@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.machinery
 import ipaddress
 import logging
 import math
@@ -37,6 +38,7 @@ from relay.metrics import Gauges, Labelled, RelayCollector, relay_metrics
 from relay.pbx.digest import DigestAuth
 from relay.pbx.shared import MirroredDirectory, node_directory
 from relay.provisioning import ProvisioningServer, ProvisioningSettings, serve_provisioning
+from relay.proxy import core as proxy_core
 from relay.proxy.core import Proxy, ProxyConfig
 from relay.proxy.effects import Send
 from relay.proxy.invites import PendingLimits
@@ -492,6 +494,13 @@ def cluster_node(
                        impose_ban=lambda ip, seconds: proxy.on_shared_ban(ip, seconds, trio.current_time()))
 
 
+def core_build() -> str:
+    """"compiled" when the protocol core (relay/sip, relay/proxy) runs as the C extensions
+    of the compiled build (setup.py, docs/operations.md), else "python"."""
+    where = proxy_core.__file__ or ""
+    return "compiled" if where.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) else "python"
+
+
 def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
     domain = cfg.relay.domain
     adv = cfg.advertise
@@ -512,6 +521,10 @@ def banner(cfg: RelayConfig, bound: dict[str, list[str]]) -> str:
         lines.append(f"  cluster  node {cfg.node_id}, links on {b}, "
                      f"shared state {_no_password(cfg.cluster.redis_url)}")
     lines.append(f"  state    {cfg.state_dir.resolve()}")
+    if core_build() == "compiled":
+        lines.append("  core     compiled with mypyc (setup.py)")
+    else:
+        lines.append("  core     Python (PBX_RELAY_COMPILE=1 pip install . compiles it: docs/operations.md)")
     tls = bound.get("tls", [""])[0].rpartition(":")[2]
     tcp = bound.get("tcp", [""])[0].rpartition(":")[2]
     udp = bound.get("udp", [""])[0].rpartition(":")[2]

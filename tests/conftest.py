@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.realpeers import SIPP, RelayProc, free_port, start_relay, stop_relay
+from tests.realpeers import COMPILED_SITE, SIPP, RelayProc, free_port, start_relay, stop_relay
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under tests/test_compiled.py (RELAY_TEST_COMPILED_SITE set) the core must be the compiled
+    one from that folder: a run that silently tested the checkout's Python proves nothing."""
+    if COMPILED_SITE:
+        from relay.proxy import core
+
+        where = core.__file__ or ""
+        if not (where.startswith(COMPILED_SITE) and where.endswith(".so")):
+            raise pytest.UsageError(f"RELAY_TEST_COMPILED_SITE={COMPILED_SITE}, relay.proxy.core is {where}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if COMPILED_SITE:
+        from relay.proxy import core
+
+        where = os.path.dirname(core.__file__ or "")
+        terminalreporter.write_line(f"compiled core: relay.proxy.core from {where}")
 
 
 @pytest.fixture

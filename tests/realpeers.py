@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# tests/test_compiled.py runs some tests again against the compiled build (setup.py)
+# installed in this folder: the relays started here import its `relay` first (-P: not
+# the checkout through the working directory).
+COMPILED_SITE = os.environ.get("RELAY_TEST_COMPILED_SITE", "")
+PYTHON = [sys.executable, "-P"] if COMPILED_SITE else [sys.executable]
+PYTHONPATH = os.pathsep.join(p for p in (COMPILED_SITE, str(ROOT)) if p)
 DOMAIN = "relay.test"
 
 
@@ -54,7 +60,7 @@ class RelayProc:
     peer_host: str = "127.0.0.1"
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "relay.cli", "--config", str(self.config_path), *args]
+        cmd = [*PYTHON, "-m", "relay.cli", "--config", str(self.config_path), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
 
     def add_pbx(self, serial: str) -> str:
@@ -151,10 +157,10 @@ def start_relay(r: RelayProc, extra: str = "", media: str = "", push: str | None
     r.log_path = r.state_dir / "relay.log"
     # One process even with [cluster] redis_url (whose default is one worker per core):
     # each RelayProc is one node, reached on its own admin port.
-    cmd = [sys.executable, "-m", "relay.cli", "--config", str(r.config_path), "run", "--workers", "1"]
+    cmd = [*PYTHON, "-m", "relay.cli", "--config", str(r.config_path), "run", "--workers", "1"]
     if r.netns:
         cmd = ["ip", "netns", "exec", r.netns, *cmd]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
     r.proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=open(r.log_path, "wb"), cwd=ROOT, env=env,
     )

@@ -11,7 +11,8 @@ reads are the Proxy's, declared below for the type checker. Pure like the rest o
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+
+from mypy_extensions import mypyc_attr
 
 from relay.proxy.counters import Counters
 from relay.proxy.crosswake import WokenElsewhere, device_id, parse_woken, woken_message
@@ -51,6 +52,7 @@ NOT_HELD = "X-PbxRelay-Not-Held"
 _NOT_HELD = NOT_HELD.lower()  # how Message.get/has/remove name it
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' RecordingProxy
 class ClusterEvents:
     """The cluster's part of the Proxy (see the module's docstring)."""
 
@@ -65,10 +67,13 @@ class ClusterEvents:
     identity: RelayIdentity
     _wall_offset: float
 
-    if TYPE_CHECKING:
-        def _forward(self, hop: Hop, now: float, held: InviteTransaction | None = None) -> list[Effect]: ...
+    # The Proxy's own (core.py); declared here as real methods rather than under
+    # TYPE_CHECKING so that mypyc can compile the class (docs/operations.md, "Compiled build").
+    def _forward(self, hop: Hop, now: float, held: InviteTransaction | None = None) -> list[Effect]:
+        raise NotImplementedError
 
-        def _release(self, txn: InviteTransaction, held: Held, flow: Flow, now: float) -> list[Effect]: ...
+    def _release(self, txn: InviteTransaction, held: Held, flow: Flow, now: float) -> list[Effect]:
+        raise NotImplementedError
 
     def on_shared_ban(self, ip: str, seconds: float, now: float) -> None:
         """Another node of the cluster banned ``ip`` for wrong digest responses: REGISTERs

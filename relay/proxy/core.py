@@ -17,6 +17,8 @@ import logging
 import math
 from collections.abc import Mapping
 
+from mypy_extensions import mypyc_attr
+
 from pbxcore.wire import WakeOutcome
 from relay.media.session import MediaSessions
 from relay.pbx.digest import DigestAuth
@@ -74,6 +76,7 @@ COUNTED_METHODS = frozenset(ALLOW.replace(" ", "").split(",")) | {"PUBLISH"}
 SWEEP_EVERY = 1.0  # seconds between sweeps of registrations, devices and silent media
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' RecordingProxy
 class Proxy(ClusterEvents):
     """The relay's routing core. One instance per relay process; not thread-safe."""
 

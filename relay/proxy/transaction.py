@@ -32,6 +32,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from relay.proxy.flow import Flow
 from relay.sip.message import Header
@@ -142,7 +143,7 @@ class InviteTransaction:
     released: bool = False  # was held, then forwarded to the woken phone's new flow
     relocated: bool = False  # sent again after the cached node said it does not hold the PBX (cluster)
     ringing: bool = False  # held, and the 180 went upstream once the push was out
-    extra: object = None  # what a component keeps with the transaction (the held INVITE)
+    extra: Any = None  # what a component keeps with it (the held INVITE); Any: mypyc
     timer_gen: int = 0
 
     def move(self, event: TxnEvent) -> TxnState:
