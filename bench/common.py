@@ -412,24 +412,16 @@ def pin(enabled: bool) -> dict[str, list[int]]:
 
 def build_compiled(src: Path, out: Path) -> Path:
     """The compiled build of the tree ``src`` (setup.py: PBX_RELAY_COMPILE=1, mypyc), as an
-    operator makes it: a wheel, installed with --target into ``out``/compiled-site."""
-    site = (out / "compiled-site").resolve()
-    if site.exists():
-        return site
-    work = out / "compiled-build"
-    shutil.rmtree(work, ignore_errors=True)
-    for name in ("relay", "push", "pbxcore"):
-        shutil.copytree(src / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(src / name, work / name)
+    operator makes it (tests/compiledbuild.py), under ``out``/compiled; built once per ``out``."""
+    work = (out / "compiled").resolve()
+    if (work / "site").exists():
+        return work / "site"
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))  # after any --relay-commit tree: only `tests` is looked up here
+    from tests.compiledbuild import build_compiled as build
+
     print(f"building the compiled relay from {src} (a minute)", flush=True)
-    env = {**os.environ, "PBX_RELAY_COMPILE": "1"}
-    subprocess.run([PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "wheels"), str(work)],
-                   check=True, env=env)
-    (wheel,) = (work / "wheels").glob("pbx_relay-*.whl")
-    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True)
-    return site
+    return build(src, work, PYTHON)
 
 
 def relay_exe() -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.compiledbuild import build_compiled
 from tests.realpeers import ROOT, SIPP
 
 # Run again with the core compiled: parsing (RFC 4475's torture messages, the parser's
@@ -68,28 +69,11 @@ def _compiled_modules() -> list[str]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel built with PBX_RELAY_COMPILE=1 from a copy of this checkout (the build
-    writes build/ next to setup.py), installed with --target into a folder."""
+    """The wheel built with PBX_RELAY_COMPILE=1 from a copy of this checkout, installed
+    into a folder (tests/compiledbuild.py)."""
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.fail("the compiled build needs a C compiler (Debian: gcc, python3-dev)")
-    tmp = tmp_path_factory.mktemp("compiled")
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("relay", "push", "pbxcore"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    wheels = tmp / "wheels"
-    env = dict(os.environ, PBX_RELAY_COMPILE="1")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                            str(src)], capture_output=True, text=True, env=env, timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    (wheel,) = wheels.glob("pbx_relay-*.whl")
-    out = tmp / "site"
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(out),
-                           str(wheel)], capture_output=True, text=True, timeout=300)
-    assert inst.returncode == 0, inst.stderr[-3000:]
-    return out
+    return build_compiled(ROOT, tmp_path_factory.mktemp("compiled"))
 
 
 def _env(site: Path) -> dict[str, str]:
