@@ -17,6 +17,7 @@ import socket
 import struct
 
 from relay.proxy.flow import TRANSPORTS, Flow
+from relay.proxy.keyedmac import Sha256Mac, urlsafe_b64
 
 # 80-bit truncated HMAC-SHA256: forging one takes ~2**80 tries, each a SIP
 # message on the wire; RFC 5626 §5.2 asks only that tokens be unguessable.
@@ -45,7 +46,7 @@ class FlowTokens:
     def __init__(self, key: bytes):
         if len(key) < 16:
             raise ValueError("flow token key must be at least 16 bytes")
-        self._key = key
+        self._mac = Sha256Mac(key)
         # Keyed by the flow's fields, not the Flow: a tuple of str and int only, which the
         # cyclic collector stops tracking (one entry a call, for its dialog's tokens; issue 9).
         self._minted: dict[tuple[str, str, int, str, int, str, int], str] = {}
@@ -65,8 +66,8 @@ class FlowTokens:
         kind = TRANSPORTS.index(flow.transport) | (0x10 if len(rip) == 16 else 0)
         kind |= 0x20 if len(lip) == 16 else 0
         body = _HEAD.pack(kind, flow.remote_port, flow.local_port, expires) + rip + lip + payload.encode()
-        mac = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
-        token = base64.urlsafe_b64encode(mac + body).rstrip(b"=").decode("ascii")
+        mac = self._mac.digest(body)[:MAC_SIZE]
+        token = urlsafe_b64(mac + body).rstrip("=")
         if len(self._minted) >= CACHE_SIZE:
             self._minted.clear()
         self._minted[cached] = token
@@ -98,7 +99,7 @@ class FlowTokens:
         if len(raw) < MAC_SIZE + _HEAD.size + 8:
             raise BadToken("short")
         mac, body = raw[:MAC_SIZE], raw[MAC_SIZE:]
-        good = hmac.digest(self._key, body, "sha256")[:MAC_SIZE]
+        good = self._mac.digest(body)[:MAC_SIZE]
         if not hmac.compare_digest(mac, good):
             raise BadToken("bad signature")
         kind, rport, lport, expires = _HEAD.unpack_from(body)

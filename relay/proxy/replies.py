@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import secrets
@@ -10,6 +9,7 @@ import secrets
 from relay.proxy.counters import Counters
 from relay.proxy.effects import Send
 from relay.proxy.flow import Flow
+from relay.proxy.keyedmac import Sha256Mac
 from relay.proxy.transaction import InviteTransaction, TxnKey
 from relay.sip.errors import SipParseError
 from relay.sip.headers import NameAddr, Via
@@ -38,7 +38,7 @@ class Replies:
     flood of requests costs no memory."""
 
     def __init__(self, key: bytes, counters: Counters):
-        self._key = key
+        self._mac = Sha256Mac(key)
         self.counters = counters
 
     def reply(
@@ -70,8 +70,7 @@ class Replies:
             key = txn_key(req, req.top_via(), method)
         except (LookupError, SipParseError):
             key = (req.call_id, str(req.cseq[0]))
-        mac = hmac.new(self._key, b"tag|" + "|".join(key).encode(), hashlib.sha256)
-        return mac.hexdigest()[:12]
+        return self._mac.digest(b"tag|" + "|".join(key).encode())[:6].hex()
 
     def acks_a_refusal(self, ack: Request) -> bool:
         """``ack`` acknowledges one of this relay's stateless refusals of an INVITE (its To
