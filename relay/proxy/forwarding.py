@@ -6,13 +6,12 @@ thousands of Route or Via entries costs time linear in its size.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 from dataclasses import dataclass
 
 from relay.proxy.flow import Flow
 from relay.proxy.identity import OUR_BRANCH, RelayIdentity
+from relay.proxy.keyedmac import Sha256Mac, urlsafe_b64
 from relay.proxy.replies import txn_key
 from relay.sip import limits
 from relay.sip.errors import SipParseError
@@ -33,6 +32,19 @@ class Hop:
     phone_flow: Flow  # the phone's flow, named in the tokens we mint
     mf: int  # Max-Forwards as received
     to_phone: bool
+
+    # Written out, not generated: mypyc compiles a written __init__, while the one
+    # @dataclass generates stays interpreted (one of the commonest objects a message makes).
+    def __init__(self, req: Request, source: Flow, via: Via, target: Flow, serial: str, phone_flow: Flow,
+                 mf: int, to_phone: bool) -> None:
+        self.req = req
+        self.source = source
+        self.via = via
+        self.target = target
+        self.serial = serial
+        self.phone_flow = phone_flow
+        self.mf = mf
+        self.to_phone = to_phone
 
 
 def stamp_via(req: Request, via: Via, source: Flow) -> None:
@@ -117,19 +129,18 @@ class Branches:
     the CANCEL and for the ACK of a non-2xx of the same INVITE."""
 
     def __init__(self, key: bytes):
-        self._key = key
+        self._mac = Sha256Mac(key)
 
     def branch(self, req: Request, via: Via, loop: str) -> str:
         key = txn_key(req, via, "INVITE")
-        mac = hmac.new(self._key, "|".join(key).encode(), hashlib.sha256).digest()[:9]
-        return f"{OUR_BRANCH}{base64.urlsafe_b64encode(mac).decode()}.{loop}"
+        mac = self._mac.digest("|".join(key).encode())[:9]
+        return f"{OUR_BRANCH}{urlsafe_b64(mac)}.{loop}"
 
     def call_mark(self, call_id: str) -> str:
         """What our Via carries as ``ci``: a MAC of the request's Call-ID. A response
         names its call by a Call-ID the responder writes; the relay finds media sessions
         by Call-ID, so an answer is believed only with the Call-ID of its request."""
-        mac = hmac.new(self._key, b"ci|" + call_id.encode(), hashlib.sha256).digest()[:6]
-        return base64.urlsafe_b64encode(mac).decode()
+        return urlsafe_b64(self._mac.digest(b"ci|" + call_id.encode())[:6])
 
 
 def set_param(value: str, name: str, param: str) -> str:

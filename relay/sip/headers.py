@@ -178,6 +178,14 @@ class Via:
     port: int | None
     params: dict[str, str | None]
 
+    # Written out, not generated: mypyc compiles a written __init__, while the one
+    # @dataclass generates stays interpreted (one of the commonest objects a message makes).
+    def __init__(self, transport: str, host: str, port: int | None, params: dict[str, str | None]) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = params
+
     @property
     def branch(self) -> str | None:
         """The branch parameter (RFC 3261 §8.1.1.7), None when absent."""
@@ -270,6 +278,13 @@ class NameAddr:
     display: str | None
     uri: str
     params: dict[str, str | None]
+
+    # Written out, not generated: mypyc compiles a written __init__, while the one
+    # @dataclass generates stays interpreted (one of the commonest objects a message makes).
+    def __init__(self, display: str | None, uri: str, params: dict[str, str | None]) -> None:
+        self.display = display
+        self.uri = uri
+        self.params = params
 
     @classmethod
     def parse(cls, value: str) -> NameAddr:

@@ -23,6 +23,17 @@ class SipUri:
     params: dict[str, str | None] = field(default_factory=dict)
     headers: str = ""  # the raw ?headers part, without '?'
 
+    # Written out, not generated: mypyc compiles a written __init__, while the one
+    # @dataclass generates stays interpreted (one of the commonest objects a message makes).
+    def __init__(self, scheme: str, user: str | None, host: str, port: int | None,
+                 params: dict[str, str | None] | None = None, headers: str = "") -> None:
+        self.scheme = scheme
+        self.user = user
+        self.host = host
+        self.port = port
+        self.params = {} if params is None else params
+        self.headers = headers
+
     @classmethod
     def parse(cls, text: str) -> SipUri:
         """Parse a sip:/sips: URI; 416 for another scheme, 513 over MAX_URI_LENGTH."""
