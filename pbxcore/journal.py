@@ -5,14 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
+from typing import TextIO
 
 TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # journald stamps each line itself; "<N>" at the start of a line is its priority
 # (sd-daemon(3), SyslogLevelPrefix=yes is the default), so `journalctl -p warning` works.
 JOURNAL_FORMAT = "%(levelname)s %(name)s %(message)s"
 PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+# How long an INFO line may wait to be written with others, and how many may wait.
+FLUSH_SECONDS = 0.1
+FLUSH_LINES = 256
+# One write(2) of at most this many bytes, of whole lines: writes of up to PIPE_BUF to a
+# pipe are atomic (pipe(7)), so the lines of workers sharing the parent's stderr do not
+# interleave mid-line.
+CHUNK = 4096
 
 
 class TerminalFormatter(logging.Formatter):
@@ -30,13 +39,107 @@ class TerminalFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
         return f"{self._stamp},{int(record.msecs):03d}"
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The stock result; a plain line (no traceback) without the generic machinery."""
+        if record.exc_info or record.exc_text or record.stack_info or self._fmt != TERMINAL_FORMAT:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.name} {record.message}"
+
 
 class JournalFormatter(logging.Formatter):
     """Every line of a record (tracebacks too) carries the record's priority prefix."""
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{PRIORITY.get(record.levelno, 6)}>"
+        if not (record.exc_info or record.exc_text or record.stack_info) and self._fmt == JOURNAL_FORMAT:
+            record.message = record.getMessage()
+            if "\n" not in record.message:  # the usual line, without the generic machinery
+                return f"{prefix}{record.levelname} {record.name} {record.message}"
         return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes lines together: at most FLUSH_SECONDS late, at once
+    for WARNING and above, when FLUSH_LINES wait, and at exit (``logging.shutdown``).
+
+    At 400 calls/s the relay writes 800 INFO lines a second; one write(2) and a text
+    layer flush per line cost ~40 µs of a call's CPU in situ (bench/RESULTS.md, issue 13,
+    "the shell's share"). A line is formatted when it is logged (its text and time are
+    those of the event); only the write waits, on a thread that sleeps while nothing
+    waits. A relay killed with SIGKILL loses at most FLUSH_SECONDS of INFO lines; journald
+    stamps a line when it reads it, so a batched INFO line's journal time is up to
+    FLUSH_SECONDS late (the terminal format carries the event's own time).
+    """
+
+    def __init__(self, stream: TextIO, seconds: float = FLUSH_SECONDS, lines: int = FLUSH_LINES) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+        self._seconds = seconds
+        self._lines = lines
+        self._pending = threading.Event()
+        threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._waiting.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._waiting) >= self._lines:
+            self._write()
+        elif len(self._waiting) == 1:
+            self._pending.set()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._write()
+
+    def _write(self) -> None:
+        if not self._waiting:
+            return
+        lines, self._waiting = self._waiting, []
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1
+        try:
+            if fd < 0:  # not a file (a test's StringIO): through the text layer
+                self.stream.write("".join(line + "\n" for line in lines))
+                self.stream.flush()
+                return
+            self.stream.flush()  # what others wrote through sys.stderr comes first
+            for chunk in line_chunks(lines):
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
+        except Exception:  # noqa: S110  # a broken stderr must not stop the relay, and is where it would say so
+            pass
+
+    def _flusher(self) -> None:
+        while True:
+            self._pending.wait()
+            time.sleep(self._seconds)
+            self._pending.clear()  # a line logged from here on either is written below or sets it again
+            self.flush()
+
+
+def line_chunks(lines: list[str]) -> list[bytes]:
+    """The lines as bytes, newline-terminated, in chunks of at most CHUNK bytes of whole
+    lines (a longer line is a chunk of its own)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8", "backslashreplace") + b"\n"
+        if current and size + len(data) > CHUNK:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(data)
+        size += len(data)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
 
 
 def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
@@ -65,7 +168,7 @@ def configure_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # documented there: no sys._getframe() walk per record
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchedStreamHandler(sys.stderr)
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter(JOURNAL_FORMAT))
     else:
