@@ -15,7 +15,12 @@ TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # (sd-daemon(3), SyslogLevelPrefix=yes is the default), so `journalctl -p warning` works.
 JOURNAL_FORMAT = "%(levelname)s %(name)s %(message)s"
 PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
-# How long an INFO line may wait to be written with others, and how many may wait.
+# The loggers whose INFO and DEBUG lines wait to be written together: the lines a call
+# writes (two per call at INFO). Every other line (lifecycle, registrations, reloads, bans)
+# is written at once, with what waited before it, so that what an operator or a script
+# reads right after `systemctl reload` or before a crash is there.
+BATCHED_LOGGERS = ("relay.calls",)
+# How long such a line may wait to be written with others, and how many may wait.
 FLUSH_SECONDS = 0.1
 FLUSH_LINES = 256
 # One write(2) of at most this many bytes, of whole lines: writes of up to PIPE_BUF to a
@@ -61,23 +66,26 @@ class JournalFormatter(logging.Formatter):
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that writes lines together: at most FLUSH_SECONDS late, at once
-    for WARNING and above, when FLUSH_LINES wait, and at exit (``logging.shutdown``).
+    """A StreamHandler that writes the per-call lines (``batched`` loggers, below WARNING)
+    together: at most FLUSH_SECONDS late, when FLUSH_LINES wait, at exit
+    (``logging.shutdown``), and with any other line, which is written at once.
 
-    At 400 calls/s the relay writes 800 INFO lines a second; one write(2) and a text
+    At 400 calls/s the relay writes 800 per-call lines a second; one write(2) and a text
     layer flush per line cost ~40 µs of a call's CPU in situ (bench/RESULTS.md, issue 13,
     "the shell's share"). A line is formatted when it is logged (its text and time are
     those of the event); only the write waits, on a thread that sleeps while nothing
-    waits. A relay killed with SIGKILL loses at most FLUSH_SECONDS of INFO lines; journald
-    stamps a line when it reads it, so a batched INFO line's journal time is up to
+    waits. A relay killed with SIGKILL loses at most FLUSH_SECONDS of per-call lines;
+    journald stamps a line when it reads it, so a per-call line's journal time is up to
     FLUSH_SECONDS late (the terminal format carries the event's own time).
     """
 
-    def __init__(self, stream: TextIO, seconds: float = FLUSH_SECONDS, lines: int = FLUSH_LINES) -> None:
+    def __init__(self, stream: TextIO, seconds: float = FLUSH_SECONDS, lines: int = FLUSH_LINES,
+                 batched: tuple[str, ...] = BATCHED_LOGGERS) -> None:
         super().__init__(stream)
         self._waiting: list[str] = []
         self._seconds = seconds
         self._lines = lines
+        self._batched = batched
         self._pending = threading.Event()
         threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
 
@@ -87,8 +95,9 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or len(self._waiting) >= self._lines:
-            self._write()
+        if (record.levelno >= logging.WARNING or not record.name.startswith(self._batched)
+                or len(self._waiting) >= self._lines):
+            self._write()  # worker tags make "relay.calls[w1]": still a per-call line
         elif len(self._waiting) == 1:
             self._pending.set()
 

@@ -58,7 +58,7 @@ def test_stock_lines_for_tracebacks_and_multiline_messages_too() -> None:
 def _piped_logger(seconds: float = 0.3) -> tuple[logging.Logger, int, BatchedStreamHandler]:
     r, w = os.pipe()
     os.set_blocking(r, False)
-    handler = BatchedStreamHandler(os.fdopen(w, "w"), seconds=seconds)
+    handler = BatchedStreamHandler(os.fdopen(w, "w"), seconds=seconds, batched=("test.batched.",))
     handler.setFormatter(JournalFormatter(JOURNAL_FORMAT))
     logger = logging.getLogger(f"test.batched.{r}")
     logger.propagate = False
@@ -85,6 +85,21 @@ def test_info_lines_wait_a_moment_and_a_warning_writes_them_all_in_order() -> No
     logger.info("event=late")
     handler.flush()  # what logging.shutdown() does at exit
     assert _read(r) == f"<6>INFO {logger.name} event=late\n".encode()
+
+
+def test_lines_of_other_loggers_are_written_at_once_after_what_waited() -> None:
+    """Only the per-call loggers' lines wait: a lifecycle line (a reload, a worker's
+    start) is in the log when the action that wrote it returns."""
+    logger, r, handler = _piped_logger(seconds=30)
+    other = logging.getLogger(f"test.lifecycle.{r}")
+    other.propagate = False
+    other.setLevel(logging.INFO)
+    other.addHandler(handler)
+    logger.info("event=call")
+    assert _read(r) == b""
+    other.info("event=reloaded")
+    assert _read(r).decode().splitlines() == [f"<6>INFO {logger.name} event=call",
+                                              f"<6>INFO {other.name} event=reloaded"]
 
 
 def test_info_lines_are_written_within_the_flush_interval_without_anything_else() -> None:
