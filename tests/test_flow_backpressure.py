@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
 import select
+import signal
 import socket
+import subprocess
 import time
 
 from tests.realpeers import DOMAIN, RelayProc
@@ -84,4 +88,39 @@ def test_pbx_that_never_reads_is_closed_and_the_relay_says_what_it_did_not_deliv
     forwarded = metrics["pbx_relay_requests_forwarded_total"]
     gone = metrics.get('pbx_relay_dropped_total{reason="flow_gone"}', 0)
     assert whole + unsent + gone == forwarded, (whole, unsent, gone, metrics)
+    assert_healthy(relay)
+
+
+def _segments_to(port: int) -> int:
+    """TCP segments the relay sent on its connection to the PBX at local ``port``
+    (``ss -ti``'s segs_out of the relay's end: what went on the wire, counted by the kernel)."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+    counts = [int(m) for m in re.findall(r"\bsegs_out:(\d+)", out)]
+    assert len(counts) == 1, out
+    return counts[0]
+
+
+def test_a_udp_batch_for_one_pbx_goes_out_in_one_write_in_order(relay: RelayProc) -> None:
+    """Datagrams the relay reads in one batch (here: ten, sent while it was stopped) reach
+    the PBX's connection in one write — one TCP segment, not ten — whole and in order."""
+    pbx = Pbx(relay)
+    assert relay.proc is not None
+    port = pbx.stream.local[1]
+    before = _segments_to(port)
+    with udp_socket() as phone:
+        local = phone.getsockname()
+        os.kill(relay.proc.pid, signal.SIGSTOP)
+        try:
+            for n in range(10):
+                phone.sendto(request("MESSAGE", f"sip:100@{SERIAL}.{DOMAIN}", local=local, call_id=f"b{n}",
+                                     extra=["Content-Type: text/plain"], body=b"hello"), (HOST, relay.udp))
+        finally:
+            os.kill(relay.proc.pid, signal.SIGCONT)
+    got = []
+    while len(got) < 10 and (m := pbx.stream.recv(timeout=5)) is not None:
+        if m.start.startswith("MESSAGE "):
+            got.append(m.get("call-id"))
+    assert got == [f"b{n}@test" for n in range(10)]
+    assert _segments_to(port) - before == 1
     assert_healthy(relay)

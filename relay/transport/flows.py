@@ -50,7 +50,7 @@ def _nobody(ip: str) -> bool:
     return False
 
 
-def _uncounted(name: str) -> None:
+def _uncounted(name: str, n: int = 1) -> None:
     return None
 
 
@@ -68,11 +68,11 @@ class Connection:
     a nursery with a writer waiting on a channel (issue 13)."""
 
     __slots__ = ("stream", "flow", "count", "fd", "queue", "queued", "pending", "cancel_scope", "silence",
-                 "_nursery", "_writer", "_writing", "_failed", "_finished", "_flushed")
+                 "corked", "_nursery", "_writer", "_writing", "_failed", "_finished", "_flushed")
 
     def __init__(
         self, stream: trio.abc.Stream, flow: Flow, fd: int | None = None,
-        count: Callable[[str], None] = _uncounted,
+        count: Callable[[str, int], None] = _uncounted,
     ):
         self.stream = stream
         self.flow = flow
@@ -83,6 +83,9 @@ class Connection:
         self.queue: deque[bytes] | None = None
         self.queued = 0  # bytes handed to the writer and not yet written
         self.pending = 0  # messages (or their tails) handed to the writer and not yet written
+        # Messages of one UDP batch for this flow, written together when the batch ends
+        # (Transports._udp_batch); None outside a batch.
+        self.corked: list[bytes] | None = None
         self.cancel_scope = trio.CancelScope()
         self.silence = "idle"  # what the reader's deadline (on cancel_scope) waits out
         self._nursery: trio.Nursery | None = None  # where a writer runs, once the flow serves
@@ -118,19 +121,63 @@ class Connection:
             self._flushed = trio.Event()
         await self._flushed.wait()
 
-    def send(self, data: bytes) -> bool:
-        """Write or queue ``data``; False if the flow is gone or overflowed (it closes)."""
+    def send(self, data: bytes, cork: list[Connection] | None = None) -> bool:
+        """Write or queue ``data``; False if the flow is gone or overflowed (it closes).
+        With ``cork`` (the batch in progress), a direct write waits for :meth:`uncork`,
+        and this connection joins ``cork`` with its first message."""
+        if cork is not None and self.fd is not None and self.queued == 0:
+            if self.corked is None:
+                self.corked = []
+                cork.append(self)
+            self.corked.append(data)
+            return True
+        return self._send(data)
+
+    def uncork(self) -> None:
+        """Write what the batch left here in one write (the end of Transports._udp_batch);
+        what the kernel does not take is queued message by message, as :meth:`send` would
+        have (so that ``pending`` and the drop counters still count messages)."""
+        corked, self.corked = self.corked, None
+        if not corked:
+            return
+        if len(corked) == 1:
+            if not self._send(corked[0]):
+                self.count("dropped_total:flow_gone", 1)
+            return
+        written = self._write_now(b"".join(corked)) if self.queued == 0 else 0
+        if written < 0:
+            self.count("dropped_total:flow_gone", len(corked))
+            return
+        for data in corked:
+            if written >= len(data):
+                written -= len(data)
+                continue
+            if not self._enqueue(data[written:]):
+                self.count("dropped_total:flow_gone", 1)
+            written = 0
+
+    def _send(self, data: bytes) -> bool:
         if self.fd is not None and self.queued == 0:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self.cancel_scope.cancel()
+            n = self._write_now(data)
+            if n < 0:
                 return False
             if n == len(data):
                 return True
             data = data[n:]
+        return self._enqueue(data)
+
+    def _write_now(self, data: bytes) -> int:
+        """Bytes the kernel took straight away (plain TCP); -1 if the flow broke (it closes)."""
+        assert self.fd is not None
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.cancel_scope.cancel()
+            return -1
+
+    def _enqueue(self, data: bytes) -> bool:
         if self.queued + len(data) > SEND_QUEUE_BYTES:
             log.warning("event=flow_overflow flow=%s queued=%d", self.flow, self.queued)
             self.cancel_scope.cancel()
@@ -170,7 +217,7 @@ class Connection:
             # A bug here must close this flow, never reach the listener's nursery.
             self._failed = True
             self.cancel_scope.cancel()
-            self.count("internal_errors_total")
+            self.count("internal_errors_total", 1)
             log.exception("event=connection_error flow=%s", self.flow)
         finally:
             self._writing = False
@@ -208,6 +255,7 @@ class Transports:
         # SO_REUSEPORT and the kernel spreads flows among them (docs/cluster.md).
         self.reuse_port = False
         self.conns: dict[Flow, Connection] = {}
+        self._cork: list[Connection] | None = None  # during a UDP batch: its flows with corked output
         # Draining: stop_accepting() closes the TCP/TLS listening sockets, connections stay.
         self.accepting = True
         self._accept_scopes: list[trio.CancelScope] = []
@@ -249,7 +297,7 @@ class Transports:
                 return False
             return True
         conn = self.conns.get(flow)
-        if conn is None or not conn.send(data):
+        if conn is None or not conn.send(data, self._cork):
             self.count("dropped_total:flow_gone")
             return False
         return True
@@ -310,6 +358,12 @@ class Transports:
         admit = self.udp_gate.admit
         admitted = dropped = 0
         last_dropped = ""
+        # What the batch sends on TCP/TLS flows waits for its end: one write per flow per
+        # batch, not per message (at 900 calls/s a batch holds ~7 datagrams, the INVITEs,
+        # ACKs and BYEs that mostly go to one PBX's connection). The batch never awaits, so
+        # nothing else sends meanwhile; the writes happen before anything else runs.
+        cork: list[Connection] = []
+        self._cork = cork
         try:
             while admitted < UDP_BATCH and dropped < UDP_DROP_BATCH:
                 try:
@@ -329,6 +383,9 @@ class Transports:
                 self._datagram(data, Flow("udp", ip, addr[1], host, port))
             return True
         finally:
+            self._cork = None
+            for conn in cork:
+                conn.uncork()
             if dropped:
                 self._udp_dropped(last_dropped, dropped, now)
 
