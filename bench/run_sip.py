@@ -677,8 +677,9 @@ def analyse_pyspy(raw: Path) -> dict[str, object]:
         frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
         if not frames:
             continue
-        if frames[-1].startswith("WorkerThread._work"):
-            # trio's idle worker thread blocked on its lock: py-spy does not see that as idle
+        if frames[-1].startswith(("WorkerThread._work", "BatchedStreamHandler._flusher")):
+            # trio's idle worker thread blocked on its lock, the log flusher sleeping
+            # (pbxcore/journal.py): py-spy does not see either as idle
             idle_worker += count
             continue
         total += count
@@ -706,7 +707,8 @@ def print_profile(p: dict[str, object]) -> None:
     print(
         f"  py-spy: {p.get('samples')} busy samples at 200 Hz "
         f"({p.get('idle_worker_samples_excluded')} samples "
-        f"of trio's idle worker thread left out); collapsed stacks (speedscope opens them) in {p.get('raw')}"
+        f"of trio's idle worker thread and the sleeping log flusher left out); "
+        f"collapsed stacks (speedscope opens them) in {p.get('raw')}"
     )
     print(f"    command: {p.get('command')}")
     print("    by layer (first match in the stack):")
