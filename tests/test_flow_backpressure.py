@@ -1,4 +1,5 @@
-"""A PBX that stops reading for a while keeps its connection and gets every message."""
+"""A PBX that stops reading for a while keeps its connection and gets every message;
+how a flow's writes are grouped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import socket
 import subprocess
 import time
 
+import trio
+from trio.testing import MemorySendStream
+
+from relay.proxy.flow import Flow
+from relay.transport.flows import TLS_RECORD, Connection
 from tests.realpeers import DOMAIN, RelayProc
 from tests.sipclient import HOST, SERIAL, Pbx, assert_healthy, request, udp_socket
 
@@ -124,3 +130,28 @@ def test_a_udp_batch_for_one_pbx_goes_out_in_one_write_in_order(relay: RelayProc
     assert got == [f"b{n}@test" for n in range(10)]
     assert _segments_to(port) - before == 1
     assert_healthy(relay)
+
+
+async def test_a_tls_flows_queued_messages_leave_in_record_sized_writes(nursery: trio.Nursery) -> None:
+    """A TLS flow's writer (and a node link's) joins what is queued into writes of at most
+    one TLS record (2^14 bytes): all arrive once, in order, and each message's bytes stay
+    in one write, so a write that fails leaves whole messages counted unwritten."""
+    stream = MemorySendStream()
+    writes: list[bytes] = []
+
+    async def record() -> None:
+        writes.append(stream.get_data_nowait())
+
+    stream.send_all_hook = record
+    conn = Connection(stream, Flow("tls", "192.0.2.7", 5061, "127.0.0.1", 5061))  # no fd: TLS
+    messages = [f"MESSAGE sip:{n} SIP/2.0\r\n".encode() + b"x" * 1000 for n in range(40)]
+    for m in messages:
+        assert conn.send(m)
+    assert conn.pending == 40
+    conn.start(nursery)
+    await conn.wait_flushed()
+    assert b"".join(writes) == b"".join(messages)
+    assert len(writes) == 3  # 16 + 16 + 8 messages of ~1 KB
+    assert all(len(w) <= TLS_RECORD for w in writes)
+    assert all(w.startswith(b"MESSAGE ") for w in writes)  # whole messages only
+    assert (conn.pending, conn.queued) == (0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import os
@@ -56,6 +57,10 @@ def _uncounted(name: str, n: int = 1) -> None:
 
 DEFAULT_TIMEOUTS = StreamTimeouts()
 DEFAULT_LIMITS = TransportLimits()
+
+
+# The most plaintext one TLS record carries (RFC 8446 §5.1, RFC 5246 §6.2.1).
+TLS_RECORD = 1 << 14
 
 
 class Connection:
@@ -198,6 +203,24 @@ class Connection:
             self._writer = trio.CancelScope()
             self._nursery.start_soon(self._write)
 
+    def _next_write(self, queue: deque[bytes]) -> tuple[int, bytes]:
+        """How many queued messages the writer's next ``send_all`` takes, and their bytes.
+        TLS (and node links): the messages that fit in one TLS record (RFC 8446 §5.1,
+        2^14 bytes), joined — the record reaches the peer whole or not at all, so a failed
+        write leaves whole messages unwritten, as one message did. Plain TCP: one
+        message (a failed ``send_all`` does not say how far it got)."""
+        first = queue[0]
+        if self.fd is not None or len(queue) == 1 or len(first) >= TLS_RECORD:
+            return 1, first
+        parts = [first]
+        size = len(first)
+        for data in itertools.islice(queue, 1, None):
+            if size + len(data) > TLS_RECORD:
+                break
+            parts.append(data)
+            size += len(data)
+        return len(parts), b"".join(parts)
+
     async def _write(self) -> None:
         """Write the queue in order, then end (the next send starts another writer). A
         message leaves the queue once written: if the stream breaks, it stays counted."""
@@ -205,10 +228,11 @@ class Connection:
         try:
             with self._writer:
                 while self.queue:
-                    await self.stream.send_all(self.queue[0])
-                    data = self.queue.popleft()
-                    self.queued -= len(data)
-                    self.pending -= 1
+                    n, data = self._next_write(self.queue)
+                    await self.stream.send_all(data)
+                    for _ in range(n):
+                        self.queued -= len(self.queue.popleft())
+                        self.pending -= 1
                 self.queue = None
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             self._failed = True
