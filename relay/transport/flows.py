@@ -143,13 +143,9 @@ class Connection:
         what the kernel does not take is queued message by message, as :meth:`send` would
         have (so that ``pending`` and the drop counters still count messages)."""
         corked, self.corked = self.corked, None
-        if not corked:
+        if not corked:  # corked only with a socket and nothing queued (send): write at once
             return
-        if len(corked) == 1:
-            if not self._send(corked[0]):
-                self.count("dropped_total:flow_gone", 1)
-            return
-        written = self._write_now(b"".join(corked)) if self.queued == 0 else 0
+        written = self._write_now(b"".join(corked))  # one message: joined is that message
         if written < 0:
             self.count("dropped_total:flow_gone", len(corked))
             return
