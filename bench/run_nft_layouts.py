@@ -55,7 +55,8 @@ from bench.run_media import (  # noqa: E402
     show_step,
     sinks,
 )
-from tests.kernelnet import PEER_IP, RELAY_IP, KernelNet  # noqa: E402
+from relay.media.ebpf import FastPath, entry  # noqa: E402
+from tests.kernelnet import PEER_IP, RELAY_IP, KernelNet, inside  # noqa: E402
 
 TAG = 0x5250_0000
 DEV = "kmr0"  # tests/kernelnet.py: the relay namespace's end of the veth
@@ -182,7 +183,18 @@ def netdev5(dirs: Dirs) -> str:
 
 LAYOUTS: dict[str, Callable[[Dirs], str]] = {
     "maps4": maps4, "maps4f": maps4f, "vmap2": vmap2,
-    "netdev1": netdev1, "netdev4": netdev4, "netdev5": netdev5}
+    "netdev1": netdev1, "netdev4": netdev4, "netdev5": netdev5, "tcbpf": maps4f}
+
+
+def fast_path(net: KernelNet, dirs: Dirs) -> FastPath:
+    """``tcbpf``: maps4f plus the relay's tc eBPF fast lane (relay/media/ebpf.py) on the
+    relay's device, every direction in its map: the table sees only what it leaves."""
+    with inside(net.relay_ns):
+        fp = FastPath(len(dirs), [socket.if_nametoindex(DEV)])
+    for s, p, d, o in dirs:
+        fp.put(*entry((PEER_IP, s), (RELAY_IP, p), (RELAY_IP, o), (PEER_IP, d)))
+        fp.reset(p)
+    return fp
 
 
 def nft(net: KernelNet, text: str) -> None:
@@ -245,12 +257,16 @@ def main() -> None:
                 for name in names[rnd % len(names):] + names[:rnd % len(names)]:  # each first in turn
                     clear(net)
                     nft(net, LAYOUTS[name](dirs))
+                    fp = fast_path(net, dirs) if name == "tcbpf" else None
                     perf = subprocess.Popen(["perf", "record", "-q", "-a", "-g", "-F", "999", "-o",
                                              str(out / f"perf-{name}-{rnd}.data"), "--", "sleep",
                                              str(args.seconds)]) if args.perf else None
                     res = run_load_c(exe, spec, eps, expect, args.seconds, soft)
                     if perf is not None:
                         perf.wait(timeout=60)
+                    if fp is not None:
+                        res["fast_path_packets"] = sum(fp.count(p)[0] for _, p, _, _ in dirs)
+                        fp.close()
                     res["target"] = name
                     res.update(per_packet(res, drop, sink))
                     show_step(res)

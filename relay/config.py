@@ -112,6 +112,8 @@ class MediaSection:
     """Seconds without RTP or RTCP either way after which a call's media is torn down."""
     backend: str = "userspace"
     """userspace, kernel (nftables; CAP_NET_ADMIN) or auto (kernel when it can run); docs/media.md."""
+    kernel_fast_path: bool = True
+    """kernel backend: latched IPv4 streams forwarded by tc eBPF before the IP stack (Linux 6.6+)."""
 
 
 @dataclass

@@ -135,7 +135,7 @@ class RelayService:
             self.forwarder, self.media_backend = make_backend(
                 cfg.media.backend, cfg.media_address, self._count,
                 port_range=(cfg.media.port_min, cfg.media.port_max),
-                no_media_timeout=cfg.media.no_media_timeout)
+                no_media_timeout=cfg.media.no_media_timeout, fast_path=cfg.media.kernel_fast_path)
             self.media = MediaSessions(
                 cfg.media_address, PortPool(cfg.media.port_min, cfg.media.port_max),
                 cfg.media.no_media_timeout, cfg.limits.media_calls_per_source, cfg.limits.media_calls_per_pbx)

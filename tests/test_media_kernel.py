@@ -5,7 +5,10 @@ test's peers in the other), runs ``pbx-relay run`` there with ``[media] backend
 = "kernel"`` and talks to it with the plain-socket peers of tests/media_peers.py.
 What is asserted is what crossed the wire: packets that reached the far end
 while the relay process was stopped, packets that did not arrive after BYE or
-after a restart, the UDP checksum a receiver verified.
+after a restart, the UDP checksum a receiver verified. Every test that takes the
+``kernel`` fixture runs twice: with the eBPF fast lane in front of the table (the
+default: relay/media/ebpf.py carries latched IPv4 streams) and with the table
+alone (``kernel_fast_path = false``, what IPv6 and kernels before 6.6 get).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.media.kernel import KernelForwarder
+from relay.media.kernel import KernelForwarder, parse_counters
 from tests.kernelnet import (
     OTHER_IP,
     PEER_IP,
@@ -45,9 +48,10 @@ PACKETS = f"{M}media_packets_total"
 UNLATCHED = f'{M}media_dropped_total{{reason="unlatched_source"}}'
 
 
-@pytest.fixture
-def kernel(tmp_path: Path) -> Iterator[tuple[KernelNet, RelayProc, Peers]]:
-    with kernel_relay(f"km{os.getpid()}-", tmp_path / "relay") as (net, relay):
+@pytest.fixture(params=["fast_path", "table_only"])
+def kernel(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[KernelNet, RelayProc, Peers]]:
+    media = "kernel_fast_path = false\n" if request.param == "table_only" else ""
+    with kernel_relay(f"km{os.getpid()}-", tmp_path / "relay", media) as (net, relay):
         peers = Peers(relay)
         try:
             yield net, relay, peers
@@ -121,6 +125,29 @@ def test_latched_call_is_forwarded_by_the_kernel_even_with_the_relay_stopped(
     table = net.nft("-j", "list", "table", "inet", "pbx_relay")
     assert '"elem"' not in table, table  # every map is empty again
     assert relay.metric(PACKETS) == 2 * 222
+
+
+def _table_counted(net: KernelNet) -> int:
+    """Packets the table's forward chain has counted, all streams together."""
+    listing = net.nft("list", "map", "inet", "pbx_relay", "from_port")
+    return sum(n for n, _ in parse_counters(listing).values())
+
+
+def test_the_fast_lane_carries_latched_ipv4_and_the_table_sees_none_of_it(
+        kernel: tuple[KernelNet, RelayProc, Peers]) -> None:
+    """With the lane on, a latched stream's packets never reach the IP stack: the
+    table's counters stay at 0 while the far ends get every packet, and the lane's
+    own counters reach the relay's metrics. With the table alone, the table counts."""
+    net, relay, peers = kernel
+    fast = "kernel_fast_path = false" not in relay.config_path.read_text()
+    states = [line for line in relay.log().splitlines() if "event=media_fast_path" in line]
+    assert len(states) == 1 and ("state=on" in states[0]) == fast, states
+    a, b, _ = _in_kernel(relay, peers, 5)
+    before = relay.metric(PACKETS)
+    exchange(a, b, 100)
+    assert a.wait_for(105) == 105 and b.wait_for(105) == 105
+    assert wait_metric(relay, PACKETS, before + 200) == before + 200
+    assert (_table_counted(net) == 0) == fast, _table_counted(net)
 
 
 def test_stranger_and_old_address_stay_in_userspace(kernel: tuple[KernelNet, RelayProc, Peers]) -> None:

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import trio
 
 from relay.config import ConfigError
+from relay.media.ebpf import EbpfUnavailable, FastPath
 from relay.media.forwarder import STREAMS_USERSPACE, UdpForwarder
 from relay.media.nft import Nft, NftError
 from relay.media.session import Addr, Leg, MediaBackend
@@ -222,7 +223,7 @@ class KernelForwarder:
     kernel (nftables maps) for every latched direction."""
 
     def __init__(self, address: str, count: Callable[[str, int], None],
-                 port_range: tuple[int, int], poll: float = POLL_MAX):
+                 port_range: tuple[int, int], poll: float = POLL_MAX, fast_path: bool = True):
         self.address = address
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.count = count
@@ -245,6 +246,28 @@ class KernelForwarder:
         self._stopped = False
         log.info("event=media_backend backend=kernel table=inet_%s address=%s ports=%d-%d",
                  TABLE, address, *port_range)
+        self._fast: FastPath | None = None
+        if fast_path:
+            self._fast = self._open_fast_path(port_range)
+        else:
+            log.info("event=media_fast_path state=off reason=%r", "media.kernel_fast_path = false")
+
+    def _open_fast_path(self, port_range: tuple[int, int]) -> FastPath | None:
+        """The tc eBPF lane in front of the table (relay/media/ebpf.py), on every
+        interface but loopback; IPv4 only. Without it the table forwards alone."""
+        if self.family != socket.AF_INET:
+            log.info("event=media_fast_path state=off reason=%r", "IPv4 only: the table forwards IPv6")
+            return None
+        devices = [(i, name) for i, name in socket.if_nameindex() if name != "lo"]
+        try:
+            fast = FastPath(port_range[1] - port_range[0] + 2, [i for i, _ in devices])
+        except EbpfUnavailable as e:
+            log.warning("event=media_fast_path state=off reason=%r (the nftables table forwards alone)",
+                        str(e))
+            return None
+        log.info("event=media_fast_path state=on hook=tcx_ingress devices=%s",
+                 ",".join(name for _, name in devices))
+        return fast
 
     # ------------------------------------------------------------ MediaBackend
     def attach(self, nursery: trio.Nursery) -> None:
@@ -311,11 +334,32 @@ class KernelForwarder:
             changes[port] = want
         if not changes:
             return
+        for port in changes:  # the fast lane first: an old source stops there at once
+            self._fast_set(port, None)
         if self._run_commands(counter_commands("add", new_counters) + commands):
             for port, out in new_counters.items():
                 self._kernel[port] = PortState(out, next(self._epochs))
+                self._fast_call("reset", port)
             for port, want in changes.items():
                 self._set_direction(port, want)
+                self._fast_set(port, want)
+
+    def _fast_set(self, port: int, want: Direction | None) -> None:
+        if want is None:
+            self._fast_call("stop_forwarding", port)
+        else:
+            self._fast_call("forward", port, want.src, self.address, want.out_port, want.dst)
+
+    def _fast_call(self, op: str, *args: Any) -> None:
+        """One change to the fast lane; a refusal (its map full, say) only leaves the
+        direction to the table, which has it too."""
+        if self._fast is None:
+            return
+        try:
+            getattr(self._fast, op)(*args)
+        except OSError as e:
+            self.count("media_kernel_errors_total", 1)
+            log.warning("event=media_kernel_error op=fast_path_%s error=%s", op, e.strerror)
 
     def _set_direction(self, port: int, want: Direction | None) -> None:
         state = self._kernel[port]
@@ -332,8 +376,8 @@ class KernelForwarder:
             return
         self._sync(ports)  # its legs are gone: every direction is removed
         try:
-            final = parse_counters(self._nft.run(
-                f"get element inet {TABLE} from_port {{ {', '.join(hex(MARK_TAG | p) for p in ports)} }}"))
+            final = self._with_fast_path(parse_counters(self._nft.run(
+                f"get element inet {TABLE} from_port {{ {', '.join(hex(MARK_TAG | p) for p in ports)} }}")))
         except NftError as e:
             self._failed("read", e)
             final = {}
@@ -369,6 +413,7 @@ class KernelForwarder:
             if state.direction is not None:
                 self._set_direction(port, None)
         self._kernel.clear()
+        self._fast_call("stop_all")
         try:
             self._nft.run(self._ruleset)
         except NftError as e:
@@ -397,6 +442,17 @@ class KernelForwarder:
                 continue
             self._account(entry[0], state, packets, octets, now)
 
+    def _with_fast_path(self, counts: dict[int, tuple[int, int]]) -> dict[int, tuple[int, int]]:
+        """The table's counts plus what the fast lane forwarded for the same ports
+        (a packet goes one way or the other, never both)."""
+        fast = self._fast
+        if fast is None:
+            return counts
+        try:
+            return {p: (n + f[0], b + f[1]) for p, (n, b) in counts.items() for f in (fast.count(p),)}
+        except OSError as e:  # closed by stop() while a read was in a worker thread
+            raise NftError(f"fast path counters: {e.strerror}") from None
+
     async def _poll_counters(self) -> None:
         listing = f"list map inet {TABLE} from_port"
         delay = POLL_MIN
@@ -407,11 +463,12 @@ class KernelForwarder:
             epochs = {p: s.epoch for p, s in self._kernel.items()}
             started = trio.current_time()
             try:
-                out = await trio.to_thread.run_sync(self._poll_nft.run, listing)
+                counts = await trio.to_thread.run_sync(
+                    lambda: self._with_fast_path(parse_counters(self._poll_nft.run(listing))))
             except NftError as e:
                 self._failed("read", e)
                 continue
-            self._apply_counts(parse_counters(out), epochs, trio.current_time())
+            self._apply_counts(counts, epochs, trio.current_time())
             delay = next_poll(trio.current_time() - started, self.poll)
 
     # --------------------------------------------------------------- lifetime
@@ -439,13 +496,15 @@ class KernelForwarder:
             self._nft.run(f"delete table inet {TABLE}")
         except NftError as e:
             self._failed("stop", e)
+        if self._fast is not None:
+            self._fast.close()
         self._nft.close()
         self._poll_nft.close()
 
 
 def make_backend(kind: str, address: str, count: Callable[[str, int], None], *,
                  port_range: tuple[int, int] = (10_000, 20_000),
-                 no_media_timeout: float = 60.0) -> tuple[ForwardingBackend, str]:
+                 no_media_timeout: float = 60.0, fast_path: bool = True) -> tuple[ForwardingBackend, str]:
     """The media backend ``[media] backend`` asks for, and which one it is:
     "userspace"; "kernel" (ConfigError when it cannot run here); "auto" (kernel
     when it can run, else userspace with one warning line)."""
@@ -454,7 +513,8 @@ def make_backend(kind: str, address: str, count: Callable[[str, int], None], *,
     if kind == "userspace":
         return UdpForwarder(address, count), "userspace"
     try:
-        return KernelForwarder(address, count, port_range, poll_interval(no_media_timeout)), "kernel"
+        poll = poll_interval(no_media_timeout)
+        return KernelForwarder(address, count, port_range, poll, fast_path), "kernel"
     except KernelUnavailable as e:
         if kind == "kernel":
             raise ConfigError(f'media.backend = "kernel": {e}') from None

@@ -1,0 +1,488 @@
+"""The kernel path's fast lane: a tc (tcx) eBPF program in front of the nftables table.
+
+nftables forwards a latched stream through the whole IP path: raw prerouting,
+routing, ``ip_forward``, the forward hook, neighbour output - about 1.6 µs per
+packet here, flat with load (bench/RESULTS.md). This program runs at the
+device's tc ingress, before all of that: a packet whose (source address,
+relay address, source port, relay port) is a latched IPv4 direction in the
+``streams`` hash map is rewritten in place (the same four fields nftables
+rewrites, TTL - 1, checksums updated incrementally), counted in a per-CPU
+array indexed by relay port and redirected to the egress of the device the
+kernel's FIB names for its new destination (``bpf_fib_lookup``;
+``bpf_redirect_neigh`` when the neighbour is not resolved yet).
+
+It is an accelerator, never the authority: anything it does not take - IPv6,
+IP options, fragments, no UDP checksum, TTL ≤ 1, a VLAN tag, a GRO'd or padded
+frame, a destination the FIB cannot forward to - goes on (``TCX_NEXT``) into
+the IP stack, where the nftables table (which holds every direction too) or
+the userspace latch deals with it exactly as without this program. So a
+stranger's packet, or a latched source's old address, reaches the socket and
+is dropped there as before: only latched 5-tuples match here either.
+
+Nothing is compiled: the program is some 90 instructions assembled here and
+loaded with bpf(2) through ctypes; the kernel's verifier checks every access.
+The tcx link (Linux ≥ 6.6) lives as long as its file descriptor: when the
+relay exits, however it exits, the program is detached and the maps are freed
+- nothing stale can forward. References: bpf(2), include/uapi/linux/bpf.h
+(instruction encoding, ``struct __sk_buff``, ``struct bpf_fib_lookup``,
+helper numbers), Documentation/bpf/standardization/instruction-set.rst.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import socket
+import struct
+import sys
+from collections.abc import Iterable
+
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+LICENSE = b"Dual MIT/GPL"  # bpf_fib_lookup is GPL-only; the kernel accepts this spelling
+
+# bpf(2) commands and types (include/uapi/linux/bpf.h)
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM = 0, 1, 2, 3
+PROG_LOAD, PROG_TEST_RUN, LINK_CREATE = 5, 10, 28
+MAP_TYPE_HASH, MAP_TYPE_PERCPU_ARRAY = 1, 6
+PROG_TYPE_SCHED_CLS = 3
+ATTACH_TCX_INGRESS = 46
+# helpers
+MAP_LOOKUP, L3_CSUM_REPLACE, L4_CSUM_REPLACE, REDIRECT, FIB_LOOKUP, REDIRECT_NEIGH = 1, 10, 11, 23, 69, 152
+F_PSEUDO_HDR = 1 << 4
+FIB_SUCCESS, FIB_NO_NEIGH = 0, 7
+TCX_NEXT = -1  # "not mine": the next program, or the stack
+# struct __sk_buff offsets
+SKB_LEN, SKB_VLAN_PRESENT, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 20, 40, 76, 80
+
+KEY = struct.Struct("!4s4sHH")  # as on the wire: IPv4 saddr, daddr, UDP sport, dport
+VALUE_SIZE = 24  # new saddr, daddr, sport, dport (12 bytes), then three checksum deltas (u32, native order)
+COUNTER_SIZE = 16  # per CPU: packets, bytes (u64, native order)
+COUNTER_SLOTS = 1 << 16  # indexed by relay port
+
+
+class EbpfUnavailable(Exception):
+    """The fast lane cannot run here (no bpf(2), not permitted, kernel too old for
+    tcx); the kernel path goes on through nftables alone. The text says why."""
+
+
+# ------------------------------------------------------------------ assembler
+# Opcode parts (instruction-set.rst): class | size | mode, class | op | source.
+LDX, ST, STX, ALU, JMP, ALU64 = 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
+SIZE = {1: 0x10, 2: 0x08, 4: 0x00, 8: 0x18}
+MEM, K, X = 0x60, 0x00, 0x08
+ADD, SUB, MOV, END, TO_BE = 0x00, 0x10, 0xB0, 0xD0, 0x08
+JA, JEQ, JGT, JNE, JLE, CALL, EXIT = 0x00, 0x10, 0x20, 0x50, 0xB0, 0x80, 0x90
+R0, R1, R2, R3, R4, R5, R6, R7, R8, FP = 0, 1, 2, 3, 4, 5, 6, 7, 8, 10
+
+
+class Asm:
+    """Instructions with symbolic jump targets, resolved by ``code()``."""
+
+    def __init__(self) -> None:
+        self.insns: list[tuple[int, int, int, int, int, str | None]] = []
+        self.labels: dict[str, int] = {}
+
+    def _emit(self, op: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0,
+              target: str | None = None) -> None:
+        self.insns.append((op, dst, src, off, imm, target))
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.insns)
+
+    def mov(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | MOV | K, dst, imm=imm)
+
+    def movr(self, dst: int, src: int) -> None:
+        self._emit(ALU64 | MOV | X, dst, src)
+
+    def add(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | ADD | K, dst, imm=imm)
+
+    def addr(self, dst: int, src: int) -> None:
+        self._emit(ALU64 | ADD | X, dst, src)
+
+    def sub(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | SUB | K, dst, imm=imm)
+
+    def and_(self, dst: int, imm: int) -> None:
+        self._emit(ALU64 | 0x50 | K, dst, imm=imm)
+
+    def be16(self, dst: int) -> None:
+        """Swap a 16-bit network-order value to host order (and back)."""
+        if sys.byteorder == "little":
+            self._emit(ALU | END | TO_BE, dst, imm=16)
+
+    def load(self, size: int, dst: int, src: int, off: int) -> None:
+        self._emit(LDX | SIZE[size] | MEM, dst, src, off)
+
+    def store(self, size: int, dst: int, off: int, src: int) -> None:
+        self._emit(STX | SIZE[size] | MEM, dst, src, off)
+
+    def store_imm(self, size: int, dst: int, off: int, imm: int) -> None:
+        self._emit(ST | SIZE[size] | MEM, dst, off=off, imm=imm)
+
+    def map_fd(self, dst: int, fd: int) -> None:
+        self._emit(0x18, dst, 1, imm=fd)  # BPF_LD | BPF_DW | BPF_IMM, src = BPF_PSEUDO_MAP_FD
+        self._emit(0)
+
+    def jump(self, op: int, dst: int, imm: int, target: str, *, reg: bool = False) -> None:
+        self._emit(JMP | op | (X if reg else K), dst, imm if reg else 0, imm=0 if reg else imm, target=target)
+
+    def goto(self, target: str) -> None:
+        self._emit(JMP | JA, target=target)
+
+    def call(self, helper: int) -> None:
+        self._emit(JMP | CALL, imm=helper)
+
+    def exit(self) -> None:
+        self._emit(JMP | EXIT)
+
+    def code(self) -> bytes:
+        out = bytearray()
+        for i, (op, dst, src, off, imm, target) in enumerate(self.insns):
+            if target is not None:
+                off = self.labels[target] - (i + 1)
+            out += struct.pack("<BBhi", op, (src << 4) | dst, off, imm)
+        return bytes(out)
+
+
+def _checks(a: Asm) -> None:
+    """Leave the packet to the stack unless it is a plain IPv4/UDP frame the rewrite
+    keeps right: r2 = data, r6 = ctx; jumps to "next" otherwise."""
+    a.load(4, R4, R6, SKB_VLAN_PRESENT)
+    a.jump(JNE, R4, 0, "next")
+    a.movr(R4, R2)
+    a.add(R4, 14 + 20 + 8)
+    a.jump(JGT, R4, R3, "next", reg=True)  # Ethernet + IPv4 without options + UDP in the linear data
+    a.load(2, R4, R2, 12)
+    a.jump(JNE, R4, int.from_bytes(b"\x08\x00", sys.byteorder), "next")  # EtherType IPv4
+    a.load(1, R4, R2, 14)
+    a.jump(JNE, R4, 0x45, "next")  # version 4, no options
+    a.load(1, R4, R2, 14 + 9)
+    a.jump(JNE, R4, socket.IPPROTO_UDP, "next")
+    a.load(2, R4, R2, 14 + 6)
+    a.and_(R4, int.from_bytes(b"\x3f\xff", sys.byteorder))
+    a.jump(JNE, R4, 0, "next")  # a fragment (MF or an offset): the socket gets it whole
+    a.load(2, R4, R2, 14 + 20 + 6)
+    a.jump(JEQ, R4, 0, "next")  # no UDP checksum: the rewrite cannot keep it zero
+    a.load(1, R4, R2, 14 + 8)
+    a.jump(JLE, R4, 1, "next")  # TTL: the stack sends the ICMP time exceeded
+    a.load(2, R5, R2, 14 + 2)
+    a.be16(R5)
+    a.add(R5, 14)
+    a.load(4, R4, R6, SKB_LEN)
+    a.jump(JNE, R4, R5, "next", reg=True)  # one datagram, unpadded (not GRO'd, not an Ethernet minimum)
+
+
+def program(streams_fd: int, counters_fd: int) -> bytes:
+    """The tc ingress program. Registers kept across calls: r6 the context, r7 the
+    direction's map value, r8 the FIB's verdict. Stack: fp-16 the key, fp-80
+    struct bpf_fib_lookup, fp-84 the counter index."""
+    a = Asm()
+    a.movr(R6, R1)
+    a.load(4, R2, R6, SKB_DATA)
+    a.load(4, R3, R6, SKB_DATA_END)
+    _checks(a)
+    _lookup(a, streams_fd)
+    _route(a)
+    _rewrite(a)
+    _count(a, counters_fd)
+    _redirect(a)
+    a.label("next")
+    a.mov(R0, TCX_NEXT)
+    a.exit()
+    return a.code()
+
+
+def _lookup(a: Asm, streams_fd: int) -> None:
+    """r7 = streams[saddr, daddr, sport, dport] (12 contiguous bytes: IPv4 without
+    options), or on to "next"."""
+    for off in (0, 4, 8):
+        a.load(4, R4, R2, 14 + 12 + off)
+        a.store(4, FP, -16 + off, R4)
+    a.map_fd(R1, streams_fd)
+    a.movr(R2, FP)
+    a.add(R2, -16)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, R0, 0, "next")
+    a.movr(R7, R0)
+
+
+def _route(a: Asm) -> None:
+    """Ask the FIB where the rewritten packet goes, before rewriting it: a packet
+    it cannot forward (no route, the MTU, forwarding off) goes on untouched."""
+    for off in range(0, 64, 8):
+        a.store_imm(8, FP, -80 + off, 0)
+    a.store_imm(1, FP, -80, socket.AF_INET)
+    a.store_imm(1, FP, -79, socket.IPPROTO_UDP)
+    for off in (8, 10):  # sport, dport (the stack wants aligned halves)
+        a.load(2, R4, R7, off)
+        a.store(2, FP, -78 + off - 8, R4)
+    a.load(4, R4, R6, SKB_LEN)
+    a.sub(R4, 14)
+    a.store(2, FP, -74, R4)  # tot_len (host order): checked against the MTU
+    a.load(4, R4, R6, SKB_IFINDEX)
+    a.store(4, FP, -72, R4)  # the input interface (its forwarding switch counts)
+    a.load(4, R4, R7, 0)
+    a.store(4, FP, -64, R4)  # ipv4_src
+    a.load(4, R4, R7, 4)
+    a.store(4, FP, -48, R4)  # ipv4_dst
+    a.movr(R1, R6)
+    a.movr(R2, FP)
+    a.add(R2, -80)
+    a.mov(R3, 64)
+    a.mov(R4, 0)
+    a.call(FIB_LOOKUP)
+    a.movr(R8, R0)
+    a.jump(JEQ, R8, FIB_SUCCESS, "rewrite")
+    a.jump(JNE, R8, FIB_NO_NEIGH, "next")
+    a.label("rewrite")
+
+
+def _rewrite(a: Asm) -> None:
+    """TTL - 1, the four fields from the map value, then the IP and UDP checksums
+    by the deltas computed when the direction was installed (``entry``)."""
+    a.load(4, R2, R6, SKB_DATA)
+    a.load(4, R3, R6, SKB_DATA_END)
+    a.movr(R4, R2)
+    a.add(R4, 14 + 20 + 8)
+    a.jump(JGT, R4, R3, "next", reg=True)
+    a.load(1, R4, R2, 14 + 8)
+    a.sub(R4, 1)
+    a.store(1, R2, 14 + 8, R4)
+    for off in (0, 4, 8):
+        a.load(4, R4, R7, off)
+        a.store(4, R2, 14 + 12 + off, R4)
+    for helper, delta, flags in ((L3_CSUM_REPLACE, 12, 0), (L4_CSUM_REPLACE, 16, F_PSEUDO_HDR),
+                                 (L4_CSUM_REPLACE, 20, 0)):
+        a.movr(R1, R6)
+        a.mov(R2, 14 + 10 if helper == L3_CSUM_REPLACE else 14 + 20 + 6)
+        a.mov(R3, 0)
+        a.load(4, R4, R7, delta)
+        a.mov(R5, flags)
+        a.call(helper)
+
+
+def _redirect(a: Asm) -> None:
+    """Out of the interface the FIB named: with its MAC addresses, or through the
+    neighbour subsystem when the next hop is not resolved yet."""
+    a.jump(JEQ, R8, FIB_NO_NEIGH, "neigh")
+    a.load(4, R2, R6, SKB_DATA)
+    a.load(4, R3, R6, SKB_DATA_END)
+    a.movr(R4, R2)
+    a.add(R4, 14)
+    a.jump(JGT, R4, R3, "drop", reg=True)
+    for size, src, dst in ((2, 58, 0), (2, 60, 2), (2, 62, 4), (4, 52, 6), (2, 56, 10)):  # dmac, smac
+        a.load(size, R4, FP, -80 + src)
+        a.store(size, R2, dst, R4)
+    a.load(4, R1, FP, -72)
+    a.mov(R2, 0)
+    a.call(REDIRECT)
+    a.exit()
+    a.label("neigh")
+    a.load(4, R1, FP, -72)
+    a.mov(R2, 0)
+    a.mov(R3, 0)
+    a.mov(R4, 0)
+    a.call(REDIRECT_NEIGH)
+    a.exit()
+    a.label("drop")  # unreachable in practice: the linear header was there a moment ago
+    a.mov(R0, 2)
+    a.exit()
+
+
+def _count(a: Asm, counters_fd: int) -> None:
+    """counters[relay port] (this CPU's) += 1 packet, IP length bytes."""
+    a.load(2, R4, FP, -16 + 10)
+    a.be16(R4)
+    a.store(4, FP, -84, R4)
+    a.map_fd(R1, counters_fd)
+    a.movr(R2, FP)
+    a.add(R2, -84)
+    a.call(MAP_LOOKUP)
+    a.jump(JEQ, R0, 0, "counted")
+    a.load(8, R4, R0, 0)
+    a.add(R4, 1)
+    a.store(8, R0, 0, R4)
+    a.load(4, R5, R6, SKB_LEN)
+    a.sub(R5, 14)
+    a.load(8, R4, R0, 8)
+    a.addr(R4, R5)
+    a.store(8, R0, 8, R4)
+    a.label("counted")
+
+
+# --------------------------------------------------------------- checksums
+def _fold(x: int) -> int:
+    while x > 0xFFFF:
+        x = (x & 0xFFFF) + (x >> 16)
+    return x
+
+
+def csum_delta(old: bytes, new: bytes) -> int:
+    """The ones'-complement difference (RFC 1624) between two equally long byte
+    strings, in the host's order as the kernel's csum helpers take it."""
+    n = len(old) // 2
+    fmt = f"={n}H"
+    return _fold(sum(0xFFFF - w for w in struct.unpack(fmt, old)) + sum(struct.unpack(fmt, new)))
+
+
+TTL_DELTA = csum_delta(b"\x02\x00", b"\x01\x00")  # TTL - 1 in the IP header's (TTL, protocol) word
+
+
+def entry(src: tuple[str, int], relay: tuple[str, int], out: tuple[str, int],
+          dst: tuple[str, int]) -> tuple[bytes, bytes]:
+    """The ``streams`` key and value of one direction: packets from ``src`` to
+    ``relay`` leave from ``out`` to ``dst``."""
+    key = KEY.pack(socket.inet_aton(src[0]), socket.inet_aton(relay[0]), src[1], relay[1])
+    new = KEY.pack(socket.inet_aton(out[0]), socket.inet_aton(dst[0]), out[1], dst[1])
+    addrs = csum_delta(key[:8], new[:8])
+    return key, new + struct.pack("=III", _fold(addrs + TTL_DELTA), addrs, csum_delta(key[8:], new[8:]))
+
+
+# ------------------------------------------------------------------ bpf(2)
+class _Bpf:
+    def __init__(self) -> None:
+        nr = SYS_BPF.get(platform.machine())
+        if nr is None or not sys.platform.startswith("linux"):
+            raise EbpfUnavailable(f"no bpf(2) number known for {platform.machine()}")
+        self.nr = nr
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.syscall.restype = ctypes.c_long
+
+    def __call__(self, cmd: int, attr: bytes | ctypes.Array[ctypes.c_char]) -> int:
+        buf = attr if isinstance(attr, ctypes.Array) else ctypes.create_string_buffer(attr, 128)
+        ret = self.libc.syscall(self.nr, cmd, buf, 128)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(ret)
+
+
+def _ptr(buf: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buf)
+
+
+class FastPath:
+    """The program, its two maps and its tcx links on some devices; ``close`` (or
+    the process's end) detaches and frees everything."""
+
+    def __init__(self, max_streams: int, devices: Iterable[int]):
+        try:
+            self._bpf = _Bpf()
+            self.ncpu = _possible_cpus()
+            self.streams = self._map(MAP_TYPE_HASH, KEY.size, VALUE_SIZE, max_streams, b"pbx_streams")
+            self.counters = self._map(MAP_TYPE_PERCPU_ARRAY, 4, COUNTER_SIZE, COUNTER_SLOTS, b"pbx_counters")
+        except OSError as e:
+            raise EbpfUnavailable(f"cannot create BPF maps: {e.strerror}") from None
+        self._fds = [self.streams, self.counters]
+        self._keys: dict[int, bytes] = {}  # relay port → its direction's key in ``streams``
+        try:
+            self.prog = self._load(program(self.streams, self.counters))
+            self._fds.append(self.prog)
+            self.devices = [self._attach(i) for i in devices]
+        except EbpfUnavailable:
+            self.close()
+            raise
+
+    def _map(self, kind: int, key: int, value: int, entries: int, name: bytes) -> int:
+        attr = struct.pack("=IIIIIII16s", kind, key, value, entries, 0, 0, 0, name[:15])
+        return self._bpf(MAP_CREATE, attr)
+
+    def _load(self, code: bytes) -> int:
+        insns = ctypes.create_string_buffer(code, len(code))
+        lic = ctypes.create_string_buffer(LICENSE)
+        log = ctypes.create_string_buffer(1 << 16)
+        attr = struct.pack("=IIQQIIQII16sII", PROG_TYPE_SCHED_CLS, len(code) // 8, _ptr(insns), _ptr(lic),
+                           1, len(log), _ptr(log), 0, 0, b"pbx_relay_media", 0, ATTACH_TCX_INGRESS)
+        try:
+            return self._bpf(PROG_LOAD, attr)
+        except OSError as e:
+            tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+            why = " | ".join(tail)
+            raise EbpfUnavailable(f"the kernel refused the program: {e.strerror} {why}") from None
+
+    def _attach(self, ifindex: int) -> int:
+        try:
+            fd = self._bpf(LINK_CREATE, struct.pack("=IIII", self.prog, ifindex, ATTACH_TCX_INGRESS, 0))
+        except OSError as e:
+            why = "tcx needs Linux 6.6 or later" if e.errno == errno.EINVAL else e.strerror
+            raise EbpfUnavailable(f"cannot attach to interface {ifindex}: {why}") from None
+        self._fds.append(fd)
+        return ifindex
+
+    # ------------------------------------------------------------- per port
+    def forward(self, port: int, src: tuple[str, int], relay: str, out_port: int,
+                dst: tuple[str, int]) -> None:
+        """From now on, packets from ``src`` to ``relay``:``port`` leave from
+        ``out_port`` to ``dst`` here (whatever the port forwarded before, no more)."""
+        self.stop_forwarding(port)
+        key, value = entry(src, (relay, port), (relay, out_port), dst)
+        self.put(key, value)
+        self._keys[port] = key
+
+    def stop_forwarding(self, port: int) -> None:
+        key = self._keys.pop(port, None)
+        if key is not None:
+            self.remove(key)
+
+    def stop_all(self) -> None:
+        for port in list(self._keys):
+            self.stop_forwarding(port)
+
+    # ------------------------------------------------------------------ maps
+    def put(self, key: bytes, value: bytes) -> None:
+        k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
+        self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", self.streams, 0, _ptr(k), _ptr(v), 0))
+
+    def remove(self, key: bytes) -> None:
+        k = ctypes.create_string_buffer(key, len(key))
+        try:
+            self._bpf(MAP_DELETE_ELEM, struct.pack("=IIQ", self.streams, 0, _ptr(k)))
+        except FileNotFoundError:
+            pass
+
+    def reset(self, port: int) -> None:
+        """Zero the relay port's counters (a new stream starts counting there)."""
+        k = ctypes.create_string_buffer(struct.pack("=I", port), 4)
+        v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
+        self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))
+
+    def count(self, port: int) -> tuple[int, int]:
+        """(packets, IP bytes) forwarded here for the relay port since its ``reset``."""
+        k = ctypes.create_string_buffer(struct.pack("=I", port), 4)
+        v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
+        self._bpf(MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))
+        per_cpu = struct.unpack(f"={2 * self.ncpu}Q", v.raw)
+        return sum(per_cpu[0::2]), sum(per_cpu[1::2])
+
+    def test_run(self, packet: bytes, ifindex: int = 0) -> tuple[int, bytes]:
+        """Run the program on one frame without a network (BPF_PROG_TEST_RUN): its
+        verdict and the frame as it left it."""
+        data_in = ctypes.create_string_buffer(packet, len(packet))
+        data_out = ctypes.create_string_buffer(len(packet) + 256)
+        ctx = ctypes.create_string_buffer(192)
+        struct.pack_into("=I", ctx, SKB_IFINDEX, ifindex)
+        attr = ctypes.create_string_buffer(struct.pack(
+            "=IIIIQQIIIIQQ", self.prog, 0, len(packet), len(data_out), _ptr(data_in), _ptr(data_out), 1, 0,
+            len(ctx) if ifindex else 0, 0, _ptr(ctx) if ifindex else 0, 0), 128)
+        self._bpf(PROG_TEST_RUN, attr)
+        _, retval, _, size_out = struct.unpack_from("=IIII", attr)
+        return struct.unpack("=i", struct.pack("=I", retval))[0], data_out.raw[:size_out]
+
+    def close(self) -> None:
+        for fd in reversed(self._fds):
+            os.close(fd)
+        self._fds = []
+
+
+def _possible_cpus() -> int:
+    """The per-CPU maps' width: every CPU the kernel could bring up (ranges like 0-3,8)."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
