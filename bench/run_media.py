@@ -635,8 +635,9 @@ table inet bench_drop {{
 """
 
 
-def kernel_relay_proc(net, out: Path):  # type: ignore[no-untyped-def]
-    """``pbx-relay run`` in the relay's namespace, media backend kernel, SIP log quiet."""
+def kernel_relay_proc(net, out: Path, fast_path: bool = True):  # type: ignore[no-untyped-def]
+    """``pbx-relay run`` in the relay's namespace, media backend kernel, SIP log quiet;
+    ``fast_path=False``: the nftables table alone (``kernel_fast_path = false``)."""
     from tests.kernelnet import PEER_IP, RELAY_IP
     from tests.realpeers import RelayProc, start_relay, write_config
 
@@ -645,7 +646,7 @@ def kernel_relay_proc(net, out: Path):  # type: ignore[no-untyped-def]
     r = RelayProc(state, RELAY_IP, 5060, 5060, 5061, 9090, netns=net.relay_ns, peer_host=PEER_IP,
                   log_level="warning")
     media = (f'backend = "kernel"\nport_min = {RELAY_PORTS[0]}\nport_max = {RELAY_PORTS[1]}\n'
-             "no_media_timeout = 3600.0")
+             f"no_media_timeout = 3600.0\nkernel_fast_path = {'true' if fast_path else 'false'}")
     # thousands of calls a second from the peers' one address: exempt from the
     # per-source admission buckets, as tests/kernelnet.py does for the tests,
     # ... and the per-PBX / per-source call limits raised for the loads offered here
@@ -759,10 +760,13 @@ def sinks(have: list[socket.socket], n: int, ns: str) -> list[socket.socket]:
 
 def kernel_load(exe: Path, net, step: dict, ours: list, theirs: list, sink_socks: list,  # type: ignore[no-untyped-def,type-arg]
                 seconds: float, pids: dict[str, int], mode: list[str]) -> list[dict]:  # type: ignore[type-arg]
-    """One load: the two references, then each target not stopped yet (``step``)."""
+    """One load: the two references, then each target not stopped yet (``step``).
+    ``ref-drop`` sends rtpengine's calls' packets (to its ports): the relay's own would
+    be forwarded by its tc eBPF lane, which runs before the drop rule; rtpengine's miss
+    the lane's map (a lookup the relay's packets make too) and are dropped."""
     n = step["calls"]
     soft = ksoftirqd_pids()
-    spec, eps = call_spec(ours[:n])
+    spec, eps = call_spec(theirs[:n])
     nft = ["ip", "netns", "exec", net.relay_ns, "nft"]
     subprocess.run([*nft, "-f", "-"], input=DROP_TABLE, text=True, check=True)
     try:
@@ -807,7 +811,8 @@ def main_kernel(args: argparse.Namespace, out: Path) -> None:
     relay = None
     try:
         net.up()
-        relay = kernel_relay_proc(net, out)
+        relay = kernel_relay_proc(net, out, fast_path=not args.no_fast_path)
+        results["kernel_fast_path"] = not args.no_fast_path
         with net.inside_peers():
             eng, port, eng_cmd = start_rtpengine(procs, out, RELAY_IP, net.relay_ns, ENGINE_PORTS)
             results["rtpengine_cmd"] = show(eng_cmd)
@@ -867,6 +872,8 @@ def main() -> None:
     ap.add_argument("--loads", help=f"calls per step (default 50,100,200,400,600; --kernel: {KERNEL_LOADS})")
     ap.add_argument("--kernel", action="store_true",
                     help="the kernel media backend vs rtpengine, in network namespaces (root)")
+    ap.add_argument("--no-fast-path", action="store_true",
+                    help="--kernel: the relay's nftables table alone, without the tc eBPF lane")
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--gen", choices=("sendmmsg", "sendto"), default="sendmmsg",
                     help="--kernel: how rtpgen sends (raw socket + sendmmsg, or one sendto per packet)")

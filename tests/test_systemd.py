@@ -425,13 +425,15 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
         assert "Creating user 'pbx-push'" in out.stderr + out.stdout
 
 
-def test_kernel_media_dropin_grants_net_admin_and_netlink_only() -> None:
-    """The capability and address family libnftables needs, nothing more; and a
-    killed relay's table is removed when the service stops."""
+def test_kernel_media_dropin_grants_net_admin_bpf_and_netlink_only() -> None:
+    """The capabilities, address family and system call libnftables and the eBPF
+    fast lane need, nothing more; and a killed relay's table is removed when the
+    service stops (its tc program goes with the process)."""
     text = (UNITS / "kernel-media.conf").read_text()
     lines = [x for x in text.splitlines() if x and not x.startswith("#")]
-    assert lines == ["[Service]", "CapabilityBoundingSet=CAP_NET_ADMIN", "AmbientCapabilities=CAP_NET_ADMIN",
-                     "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+    assert lines == ["[Service]", "CapabilityBoundingSet=CAP_NET_ADMIN CAP_BPF",
+                     "AmbientCapabilities=CAP_NET_ADMIN CAP_BPF",
+                     "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK", "SystemCallFilter=bpf",
                      "ExecStopPost=-/usr/sbin/nft delete table inet pbx_relay"]
     sysctl = (UNITS / "kernel-media.sysctl").read_text()
     assert [x for x in sysctl.splitlines() if x and not x.startswith("#")] == ["net.ipv4.ip_forward = 1"]
