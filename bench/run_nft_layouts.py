@@ -190,7 +190,7 @@ def fast_path(net: KernelNet, dirs: Dirs) -> FastPath:
     """``tcbpf``: maps4f plus the relay's tc eBPF fast lane (relay/media/ebpf.py) on the
     relay's device, every direction in its map: the table sees only what it leaves."""
     with inside(net.relay_ns):
-        fp = FastPath(len(dirs), [socket.if_nametoindex(DEV)])
+        fp = FastPath(RELAY_PORTS, [socket.if_nametoindex(DEV)])
     for s, p, d, o in dirs:
         fp.put(*entry((PEER_IP, s), (RELAY_IP, p), (RELAY_IP, o), (PEER_IP, d)))
         fp.reset(p)

@@ -80,7 +80,7 @@ def lane() -> Iterator[tuple[FastPath, int]]:
             run(*cmd, ns=NS)
         with inside(NS):
             try:
-                fast = FastPath(64, [])
+                fast = FastPath((1024, 65535), [])
             except EbpfUnavailable as e:
                 pytest.skip(str(e))
             ifindex = socket.if_nametoindex("eb0")

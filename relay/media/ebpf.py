@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
 LICENSE = b"Dual MIT/GPL"  # bpf_fib_lookup is GPL-only; the kernel accepts this spelling
@@ -58,8 +59,7 @@ SKB_LEN, SKB_VLAN_PRESENT, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 20, 40, 76, 
 
 KEY = struct.Struct("!4s4sHH")  # as on the wire: IPv4 saddr, daddr, UDP sport, dport
 VALUE_SIZE = 24  # new saddr, daddr, sport, dport (12 bytes), then three checksum deltas (u32, native order)
-COUNTER_SIZE = 16  # per CPU: packets, bytes (u64, native order)
-COUNTER_SLOTS = 1 << 16  # indexed by relay port
+COUNTER_SIZE = 16  # per CPU: packets, bytes (u64, native order), one slot per relay port
 
 
 class EbpfUnavailable(Exception):
@@ -176,7 +176,7 @@ def _checks(a: Asm) -> None:
     a.jump(JNE, R4, R5, "next", reg=True)  # one datagram, unpadded (not GRO'd, not an Ethernet minimum)
 
 
-def program(streams_fd: int, counters_fd: int) -> bytes:
+def program(streams_fd: int, counters_fd: int, port_base: int) -> bytes:
     """The tc ingress program. Registers kept across calls: r6 the context, r7 the
     direction's map value, r8 the FIB's verdict. Stack: fp-16 the key, fp-80
     struct bpf_fib_lookup, fp-84 the counter index."""
@@ -188,7 +188,7 @@ def program(streams_fd: int, counters_fd: int) -> bytes:
     _lookup(a, streams_fd)
     _route(a)
     _rewrite(a)
-    _count(a, counters_fd)
+    _count(a, counters_fd, port_base)
     _redirect(a)
     a.label("next")
     a.mov(R0, TCX_NEXT)
@@ -293,10 +293,12 @@ def _redirect(a: Asm) -> None:
     a.exit()
 
 
-def _count(a: Asm, counters_fd: int) -> None:
-    """counters[relay port] (this CPU's) += 1 packet, IP length bytes."""
+def _count(a: Asm, counters_fd: int, port_base: int) -> None:
+    """counters[relay port - port_base] (this CPU's) += 1 packet, IP length bytes
+    (a port outside the array is not counted: its lookup finds nothing)."""
     a.load(2, R4, FP, -16 + 10)
     a.be16(R4)
+    a.sub(R4, port_base)
     a.store(4, FP, -84, R4)
     a.map_fd(R1, counters_fd)
     a.movr(R2, FP)
@@ -369,27 +371,32 @@ class FastPath:
     """The program, its two maps and its tcx links on some devices; ``close`` (or
     the process's end) detaches and frees everything."""
 
-    def __init__(self, max_streams: int, devices: Iterable[int]):
+    def __init__(self, ports: tuple[int, int], devices: Iterable[int]):
+        """``ports``: the relay's port range (first, end exclusive): at most one
+        direction and one counter slot per port."""
+        self.base, slots = ports[0], ports[1] - ports[0]
+        self._fds: list[int] = []
+        self._keys: dict[int, bytes] = {}  # relay port → its direction's key in ``streams``
         try:
             self._bpf = _Bpf()
             self.ncpu = _possible_cpus()
-            self.streams = self._map(MAP_TYPE_HASH, KEY.size, VALUE_SIZE, max_streams, b"pbx_streams")
-            self.counters = self._map(MAP_TYPE_PERCPU_ARRAY, 4, COUNTER_SIZE, COUNTER_SLOTS, b"pbx_counters")
-        except OSError as e:
-            raise EbpfUnavailable(f"cannot create BPF maps: {e.strerror}") from None
-        self._fds = [self.streams, self.counters]
-        self._keys: dict[int, bytes] = {}  # relay port → its direction's key in ``streams``
-        try:
-            self.prog = self._load(program(self.streams, self.counters))
-            self._fds.append(self.prog)
-            self.devices = [self._attach(i) for i in devices]
+            self.streams = self._map(MAP_TYPE_HASH, KEY.size, VALUE_SIZE, slots, b"pbx_streams")
+            self.counters = self._map(MAP_TYPE_PERCPU_ARRAY, 4, COUNTER_SIZE, slots, b"pbx_counters")
+            self.prog = self._load(program(self.streams, self.counters, self.base))
+            for ifindex in devices:
+                self._attach(ifindex)
         except EbpfUnavailable:
             self.close()
             raise
 
     def _map(self, kind: int, key: int, value: int, entries: int, name: bytes) -> int:
         attr = struct.pack("=IIIIIII16s", kind, key, value, entries, 0, 0, 0, name[:15])
-        return self._bpf(MAP_CREATE, attr)
+        try:
+            fd = self._bpf(MAP_CREATE, attr)
+        except OSError as e:
+            raise EbpfUnavailable(f"cannot create BPF maps: {e.strerror}") from None
+        self._fds.append(fd)
+        return fd
 
     def _load(self, code: bytes) -> int:
         insns = ctypes.create_string_buffer(code, len(code))
@@ -398,20 +405,21 @@ class FastPath:
         attr = struct.pack("=IIQQIIQII16sII", PROG_TYPE_SCHED_CLS, len(code) // 8, _ptr(insns), _ptr(lic),
                            1, len(log), _ptr(log), 0, 0, b"pbx_relay_media", 0, ATTACH_TCX_INGRESS)
         try:
-            return self._bpf(PROG_LOAD, attr)
+            fd = self._bpf(PROG_LOAD, attr)
         except OSError as e:
             tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
             why = " | ".join(tail)
             raise EbpfUnavailable(f"the kernel refused the program: {e.strerror} {why}") from None
+        self._fds.append(fd)
+        return fd
 
-    def _attach(self, ifindex: int) -> int:
+    def _attach(self, ifindex: int) -> None:
         try:
             fd = self._bpf(LINK_CREATE, struct.pack("=IIII", self.prog, ifindex, ATTACH_TCX_INGRESS, 0))
         except OSError as e:
             why = "tcx needs Linux 6.6 or later" if e.errno == errno.EINVAL else e.strerror
             raise EbpfUnavailable(f"cannot attach to interface {ifindex}: {why}") from None
         self._fds.append(fd)
-        return ifindex
 
     # ------------------------------------------------------------- per port
     def forward(self, port: int, src: tuple[str, int], relay: str, out_port: int,
@@ -446,13 +454,13 @@ class FastPath:
 
     def reset(self, port: int) -> None:
         """Zero the relay port's counters (a new stream starts counting there)."""
-        k = ctypes.create_string_buffer(struct.pack("=I", port), 4)
+        k = ctypes.create_string_buffer(struct.pack("=I", port - self.base), 4)
         v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
         self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))
 
     def count(self, port: int) -> tuple[int, int]:
         """(packets, IP bytes) forwarded here for the relay port since its ``reset``."""
-        k = ctypes.create_string_buffer(struct.pack("=I", port), 4)
+        k = ctypes.create_string_buffer(struct.pack("=I", port - self.base), 4)
         v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
         self._bpf(MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))
         per_cpu = struct.unpack(f"={2 * self.ncpu}Q", v.raw)
@@ -480,7 +488,7 @@ class FastPath:
 
 def _possible_cpus() -> int:
     """The per-CPU maps' width: every CPU the kernel could bring up (ranges like 0-3,8)."""
-    text = open("/sys/devices/system/cpu/possible").read().strip()
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     n = 0
     for part in text.split(","):
         lo, _, hi = part.partition("-")

@@ -260,7 +260,7 @@ class KernelForwarder:
             return None
         devices = [(i, name) for i, name in socket.if_nameindex() if name != "lo"]
         try:
-            fast = FastPath(port_range[1] - port_range[0] + 2, [i for i, _ in devices])
+            fast = FastPath(port_range, [i for i, _ in devices])
         except EbpfUnavailable as e:
             log.warning("event=media_fast_path state=off reason=%r (the nftables table forwards alone)",
                         str(e))
