@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.media.ebpf import EbpfUnavailable, FastPath, csum_delta
+from relay.media.ebpf import EbpfUnavailable, FastPath, csum_delta, ethernet_interfaces
 from tests.kernelnet import inside, run, why_no_kernel
 
 RELAY, PHONE, PBX, NEIGH_MAC = "10.1.0.1", "10.1.0.2", "10.1.0.3", "02:00:00:00:00:03"
@@ -193,3 +193,9 @@ def test_csum_delta_turns_the_old_checksum_into_the_new_one(old: bytes, new: byt
     updated = 0xFFFF - _fold((0xFFFF - before) + csum_delta(old, new))
     want = 0xFFFF - _fold(words(rest + new))
     assert updated == want or {updated, want} == {0, 0xFFFF}
+
+
+def test_the_lane_goes_on_ethernet_interfaces_only(lane: tuple[FastPath, int]) -> None:
+    """The program reads an Ethernet header: loopback (and L3 tunnels) are left out."""
+    with inside(NS):
+        assert sorted(name for _, name in ethernet_interfaces()) == ["eb0", "eb1"]

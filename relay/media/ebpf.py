@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import socket
@@ -484,6 +485,26 @@ class FastPath:
         for fd in reversed(self._fds):
             os.close(fd)
         self._fds = []
+
+
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHER = 1
+
+
+def ethernet_interfaces() -> list[tuple[int, str]]:
+    """(index, name) of this namespace's Ethernet interfaces: the program reads an
+    Ethernet header, so it is attached to nothing else (not loopback, not an L3
+    tunnel such as WireGuard, whose frames start at the IP header)."""
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for index, name in socket.if_nameindex():
+            try:
+                req = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("16s16x", name.encode()))
+            except OSError:
+                continue  # gone since the listing
+            if struct.unpack_from("=H", req, 16)[0] == ARPHRD_ETHER:
+                out.append((index, name))
+    return out
 
 
 def _possible_cpus() -> int:

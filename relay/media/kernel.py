@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import trio
 
 from relay.config import ConfigError
-from relay.media.ebpf import EbpfUnavailable, FastPath
+from relay.media.ebpf import EbpfUnavailable, FastPath, ethernet_interfaces
 from relay.media.forwarder import STREAMS_USERSPACE, UdpForwarder
 from relay.media.nft import Nft, NftError
 from relay.media.session import Addr, Leg, MediaBackend
@@ -254,11 +254,11 @@ class KernelForwarder:
 
     def _open_fast_path(self, port_range: tuple[int, int]) -> FastPath | None:
         """The tc eBPF lane in front of the table (relay/media/ebpf.py), on every
-        interface but loopback; IPv4 only. Without it the table forwards alone."""
+        Ethernet interface; IPv4 only. Without it the table forwards alone."""
         if self.family != socket.AF_INET:
             log.info("event=media_fast_path state=off reason=%r", "IPv4 only: the table forwards IPv6")
             return None
-        devices = [(i, name) for i, name in socket.if_nameindex() if name != "lo"]
+        devices = ethernet_interfaces()
         try:
             fast = FastPath(port_range, [i for i, _ in devices])
         except EbpfUnavailable as e:
