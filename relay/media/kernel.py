@@ -23,6 +23,10 @@ a packet with no UDP checksum (the rewrite cannot keep a zero checksum), an IP
 fragment (only the first carries the ports; the socket gets the datagram whole) -
 misses the map and reaches the socket, where the userspace latch drops and counts
 it. docs/media.md ("Kernel forwarding") has the measurements and the choices.
+
+In front of the table, for IPv4, a tc eBPF program forwards the same directions
+before the IP stack (relay/media/ebpf.py, ``[media] kernel_fast_path``): every
+change below goes to both, and the counts are the sum of both.
 """
 
 from __future__ import annotations
@@ -220,7 +224,8 @@ class ForwardingBackend(MediaBackend, Protocol):
 
 class KernelForwarder:
     """MediaBackend: the userspace forwarder for first packets and strangers, the
-    kernel (nftables maps) for every latched direction."""
+    kernel for every latched direction (the eBPF fast lane for IPv4 where it can run,
+    and the nftables maps, which hold every direction, for what the lane leaves)."""
 
     def __init__(self, address: str, count: Callable[[str, int], None],
                  port_range: tuple[int, int], poll: float = POLL_MAX, fast_path: bool = True):
@@ -339,27 +344,31 @@ class KernelForwarder:
         if self._run_commands(counter_commands("add", new_counters) + commands):
             for port, out in new_counters.items():
                 self._kernel[port] = PortState(out, next(self._epochs))
-                self._fast_call("reset", port)
+                self._fast_reset(port)
             for port, want in changes.items():
                 self._set_direction(port, want)
                 self._fast_set(port, want)
 
+    def _fast_reset(self, port: int) -> None:
+        self._fast_change("reset", lambda fast: fast.reset(port))
+
     def _fast_set(self, port: int, want: Direction | None) -> None:
         if want is None:
-            self._fast_call("stop_forwarding", port)
+            self._fast_change("stop", lambda fast: fast.stop_forwarding(port))
         else:
-            self._fast_call("forward", port, want.src, self.address, want.out_port, want.dst)
+            self._fast_change("forward", lambda fast: fast.forward(port, want.src, self.address,
+                                                                    want.out_port, want.dst))
 
-    def _fast_call(self, op: str, *args: Any) -> None:
+    def _fast_change(self, what: str, change: Callable[[FastPath], None]) -> None:
         """One change to the fast lane; a refusal (its map full, say) only leaves the
         direction to the table, which has it too."""
         if self._fast is None:
             return
         try:
-            getattr(self._fast, op)(*args)
+            change(self._fast)
         except OSError as e:
             self.count("media_kernel_errors_total", 1)
-            log.warning("event=media_kernel_error op=fast_path_%s error=%s", op, e.strerror)
+            log.warning("event=media_kernel_error op=fast_path_%s error=%s", what, e.strerror)
 
     def _set_direction(self, port: int, want: Direction | None) -> None:
         state = self._kernel[port]
@@ -413,7 +422,7 @@ class KernelForwarder:
             if state.direction is not None:
                 self._set_direction(port, None)
         self._kernel.clear()
-        self._fast_call("stop_all")
+        self._fast_change("stop", lambda fast: fast.stop_all())
         try:
             self._nft.run(self._ruleset)
         except NftError as e:
