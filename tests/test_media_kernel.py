@@ -252,10 +252,14 @@ def test_kill_9_and_restart_leaves_nothing_forwarding(tmp_path: Path) -> None:
                 assert a.wait_for(10) == 10 and b.wait_for(10) == 10
                 _handed_over(relay)
                 assert relay.proc is not None
+                counted = _table_counted(net)
                 relay.proc.kill()
                 relay.proc.wait()
                 exchange(a, b, 10)  # still forwarded: nobody removed the table
                 assert a.wait_for(20) == 20 and b.wait_for(20) == 20
+                # ... by the table: the eBPF lane left with the process (its links and
+                # maps were its file descriptors), so these 20 went through the table.
+                assert _table_counted(net) == counted + 20
                 peers.close()
                 relay = start_kernel_relay(net, tmp_path / "relay2")
                 assert '"elem"' not in net.nft("-j", "list", "table", "inet", "pbx_relay")
