@@ -50,6 +50,18 @@ def why_no_kernel() -> str | None:
     return None
 
 
+def why_no_fast_path() -> str | None:
+    """Why the kernel backend's eBPF lane cannot run here (None: it can): a program
+    loaded and dropped again, attached nowhere."""
+    from relay.media.ebpf import EbpfUnavailable, FastPath
+
+    try:
+        FastPath((10000, 10010), []).close()
+    except EbpfUnavailable as e:
+        return str(e)
+    return None
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

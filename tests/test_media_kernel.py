@@ -33,6 +33,7 @@ from tests.kernelnet import (
     kernel_relay,
     run,
     start_kernel_relay,
+    why_no_fast_path,
     why_no_kernel,
 )
 from tests.media_peers import Call, MediaEndpoint, Peers, establish, exchange, hang_up, wait_metric
@@ -51,6 +52,8 @@ UNLATCHED = f'{M}media_dropped_total{{reason="unlatched_source"}}'
 @pytest.fixture(params=["fast_path", "table_only"])
 def kernel(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[KernelNet, RelayProc, Peers]]:
     media = "kernel_fast_path = false\n" if request.param == "table_only" else ""
+    if request.param == "fast_path" and (why := why_no_fast_path()):
+        pytest.skip(f"the eBPF fast lane cannot run here: {why}")
     with kernel_relay(f"km{os.getpid()}-", tmp_path / "relay", media) as (net, relay):
         peers = Peers(relay)
         try:
