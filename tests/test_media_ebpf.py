@@ -37,9 +37,12 @@ def _sum(data: bytes) -> int:
     return s
 
 
+MAC = {"eb0": b""}  # the scratch veth's own address, once the namespace exists
+
+
 def frame(src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, ttl: int = 64, frag: int = 0,
-          checksum: bool = True, options: bytes = b"") -> bytes:
-    """Ethernet + IPv4 + UDP with correct checksums (as a peer's stack sends it)."""
+          checksum: bool = True, options: bytes = b"", to_mac: bytes | None = None) -> bytes:
+    """Ethernet (to the veth's MAC) + IPv4 + UDP with correct checksums, as a peer sends it."""
     ulen = 8 + len(payload)
     pseudo = socket.inet_aton(src[0]) + socket.inet_aton(dst[0]) + struct.pack("!BBH", 0, 17, ulen)
     c = 0
@@ -50,7 +53,7 @@ def frame(src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, ttl: in
     ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + ulen, 1, frag, ttl, 17, 0,
                      socket.inet_aton(src[0]), socket.inet_aton(dst[0])) + options
     ip = ip[:10] + struct.pack("!H", 0xFFFF - _sum(ip)) + ip[12:]
-    return bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + udp + payload
+    return (to_mac or MAC["eb0"]) + bytes.fromhex("020000000002") + b"\x08\x00" + ip + udp + payload
 
 
 def checksums_valid(f: bytes) -> tuple[bool, bool]:
@@ -84,6 +87,8 @@ def lane() -> Iterator[tuple[FastPath, int]]:
             except EbpfUnavailable as e:
                 pytest.skip(str(e))
             ifindex = socket.if_nametoindex("eb0")
+        own = run("cat", "/sys/class/net/eb0/address", ns=NS).stdout.strip()
+        MAC["eb0"] = bytes.fromhex(own.replace(":", ""))
         try:
             yield fast, ifindex
         finally:
@@ -103,8 +108,7 @@ def test_a_latched_direction_is_rewritten_counted_and_redirected(lane: tuple[Fas
     assert out[22] == 63  # TTL - 1, as a router would
     assert checksums_valid(out) == (True, True)
     assert out[:6] == bytes.fromhex(NEIGH_MAC.replace(":", ""))  # the neighbour's MAC
-    own = run("cat", "/sys/class/net/eb0/address", ns=NS).stdout.strip()
-    assert out[6:12] == bytes.fromhex(own.replace(":", ""))
+    assert out[6:12] == MAC["eb0"]  # from the interface the FIB named
     assert out[38:40] == sent[38:40] and out[42:] == sent[42:]  # UDP length and payload untouched
     assert fast.count(20000) == (1, len(sent) - 14)
     fast.stop_forwarding(20000)
@@ -120,6 +124,8 @@ MISSES = {
     "IP options": dict(options=b"\x01\x01\x01\x00"),
     "no UDP checksum": dict(checksum=False),
     "TTL 1": dict(ttl=1),
+    "to another host's MAC (promiscuous)": dict(to_mac=bytes.fromhex("020000000009")),
+    "to the broadcast MAC": dict(to_mac=b"\xff" * 6),
 }
 
 
@@ -146,7 +152,7 @@ def test_padded_frames_unroutable_destinations_and_ipv6_go_on(lane: tuple[FastPa
     assert _test_run(fast, padded, ifindex) == (NEXT, padded)
     unroutable = frame((PHONE, 4000), (RELAY, 20012), b"\x80" * 40)
     assert _test_run(fast, unroutable, ifindex) == (NEXT, unroutable)
-    v6 = bytes.fromhex("020000000001020000000002") + b"\x86\xdd" + bytes(40 + 8 + 40)
+    v6 = MAC["eb0"] + bytes.fromhex("020000000002") + b"\x86\xdd" + bytes(40 + 8 + 40)
     assert _test_run(fast, v6, ifindex) == (NEXT, v6)
 
 

@@ -56,7 +56,8 @@ F_PSEUDO_HDR = 1 << 4
 FIB_SUCCESS, FIB_NO_NEIGH = 0, 7
 TCX_NEXT = -1  # "not mine": the next program, or the stack
 # struct __sk_buff offsets
-SKB_LEN, SKB_VLAN_PRESENT, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 20, 40, 76, 80
+SKB_LEN, SKB_PKT_TYPE, SKB_VLAN_PRESENT, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 4, 20, 40, 76, 80
+PACKET_HOST = 0
 
 KEY = struct.Struct("!4s4sHH")  # as on the wire: IPv4 saddr, daddr, UDP sport, dport
 VALUE_SIZE = 24  # new saddr, daddr, sport, dport (12 bytes), then three checksum deltas (u32, native order)
@@ -152,6 +153,8 @@ class Asm:
 def _checks(a: Asm) -> None:
     """Leave the packet to the stack unless it is a plain IPv4/UDP frame the rewrite
     keeps right: r2 = data, r6 = ctx; jumps to "next" otherwise."""
+    a.load(4, R4, R6, SKB_PKT_TYPE)
+    a.jump(JNE, R4, PACKET_HOST, "next")  # not to our MAC (promiscuous, broadcast): not ours to forward
     a.load(4, R4, R6, SKB_VLAN_PRESENT)
     a.jump(JNE, R4, 0, "next")
     a.movr(R4, R2)
