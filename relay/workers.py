@@ -82,8 +82,8 @@ WORKER_FLAG = "--worker"
 def default_workers(cfg: RelayConfig, cpus: int | None) -> int:
     """How many workers ``run`` starts without ``--workers``: one per core when a shared
     store is configured (the workers share state there, the embedded push service's
-    devices and push log too), else one."""
-    if not cfg.cluster.redis_url:
+    devices and push log too), else one; one with media in the kernel (``kernel_media``)."""
+    if not cfg.cluster.redis_url or kernel_media(cfg):
         return 1
     cores = max(1, min(cpus or 1, MAX_WORKERS))
     if cfg.media.enabled:
@@ -103,9 +103,20 @@ def check_workers(cfg: RelayConfig, count: int) -> None:
                           "redis_url = \"redis://127.0.0.1:6379\" with Debian's redis-server)")
     if len(f"{cfg.node_id}-w{count - 1}") > 64:
         raise ConfigError(f"cluster.node_id {cfg.node_id!r} is too long for worker ids (<node_id>-w<i>)")
+    if kernel_media(cfg):
+        raise ConfigError(f"--workers {count}: media.backend = {cfg.media.backend!r} in {cfg.source} runs "
+                          "in one process (one nftables table and forward fence per network namespace): "
+                          "--workers 1, or media.backend = \"userspace\"")
     if cfg.media.enabled and _slice_size(cfg, count) < 6:
         raise ConfigError(f"media.port_min/port_max: {count} workers need at least {6 * count} ports "
                           "(each its own slice, room for 2 RTP/RTCP pairs and more)")
+
+
+def kernel_media(cfg: RelayConfig) -> bool:
+    """Media may be forwarded by the kernel ("kernel", or "auto", which picks it where
+    it can run): its table and fence belong to one process per network namespace, so
+    several workers would replace each other's table and drop each other's packets."""
+    return cfg.media.enabled and cfg.media.backend in ("kernel", "auto")
 
 
 def _slice_size(cfg: RelayConfig, count: int) -> int:

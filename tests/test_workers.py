@@ -122,6 +122,9 @@ def test_each_worker_gets_its_node_id_ports_and_a_slice_of_the_rtp_range(tmp_pat
 @pytest.mark.parametrize(("text", "says"), [
     ("", "--workers 2 needs [cluster] redis_url"),  # the embedded push service too: no Redis, no workers
     (CLUSTER + "[media]\nport_min = 10000\nport_max = 10008\n", "workers need at least 12 ports"),
+    # one nftables table and fence per network namespace: one process forwards media in the kernel
+    (CLUSTER + '[media]\nbackend = "kernel"\n', "media.backend = 'kernel'"),
+    (CLUSTER + '[media]\nbackend = "auto"\n', "media.backend = 'auto'"),
 ])
 def test_what_workers_cannot_run_with_is_refused(tmp_path: Path, text: str, says: str) -> None:
     cfg = load(tmp_path, text)
@@ -138,6 +141,8 @@ def test_by_default_one_worker_per_core_when_redis_is_configured(tmp_path: Path)
     assert default_workers(clustered, 4) == 4
     assert default_workers(clustered, 1) == 1
     assert default_workers(clustered, None) == 1
+    # Media in the kernel: one process whatever the cores (its table is per namespace).
+    assert default_workers(load(tmp_path, CLUSTER + '[media]\nbackend = "kernel"\n'), 4) == 1
     assert default_workers(clustered, 500) == 64  # MAX_WORKERS
     alone = load(tmp_path, '[push]\nmode = "off"\n')
     assert default_workers(alone, 8) == 1
