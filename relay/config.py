@@ -113,7 +113,7 @@ class MediaSection:
     backend: str = "userspace"
     """userspace, kernel (nftables; CAP_NET_ADMIN) or auto (kernel when it can run); docs/media.md."""
     kernel_fast_path: bool = True
-    """kernel backend: latched IPv4 streams forwarded by tc eBPF before the IP stack (Linux 6.6+)."""
+    """kernel backend: latched streams forwarded by tc eBPF before the IP stack (Linux 6.6+)."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from relay.media.ebpf import EbpfUnavailable, FastPath, csum_delta, ethernet_int
 from tests.kernelnet import inside, run, why_no_kernel
 
 RELAY, PHONE, PBX, NEIGH_MAC = "10.1.0.1", "10.1.0.2", "10.1.0.3", "02:00:00:00:00:03"
+RELAY6, PHONE6, PBX6 = "fd00:1::1", "2001:db8:7::2", "fd00:1::3"
 REDIRECT, NEXT = 7, -1
 NS = f"ebpf{os.getpid()}"
 
@@ -62,6 +63,25 @@ def checksums_valid(f: bytes) -> tuple[bool, bool]:
     return _sum(ip) == 0xFFFF, _sum(pseudo + udp) == 0xFFFF
 
 
+def frame6(src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, hops: int = 64,
+           next_header: int = 17, checksum: bool = True) -> bytes:
+    """Ethernet + IPv6 + UDP (RFC 8200 §8.1 pseudo-header checksum)."""
+    ulen = 8 + len(payload)
+    addrs = socket.inet_pton(socket.AF_INET6, src[0]) + socket.inet_pton(socket.AF_INET6, dst[0])
+    c = 0
+    if checksum:
+        pseudo = addrs + struct.pack("!IxxxB", ulen, 17)
+        c = 0xFFFF - _sum(pseudo + struct.pack("!HHHH", src[1], dst[1], ulen, 0) + payload) or 0xFFFF
+    ip = struct.pack("!IHBB", 6 << 28, ulen, next_header, hops) + addrs
+    udp = struct.pack("!HHHH", src[1], dst[1], ulen, c)
+    return MAC["eb0"] + bytes.fromhex("020000000002") + b"\x86\xdd" + ip + udp + payload
+
+
+def checksum6_valid(f: bytes) -> bool:
+    ip, udp = f[14:54], f[54:]
+    return _sum(ip[8:40] + struct.pack("!IxxxB", len(udp), 17) + udp) == 0xFFFF
+
+
 def _test_run(fast: FastPath, f: bytes, ifindex: int) -> tuple[int, bytes]:
     """The kernel builds the test's skb in the caller's namespace: the scratch one."""
     with inside(NS):
@@ -79,7 +99,10 @@ def lane() -> Iterator[tuple[FastPath, int]]:
                     ("ip", "link", "set", "eb0", "up"), ("ip", "link", "set", "eb1", "up"),
                     ("ip", "addr", "add", f"{RELAY}/24", "dev", "eb0"),
                     ("ip", "neigh", "add", PBX, "lladdr", NEIGH_MAC, "dev", "eb0"),
-                    ("sysctl", "-qw", "net.ipv4.ip_forward=1")):
+                    ("ip", "-6", "addr", "add", f"{RELAY6}/64", "dev", "eb0", "nodad"),
+                    ("ip", "-6", "neigh", "add", PBX6, "lladdr", NEIGH_MAC, "dev", "eb0"),
+                    ("sysctl", "-qw", "net.ipv4.ip_forward=1"),
+                    ("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")):
             run(*cmd, ns=NS)
         with inside(NS):
             try:
@@ -143,7 +166,7 @@ def test_what_the_lane_leaves_to_the_stack_goes_on_untouched(lane: tuple[FastPat
     assert fast.count(20004) == (0, 0)
 
 
-def test_padded_frames_unroutable_destinations_and_ipv6_go_on(lane: tuple[FastPath, int]) -> None:
+def test_padded_frames_unroutable_destinations_and_a_bad_ip_version_go_on(lane: tuple[FastPath, int]) -> None:
     fast, ifindex = lane
     fast.forward(20008, (PHONE, 4000), RELAY, 20010, (PBX, 5000))
     fast.forward(20012, (PHONE, 4000), RELAY, 20014, ("192.0.2.9", 5000))  # no route there
@@ -152,7 +175,7 @@ def test_padded_frames_unroutable_destinations_and_ipv6_go_on(lane: tuple[FastPa
     assert _test_run(fast, padded, ifindex) == (NEXT, padded)
     unroutable = frame((PHONE, 4000), (RELAY, 20012), b"\x80" * 40)
     assert _test_run(fast, unroutable, ifindex) == (NEXT, unroutable)
-    v6 = MAC["eb0"] + bytes.fromhex("020000000002") + b"\x86\xdd" + bytes(40 + 8 + 40)
+    v6 = MAC["eb0"] + bytes.fromhex("020000000002") + b"\x86\xdd" + bytes(40 + 8 + 40)  # version 0
     assert _test_run(fast, v6, ifindex) == (NEXT, v6)
 
 
@@ -205,3 +228,47 @@ def test_the_lane_goes_on_ethernet_interfaces_only(lane: tuple[FastPath, int]) -
     """The program reads an Ethernet header: loopback (and L3 tunnels) are left out."""
     with inside(NS):
         assert sorted(name for _, name in ethernet_interfaces()) == ["eb0", "eb1"]
+
+
+def test_an_ipv6_direction_is_rewritten_counted_and_redirected(lane: tuple[FastPath, int]) -> None:
+    fast, ifindex = lane
+    fast.forward(21000, (PHONE6, 4000), RELAY6, 21002, (PBX6, 5000))
+    fast.reset(21000)
+    sent = frame6((PHONE6, 4000), (RELAY6, 21000), b"\x80" * 172, hops=64)
+    verdict, out = _test_run(fast, sent, ifindex)
+    assert verdict == REDIRECT
+    assert out[22:58] == (socket.inet_pton(socket.AF_INET6, RELAY6) + socket.inet_pton(socket.AF_INET6, PBX6)
+                          + struct.pack("!HH", 21002, 5000))
+    assert out[21] == 63  # hop limit - 1
+    assert checksum6_valid(out)
+    assert out[:6] == bytes.fromhex(NEIGH_MAC.replace(":", "")) and out[6:12] == MAC["eb0"]
+    assert out[58:60] == sent[58:60] and out[62:] == sent[62:]
+    assert fast.count(21000) == (1, len(sent) - 14)
+    for why, other in (("another source port", frame6((PHONE6, 4001), (RELAY6, 21000), b"x" * 40)),
+                       ("an extension header", frame6((PHONE6, 4000), (RELAY6, 21000), b"x" * 40,
+                                                      next_header=0)),
+                       ("hop limit 1", frame6((PHONE6, 4000), (RELAY6, 21000), b"x" * 40, hops=1)),
+                       ("no checksum", frame6((PHONE6, 4000), (RELAY6, 21000), b"x" * 40, checksum=False))):
+        assert _test_run(fast, other, ifindex) == (NEXT, other), why
+    fast.stop_forwarding(21000)
+    assert _test_run(fast, sent, ifindex) == (NEXT, sent)
+    assert fast.count(21000) == (1, len(sent) - 14)
+
+
+@settings(max_examples=100, deadline=None)
+@given(src=st.tuples(st.binary(min_size=16, max_size=16), st.integers(1, 65535)),
+       relay_port=st.integers(1024, 65534), out_port=st.integers(1024, 65535),
+       dst=st.tuples(st.integers(4, 2**16 - 1), st.integers(1, 65535)), payload=st.binary(max_size=300))
+def test_ipv6_checksums_stay_valid_for_any_addresses_ports_and_payload(
+        lane: tuple[FastPath, int], src: tuple[bytes, int], relay_port: int, out_port: int,
+        dst: tuple[int, int], payload: bytes) -> None:
+    fast, ifindex = lane
+    src_addr = (socket.inet_ntop(socket.AF_INET6, src[0]), src[1])
+    dst_addr = (f"fd00:1::{dst[0]:x}", dst[1])  # on the veth's link
+    fast.forward(relay_port, src_addr, RELAY6, out_port, dst_addr)
+    try:
+        verdict, out = _test_run(fast, frame6(src_addr, (RELAY6, relay_port), payload), ifindex)
+    finally:
+        fast.stop_forwarding(relay_port)
+    assert verdict == REDIRECT
+    assert checksum6_valid(out)

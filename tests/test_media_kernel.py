@@ -7,7 +7,7 @@ What is asserted is what crossed the wire: packets that reached the far end
 while the relay process was stopped, packets that did not arrive after BYE or
 after a restart, the UDP checksum a receiver verified. Every test that takes the
 ``kernel`` fixture runs twice: with the eBPF fast lane in front of the table (the
-default: relay/media/ebpf.py carries latched IPv4 streams) and with the table
+default: relay/media/ebpf.py carries latched streams) and with the table
 alone (``kernel_fast_path = false``, what IPv6 and kernels before 6.6 get).
 """
 
@@ -325,9 +325,11 @@ def test_without_ip_forwarding_kernel_refuses_to_start_and_auto_falls_back(tmp_p
         net.down()
 
 
-def test_ipv6_table_loads_and_goes(tmp_path: Path) -> None:
+def test_ipv6_table_loads_and_goes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An IPv6 media address gets the same table with ip6 maps (what the kernel
-    accepts, not only what nft parses)."""
+    accepts, not only what nft parses), and the eBPF lane in front of it where it can
+    run (its IPv6 path is run on frames in tests/test_media_ebpf.py)."""
+    caplog.set_level("INFO", logger="relay")
     net = KernelNet(f"k6{os.getpid()}-")
     try:
         net.up()
@@ -338,6 +340,8 @@ def test_ipv6_table_loads_and_goes(tmp_path: Path) -> None:
             fwd.stop()
         assert "ip6 daddr 2001:db8::10 udp dport 10000-20000 notrack" in listing
         assert "type ipv6_addr . inet_service . inet_service : mark" in listing
+        lane = [r.getMessage() for r in caplog.records if "event=media_fast_path" in r.getMessage()]
+        assert len(lane) == 1 and ("state=on" in lane[0]) == (why_no_fast_path() is None), lane
         assert net.relay_table() == ""
     finally:
         net.down()

@@ -4,15 +4,15 @@ nftables forwards a latched stream through the whole IP path: raw prerouting,
 routing, ``ip_forward``, the forward hook, neighbour output - about 1.6 µs per
 packet here, flat with load (bench/RESULTS.md). This program runs at the
 device's tc ingress, before all of that: a packet whose (source address,
-relay address, source port, relay port) is a latched IPv4 direction in the
-``streams`` hash map is rewritten in place (the same four fields nftables
-rewrites, TTL - 1, checksums updated incrementally), counted in a per-CPU
+relay address, source port, relay port) is a latched direction in the
+``streams`` hash map of its IP version is rewritten in place (the same four
+fields nftables rewrites, TTL / hop limit - 1, checksums updated incrementally), counted in a per-CPU
 array indexed by relay port and redirected to the egress of the device the
 kernel's FIB names for its new destination (``bpf_fib_lookup``;
 ``bpf_redirect_neigh`` when the neighbour is not resolved yet).
 
-It is an accelerator, never the authority: anything it does not take - IPv6,
-IP options, fragments, no UDP checksum, TTL ≤ 1, a VLAN tag, a GRO'd or padded
+It is an accelerator, never the authority: anything it does not take - IPv4
+options, IPv6 extension headers, fragments, no UDP checksum, TTL ≤ 1, a VLAN tag, a GRO'd or padded
 frame, a destination the FIB cannot forward to - goes on (``TCX_NEXT``) into
 the IP stack, where the nftables table (which holds every direction too) or
 the userspace latch deals with it exactly as without this program. So a
@@ -39,6 +39,7 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}
@@ -59,8 +60,8 @@ TCX_NEXT = -1  # "not mine": the next program, or the stack
 SKB_LEN, SKB_PKT_TYPE, SKB_VLAN_PRESENT, SKB_IFINDEX, SKB_DATA, SKB_DATA_END = 0, 4, 20, 40, 76, 80
 PACKET_HOST = 0
 
-KEY = struct.Struct("!4s4sHH")  # as on the wire: IPv4 saddr, daddr, UDP sport, dport
-VALUE_SIZE = 24  # new saddr, daddr, sport, dport (12 bytes), then three checksum deltas (u32, native order)
+# A direction's key is (saddr, daddr, sport, dport) as on the wire; its value the same
+# four fields as they leave, then the checksum deltas (u32, native order, ``Family.deltas``).
 COUNTER_SIZE = 16  # per CPU: packets, bytes (u64, native order), one slot per relay port
 
 
@@ -150,165 +151,225 @@ class Asm:
         return bytes(out)
 
 
-def _checks(a: Asm) -> None:
-    """Leave the packet to the stack unless it is a plain IPv4/UDP frame the rewrite
-    keeps right: r2 = data, r6 = ctx; jumps to "next" otherwise."""
+@dataclass(frozen=True)
+class Family:
+    """Where an IP version keeps what the program reads and writes (offsets in its
+    header; no IPv4 options, no IPv6 extension headers)."""
+
+    tag: str  # label suffix
+    af: int
+    ethertype: bytes
+    header: int  # IP header length
+    addr: int  # address length
+    addrs_at: int  # saddr, then daddr, then (in the UDP header right after) the ports
+    hops_at: int  # TTL / hop limit
+    proto_at: int  # protocol / next header
+    length_at: int  # total length / payload length
+    length_adds: int  # what the length field leaves out of the IP packet
+    deltas: tuple[tuple[int, int], ...]  # (checksum helper, flags) per u32 delta in the value
+
+    @property
+    def key_size(self) -> int:
+        return 2 * self.addr + 4
+
+    @property
+    def value_size(self) -> int:
+        return self.key_size + 4 * len(self.deltas)
+
+    @property
+    def key_at(self) -> int:
+        """The key on the stack: it ends at fp-4, so the relay port is at fp-6 for both."""
+        return -4 - self.key_size
+
+    @property
+    def fib_at(self) -> int:
+        return self.key_at - 64  # struct bpf_fib_lookup
+
+    @property
+    def udp_csum(self) -> int:
+        return 14 + self.header + 6
+
+
+V4 = Family("4", socket.AF_INET, b"\x08\x00", 20, 4, 12, 8, 9, 2, 0,
+            ((L3_CSUM_REPLACE, 0), (L4_CSUM_REPLACE, F_PSEUDO_HDR), (L4_CSUM_REPLACE, 0)))
+V6 = Family("6", socket.AF_INET6, b"\x86\xdd", 40, 16, 8, 7, 6, 4, 40,
+            ((L4_CSUM_REPLACE, F_PSEUDO_HDR), (L4_CSUM_REPLACE, 0)))
+
+
+def program(streams: dict[int, int], counters_fd: int, port_base: int) -> bytes:
+    """The tc ingress program (``streams``: address family → its hash map's fd).
+    Registers kept across calls: r6 the context, r7 the direction's map value, r8
+    the FIB's verdict. Stack: the key ending at fp-4, struct bpf_fib_lookup below
+    it, the counter index below that."""
+    a = Asm()
+    a.movr(R6, R1)
     a.load(4, R4, R6, SKB_PKT_TYPE)
     a.jump(JNE, R4, PACKET_HOST, "next")  # not to our MAC (promiscuous, broadcast): not ours to forward
     a.load(4, R4, R6, SKB_VLAN_PRESENT)
     a.jump(JNE, R4, 0, "next")
-    a.movr(R4, R2)
-    a.add(R4, 14 + 20 + 8)
-    a.jump(JGT, R4, R3, "next", reg=True)  # Ethernet + IPv4 without options + UDP in the linear data
-    a.load(2, R4, R2, 12)
-    a.jump(JNE, R4, int.from_bytes(b"\x08\x00", sys.byteorder), "next")  # EtherType IPv4
-    a.load(1, R4, R2, 14)
-    a.jump(JNE, R4, 0x45, "next")  # version 4, no options
-    a.load(1, R4, R2, 14 + 9)
-    a.jump(JNE, R4, socket.IPPROTO_UDP, "next")
-    a.load(2, R4, R2, 14 + 6)
-    a.and_(R4, int.from_bytes(b"\x3f\xff", sys.byteorder))
-    a.jump(JNE, R4, 0, "next")  # a fragment (MF or an offset): the socket gets it whole
-    a.load(2, R4, R2, 14 + 20 + 6)
-    a.jump(JEQ, R4, 0, "next")  # no UDP checksum: the rewrite cannot keep it zero
-    a.load(1, R4, R2, 14 + 8)
-    a.jump(JLE, R4, 1, "next")  # TTL: the stack sends the ICMP time exceeded
-    a.load(2, R5, R2, 14 + 2)
-    a.be16(R5)
-    a.add(R5, 14)
-    a.load(4, R4, R6, SKB_LEN)
-    a.jump(JNE, R4, R5, "next", reg=True)  # one datagram, unpadded (not GRO'd, not an Ethernet minimum)
-
-
-def program(streams_fd: int, counters_fd: int, port_base: int) -> bytes:
-    """The tc ingress program. Registers kept across calls: r6 the context, r7 the
-    direction's map value, r8 the FIB's verdict. Stack: fp-16 the key, fp-80
-    struct bpf_fib_lookup, fp-84 the counter index."""
-    a = Asm()
-    a.movr(R6, R1)
     a.load(4, R2, R6, SKB_DATA)
     a.load(4, R3, R6, SKB_DATA_END)
-    _checks(a)
-    _lookup(a, streams_fd)
-    _route(a)
-    _rewrite(a)
-    _count(a, counters_fd, port_base)
-    _redirect(a)
+    a.movr(R4, R2)
+    a.add(R4, 14)
+    a.jump(JGT, R4, R3, "next", reg=True)
+    a.load(2, R4, R2, 12)
+    for f in (V4, V6):
+        a.jump(JEQ, R4, int.from_bytes(f.ethertype, sys.byteorder), "ip" + f.tag)
+    a.goto("next")
+    for f in (V4, V6):
+        a.label("ip" + f.tag)
+        _checks(a, f)
+        _lookup(a, f, streams[f.af])
+        _route(a, f)
+        _rewrite(a, f)
+        _count(a, f, counters_fd, port_base)
+        _redirect(a, f)
     a.label("next")
     a.mov(R0, TCX_NEXT)
     a.exit()
     return a.code()
 
 
-def _lookup(a: Asm, streams_fd: int) -> None:
-    """r7 = streams[saddr, daddr, sport, dport] (12 contiguous bytes: IPv4 without
-    options), or on to "next"."""
-    for off in (0, 4, 8):
-        a.load(4, R4, R2, 14 + 12 + off)
-        a.store(4, FP, -16 + off, R4)
+def _checks(a: Asm, f: Family) -> None:
+    """On to "next" unless the frame is one plain UDP datagram the rewrite keeps
+    right (r2 = data, r3 = data_end, r6 = ctx)."""
+    a.movr(R4, R2)
+    a.add(R4, 14 + f.header + 8)
+    a.jump(JGT, R4, R3, "next", reg=True)  # Ethernet + IP + UDP headers in the linear data
+    if f is V4:
+        a.load(1, R4, R2, 14)
+        a.jump(JNE, R4, 0x45, "next")  # version 4, no options
+        a.load(2, R4, R2, 14 + 6)
+        a.and_(R4, int.from_bytes(b"\x3f\xff", sys.byteorder))
+        a.jump(JNE, R4, 0, "next")  # a fragment (MF or an offset): the socket gets it whole
+    else:
+        a.load(1, R4, R2, 14)
+        a.and_(R4, 0xF0)
+        a.jump(JNE, R4, 0x60, "next")  # version 6
+    a.load(1, R4, R2, 14 + f.proto_at)
+    a.jump(JNE, R4, socket.IPPROTO_UDP, "next")  # (IPv6: no extension header, so no fragment either)
+    a.load(2, R4, R2, f.udp_csum)
+    a.jump(JEQ, R4, 0, "next")  # no UDP checksum: the rewrite cannot keep it zero
+    a.load(1, R4, R2, 14 + f.hops_at)
+    a.jump(JLE, R4, 1, "next")  # TTL / hop limit: the stack sends the ICMP time exceeded
+    a.load(2, R5, R2, 14 + f.length_at)
+    a.be16(R5)
+    a.add(R5, 14 + f.length_adds)
+    a.load(4, R4, R6, SKB_LEN)
+    a.jump(JNE, R4, R5, "next", reg=True)  # one datagram, unpadded (not GRO'd, not an Ethernet minimum)
+
+
+def _lookup(a: Asm, f: Family, streams_fd: int) -> None:
+    """r7 = streams[saddr, daddr, sport, dport] (contiguous in the packet), or on to "next"."""
+    for off in range(0, f.key_size, 4):
+        a.load(4, R4, R2, 14 + f.addrs_at + off)
+        a.store(4, FP, f.key_at + off, R4)
     a.map_fd(R1, streams_fd)
     a.movr(R2, FP)
-    a.add(R2, -16)
+    a.add(R2, f.key_at)
     a.call(MAP_LOOKUP)
     a.jump(JEQ, R0, 0, "next")
     a.movr(R7, R0)
 
 
-def _route(a: Asm) -> None:
+def _route(a: Asm, f: Family) -> None:
     """Ask the FIB where the rewritten packet goes, before rewriting it: a packet
     it cannot forward (no route, the MTU, forwarding off) goes on untouched."""
+    p = f.fib_at
     for off in range(0, 64, 8):
-        a.store_imm(8, FP, -80 + off, 0)
-    a.store_imm(1, FP, -80, socket.AF_INET)
-    a.store_imm(1, FP, -79, socket.IPPROTO_UDP)
-    for off in (8, 10):  # sport, dport (the stack wants aligned halves)
-        a.load(2, R4, R7, off)
-        a.store(2, FP, -78 + off - 8, R4)
+        a.store_imm(8, FP, p + off, 0)
+    a.store_imm(1, FP, p, f.af)
+    a.store_imm(1, FP, p + 1, socket.IPPROTO_UDP)
+    for off in (0, 2):  # sport, dport (the stack wants aligned halves)
+        a.load(2, R4, R7, 2 * f.addr + off)
+        a.store(2, FP, p + 2 + off, R4)
     a.load(4, R4, R6, SKB_LEN)
     a.sub(R4, 14)
-    a.store(2, FP, -74, R4)  # tot_len (host order): checked against the MTU
+    a.store(2, FP, p + 6, R4)  # tot_len (host order): checked against the MTU
     a.load(4, R4, R6, SKB_IFINDEX)
-    a.store(4, FP, -72, R4)  # the input interface (its forwarding switch counts)
-    a.load(4, R4, R7, 0)
-    a.store(4, FP, -64, R4)  # ipv4_src
-    a.load(4, R4, R7, 4)
-    a.store(4, FP, -48, R4)  # ipv4_dst
+    a.store(4, FP, p + 8, R4)  # the input interface (its forwarding switch counts)
+    for off in range(0, f.addr, 4):
+        a.load(4, R4, R7, off)
+        a.store(4, FP, p + 16 + off, R4)  # ipv4_src / ipv6_src
+        a.load(4, R4, R7, f.addr + off)
+        a.store(4, FP, p + 32 + off, R4)  # ipv4_dst / ipv6_dst
     a.movr(R1, R6)
     a.movr(R2, FP)
-    a.add(R2, -80)
+    a.add(R2, p)
     a.mov(R3, 64)
     a.mov(R4, 0)
     a.call(FIB_LOOKUP)
     a.movr(R8, R0)
-    a.jump(JEQ, R8, FIB_SUCCESS, "rewrite")
+    a.jump(JEQ, R8, FIB_SUCCESS, "rewrite" + f.tag)
     a.jump(JNE, R8, FIB_NO_NEIGH, "next")
-    a.label("rewrite")
+    a.label("rewrite" + f.tag)
 
 
-def _rewrite(a: Asm) -> None:
-    """TTL - 1, the four fields from the map value, then the IP and UDP checksums
+def _rewrite(a: Asm, f: Family) -> None:
+    """TTL / hop limit - 1, the four fields from the map value, then the checksums
     by the deltas computed when the direction was installed (``entry``)."""
     a.load(4, R2, R6, SKB_DATA)
     a.load(4, R3, R6, SKB_DATA_END)
     a.movr(R4, R2)
-    a.add(R4, 14 + 20 + 8)
+    a.add(R4, 14 + f.header + 8)
     a.jump(JGT, R4, R3, "next", reg=True)
-    a.load(1, R4, R2, 14 + 8)
+    a.load(1, R4, R2, 14 + f.hops_at)
     a.sub(R4, 1)
-    a.store(1, R2, 14 + 8, R4)
-    for off in (0, 4, 8):
+    a.store(1, R2, 14 + f.hops_at, R4)
+    for off in range(0, f.key_size, 4):
         a.load(4, R4, R7, off)
-        a.store(4, R2, 14 + 12 + off, R4)
-    for helper, delta, flags in ((L3_CSUM_REPLACE, 12, 0), (L4_CSUM_REPLACE, 16, F_PSEUDO_HDR),
-                                 (L4_CSUM_REPLACE, 20, 0)):
+        a.store(4, R2, 14 + f.addrs_at + off, R4)
+    for i, (helper, flags) in enumerate(f.deltas):
         a.movr(R1, R6)
-        a.mov(R2, 14 + 10 if helper == L3_CSUM_REPLACE else 14 + 20 + 6)
+        a.mov(R2, 14 + 10 if helper == L3_CSUM_REPLACE else f.udp_csum)
         a.mov(R3, 0)
-        a.load(4, R4, R7, delta)
+        a.load(4, R4, R7, f.key_size + 4 * i)
         a.mov(R5, flags)
         a.call(helper)
 
 
-def _redirect(a: Asm) -> None:
+def _redirect(a: Asm, f: Family) -> None:
     """Out of the interface the FIB named: with its MAC addresses, or through the
     neighbour subsystem when the next hop is not resolved yet."""
-    a.jump(JEQ, R8, FIB_NO_NEIGH, "neigh")
+    p = f.fib_at
+    a.jump(JEQ, R8, FIB_NO_NEIGH, "neigh" + f.tag)
     a.load(4, R2, R6, SKB_DATA)
     a.load(4, R3, R6, SKB_DATA_END)
     a.movr(R4, R2)
     a.add(R4, 14)
-    a.jump(JGT, R4, R3, "drop", reg=True)
+    a.jump(JGT, R4, R3, "drop" + f.tag, reg=True)
     for size, src, dst in ((2, 58, 0), (2, 60, 2), (2, 62, 4), (4, 52, 6), (2, 56, 10)):  # dmac, smac
-        a.load(size, R4, FP, -80 + src)
+        a.load(size, R4, FP, p + src)
         a.store(size, R2, dst, R4)
-    a.load(4, R1, FP, -72)
+    a.load(4, R1, FP, p + 8)
     a.mov(R2, 0)
     a.call(REDIRECT)
     a.exit()
-    a.label("neigh")
-    a.load(4, R1, FP, -72)
+    a.label("neigh" + f.tag)
+    a.load(4, R1, FP, p + 8)
     a.mov(R2, 0)
     a.mov(R3, 0)
     a.mov(R4, 0)
     a.call(REDIRECT_NEIGH)
     a.exit()
-    a.label("drop")  # unreachable in practice: the linear header was there a moment ago
+    a.label("drop" + f.tag)  # unreachable in practice: the linear header was there a moment ago
     a.mov(R0, 2)
     a.exit()
 
 
-def _count(a: Asm, counters_fd: int, port_base: int) -> None:
+def _count(a: Asm, f: Family, counters_fd: int, port_base: int) -> None:
     """counters[relay port - port_base] (this CPU's) += 1 packet, IP length bytes
     (a port outside the array is not counted: its lookup finds nothing)."""
-    a.load(2, R4, FP, -16 + 10)
+    index = f.fib_at - 4
+    a.load(2, R4, FP, -6)  # the relay port, at the key's end
     a.be16(R4)
     a.sub(R4, port_base)
-    a.store(4, FP, -84, R4)
+    a.store(4, FP, index, R4)
     a.map_fd(R1, counters_fd)
     a.movr(R2, FP)
-    a.add(R2, -84)
+    a.add(R2, index)
     a.call(MAP_LOOKUP)
-    a.jump(JEQ, R0, 0, "counted")
+    a.jump(JEQ, R0, 0, "counted" + f.tag)
     a.load(8, R4, R0, 0)
     a.add(R4, 1)
     a.store(8, R0, 0, R4)
@@ -317,7 +378,7 @@ def _count(a: Asm, counters_fd: int, port_base: int) -> None:
     a.load(8, R4, R0, 8)
     a.addr(R4, R5)
     a.store(8, R0, 8, R4)
-    a.label("counted")
+    a.label("counted" + f.tag)
 
 
 # --------------------------------------------------------------- checksums
@@ -339,13 +400,20 @@ TTL_DELTA = csum_delta(b"\x02\x00", b"\x01\x00")  # TTL - 1 in the IP header's (
 
 
 def entry(src: tuple[str, int], relay: tuple[str, int], out: tuple[str, int],
-          dst: tuple[str, int]) -> tuple[bytes, bytes]:
-    """The ``streams`` key and value of one direction: packets from ``src`` to
-    ``relay`` leave from ``out`` to ``dst``."""
-    key = KEY.pack(socket.inet_aton(src[0]), socket.inet_aton(relay[0]), src[1], relay[1])
-    new = KEY.pack(socket.inet_aton(out[0]), socket.inet_aton(dst[0]), out[1], dst[1])
-    addrs = csum_delta(key[:8], new[:8])
-    return key, new + struct.pack("=III", _fold(addrs + TTL_DELTA), addrs, csum_delta(key[8:], new[8:]))
+          dst: tuple[str, int]) -> tuple[Family, bytes, bytes]:
+    """The family, ``streams`` key and value of one direction: packets from ``src``
+    to ``relay`` leave from ``out`` to ``dst`` (addresses of the relay's family)."""
+    f = V6 if ":" in relay[0] else V4
+
+    def fields(a: tuple[str, int], b: tuple[str, int]) -> bytes:
+        return socket.inet_pton(f.af, a[0]) + socket.inet_pton(f.af, b[0]) + struct.pack("!HH", a[1], b[1])
+
+    key, new = fields(src, relay), fields(out, dst)
+    n = 2 * f.addr
+    addrs, ports = csum_delta(key[:n], new[:n]), csum_delta(key[n:], new[n:])
+    if f is V4:  # the IPv4 header's own checksum: the addresses and TTL - 1
+        return f, key, new + struct.pack("=III", _fold(addrs + TTL_DELTA), addrs, ports)
+    return f, key, new + struct.pack("=II", addrs, ports)
 
 
 # ------------------------------------------------------------------ bpf(2)
@@ -380,11 +448,12 @@ class FastPath:
         direction and one counter slot per port."""
         self.base, slots = ports[0], ports[1] - ports[0]
         self._fds: list[int] = []
-        self._keys: dict[int, bytes] = {}  # relay port → its direction's key in ``streams``
+        self._keys: dict[int, tuple[int, bytes]] = {}  # relay port → (its map, its direction's key)
         try:
             self._bpf = _Bpf()
             self.ncpu = _possible_cpus()
-            self.streams = self._map(MAP_TYPE_HASH, KEY.size, VALUE_SIZE, slots, b"pbx_streams")
+            self.streams = {f.af: self._map(MAP_TYPE_HASH, f.key_size, f.value_size, slots,
+                                            b"pbx_streams" + f.tag.encode()) for f in (V4, V6)}
             self.counters = self._map(MAP_TYPE_PERCPU_ARRAY, 4, COUNTER_SIZE, slots, b"pbx_counters")
             self.prog = self._load(program(self.streams, self.counters, self.base))
             for ifindex in devices:
@@ -431,28 +500,28 @@ class FastPath:
         """From now on, packets from ``src`` to ``relay``:``port`` leave from
         ``out_port`` to ``dst`` here (whatever the port forwarded before, no more)."""
         self.stop_forwarding(port)
-        key, value = entry(src, (relay, port), (relay, out_port), dst)
-        self.put(key, value)
-        self._keys[port] = key
+        f, key, value = entry(src, (relay, port), (relay, out_port), dst)
+        self.put(self.streams[f.af], key, value)
+        self._keys[port] = (self.streams[f.af], key)
 
     def stop_forwarding(self, port: int) -> None:
-        key = self._keys.pop(port, None)
-        if key is not None:
-            self.remove(key)
+        had = self._keys.pop(port, None)
+        if had is not None:
+            self.remove(*had)
 
     def stop_all(self) -> None:
         for port in list(self._keys):
             self.stop_forwarding(port)
 
     # ------------------------------------------------------------------ maps
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, map_fd: int, key: bytes, value: bytes) -> None:
         k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
-        self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", self.streams, 0, _ptr(k), _ptr(v), 0))
+        self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", map_fd, 0, _ptr(k), _ptr(v), 0))
 
-    def remove(self, key: bytes) -> None:
+    def remove(self, map_fd: int, key: bytes) -> None:
         k = ctypes.create_string_buffer(key, len(key))
         try:
-            self._bpf(MAP_DELETE_ELEM, struct.pack("=IIQ", self.streams, 0, _ptr(k)))
+            self._bpf(MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _ptr(k)))
         except FileNotFoundError:
             pass
 

@@ -24,7 +24,7 @@ fragment (only the first carries the ports; the socket gets the datagram whole) 
 misses the map and reaches the socket, where the userspace latch drops and counts
 it. docs/media.md ("Kernel forwarding") has the measurements and the choices.
 
-In front of the table, for IPv4, a tc eBPF program forwards the same directions
+In front of the table a tc eBPF program forwards the same directions
 before the IP stack (relay/media/ebpf.py, ``[media] kernel_fast_path``): every
 change below goes to both, and the counts are the sum of both.
 """
@@ -224,7 +224,7 @@ class ForwardingBackend(MediaBackend, Protocol):
 
 class KernelForwarder:
     """MediaBackend: the userspace forwarder for first packets and strangers, the
-    kernel for every latched direction (the eBPF fast lane for IPv4 where it can run,
+    kernel for every latched direction (the eBPF fast lane where it can run,
     and the nftables maps, which hold every direction, for what the lane leaves)."""
 
     def __init__(self, address: str, count: Callable[[str, int], None],
@@ -259,10 +259,7 @@ class KernelForwarder:
 
     def _open_fast_path(self, port_range: tuple[int, int]) -> FastPath | None:
         """The tc eBPF lane in front of the table (relay/media/ebpf.py), on every
-        Ethernet interface; IPv4 only. Without it the table forwards alone."""
-        if self.family != socket.AF_INET:
-            log.info("event=media_fast_path state=off reason=%r", "IPv4 only: the table forwards IPv6")
-            return None
+        Ethernet interface. Without it the table forwards alone."""
         devices = ethernet_interfaces()
         try:
             fast = FastPath(port_range, [i for i, _ in devices])
