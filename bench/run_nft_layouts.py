@@ -55,7 +55,7 @@ from bench.run_media import (  # noqa: E402
     show_step,
     sinks,
 )
-from relay.media.ebpf import FastPath, entry  # noqa: E402
+from relay.media.ebpf import FastPath  # noqa: E402
 from tests.kernelnet import PEER_IP, RELAY_IP, KernelNet, inside  # noqa: E402
 
 TAG = 0x5250_0000
@@ -192,7 +192,7 @@ def fast_path(net: KernelNet, dirs: Dirs) -> FastPath:
     with inside(net.relay_ns):
         fp = FastPath(RELAY_PORTS, [socket.if_nametoindex(DEV)])
     for s, p, d, o in dirs:
-        fp.put(*entry((PEER_IP, s), (RELAY_IP, p), (RELAY_IP, o), (PEER_IP, d)))
+        fp.forward(p, (PEER_IP, s), RELAY_IP, o, (PEER_IP, d))
         fp.reset(p)
     return fp
 

@@ -1,31 +1,33 @@
 """The kernel path's fast lane: a tc (tcx) eBPF program in front of the nftables table.
 
 nftables forwards a latched stream through the whole IP path: raw prerouting,
-routing, ``ip_forward``, the forward hook, neighbour output - about 1.6 µs per
-packet here, flat with load (bench/RESULTS.md). This program runs at the
-device's tc ingress, before all of that: a packet whose (source address,
-relay address, source port, relay port) is a latched direction in the
+routing, ``ip_forward``, the forward hook, neighbour output - 1.6 to 4.5 µs per
+packet on the guests measured, flat with load (bench/RESULTS.md). This program
+runs at the device's tc ingress, before all of that: a packet whose (source
+address, relay address, source port, relay port) is a latched direction in the
 ``streams`` hash map of its IP version is rewritten in place (the same four
-fields nftables rewrites, TTL / hop limit - 1, checksums updated incrementally), counted in a per-CPU
-array indexed by relay port and redirected to the egress of the device the
-kernel's FIB names for its new destination (``bpf_fib_lookup``;
-``bpf_redirect_neigh`` when the neighbour is not resolved yet).
+fields nftables rewrites, TTL / hop limit - 1, checksums updated
+incrementally), counted in a per-CPU array slot of its relay port and
+redirected to the egress of the device the kernel's FIB names for its new
+destination (``bpf_fib_lookup``; ``bpf_redirect_neigh`` while the neighbour is
+not resolved).
 
-It is an accelerator, never the authority: anything it does not take - IPv4
-options, IPv6 extension headers, fragments, no UDP checksum, TTL ≤ 1, a VLAN tag, a GRO'd or padded
-frame, a destination the FIB cannot forward to - goes on (``TCX_NEXT``) into
-the IP stack, where the nftables table (which holds every direction too) or
-the userspace latch deals with it exactly as without this program. So a
-stranger's packet, or a latched source's old address, reaches the socket and
-is dropped there as before: only latched 5-tuples match here either.
+It is an accelerator, never the authority: anything it does not take - a frame
+not to this host's MAC, a VLAN tag, IPv4 options, IPv6 extension headers,
+fragments, no UDP checksum, TTL ≤ 1, a GRO'd or padded frame, a destination the
+FIB cannot forward to - goes on (``TCX_NEXT``) into the IP stack, where the
+nftables table (which holds every direction too) or the userspace latch deals
+with it exactly as without this program. So a stranger's packet, or a latched
+source's old address, reaches the socket and is dropped there as before: only
+latched 5-tuples match here either.
 
-Nothing is compiled: the program is some 90 instructions assembled here and
-loaded with bpf(2) through ctypes; the kernel's verifier checks every access.
-The tcx link (Linux ≥ 6.6) lives as long as its file descriptor: when the
-relay exits, however it exits, the program is detached and the maps are freed
-- nothing stale can forward. References: bpf(2), include/uapi/linux/bpf.h
-(instruction encoding, ``struct __sk_buff``, ``struct bpf_fib_lookup``,
-helper numbers), Documentation/bpf/standardization/instruction-set.rst.
+Nothing is compiled: the program (about 300 instructions, both IP versions) is
+assembled here and loaded with bpf(2) through ctypes; the kernel's verifier
+checks every access. The tcx link (Linux ≥ 6.6) lives as long as its file
+descriptor: when the relay exits, however it exits, the program is detached and
+the maps are freed - nothing stale can forward. References: bpf(2),
+include/uapi/linux/bpf.h (instruction encoding, ``struct __sk_buff``, ``struct
+bpf_fib_lookup``, helper numbers), Documentation/bpf/standardization/instruction-set.rst.
 """
 
 from __future__ import annotations
