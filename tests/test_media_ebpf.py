@@ -166,6 +166,26 @@ def test_what_the_lane_leaves_to_the_stack_goes_on_untouched(lane: tuple[FastPat
     assert fast.count(20004) == (0, 0)
 
 
+def test_counter_slots_cover_both_ends_of_the_range_and_nothing_else() -> None:
+    """A worker's slice ends on an odd port_max that its last RTCP port uses: that
+    port has a counter slot; a port outside the range has none and counts nothing."""
+    why = why_no_kernel()
+    if why:
+        pytest.skip(why)
+    try:
+        fast = FastPath((10000, 10009), [])
+    except EbpfUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        for port in (10000, 10009):
+            fast.reset(port)
+            assert fast.count(port) == (0, 0)
+        fast.reset(9999)  # outside: nothing to zero, no error
+        assert fast.count(9999) == (0, 0) and fast.count(20000) == (0, 0)
+    finally:
+        fast.close()
+
+
 def test_padded_frames_unroutable_destinations_and_a_bad_ip_version_go_on(lane: tuple[FastPath, int]) -> None:
     fast, ifindex = lane
     fast.forward(20008, (PHONE, 4000), RELAY, 20010, (PBX, 5000))

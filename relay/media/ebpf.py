@@ -446,9 +446,11 @@ class FastPath:
     the process's end) detaches and frees everything."""
 
     def __init__(self, ports: tuple[int, int], devices: Iterable[int]):
-        """``ports``: the relay's port range (first, end exclusive): at most one
-        direction and one counter slot per port."""
-        self.base, slots = ports[0], ports[1] - ports[0]
+        """``ports``: the relay's port range ([media] port_min, port_max): at most one
+        direction and one counter slot per port. Both ends count (a worker's slice ends
+        on an odd port_max its last RTCP port uses), and one more for good measure."""
+        self.base, self.slots = ports[0], ports[1] - ports[0] + 2
+        slots = self.slots
         self._fds: list[int] = []
         self._keys: dict[int, tuple[int, bytes]] = {}  # relay port → (its map, its direction's key)
         try:
@@ -529,12 +531,16 @@ class FastPath:
 
     def reset(self, port: int) -> None:
         """Zero the relay port's counters (a new stream starts counting there)."""
+        if not 0 <= port - self.base < self.slots:
+            return  # not the relay's: never forwarded here (its lookup finds no slot)
         k = ctypes.create_string_buffer(struct.pack("=I", port - self.base), 4)
         v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
         self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))
 
     def count(self, port: int) -> tuple[int, int]:
         """(packets, IP bytes) forwarded here for the relay port since its ``reset``."""
+        if not 0 <= port - self.base < self.slots:
+            return 0, 0
         k = ctypes.create_string_buffer(struct.pack("=I", port - self.base), 4)
         v = ctypes.create_string_buffer(COUNTER_SIZE * self.ncpu)
         self._bpf(MAP_LOOKUP_ELEM, struct.pack("=IIQQQ", self.counters, 0, _ptr(k), _ptr(v), 0))

@@ -261,6 +261,9 @@ class KernelForwarder:
         """The tc eBPF lane in front of the table (relay/media/ebpf.py), on every
         Ethernet interface. Without it the table forwards alone."""
         devices = ethernet_interfaces()
+        if not devices:
+            log.info("event=media_fast_path state=off reason=%r", "no Ethernet interface to attach to")
+            return None
         try:
             fast = FastPath(port_range, [i for i, _ in devices])
         except EbpfUnavailable as e:
