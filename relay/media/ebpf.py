@@ -465,6 +465,9 @@ class FastPath:
         except EbpfUnavailable:
             self.close()
             raise
+        except OSError as e:  # /sys not readable, say: the table forwards alone
+            self.close()
+            raise EbpfUnavailable(f"cannot set up: {e}") from None
 
     def _map(self, kind: int, key: int, value: int, entries: int, name: bytes) -> int:
         attr = struct.pack("=IIIIIII16s", kind, key, value, entries, 0, 0, 0, name[:15])
