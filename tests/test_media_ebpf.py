@@ -167,8 +167,8 @@ def test_what_the_lane_leaves_to_the_stack_goes_on_untouched(lane: tuple[FastPat
 
 
 def test_counter_slots_cover_both_ends_of_the_range_and_nothing_else() -> None:
-    """A worker's slice ends on an odd port_max that its last RTCP port uses: that
-    port has a counter slot; a port outside the range has none and counts nothing."""
+    """With an odd port_max the last pair's RTCP port is port_max itself: that port
+    has a counter slot; a port outside the range has none and counts nothing."""
     why = why_no_kernel()
     if why:
         pytest.skip(why)

@@ -447,8 +447,8 @@ class FastPath:
 
     def __init__(self, ports: tuple[int, int], devices: Iterable[int]):
         """``ports``: the relay's port range ([media] port_min, port_max): at most one
-        direction and one counter slot per port. Both ends count (a worker's slice ends
-        on an odd port_max its last RTCP port uses), and one more for good measure."""
+        direction and one counter slot per port. Both ends count (with an odd port_max
+        the last pair's RTCP port is port_max itself), and one more for good measure."""
         self.base, self.slots = ports[0], ports[1] - ports[0] + 2
         slots = self.slots
         self._fds: list[int] = []
