@@ -508,24 +508,24 @@ class FastPath:
         ``out_port`` to ``dst`` here (whatever the port forwarded before, no more)."""
         self.stop_forwarding(port)
         f, key, value = entry(src, (relay, port), (relay, out_port), dst)
-        self.put(self.streams[f.af], key, value)
+        self._put(self.streams[f.af], key, value)
         self._keys[port] = (self.streams[f.af], key)
 
     def stop_forwarding(self, port: int) -> None:
         had = self._keys.pop(port, None)
         if had is not None:
-            self.remove(*had)
+            self._remove(*had)
 
     def stop_all(self) -> None:
         for port in list(self._keys):
             self.stop_forwarding(port)
 
     # ------------------------------------------------------------------ maps
-    def put(self, map_fd: int, key: bytes, value: bytes) -> None:
+    def _put(self, map_fd: int, key: bytes, value: bytes) -> None:
         k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
         self._bpf(MAP_UPDATE_ELEM, struct.pack("=IIQQQ", map_fd, 0, _ptr(k), _ptr(v), 0))
 
-    def remove(self, map_fd: int, key: bytes) -> None:
+    def _remove(self, map_fd: int, key: bytes) -> None:
         k = ctypes.create_string_buffer(key, len(key))
         try:
             self._bpf(MAP_DELETE_ELEM, struct.pack("=IIQ", map_fd, 0, _ptr(k)))

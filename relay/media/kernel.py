@@ -457,10 +457,14 @@ class KernelForwarder:
         fast = self._fast
         if fast is None:
             return counts
+        total = {}
         try:
-            return {p: (n + f[0], b + f[1]) for p, (n, b) in counts.items() for f in (fast.count(p),)}
+            for port, (packets, octets) in counts.items():
+                more_packets, more_octets = fast.count(port)
+                total[port] = (packets + more_packets, octets + more_octets)
         except OSError as e:  # closed by stop() while a read was in a worker thread
             raise NftError(f"fast path counters: {e.strerror}") from None
+        return total
 
     async def _poll_counters(self) -> None:
         listing = f"list map inet {TABLE} from_port"
